@@ -1,0 +1,122 @@
+"""Checkpoint I/O: atomic writes, safe loads with one-line errors, RNG state capture for exact resume."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, unsafe to unpickle, or does not match the model."""
+
+
+class PickledConfig:
+    """Inert stand-in for a pickled ``yacs.config.CfgNode``: unpickles as a plain ``OrderedDict`` of its keys and values.
+
+    ``torch.load(weights_only=True)`` only fills ``dict``/``OrderedDict`` objects, so construction returns one.
+    """
+
+    def __new__(cls, *args: Any) -> OrderedDict:
+        return OrderedDict()
+
+
+SAFE_STAND_INS = [(PickledConfig, "yacs.config.CfgNode")]
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync it, then rename over ``path``.
+
+    A process killed at any point leaves either the previous file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with ``torch.load(weights_only=True)``; ``trusted=True`` allows full unpickling.
+
+    A pickled yacs ``CfgNode`` (the released DeiT checkpoints hold one under ``config``) is read into an inert
+    :class:`PickledConfig`. Raises :class:`CheckpointError` naming the file when it is missing, truncated or corrupt, or
+    needs unsafe unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} — check the path (or download the weights, see README)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes) — the file is truncated; re-download or re-create it")
+    try:
+        if trusted:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(SAFE_STAND_INS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if found:
+            raise CheckpointError(
+                f"checkpoint {path} needs unsafe unpickling (it pickles {found.group(1)}); refused. If you trust this "
+                f"file, pass the trust flag (--trust-checkpoint) to load it with full unpickling") from None
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (corrupt or not a checkpoint) "
+                              f"— re-download or re-create it") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({reason}) — re-download or re-create it") from None
+
+
+def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint*.pth") -> Path | None:
+    """Newest file matching ``pattern`` in ``folder`` by modification time, or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = [p for p in folder.glob(pattern) if p.is_file()]
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name)) if candidates else None
+
+
+def capture_rng_state() -> dict:
+    """The python, numpy, torch CPU and CUDA generator states as tensors and plain values (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

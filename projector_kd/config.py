@@ -1,0 +1,109 @@
+"""YAML recipes: loading, ``--opts KEY VALUE`` overrides, and validation against a schema before any work starts.
+
+A schema maps dotted keys to ``(types, check)``: ``types`` is a type or tuple of types the value must have (an int is
+accepted where a float is expected; a bool never counts as a number), ``check`` is None or a predicate the value must
+satisfy, optionally with a description: ``(float, (lambda v: v > 0, "> 0"))``. A key whose type is ``dict`` is a leaf:
+its contents are not checked.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from .errors import UserError
+
+Check = Callable[[Any], bool] | tuple[Callable[[Any], bool], str] | None
+Schema = dict[str, tuple[type | tuple[type, ...], Check]]
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; UserError naming the file when missing or not valid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: dict, opts: Sequence[str]) -> dict:
+    """Return a copy of ``cfg`` with ``opts = [key, value, key, value, ...]`` applied; keys are dotted paths that must
+    already exist in ``cfg``; values are parsed as YAML (``1e-3`` -> float, ``[1,2]`` -> list, ``true`` -> bool)."""
+    if len(opts) % 2:
+        raise UserError(f"--opts takes KEY VALUE pairs; got an odd number of items: {' '.join(opts)}")
+    result = copy.deepcopy(cfg)
+    for key, raw in zip(opts[::2], opts[1::2]):
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                known = sorted(node) if isinstance(node, dict) else []
+                hint = difflib.get_close_matches(part, known, n=1)
+                suggestion = f" (did you mean {'.'.join(parts[:depth] + hint)}?)" if hint else ""
+                raise UserError(f"--opts key {key!r} is not in the config{suggestion}")
+            if depth == len(parts) - 1:
+                node[part] = _parse_scalar(raw)
+            else:
+                node = node[part]
+    return result
+
+
+def _flatten(cfg: dict, schema: Schema, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted not in schema:
+            flat.update(_flatten(value, schema, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _type_ok(value: Any, types: type | tuple[type, ...]) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool):
+        return bool in types
+    if float in types and isinstance(value, int):
+        return True
+    return isinstance(value, types)
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def validate(cfg: dict, schema: Schema, source: str = "config") -> None:
+    """Raise UserError naming the first unknown key, wrongly typed value or out-of-range value in ``cfg``."""
+    for key, value in _flatten(cfg, schema).items():
+        if key not in schema:
+            hint = difflib.get_close_matches(key, list(schema), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise UserError(f"{source}: unknown key {key!r}{suggestion}")
+        types, check = schema[key]
+        if not _type_ok(value, types):
+            raise UserError(f"{source}: {key} must be {_type_name(types)}, got {value!r} ({type(value).__name__})")
+        if check is None or value is None:
+            continue
+        predicate, description = check if isinstance(check, tuple) else (check, "a valid value")
+        if not predicate(value):
+            raise UserError(f"{source}: {key} = {value!r} is out of range (must be {description})")

@@ -1,0 +1,127 @@
+"""ImageFolder data: layout checks before training, images that fail with the file's name, the bundled digits set."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .errors import UserError
+
+BAD_IMAGE_POLICIES = ("fail", "skip")
+logger = logging.getLogger(__name__)
+
+
+class DataError(UserError):
+    """A dataset folder or image that cannot be used as it is."""
+
+
+def _class_folders(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _has_image(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMG_EXTENSIONS for p in folder.rglob("*") if p.is_file())
+
+
+def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, and every
+    split has the same classes as the first. Raises :class:`DataError` naming the path and the fix."""
+    root = Path(root)
+    expected = " and ".join(f"{root / s}/<class>/<image>" for s in splits)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist — expected {expected}; set the data path")
+    reference: list[str] | None = None
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"dataset split folder {split_dir} is missing — expected {expected}")
+        classes = _class_folders(split_dir)
+        if not classes:
+            raise DataError(f"{split_dir} has no class folders — expected {split_dir}/<class>/<image>")
+        for folder in classes:
+            if not _has_image(folder):
+                raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
+                                f"— add images or remove the folder")
+        names = [c.name for c in classes]
+        if reference is None:
+            reference = names
+        elif names != reference:
+            missing = sorted(set(reference) - set(names))
+            extra = sorted(set(names) - set(reference))
+            raise DataError(f"classes of {split_dir} differ from {root / splits[0]}: missing {missing[:5]}, "
+                            f"extra {extra[:5]} — both splits need the same class folders")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB; raises :class:`DataError` naming the file when it is unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, "
+                        f"or set on_bad_image: skip") from None
+
+
+class CheckedImageFolder(ImageFolder):
+    """``torchvision`` ImageFolder whose unreadable images either stop the run naming the file (``fail``) or are
+    replaced by the next readable sample and counted (``skip``, a warning names each file once)."""
+
+    def __init__(self, root: str | Path, transform: Callable | None = None, on_bad_image: str = "fail",
+                 **kwargs: Any) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise UserError(f"on_bad_image={on_bad_image!r} is not one of {', '.join(BAD_IMAGE_POLICIES)}")
+        super().__init__(str(root), transform=transform, loader=load_rgb, **kwargs)
+        self.on_bad_image = on_bad_image
+        self.skipped: set[int] = set()
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.on_bad_image == "fail":
+            return super().__getitem__(index)
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if candidate in self.skipped:
+                continue
+            try:
+                return super().__getitem__(candidate)
+            except DataError as error:
+                self.skipped.add(candidate)
+                logger.warning("skipping %s (%d skipped so far in this process)", error, len(self.skipped))
+        raise DataError(f"no readable image left in {self.root}")
+
+
+def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """Write scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes) as an RGB ImageFolder tree
+    ``root/{train,val}/<digit>/<index>.png``, upsampled to ``image_size`` with bicubic resampling, with a fixed
+    stratified split. Returns ``root``. A tree already written with the same settings is reused."""
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    stamp = root / ".digits-imagefolder"
+    settings = f"image_size={image_size} val_fraction={val_fraction} seed={seed}\n"
+    if stamp.is_file() and stamp.read_text() == settings:
+        return root
+    for split in ("train", "val"):
+        shutil.rmtree(root / split, ignore_errors=True)
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    split_of = np.empty(len(digits.target), dtype=object)
+    for label in np.unique(digits.target):
+        indices = rng.permutation(np.flatnonzero(digits.target == label))
+        n_val = int(round(len(indices) * val_fraction))
+        split_of[indices[:n_val]] = "val"
+        split_of[indices[n_val:]] = "train"
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        grey = np.clip(pixels / 16.0 * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(grey).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
+        folder = root / split_of[index] / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:04d}.png")
+    stamp.write_text(settings)
+    return root

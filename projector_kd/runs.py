@@ -1,0 +1,102 @@
+"""Run folders: the config a run was started with, logs, TensorBoard events, final metrics, progress bars."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import UserError
+
+CONFIG_FILE = "config.yaml"
+
+
+def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [k for key in keys for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def prepare_output_dir(path: str | Path, config: dict, resume: bool) -> Path:
+    """Create the run folder and record ``config`` in ``config.yaml``.
+
+    A folder that already holds a different run's config is refused (naming the differing keys) unless ``resume`` is
+    True, in which case the new config replaces the recorded one.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    recorded_file = path / CONFIG_FILE
+    normalised = yaml.safe_load(yaml.safe_dump(config))
+    if recorded_file.is_file() and not resume:
+        recorded = yaml.safe_load(recorded_file.read_text()) or {}
+        differing = _differing_keys(recorded, normalised)
+        if differing:
+            raise UserError(f"output folder {path} holds a different run (config differs in: "
+                            f"{', '.join(differing[:6])}) — choose a new output folder, or pass --resume to continue "
+                            f"that run with the new settings")
+    _atomic_write_text(recorded_file, yaml.safe_dump(normalised, sort_keys=False))
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def setup_logging(output_dir: str | Path | None, rank: int = 0, name: str = "projector_kd") -> logging.Logger:
+    """Log INFO to stdout and to ``output_dir/log.txt`` on rank 0; only warnings elsewhere."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_projector_kd", False):
+            root.removeHandler(handler)
+            handler.close()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if output_dir is not None and rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler._projector_kd = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return logging.getLogger(name)
+
+
+def progress(iterable: Iterable, rank: int = 0, **tqdm_kwargs: Any) -> Iterable:
+    """A tqdm bar on rank 0 when stderr is a terminal; the plain iterable otherwise."""
+    if rank != 0 or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, leave=False, **tqdm_kwargs)
+
+
+def tensorboard_writer(output_dir: str | Path, rank: int = 0) -> Any:
+    """A TensorBoard ``SummaryWriter`` writing to ``output_dir/tensorboard`` on rank 0; None elsewhere."""
+    if rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
