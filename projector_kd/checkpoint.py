@@ -1,6 +1,7 @@
 """Checkpoint I/O: atomic writes, safe loads with one-line errors, RNG state capture for exact resume."""
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
@@ -37,10 +38,13 @@ SAFE_STAND_INS = [(PickledConfig, "yacs.config.CfgNode")]
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync it, then rename over ``path``.
 
-    A process killed at any point leaves either the previous file or the new one, never a partial file.
+    A process killed at any point leaves either the previous file or the new one, never a partial file. Temporaries
+    left by a killed writer of the same file are removed first (one writer per file: rank 0).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,13 +21,24 @@ Check = Callable[[Any], bool] | tuple[Callable[[Any], bool], str] | None
 Schema = dict[str, tuple[type | tuple[type, ...], Check]]
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``5e-4`` and ``1E6`` as floats (YAML 1.1 wants ``5.0e-4``)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; UserError naming the file when missing or not valid YAML."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=RecipeLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -40,7 +52,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError:
         return text
 

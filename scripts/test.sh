@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv when needed, then runs the whole CPU test suite. Extra arguments go to pytest.
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+set +e
+python -m pytest "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$status"

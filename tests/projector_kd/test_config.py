@@ -1,0 +1,66 @@
+"""Recipe loading, --opts overrides and schema validation: every bad value is named before any work starts."""
+import pytest
+
+from projector_kd.config import apply_overrides, load_yaml, validate
+from projector_kd.errors import UserError
+
+SCHEMA = {
+    "train.lr": (float, (lambda v: v > 0, "> 0")),
+    "train.batch_size": (int, (lambda v: v >= 1, ">= 1")),
+    "train.amp": (bool, None),
+    "model.name": (str, (lambda v: v in ("tiny", "small"), "tiny or small")),
+    "model.kwargs": (dict, None),
+    "data.path": ((str, type(None)), None),
+}
+GOOD = {"train": {"lr": 5e-4, "batch_size": 256, "amp": True}, "model": {"name": "tiny", "kwargs": {"x": 1}},
+        "data": {"path": None}}
+
+
+def test_good_config_passes_and_int_counts_as_float():
+    validate(GOOD, SCHEMA)
+    validate(apply_overrides(GOOD, ["train.lr", "1"]), SCHEMA)
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["train.lr", "-0.1"], r"train.lr = -0.1 is out of range \(must be > 0\)"),
+    (["train.batch_size", "0"], r"train.batch_size = 0 is out of range \(must be >= 1\)"),
+    (["train.batch_size", "2.5"], r"train.batch_size must be int, got 2.5"),
+    (["train.amp", "1"], r"train.amp must be bool, got 1"),
+    (["train.lr", "true"], r"train.lr must be float, got True"),
+    (["model.name", "huge"], r"model.name = 'huge' is out of range \(must be tiny or small\)"),
+    (["data.path", "3"], r"data.path must be str or null"),
+])
+def test_bad_values_are_named(opts, message):
+    with pytest.raises(UserError, match=message):
+        validate(apply_overrides(GOOD, opts), SCHEMA, source="tiny.yaml")
+
+
+def test_unknown_key_is_named_with_suggestion():
+    bad = {**GOOD, "train": {**GOOD["train"], "learning_rate": 0.1}}
+    with pytest.raises(UserError, match=r"tiny.yaml: unknown key 'train.learning_rate'"):
+        validate(bad, SCHEMA, source="tiny.yaml")
+    with pytest.raises(UserError, match=r"unknown key 'train.batchsize' \(did you mean 'train.batch_size'\?\)"):
+        validate({**GOOD, "train": {"batchsize": 3}}, SCHEMA)
+
+
+def test_overrides_parse_yaml_scalars_and_refuse_unknown_keys():
+    cfg = apply_overrides(GOOD, ["train.lr", "1e-3", "model.kwargs", "{a: [1, 2]}", "model.name", "small"])
+    assert cfg["train"]["lr"] == 1e-3 and cfg["model"]["kwargs"] == {"a": [1, 2]} and cfg["model"]["name"] == "small"
+    assert GOOD["train"]["lr"] == 5e-4  # the input is not modified
+    with pytest.raises(UserError, match=r"--opts key 'train.lrr' is not in the config \(did you mean train.lr\?\)"):
+        apply_overrides(GOOD, ["train.lrr", "1"])
+    with pytest.raises(UserError, match="odd number"):
+        apply_overrides(GOOD, ["train.lr"])
+
+
+def test_load_yaml_errors_name_the_file(tmp_path):
+    with pytest.raises(UserError, match="config file not found: .*nope.yaml"):
+        load_yaml(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(UserError, match=r"broken.yaml is not valid YAML at line \d"):
+        load_yaml(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_yaml(tmp_path / "list.yaml")
+    (tmp_path / "ok.yaml").write_text("train:\n  lr: 0.1\n  wd: 5e-2\n  big: 1E6\n  name: 1e-3x\n")
+    assert load_yaml(tmp_path / "ok.yaml") == {"train": {"lr": 0.1, "wd": 0.05, "big": 1e6, "name": "1e-3x"}}

@@ -1,0 +1,81 @@
+"""Dataset layout checks, unreadable images named or skipped, and the bundled digits ImageFolder."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from projector_kd.data import CheckedImageFolder, DataError, check_image_folder, write_digits_imagefolder
+
+
+def make_tree(root, classes=("a", "b"), splits=("train", "val"), per_class=2):
+    for split in splits:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                Image.new("RGB", (4, 4), (index * 40, 0, 0)).save(folder / f"{index}.png")
+    return root
+
+
+def test_good_tree_passes(tmp_path):
+    check_image_folder(make_tree(tmp_path / "data"))
+
+
+def test_missing_root_names_expected_folders(tmp_path):
+    with pytest.raises(DataError, match=r"dataset folder .*imagenet does not exist — expected .*imagenet/train/<class>"):
+        check_image_folder(tmp_path / "imagenet")
+
+
+def test_missing_split(tmp_path):
+    root = make_tree(tmp_path / "data", splits=("train",))
+    with pytest.raises(DataError, match=r"split folder .*data/val is missing"):
+        check_image_folder(root)
+
+
+def test_empty_class_folder(tmp_path):
+    root = make_tree(tmp_path / "data")
+    (root / "train" / "c").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*train/c holds no images"):
+        check_image_folder(root)
+
+
+def test_val_classes_differ_from_train(tmp_path):
+    root = make_tree(tmp_path / "data")
+    (root / "val" / "b").rename(root / "val" / "z")
+    with pytest.raises(DataError, match=r"classes of .*val differ from .*train: missing \['b'\], extra \['z'\]"):
+        check_image_folder(root)
+
+
+def test_corrupt_image_fails_naming_the_file(tmp_path):
+    root = make_tree(tmp_path / "data")
+    (root / "train" / "a" / "0.png").write_bytes(b"not a png")
+    dataset = CheckedImageFolder(root / "train")
+    with pytest.raises(DataError, match=r"unreadable image .*train/a/0.png"):
+        dataset[0]
+
+
+def test_corrupt_image_skipped_with_count(tmp_path):
+    root = make_tree(tmp_path / "data")
+    (root / "train" / "a" / "0.png").write_bytes(b"not a png")
+    dataset = CheckedImageFolder(root / "train", on_bad_image="skip")
+    image, label = dataset[0]
+    assert label == 0 and np.asarray(image)[0, 0, 0] == 40  # the next readable sample, a/1.png
+    assert dataset.skipped == {0}
+    assert [dataset[i][1] for i in range(1, 4)] == [0, 1, 1]
+
+
+def test_bad_policy_is_refused(tmp_path):
+    with pytest.raises(Exception, match="on_bad_image='ignore'"):
+        CheckedImageFolder(make_tree(tmp_path / "data") / "train", on_bad_image="ignore")
+
+
+def test_digits_imagefolder(tmp_path):
+    root = write_digits_imagefolder(tmp_path / "digits", image_size=16, val_fraction=0.2, seed=0)
+    check_image_folder(root)
+    train, val = CheckedImageFolder(root / "train"), CheckedImageFolder(root / "val")
+    assert len(train) + len(val) == 1797 and len(val) == 359
+    assert train.classes == [str(d) for d in range(10)]
+    image, _ = train[0]
+    assert image.size == (16, 16) and image.mode == "RGB"
+    before = (root / "train" / "0").stat().st_mtime_ns
+    write_digits_imagefolder(tmp_path / "digits", image_size=16)  # reused, not rewritten
+    assert (root / "train" / "0").stat().st_mtime_ns == before

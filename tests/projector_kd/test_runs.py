@@ -1,0 +1,44 @@
+"""Run folders refuse another run's config; metrics JSON; logging to the run folder."""
+import json
+import logging
+
+import pytest
+import yaml
+
+from projector_kd.errors import UserError
+from projector_kd.runs import prepare_output_dir, progress, setup_logging, write_json
+
+
+def test_same_config_reuses_folder_different_config_refused(tmp_path):
+    config = {"train": {"lr": 0.1, "epochs": 3}, "model": "resnet18"}
+    prepare_output_dir(tmp_path / "run", config, resume=False)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == config
+    prepare_output_dir(tmp_path / "run", config, resume=False)
+    changed = {"train": {"lr": 0.2, "epochs": 3}, "model": "resnet34"}
+    with pytest.raises(UserError, match=r"holds a different run \(config differs in: model, train.lr\).*--resume"):
+        prepare_output_dir(tmp_path / "run", changed, resume=False)
+    prepare_output_dir(tmp_path / "run", changed, resume=True)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == changed
+
+
+def test_write_json(tmp_path):
+    write_json(tmp_path / "m" / "metrics.json", {"top1": 71.5, "curve": [1.0, 2.0]})
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == {"curve": [1.0, 2.0], "top1": 71.5}
+
+
+def test_logging_writes_file_on_rank0_only(tmp_path):
+    logger = setup_logging(tmp_path / "a", rank=0)
+    logger.info("hello from rank 0")
+    setup_logging(tmp_path / "b", rank=1)
+    logging.getLogger("projector_kd").warning("from rank 1")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    assert "hello from rank 0" in (tmp_path / "a" / "log.txt").read_text()
+    assert not (tmp_path / "b").exists()
+    setup_logging(None)
+
+
+def test_progress_is_plain_when_not_a_tty():
+    items = [1, 2, 3]
+    assert progress(items) is items
+    assert progress(items, rank=1) is items

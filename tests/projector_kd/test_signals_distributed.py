@@ -1,0 +1,50 @@
+"""GracefulStop turns SIGTERM/SIGINT into a flag; a plain run is world size 1; bad torchrun env vars are named."""
+import os
+import signal
+
+import pytest
+import torch
+
+from projector_kd.distributed import all_reduce_sum, init_distributed, is_main_process, seed_everything
+from projector_kd.errors import UserError
+from projector_kd.signals import GracefulStop
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_sets_flag_and_handlers_are_restored(signum):
+    before = signal.getsignal(signum)
+    with GracefulStop() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signum)
+        assert stop.requested and stop.signal_name == signal.Signals(signum).name
+    assert signal.getsignal(signum) == before
+
+
+def test_plain_run_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    env = init_distributed("cpu")
+    assert (env.rank, env.world_size, env.distributed, env.is_main) == (0, 1, False, True)
+    assert env.device == torch.device("cpu") and is_main_process()
+    assert torch.equal(all_reduce_sum(torch.tensor([2.0])), torch.tensor([2.0]))
+
+
+def test_bad_environment_is_named(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UserError, match="WORLD_SIZE='two' is not an integer"):
+        init_distributed("cpu")
+
+
+def test_cuda_requested_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device cuda requested but CUDA is not available"):
+        init_distributed("cuda")
+
+
+def test_seed_everything_is_deterministic():
+    seed_everything(5)
+    first = torch.rand(3)
+    seed_everything(5)
+    assert torch.equal(torch.rand(3), first)
+    seed_everything(5, rank=1)
+    assert not torch.equal(torch.rand(3), first)
