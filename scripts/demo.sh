@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The embedded demo (no ImageNet, no network): sets up .venv when needed, then runs both tracks on the digits data.
+# Options: --output DIR (default outputs/demo), --seeds 0 1 2, --tracks resnet deit, --fresh. See scripts/demo.py.
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+exec python scripts/demo.py "$@"
