@@ -1,0 +1,295 @@
+"""Training and evaluation loops around a torchdistill box, with exact resume, graceful stop and non-finite checks.
+
+Checkpoint layout (``torch.load(weights_only=True)``-loadable, written with :func:`projector_kd.checkpoint.atomic_save`):
+``model`` (the student network's state dict — the torchdistill format ``-test_only`` reads), ``projector`` (the
+ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_scheduler``, ``epoch`` and
+``step_in_epoch`` (where training continues), ``best_value`` (best val top-1), ``history`` (val top-1 per epoch),
+``global_step``, ``rng`` (generator states now) and ``epoch_rng`` (at the start of the epoch, to replay its batches).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from imagenet.models import load_state_exactly
+from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
+from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.distributed import all_reduce_sum
+from projector_kd.errors import UserError
+from projector_kd.runs import progress
+
+logger = logging.getLogger(__name__)
+LAST_CHECKPOINT = "checkpoint.pth"
+
+
+class TrainingStopped(Exception):
+    """Raised after a graceful stop wrote its resumable checkpoint; ``str`` is the message for the user."""
+
+
+class NonFiniteLoss(UserError):
+    """The loss went NaN/inf; the message names the step and the term(s)."""
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides the modules: position, best accuracy and per-epoch history."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_value: float = 0.0
+    history: list[float] = field(default_factory=list)
+    epoch_rng: dict | None = None
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The network without DDP / DataParallel."""
+    return module.module if isinstance(module, (DistributedDataParallel, nn.DataParallel)) else module
+
+
+def student_of(box: Any) -> nn.Module:
+    """The student (or trained model) held by a torchdistill box, before any wrapping."""
+    return box.org_student_model if hasattr(box, "org_student_model") else box.org_model
+
+
+def trained_module(box: Any) -> nn.Module:
+    """The module torchdistill trains (the student wrapper, a DDP wrapper, or the student itself)."""
+    return box.student_model if hasattr(box, "student_model") else box.model
+
+
+def projector_of(box: Any) -> nn.Module | None:
+    """The ProjectorDistillLoss of a wrapped student, or None."""
+    module = trained_module(box)
+    return module.distill_loss if isinstance(module, ProjectorKDModelWrapper) else None
+
+
+def training_state(box: Any, run: RunState) -> dict:
+    """Everything exact resume needs, as tensors and plain values."""
+    state = {
+        "model": unwrap(student_of(box)).state_dict(),
+        "optimizer": box.optimizer.state_dict(),
+        "lr_scheduler": box.lr_scheduler.state_dict() if box.lr_scheduler is not None else None,
+        "epoch": run.epoch,
+        "step_in_epoch": run.step_in_epoch,
+        "global_step": run.global_step,
+        "best_value": run.best_value,
+        "history": list(run.history),
+        "rng": capture_rng_state(),
+        "epoch_rng": run.epoch_rng,
+    }
+    projector = projector_of(box)
+    if projector is not None:
+        state["projector"] = projector.state_dict()
+    return state
+
+
+def restore_training_state(box: Any, state: dict, path: Path) -> RunState:
+    """Load :func:`training_state` output into ``box``; one clear line when the file belongs to another setup."""
+    load_state_exactly(unwrap(student_of(box)), state.get("model"), path, "the student")
+    projector = projector_of(box)
+    if projector is not None:
+        if "projector" not in state:
+            raise UserError(f"checkpoint {path} has no projector state but this config trains one — it was written "
+                            f"by a run without projector distillation; use another output folder")
+        load_state_exactly(projector, state["projector"], path, "the projector")
+    try:
+        box.optimizer.load_state_dict(state["optimizer"])
+        if box.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            box.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    except (KeyError, ValueError) as error:
+        raise UserError(f"checkpoint {path}: optimizer/scheduler state does not match this config ({error}) — "
+                        f"use another output folder") from None
+    return RunState(epoch=int(state["epoch"]), step_in_epoch=int(state.get("step_in_epoch", 0)),
+                    global_step=int(state.get("global_step", 0)), best_value=float(state.get("best_value", 0.0)),
+                    history=[float(v) for v in state.get("history", [])], epoch_rng=state.get("epoch_rng"))
+
+
+class TermRecorder:
+    """Forward hooks on the box's loss terms, so a non-finite total can be traced to the term that caused it."""
+
+    def __init__(self, criterion: nn.Module) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+        self.criterion = criterion
+        self.handles = []
+        for name, (module, _weight) in getattr(criterion, "term_dict", {}).items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable:
+        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self.values[name] = output.detach()
+        return record
+
+    def describe(self) -> str:
+        parts = []
+        for name, value in self.values.items():
+            module = self.criterion.term_dict[name][0]
+            inner = getattr(module, "last_terms", {}) if isinstance(module, (ProjectorKDLoss, LogitKDLoss)) else {}
+            details = ", ".join(f"{name}.{k} = {v.item():.4g}" for k, v in inner.items())
+            parts.append(f"{name} = {value.float().item():.4g}" + (f" ({details})" if details else ""))
+        return "; ".join(parts) if parts else "no per-term values recorded"
+
+    def non_finite_terms(self) -> list[str]:
+        names = [n for n, v in self.values.items() if not torch.isfinite(v).all()]
+        for name in list(names):
+            module = self.criterion.term_dict[name][0]
+            names += [f"{name}.{k}" for k, v in getattr(module, "last_terms", {}).items() if not torch.isfinite(v)]
+        return names
+
+
+@dataclass
+class LoopContext:
+    """The fixed inputs of a training run."""
+
+    box: Any
+    teacher: nn.Module | None
+    device: torch.device
+    output_dir: Path
+    best_path: Path
+    distributed: bool
+    rank: int
+    stop: Any
+    writer: Any = None
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    log_freq: int = 100
+
+
+def _to_device(ctx: LoopContext, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(ctx.device, non_blocking=True)
+    if ctx.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(ctx.device, non_blocking=True)
+
+
+def _autocast(ctx: LoopContext):
+    if ctx.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
+
+
+def _flags_any(ctx: LoopContext, *flags: bool) -> list[bool]:
+    if not ctx.distributed:
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags], device=ctx.device)
+    all_reduce_sum(tensor)
+    return [bool(v > 0) for v in tensor.tolist()]
+
+
+def save_checkpoint(ctx: LoopContext, run: RunState, best: bool) -> None:
+    """Rank 0 writes ``checkpoint.pth`` (and the best checkpoint when ``best``), atomically."""
+    if ctx.rank != 0:
+        return
+    state = training_state(ctx.box, run)
+    if best:
+        atomic_save(state, ctx.best_path)
+    atomic_save(state, ctx.output_dir / LAST_CHECKPOINT)
+
+
+def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> None:
+    """One epoch from ``run.step_in_epoch`` (replaying the epoch's earlier batches when resuming mid-epoch)."""
+    box = ctx.box
+    box.pre_epoch_process(epoch=run.epoch)
+    if ctx.teacher is not None:
+        ctx.teacher.eval()
+    resume_rng = None
+    if run.step_in_epoch > 0 and run.epoch_rng is not None:
+        resume_rng = capture_rng_state()
+        restore_rng_state(run.epoch_rng)
+    else:
+        run.epoch_rng = capture_rng_state()
+    batches = iter(box.train_data_loader)
+    for _ in range(run.step_in_epoch):
+        next(batches)
+    if resume_rng is not None:
+        restore_rng_state(resume_rng)
+    total = len(box.train_data_loader)
+    for images, targets, supp_dict in progress(batches, rank=ctx.rank, total=total - run.step_in_epoch,
+                                              desc=f"epoch {run.epoch}"):
+        images, targets = _to_device(ctx, images, targets)
+        with _autocast(ctx):
+            try:
+                loss = box.forward_process(images, targets, supp_dict)
+            except ValueError as error:
+                if "non-finite" not in str(error):
+                    raise
+                raise NonFiniteLoss(
+                    f"non-finite loss at epoch {run.epoch} step {run.step_in_epoch} (global step {run.global_step}): "
+                    f"the projector feature term got {error}; no checkpoint was written for this step — the last good "
+                    f"one in {ctx.output_dir} is intact") from None
+        bad, stop = _flags_any(ctx, not bool(torch.isfinite(loss.detach())), ctx.stop.requested)
+        if bad:
+            terms = recorder.non_finite_terms() or ["total"]
+            raise NonFiniteLoss(
+                f"non-finite loss at epoch {run.epoch} step {run.step_in_epoch} (global step {run.global_step}): "
+                f"term(s) {', '.join(terms)} went non-finite [{recorder.describe()}]; no checkpoint was written for "
+                f"this step — the last good one in {ctx.output_dir} is intact; lower the learning rate or check the data")
+        box.post_forward_process(loss=loss)
+        run.step_in_epoch += 1
+        run.global_step += 1
+        if ctx.writer is not None and run.global_step % ctx.log_freq == 0:
+            ctx.writer.add_scalar("train/loss", loss.item(), run.global_step)
+            ctx.writer.add_scalar("train/lr", box.optimizer.param_groups[0]["lr"], run.global_step)
+        if run.global_step % ctx.log_freq == 0:
+            logger.info("epoch %d step %d/%d loss %.4f lr %.4g", run.epoch, run.step_in_epoch, total, loss.item(),
+                        box.optimizer.param_groups[0]["lr"])
+        if stop:
+            save_checkpoint(ctx, run, best=False)
+            raise TrainingStopped(
+                f"stopped by {ctx.stop.signal_name or 'a signal'} at epoch {run.epoch} step {run.step_in_epoch}; "
+                f"resumable checkpoint {ctx.output_dir / LAST_CHECKPOINT} — rerun the same command to continue")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, rank: int = 0, title: str = "eval",
+             channels_last: bool = False) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over all ranks."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in progress(loader, rank=rank, desc=title):
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(targets), device=device)])
+    all_reduce_sum(counts)
+    model.train(was_training)
+    total = max(counts[2].item(), 1.0)
+    return 100.0 * counts[0].item() / total, 100.0 * counts[1].item() / total
+
+
+def train(ctx: LoopContext, run: RunState) -> RunState:
+    """Epochs ``run.epoch`` .. ``num_epochs - 1``: train, validate, step the epoch scheduler, checkpoint."""
+    box = ctx.box
+    recorder = TermRecorder(box.criterion)
+    student = unwrap(student_of(box))
+    while run.epoch < box.num_epochs:
+        train_one_epoch(ctx, run, recorder)
+        top1, top5 = evaluate(student, box.val_data_loader, ctx.device, ctx.rank, title=f"val {run.epoch}",
+                              channels_last=ctx.channels_last)
+        logger.info("epoch %d: val top-1 %.2f top-5 %.2f", run.epoch, top1, top5)
+        if ctx.writer is not None:
+            ctx.writer.add_scalar("val/top1", top1, run.epoch)
+            ctx.writer.add_scalar("val/top5", top5, run.epoch)
+        box.post_epoch_process()
+        run.history.append(top1)
+        is_best = top1 > run.best_value or not ctx.best_path.exists()
+        run.best_value = max(run.best_value, top1)
+        run.epoch += 1
+        run.step_in_epoch = 0
+        run.epoch_rng = None
+        if not all(math.isfinite(p.detach().float().sum().item()) for p in student.parameters()):
+            raise NonFiniteLoss(f"non-finite student weights after epoch {run.epoch - 1}; the last good checkpoint in "
+                                f"{ctx.output_dir} is intact")
+        save_checkpoint(ctx, run, best=is_best)
+    return run

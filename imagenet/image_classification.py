@@ -1,0 +1,266 @@
+"""ResNet track entry point: torchdistill 1.x recipes with this project's projector loss registered.
+
+    python imagenet/image_classification.py --config configs/ilsvrc2012/ours/res3418.yaml --log log/output.txt
+    torchrun --nproc_per_node=N imagenet/image_classification.py --config ... --world_size N [-adjust_lr]
+
+A recipe without ``models.teacher_model`` trains the student alone (torchdistill's TrainingBox). The run folder
+(``--output_dir``, default: the folder of ``models.student_model.dst_ckpt``) holds config.yaml, log.txt, TensorBoard
+events, ``checkpoint.pth`` (resumable, every epoch), the best checkpoint (``dst_ckpt``) and metrics.json. A run folder
+holding a checkpoint is resumed automatically and exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a script: import this repository's packages, not the script's folder
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torchdistill.common.main_util import import_dependencies
+from torchdistill.core.distillation import get_distillation_box
+from torchdistill.core.training import get_training_box
+from torchdistill.datasets.util import build_data_loader
+from torchdistill.models.wrapper import AuxiliaryModelWrapper
+
+from imagenet import config as recipes
+from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate,
+                             restore_training_state, student_of, train, unwrap)
+from imagenet.fast import apply_fast_path
+from imagenet.models import build_model, count_parameters, load_state_exactly, load_weights
+from projector_kd.checkpoint import load_checkpoint
+from projector_kd.config import apply_overrides
+from projector_kd.data import check_image_folder
+from projector_kd.distributed import cleanup, init_distributed, seed_everything
+from projector_kd.errors import UserError, run_cli
+from projector_kd.runs import prepare_output_dir, setup_logging, tensorboard_writer, write_json
+from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
+
+logger = logging.getLogger("imagenet")
+
+
+def get_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Projector knowledge distillation, ResNet track (torchdistill)")
+    parser.add_argument("--config", required=True, help="torchdistill YAML recipe (relative to here or the repo root)")
+    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--log", help="extra log file path (the run folder always gets log.txt)")
+    parser.add_argument("--start_epoch", default=0, type=int, help="first epoch when resuming from src_ckpt")
+    parser.add_argument("--seed", type=int, help="seed for python, numpy and torch (plus the rank)")
+    parser.add_argument("-test_only", action="store_true", help="only evaluate the checkpoint at dst_ckpt")
+    parser.add_argument("-student_only", action="store_true", help="do not evaluate the teacher")
+    parser.add_argument("-log_config", action="store_true", help="log the recipe")
+    parser.add_argument("--world_size", default=1, type=int, help="number of processes (torchrun sets it too)")
+    parser.add_argument("--dist_url", default="env://", help="only env:// (torchrun) is supported")
+    parser.add_argument("-adjust_lr", action="store_true", help="multiply the learning rate by the world size")
+    parser.add_argument("--data-root", "--data_root", dest="data_root",
+                        help="dataset folder holding train/ and val/ (replaces the recipe's os.getenv data root)")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="run folder (default: dst_ckpt's)")
+    parser.add_argument("--teacher_ckpt", "--teacher-ckpt", dest="teacher_ckpt",
+                        help="teacher weights {'model': state_dict} (sets models.teacher_model.src_ckpt)")
+    parser.add_argument("--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue in an output folder whose recorded config differs from this one")
+    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                        help="allow full (unsafe) unpickling of the checkpoints this run loads")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="override recipe values, e.g. --opts train.num_epochs 2 train.optimizer.kwargs.lr 0.05")
+    return parser
+
+
+def prepare_recipe(args: argparse.Namespace) -> tuple[dict, Path]:
+    """Load the recipe, apply CLI overrides and check it — all before any data or model is touched."""
+    path = recipes.find_recipe(args.config)
+    recipe = recipes.load_recipe(path)
+    import_dependencies(recipe.get("dependencies"))
+    if args.opts:
+        recipe = apply_overrides(recipe, args.opts)
+    if args.data_root:
+        recipes.set_data_root(recipe, args.data_root)
+    if args.teacher_ckpt:
+        if "teacher_model" not in recipe.get("models", {}):
+            raise UserError(f"--teacher_ckpt given but {path} has no models.teacher_model")
+        recipe["models"]["teacher_model"]["src_ckpt"] = args.teacher_ckpt
+    if args.fast:
+        recipe.setdefault("runtime", {})["fast"] = True
+    if args.dist_url != "env://":
+        raise UserError(f"--dist_url {args.dist_url}: only env:// is supported — launch with torchrun")
+    recipes.check_recipe(recipe, str(path))
+    return recipe, path
+
+
+def _loader_dataset_ids(recipe: dict, test_only: bool) -> list[str]:
+    loaders = [recipe.get("test", {}).get("test_data_loader")]
+    if not test_only:
+        train_config = recipe["train"]
+        loaders += [train_config.get("train_data_loader"), train_config.get("val_data_loader")]
+    return list(dict.fromkeys(loader["dataset_id"] for loader in loaders if loader))
+
+
+def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
+    """Check each ImageFolder's train/val layout first (one clear line), then build the datasets the run uses."""
+    roots: dict[Path, list[str]] = {}
+    for dataset_id in ids:
+        node = recipe["datasets"][dataset_id]
+        root = node.get("init", {}).get("kwargs", {}).get("root") if isinstance(node, dict) else None
+        if root is not None:
+            path = Path(str(recipes.resolve(root, memo))).expanduser()
+            roots.setdefault(path.parent, []).append(path.name)
+    for parent, splits in roots.items():
+        check_image_folder(parent, splits=tuple(dict.fromkeys(splits)))
+    datasets = {}
+    for dataset_id in ids:
+        try:
+            datasets[dataset_id] = recipes.resolve(recipe["datasets"][dataset_id], memo)
+        except (FileNotFoundError, NotADirectoryError) as error:
+            raise UserError(f"dataset {dataset_id}: {error} — check the data root (--data-root)") from None
+    return datasets
+
+
+def build_models(recipe: dict, args: argparse.Namespace, distributed: bool, device: torch.device):
+    models_config = recipe["models"]
+    student_key = "student_model" if "student_model" in models_config else "model"
+    teacher_config = models_config.get("teacher_model")
+    teacher = None
+    if teacher_config is not None:
+        teacher = build_model(teacher_config, "teacher_model", distributed)
+        if teacher_config.get("src_ckpt"):
+            load_weights(teacher, teacher_config["src_ckpt"], "models.teacher_model", args.trust_checkpoint)
+        teacher.to(device).eval()
+    student = build_model(models_config[student_key], student_key, distributed).to(device)
+    return teacher, student, models_config[student_key], teacher_config
+
+
+def _ensure_ddp(box, device: torch.device, local_rank: int) -> None:
+    """torchdistill wraps in DDP only on CUDA and only when asked; gloo runs and bare recipes need it too."""
+    attribute = "student_model" if hasattr(box, "student_model") else "model"
+    module = getattr(box, attribute)
+    if isinstance(module, (DistributedDataParallel, AuxiliaryModelWrapper)):
+        return
+    setattr(box, attribute, DistributedDataParallel(module, device_ids=[local_rank] if device.type == "cuda" else None))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_argparser().parse_args(argv)
+    recipe, recipe_path = prepare_recipe(args)
+    env = init_distributed(args.device)
+    try:
+        return run(args, recipe, recipe_path, env)
+    finally:
+        cleanup()
+
+
+def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
+    started = time.time()
+    if args.world_size != 1 and args.world_size != env.world_size:
+        raise UserError(f"--world_size {args.world_size} but torchrun started {env.world_size} process(es)")
+    models_config = recipe["models"]
+    student_config = models_config.get("student_model", models_config.get("model"))
+    if not student_config.get("dst_ckpt"):
+        raise UserError(f"{recipe_path}: models.student_model.dst_ckpt is required (where the best checkpoint goes)")
+    dst = Path(student_config["dst_ckpt"]).expanduser()
+    output_dir = Path(args.output_dir).expanduser() if args.output_dir else dst.parent
+    best_path = output_dir / dst.name if args.output_dir else dst
+    if args.test_only:
+        output_dir = output_dir / "test_only"
+    run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,
+                  "adjust_lr": args.adjust_lr, "test_only": args.test_only}
+    if env.is_main:
+        prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
+    log = setup_logging(output_dir, env.rank, name="imagenet")
+    if args.log and env.is_main:
+        Path(args.log).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(args.log).expanduser())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._projector_kd = True  # type: ignore[attr-defined]  (removed with the run's other handlers)
+        logging.getLogger().addHandler(handler)
+    log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
+    if args.log_config:
+        log.info("recipe: %s", run_config["recipe"])
+    if args.seed is not None:
+        seed_everything(args.seed, env.rank)
+    memo: dict = {}
+    dataset_dict = build_datasets(recipe, _loader_dataset_ids(recipe, args.test_only), memo)
+    teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
+    log.info("student %s: %d parameters", student_config["key"], count_parameters(student))
+    fast = bool(recipe.get("runtime", {}).get("fast", False))
+    history: list[float] = []
+    writer = tensorboard_writer(output_dir, env.rank)
+    if not args.test_only:
+        train_config = recipes.resolve(recipe["train"], memo)
+        lr_factor = env.world_size if env.distributed and args.adjust_lr else 1
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        try:
+            box = get_training_box(student, dataset_dict, train_config, env.device, device_ids, env.distributed,
+                                   lr_factor) if teacher is None else \
+                get_distillation_box(teacher, student, dataset_dict, train_config, env.device, device_ids,
+                                     env.distributed, lr_factor)
+        except (KeyError, ValueError, TypeError) as error:
+            raise UserError(f"{recipe_path}: torchdistill could not set up training: {error}") from None
+        if env.distributed:
+            _ensure_ddp(box, env.device, env.local_rank)
+        settings = apply_fast_path(box, teacher, env.device) if fast else None
+        if settings is not None:
+            log.info("fast path: %s", settings)
+        run_state = RunState()
+        last = output_dir / LAST_CHECKPOINT
+        if last.is_file():
+            run_state = restore_training_state(box, load_checkpoint(last, trusted=args.trust_checkpoint), last)
+            log.info("resuming from %s at epoch %d step %d", last, run_state.epoch, run_state.step_in_epoch)
+        elif student_config.get("src_ckpt"):
+            source = load_weights(unwrap(student_of(box)), student_config["src_ckpt"], "models.student_model",
+                                  args.trust_checkpoint)
+            if "optimizer" in source:
+                run_state = restore_training_state(box, {**source, "epoch": args.start_epoch}, student_config["src_ckpt"])
+        else:
+            run_state.epoch = args.start_epoch
+        ctx = LoopContext(box=box, teacher=teacher, device=env.device, output_dir=output_dir, best_path=best_path,
+                          distributed=env.distributed, rank=env.rank, stop=None, writer=writer,
+                          autocast_dtype=settings.autocast_dtype if settings else None,
+                          channels_last=bool(settings), log_freq=int(train_config.get("log_freq", 100)))
+        try:
+            with GracefulStop() as stop:
+                ctx.stop = stop
+                run_state = train(ctx, run_state)
+        except TrainingStopped as stopped:
+            log.warning("%s", stopped)
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+            return EXIT_STATUS_STOPPED
+        history = run_state.history
+    checkpoint = load_checkpoint(best_path, trusted=args.trust_checkpoint)
+    load_weights_from = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    load_state_exactly(student, load_weights_from, best_path, f"models.student_model ({student_config['key']})")
+    test_config = recipe.get("test", {}).get("test_data_loader")
+    if test_config is None:
+        raise UserError(f"{recipe_path}: test.test_data_loader is required for the final evaluation")
+    test_loader = build_data_loader(dataset_dict[test_config["dataset_id"]], recipes.resolve(test_config, memo),
+                                    env.distributed)
+    metrics: dict = {"val_top1_per_epoch": history, "best_val_top1": max(history) if history else None,
+                     "student_params": count_parameters(student), "student": student_config["key"],
+                     "checkpoint": str(best_path), "world_size": env.world_size, "seed": args.seed, "fast": fast}
+    if teacher is not None and not args.student_only:
+        metrics["teacher_top1"], metrics["teacher_top5"] = evaluate(teacher, test_loader, env.device, env.rank,
+                                                                    title="teacher")
+        metrics["teacher_params"] = count_parameters(teacher)
+        log.info("[teacher %s] top-1 %.2f top-5 %.2f", teacher_config["key"], metrics["teacher_top1"],
+                 metrics["teacher_top5"])
+    metrics["top1"], metrics["top5"] = evaluate(student, test_loader, env.device, env.rank, title="student")
+    log.info("[student %s] top-1 %.2f top-5 %.2f", student_config["key"], metrics["top1"], metrics["top5"])
+    metrics["wall_time_s"] = time.time() - started
+    if env.is_main:
+        write_json(output_dir / "metrics.json", metrics)
+        print(f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} (metrics: {output_dir / 'metrics.json'})",
+              flush=True)
+    if writer is not None:
+        writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
