@@ -1,0 +1,152 @@
+"""The release recipe's values (SPEC §3), recipe checks that catch what torchdistill would swallow, CLI data errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagenet import config as recipes
+from projector_kd.config import apply_overrides
+from projector_kd.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASE = ROOT / "configs/ilsvrc2012/ours/res3418.yaml"
+DEMOS = sorted((ROOT / "configs/demo").glob("resnet_*.yaml"))
+
+
+def release() -> dict:
+    return recipes.load_recipe(RELEASE)
+
+
+def test_release_recipe_values_match_spec():
+    recipe = release()
+    recipes.check_recipe(recipe, "res3418.yaml")
+    plain = recipes.resolve({k: v for k, v in recipe.items() if k not in ("datasets", "_data_root")})
+    assert plain["models"]["teacher_model"] == {"key": "resnet34", "kwargs": {"num_classes": 1000,
+                                                                              "weights": "IMAGENET1K_V1"}}
+    assert plain["models"]["student_model"]["key"] == "resnet18"
+    assert plain["models"]["student_model"]["kwargs"]["weights"] is None
+    train = plain["train"]
+    assert train["num_epochs"] == 100
+    assert train["train_data_loader"]["kwargs"]["batch_size"] == 256
+    assert train["optimizer"] == {"key": "SGD", "kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}}
+    assert train["scheduler"]["key"] == "MultiStepLR"
+    assert train["scheduler"]["kwargs"] == {"milestones": [30, 60, 90], "gamma": 0.1}
+    assert train["teacher"]["requires_grad"] is False
+    wrapper = train["student"]["auxiliary_model_wrapper"]
+    assert wrapper["key"] == "ProjectorKDModelWrapper"
+    assert wrapper["kwargs"] == {"input_module": {"path": "model.layer4", "io": "output"}, "student_dim": 512,
+                                 "teacher_dim": 512, "distance": "log_diff", "exponent": 4.0, "eps": 1e-4,
+                                 "projector": "linear"}
+    terms = train["criterion"]["kwargs"]["sub_terms"]
+    assert terms["ce"]["weight"] == 1.0 and terms["ce"]["criterion"]["key"] == "CrossEntropyLoss"
+    assert terms["projector_kd"]["weight"] == 1.0
+    assert terms["projector_kd"]["criterion"] == {"key": "ProjectorKDLoss", "kwargs": {
+        "teacher_feature": {"path": "layer4", "io": "output"}, "feature_weight": 2.0, "kd_weight": 1.0,
+        "temperature": 1.0}}
+    assert recipe["runtime"]["fast"] is False
+
+
+def test_release_transforms_match_spec(tmp_path):
+    recipe = release()
+    recipes.set_data_root(recipe, str(tmp_path))
+    transforms = {}
+    for dataset_id in ("ilsvrc2012/train", "ilsvrc2012/val"):
+        kwargs = recipe["datasets"][dataset_id]["init"]["kwargs"]
+        assert recipes.resolve(kwargs["root"]) == str(tmp_path / dataset_id.split("/")[1])
+        transforms[dataset_id] = recipes.resolve(kwargs["transform"])
+    train_ops = transforms["ilsvrc2012/train"].transforms
+    assert type(train_ops[0]).__name__ == "RandomResizedCrop" and list(train_ops[0].size) == [224, 224]
+    assert type(train_ops[1]).__name__ == "RandomHorizontalFlip" and train_ops[1].p == 0.5
+    val_ops = transforms["ilsvrc2012/val"].transforms
+    assert type(val_ops[0]).__name__ == "Resize" and val_ops[0].size == 256
+    assert type(val_ops[1]).__name__ == "CenterCrop" and list(val_ops[1].size) == [224, 224]
+    for ops in (train_ops, val_ops):
+        assert ops[-1].mean == [0.485, 0.456, 0.406] and ops[-1].std == [0.229, 0.224, 0.225]
+
+
+def test_release_recipe_loads_with_torchdistill(tmp_path, monkeypatch):
+    from torchdistill.common.yaml_util import load_yaml_file
+
+    for split in ("train", "val"):
+        (tmp_path / split / "n01").mkdir(parents=True)
+        (tmp_path / split / "n01" / "a.png").write_bytes(b"")
+    monkeypatch.setenv("IMAGENET_ROOT", str(tmp_path))
+    config = load_yaml_file(str(RELEASE))
+    assert config["datasets"]["ilsvrc2012/train"].root == str(tmp_path / "train")
+    assert config["train"]["optimizer"]["kwargs"]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("path", DEMOS, ids=lambda p: p.name)
+def test_demo_recipes_pass_the_checks(path):
+    recipes.check_recipe(recipes.load_recipe(path), path.name)
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["train.optimizer.kwargs.lr", "-0.1"], "lr = -0.1 is out of range"),
+    (["train.train_data_loader.kwargs.batch_size", "0"], "batch_size = 0 is out of range"),
+    (["train.train_data_loader.kwargs.batch_size", "1"], "at least 2 images per batch"),
+    (["train.num_epochs", "0"], "train.num_epochs = 0 is out of range"),
+    (["train.scheduler.kwargs.milestones", "[60, 30]"], "milestones = [60, 30] must be increasing"),
+    (["runtime.fast", "yes-please"], "runtime: fast must be bool"),
+    (["train.criterion.kwargs.sub_terms.projector_kd.weight", ".nan"], "weight = nan is out of range"),
+])
+def test_bad_values_are_named(opts, message):
+    recipe = apply_overrides(release(), opts)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        recipes.check_recipe(recipe, "res3418.yaml")
+
+
+def _with_typo(edit) -> dict:
+    recipe = release()
+    edit(recipe)
+    return recipe
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["train"].__setitem__("num_epoch", 3), r"unknown key train.num_epoch \(did you mean train.num_epochs"),
+    (lambda r: r["train"]["optimizer"]["kwargs"].__setitem__("momentun", 0.9),
+     r"train.optimizer.kwargs.momentun is not an argument of SGD \(did you mean train.optimizer.kwargs.momentum"),
+    (lambda r: r["train"]["student"]["auxiliary_model_wrapper"]["kwargs"].__setitem__("exponnent", 4.0),
+     r"exponnent is not an argument of ProjectorKDModelWrapper"),
+    (lambda r: r["train"]["criterion"]["kwargs"]["sub_terms"]["projector_kd"]["criterion"]["kwargs"]
+     .__setitem__("feature_wieght", 2.0), r"feature_wieght is not an argument of ProjectorKDLoss"),
+    (lambda r: r["train"]["student"]["auxiliary_model_wrapper"].__setitem__("key", "ProjectorKDModelWraper"),
+     r"'ProjectorKDModelWraper' is not registered in torchdistill \(did you mean 'ProjectorKDModelWrapper'"),
+    (lambda r: r["train"]["teacher"].__setitem__("forward_hooks", {}), r"unknown key train.teacher.forward_hooks"),
+    (lambda r: r["datasets"]["ilsvrc2012/val"]["init"]["kwargs"].__setitem__("on_bad_imag", "skip"),
+     r"on_bad_imag is not an argument of CheckedImageFolder"),
+    (lambda r: r["train"]["teacher"].__setitem__("src_ckpt", "x.pth"), r"unsafe unpickling"),
+    (lambda r: r["train"]["val_data_loader"].__setitem__("dataset_id", "ilsvrc2012/vall"), r"is not one of the datasets"),
+])
+def test_key_typos_torchdistill_would_swallow_are_caught(edit, message):
+    with pytest.raises(UserError, match=message):
+        recipes.check_recipe(_with_typo(edit), "res3418.yaml")
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "imagenet/image_classification.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_release_command_without_imagenet_names_the_expected_folders(tmp_path):
+    missing = tmp_path / "no-imagenet"
+    result = _cli("--config", "configs/ilsvrc2012/ours/res3418.yaml", "--log", str(tmp_path / "log/output.txt"),
+                  "--device", "cpu", "--data-root", str(missing), "--output_dir", str(tmp_path / "out"),
+                  cwd=ROOT / "imagenet")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: dataset folder {missing} does not exist")
+    assert f"{missing}/train/<class>/<image>" in lines[0] and f"{missing}/val/<class>/<image>" in lines[0]
+
+
+def test_cli_config_typo_fails_before_any_work(tmp_path):
+    result = _cli("--config", str(RELEASE), "--device", "cpu", "--output_dir", str(tmp_path / "out"),
+                  "--opts", "train.optimizer.kwargs.lr", "-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {RELEASE}: train.optimizer.kwargs: lr = -1 is out of range (must be > 0)"]
+    assert not (tmp_path / "out").exists()
