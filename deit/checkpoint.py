@@ -1,0 +1,100 @@
+"""Loading student checkpoints (release layout or this project's) safely and exactly.
+
+Both layouts are ``{'model': state_dict, ...}``: the release adds ``optimizer``, ``lr_scheduler``, ``max_accuracy``,
+``epoch`` and a pickled yacs ``config`` (read by :func:`projector_kd.checkpoint.load_checkpoint` with
+``weights_only=True``); this project adds scaler, RNG and sampler position (see :mod:`deit.engine`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from projector_kd.checkpoint import CheckpointError, load_checkpoint
+
+PROJECTOR_PREFIX = 'distillation_loss.'
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_student_checkpoint` did: ``loaded`` keys, projector keys left out and why, checkpoint meta."""
+
+    path: Path
+    loaded: list[str]
+    projector_skipped: list[str] = field(default_factory=list)
+    projector_note: str = ''
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def model_state(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The student state dict inside a checkpoint (``{'model': sd}`` or a raw state dict), without ``module.``."""
+    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f'{path} holds no model state dict (expected a dict of tensors or {{"model": ...}})')
+    return {k.removeprefix('module.'): v for k, v in state.items()}
+
+
+def _shape_mismatches(own: dict, state: dict, keys: set[str]) -> list[str]:
+    return sorted(f'{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}' for k in keys
+                  if state[k].shape != own[k].shape)
+
+
+def _listing(keys: list[str], limit: int = 6) -> str:
+    return ', '.join(keys[:limit]) + (f' (+{len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
+    """Load a student checkpoint into ``model`` exactly; returns a :class:`LoadReport`.
+
+    Every key outside the projector (``distillation_loss.*``) must exist on both sides with the same shape, else
+    CheckpointError naming the file and the keys (a wrong ``num_classes`` is named as such). The projector is not
+    needed to predict: when its width differs from the model's, or one side has none, its keys are left out and the
+    report says so (logged as a warning) instead of failing.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path, trusted=trusted)
+    state = model_state(checkpoint, path)
+    own = model.state_dict()
+    body_ckpt = {k for k in state if not k.startswith(PROJECTOR_PREFIX)}
+    body_own = {k for k in own if not k.startswith(PROJECTOR_PREFIX)}
+    if 'head.weight' in state and 'head.weight' in own and state['head.weight'].shape[0] != own['head.weight'].shape[0]:
+        raise CheckpointError(f'{path} was trained for {state["head.weight"].shape[0]} classes but the model has '
+                              f'{own["head.weight"].shape[0]} (model.num_classes); set model.num_classes to match')
+    missing = sorted(body_own - body_ckpt)
+    unexpected = sorted(body_ckpt - body_own)
+    shapes = _shape_mismatches(own, state, body_own & body_ckpt)
+    if missing or unexpected or shapes:
+        parts = [f'{label}: {_listing(keys)}' for label, keys in
+                 (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)) if keys]
+        raise CheckpointError(f'{path} does not match the model ({"; ".join(parts)}) — check --model, the width '
+                              f'(model.embed_dim/depth) and model.img_size')
+    proj_ckpt = {k for k in state if k.startswith(PROJECTOR_PREFIX)}
+    proj_own = {k for k in own if k.startswith(PROJECTOR_PREFIX)}
+    report = LoadReport(path=path, loaded=sorted(body_own), meta=_meta(checkpoint))
+    if proj_ckpt == proj_own and not _shape_mismatches(own, state, proj_own):
+        report.loaded += sorted(proj_own)
+    elif proj_ckpt or proj_own:
+        report.projector_skipped = sorted(proj_ckpt)
+        report.projector_note = (f'projector of {path} not loaded: checkpoint {_projector_shape(state)} vs model '
+                                 f'{_projector_shape(own)}; predictions do not use it, but training would restart it')
+        logger.warning(report.projector_note)
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report
+
+
+def _projector_shape(state: dict) -> str:
+    weight = state.get(PROJECTOR_PREFIX + 'embed.weight')
+    if weight is None:
+        return 'none' if not any(k.startswith(PROJECTOR_PREFIX) for k in state) else 'non-linear projector'
+    return f'Linear({weight.shape[1]}, {weight.shape[0]})'
+
+
+def _meta(checkpoint: Any) -> dict[str, Any]:
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
+        return {}
+    return {k: checkpoint[k] for k in ('epoch', 'max_accuracy') if isinstance(checkpoint.get(k), (int, float))}

@@ -1,0 +1,430 @@
+"""Training step, epoch loop and evaluation of the DeiT track.
+
+One training step (SPEC §4), with y the mixup/cutmix soft targets and x the mixed images seen by both networks::
+
+    loss = SoftTargetCE(head(x), y)                                   'ce'
+         + kd_weight   * KL(softmax(teacher(x)) || softmax(head_conv(x)))   'kd'    (method kd, projector)
+         + proj_weight * L_log_corr(mean patch token -> Linear -> BN, BN(pooled teacher features))   'proj' (projector)
+
+With ``method: none`` there is no teacher and ``head_conv`` is trained on the labels like ``head`` ('ce_dist').
+Evaluation predicts with the mean of both heads' logits; counts are summed over ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from projector_kd import kd_loss, pool_features
+from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.distributed import DistEnv, all_reduce_sum, barrier
+from projector_kd.errors import UserError
+from projector_kd.runs import progress
+
+from .config import scaled_lrs
+from .datasets import build_mixup
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 'projector_kd.deit/1'
+
+
+class NonFiniteLossError(UserError):
+    """A loss term or the gradient norm went NaN/inf; training stops without writing a checkpoint."""
+
+
+class TeacherOutputs(nn.Module):
+    """Frozen timm classifier -> (pooled features (B, C), logits) from one ``forward_features`` pass."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.teacher.forward_features(images)
+        return pool_features(features), self.teacher.forward_head(features)
+
+
+class DistillationObjective(nn.Module):
+    """Student forward and the loss terms in one module, so DDP and ``torch.compile`` see a single graph.
+
+    ``forward(images, targets, teacher_features, teacher_logits)`` returns ``{term name: scalar}`` (see module doc).
+    """
+
+    def __init__(self, student: nn.Module, method: str, soft_targets: bool, smoothing: float,
+                 kd_weight: float = 1.0, proj_weight: float = 1.0, kd_temperature: float = 1.0) -> None:
+        super().__init__()
+        if method == 'projector' and student.distillation_loss is None:
+            raise UserError('distillation.method = projector needs a student built with a projector (teacher_dim)')
+        self.student = student
+        self.method = method
+        if soft_targets:
+            self.criterion = SoftTargetCrossEntropy()
+        elif smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.kd_weight = kd_weight
+        self.proj_weight = proj_weight
+        self.kd_temperature = kd_temperature
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_features: torch.Tensor | None = None,
+                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        tokens = self.student.forward_features(images)
+        cls_logits, dist_logits = self.student.forward_heads(tokens)
+        terms = {'ce': self.criterion(cls_logits.float(), targets)}
+        if self.method == 'none':
+            terms['ce_dist'] = self.criterion(dist_logits.float(), targets)
+            return terms
+        terms['kd'] = self.kd_weight * kd_loss(dist_logits.float(), teacher_logits.float(), self.kd_temperature)
+        if self.method == 'projector':
+            terms['proj'] = self.proj_weight * self.student.distillation_loss(tokens[:, 2:], teacher_features)
+        return terms
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for >= 2-D weights; none for 1-D params, biases and ``model.no_weight_decay()``."""
+    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith('.bias') or name in skip else decay).append(param)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+class CompiledOrEager:
+    """Calls ``torch.compile(module)``; if compiling fails on the first call, logs one line and runs eagerly."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.eager = module
+        self.name = name
+        self.compiled: Callable | None = torch.compile(module)
+        self.checked = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            return self.eager(*args)
+        if self.checked:
+            return self.compiled(*args)
+        try:
+            result = self.compiled(*args)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - compile backends fail in many ways; eager is always correct
+            logger.warning('torch.compile of the %s is unavailable here (%s: %s); running it eagerly', self.name,
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else '')
+            self.compiled = None
+            return self.eager(*args)
+        self.checked = True
+        return result
+
+
+class Trainer:
+    """Everything one rank needs to train and evaluate: student, teacher, optimizer, schedule, precision.
+
+    ``fast=True`` (the fast path): bf16 autocast on CUDA, channels_last for the conv stem and teacher, torch.compile
+    of teacher and objective (eager fallback with a message), fused AdamW; otherwise the release recipe: fp16 autocast
+    + GradScaler on CUDA when ``train.amp``, eager. On CPU both paths compute in float32.
+    """
+
+    def __init__(self, cfg: dict, env: DistEnv, student: nn.Module, teacher: nn.Module | None,
+                 steps_per_epoch: int, output_dir: Path | None = None, writer: Any = None) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.device = env.device
+        self.fast = cfg['fast']
+        self.output_dir = output_dir
+        self.writer = writer
+        self.steps_per_epoch = steps_per_epoch
+        self.method = cfg['distillation']['method']
+        cuda = self.device.type == 'cuda'
+        self.autocast_dtype = (torch.bfloat16 if self.fast else torch.float16) if cuda and (
+            self.fast or cfg['train']['amp']) else None
+        self.channels_last = self.fast and cuda
+        self.student = student.to(self.device)
+        if self.channels_last:
+            self.student.conv_embed.to(memory_format=torch.channels_last)
+        self.teacher = None
+        if self.method != 'none':
+            if teacher is None:
+                raise UserError(f'distillation.method = {self.method} needs a teacher (teacher.name, --teacher-ckpt)')
+            teacher = teacher.to(self.device).eval()
+            if self.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+            self.teacher = TeacherOutputs(teacher)
+        self.mixup = build_mixup(cfg)
+        objective = DistillationObjective(
+            self.student, self.method, soft_targets=self.mixup is not None, smoothing=cfg['aug']['smoothing'],
+            kd_weight=cfg['distillation']['kd_weight'], proj_weight=cfg['distillation']['proj_weight'],
+            kd_temperature=cfg['distillation']['kd_temperature']).to(self.device)
+        if self.fast and self.student.distillation_loss is not None:
+            self.student.distillation_loss.check_inputs = False
+        if env.distributed:
+            objective = nn.parallel.DistributedDataParallel(
+                objective, device_ids=[self.device.index] if cuda else None)
+        self.objective: Callable = objective
+        self.teacher_forward: Callable | None = self.teacher
+        if self.fast:
+            self.objective = CompiledOrEager(objective, 'student objective')
+            if self.teacher is not None:
+                self.teacher_forward = CompiledOrEager(self.teacher, 'teacher')
+        self.lrs = scaled_lrs(cfg, env.world_size)
+        train = cfg['train']
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.student, train['weight_decay']), lr=self.lrs['lr'], betas=tuple(train['betas']),
+            eps=train['opt_eps'], **({'fused': True} if self.fast and cuda else {}))
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=train['epochs'] * steps_per_epoch, lr_min=self.lrs['min_lr'],
+            warmup_lr_init=self.lrs['warmup_lr'], warmup_t=int(train['warmup_epochs'] * steps_per_epoch),
+            cycle_limit=1, t_in_epochs=False)
+        self.scaler = torch.amp.GradScaler('cuda') if self.autocast_dtype == torch.float16 else None
+        self.global_step = 0
+        self.max_accuracy = 0.0
+        self.wall_time = 0.0
+        self.history: dict[str, list] = {'epoch': [], 'val_top1': [], 'val_top5': [], 'train_loss': []}
+
+    # -- one step -------------------------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def prepare_batch(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move to the device (non-blocking), apply mixup/cutmix, channels_last on the fast path."""
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def compute_terms(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher (no grad) and student forward on a prepared batch -> loss terms."""
+        with self.autocast():
+            teacher_features = teacher_logits = None
+            if self.teacher_forward is not None:
+                teacher_features, teacher_logits = self.teacher_forward(images)
+            try:
+                return self.objective(images, targets, teacher_features, teacher_logits)
+            except ValueError as err:
+                raise NonFiniteLossError(f'step {self.global_step}: distillation loss rejected its input ({err})'
+                                         ) from None
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """One optimisation step at ``self.global_step``; returns the loss terms as floats.
+
+        Raises NonFiniteLossError naming the step and term before any update when a term is NaN/inf, and when the
+        gradient norm is non-finite without a GradScaler (which would otherwise write NaN weights)."""
+        self.scheduler.step_update(self.global_step)
+        images, targets = self.prepare_batch(images, targets)
+        terms = self.compute_terms(images, targets)
+        loss = sum(terms.values())
+        values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
+        bad = [name for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLossError(
+                f'non-finite loss at step {self.global_step} (epoch {self.global_step // self.steps_per_epoch}, '
+                f'batch {self.global_step % self.steps_per_epoch}): term {bad[0]!r} = {values[bad[0]]} '
+                f'({", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped without writing a checkpoint — '
+                f'resume from the last good one with a lower lr or train.amp off')
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = self.cfg['train']['clip_grad']
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(self.student.parameters(), clip if clip else math.inf)
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(f'non-finite gradient norm at step {self.global_step} (loss terms '
+                                         f'{", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped '
+                                         f'without updating the weights or writing a checkpoint')
+            self.optimizer.step()
+        self.global_step += 1
+        values['loss'] = sum(values.values())
+        return values
+
+    # -- loops --------------------------------------------------------------------------------------------------
+    def _stop_requested(self, stop: Any) -> bool:
+        flag = bool(stop is not None and stop.requested)
+        if not self.env.distributed:
+            return flag
+        votes = torch.tensor([float(flag)], device=self.device if dist.get_backend() == 'nccl' else 'cpu')
+        return bool(all_reduce_sum(votes).item() > 0)
+
+    def train_epoch(self, loader: Any, epoch: int, start_batch: int = 0, stop: Any = None) -> dict[str, float] | None:
+        """Train batches ``start_batch..`` of ``epoch``. Returns mean loss terms, or None when ``stop.requested``
+        became true: then a resumable checkpoint at the next batch has been written."""
+        self.objective_module().train()
+        loader.sampler.set_epoch(epoch, start_batch)
+        totals: dict[str, float] = {}
+        count = 0
+        started = time.perf_counter()
+        log_freq = self.cfg['train']['log_freq']
+        batches = progress(loader, rank=self.env.rank, desc=f'epoch {epoch}', total=len(loader))
+        for batch, (images, targets) in enumerate(batches, start=start_batch):
+            self.global_step = epoch * self.steps_per_epoch + batch
+            values = self.train_step(images, targets)
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + value
+            count += 1
+            if batch % log_freq == 0 or batch == self.steps_per_epoch - 1:
+                rate = count * images.shape[0] * self.env.world_size / (time.perf_counter() - started)
+                logger.info('train epoch %d step %d/%d lr %.3g %s (%.0f img/s)', epoch, batch + 1,
+                            self.steps_per_epoch, self.optimizer.param_groups[0]['lr'],
+                            ' '.join(f'{k} {v:.4f}' for k, v in values.items()), rate)
+                if self.writer is not None:
+                    for key, value in values.items():
+                        self.writer.add_scalar(f'train/{key}', value, self.global_step)
+                    self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], self.global_step)
+            if self._stop_requested(stop):
+                self.save(epoch, batch + 1, ['checkpoint.pth'])
+                return None
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    def objective_module(self) -> nn.Module:
+        objective = self.objective.eager if isinstance(self.objective, CompiledOrEager) else self.objective
+        return objective
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any) -> dict[str, float]:
+        """Top-1/top-5 (%) and CE loss of the mean of both heads over the whole val set, summed over ranks."""
+        self.student.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        criterion = nn.CrossEntropyLoss(reduction='sum')
+        for images, targets in progress(loader, rank=self.env.rank, desc='eval', total=len(loader)):
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                logits = self.student(images).float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5.eq(targets[:, None])
+            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), criterion(logits, targets),
+                                 torch.tensor(targets.numel(), device=self.device)]).double()
+        all_reduce_sum(sums)
+        correct1, correct5, loss_sum, total = sums.tolist()
+        self.student.train()
+        return {'top1': 100.0 * correct1 / total, 'top5': 100.0 * correct5 / total, 'loss': loss_sum / total,
+                'num_images': int(total)}
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _gather_rng(self) -> list[dict]:
+        state = capture_rng_state()
+        if not self.env.distributed:
+            return [state]
+        states: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def state_dict(self, epoch: int, next_batch: int) -> dict[str, Any]:
+        """Everything needed to continue exactly at batch ``next_batch`` of ``epoch``."""
+        return {
+            'format': CHECKPOINT_FORMAT,
+            'model': self.student.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict() if self.scaler is not None else None,
+            'epoch': epoch,
+            'next_batch': next_batch,
+            'global_step': epoch * self.steps_per_epoch + next_batch,
+            'steps_per_epoch': self.steps_per_epoch,
+            'world_size': self.env.world_size,
+            'max_accuracy': self.max_accuracy,
+            'wall_time_s': self.wall_time,
+            'history': self.history,
+            'rng': self._gather_rng(),
+            'config': self.cfg,
+        }
+
+    def save(self, epoch: int, next_batch: int, names: list[str]) -> None:
+        """Write the resumable state atomically to ``output_dir/<name>`` for each name (rank 0 only). Refuses to
+        write weights that are not finite, so a good checkpoint is never replaced by a broken one."""
+        state = self.state_dict(epoch, next_batch)
+        if self.env.is_main and self.output_dir is not None:
+            broken = [n for n, p in self.student.state_dict().items() if p.is_floating_point() and
+                      not bool(torch.isfinite(p).all())]
+            if broken:
+                raise NonFiniteLossError(f'weights became non-finite ({", ".join(broken[:4])}); not writing a '
+                                         f'checkpoint over {self.output_dir / names[0]}')
+            for name in names:
+                atomic_save(state, self.output_dir / name)
+            logger.info('saved %s (epoch %d, next batch %d)', ', '.join(names), epoch, next_batch)
+        barrier()
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> tuple[int, int]:
+        """Restore a checkpoint written by :meth:`state_dict`; returns ``(epoch, next_batch)`` to resume at."""
+        if state.get('format') != CHECKPOINT_FORMAT:
+            raise UserError(f'{path} is not a resumable checkpoint of this project (no {CHECKPOINT_FORMAT!r} '
+                            'format tag); to start from released weights use --ckpt with --eval, or a new --output')
+        if state['steps_per_epoch'] != self.steps_per_epoch:
+            raise UserError(f'{path} was written with {state["steps_per_epoch"]} steps per epoch, this run has '
+                            f'{self.steps_per_epoch} (batch size, world size or dataset changed); resume with the '
+                            'same data.batch_size and number of processes, or use a new --output')
+        try:
+            self.student.load_state_dict(state['model'])
+            self.optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(f'{path} does not match this run\'s model/optimizer '
+                            f'({str(err).splitlines()[0]}); use the same config or a new --output') from None
+        self.scheduler.load_state_dict(state['lr_scheduler'])
+        if self.scaler is not None and state['scaler'] is not None:
+            self.scaler.load_state_dict(state['scaler'])
+        self.max_accuracy = state['max_accuracy']
+        self.wall_time = state['wall_time_s']
+        self.history = state['history']
+        rng = state['rng']
+        if len(rng) == self.env.world_size:
+            restore_rng_state(rng[self.env.rank])
+        else:
+            logger.warning('%s holds RNG states for %d ranks, this run has %d: RNG not restored (resume is not '
+                           'bit-exact)', path, len(rng), self.env.world_size)
+        self.global_step = state['global_step']
+        return state['epoch'], state['next_batch']
+
+
+def build_train_step(recipe: str = 'release', model: str = 'tiny', batch_size: int = 256, img_size: int | None = None,
+                     device: str | torch.device = 'cuda', teacher: str = 'regnety_160', num_classes: int = 1000,
+                     **model_overrides: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+                                                       Trainer]:
+    """One training step of the DeiT recipe for benchmarks, with randomly initialised networks.
+
+    ``recipe``: ``'release'`` (fp16 autocast + GradScaler on CUDA, eager, foreach AdamW) or ``'fast'`` (bf16,
+    channels_last, torch.compile, fused AdamW). Returns ``(step, trainer)``; ``step(images, labels)`` takes a batch
+    (uint8 or float images (B, 3, S, S) and int labels, on any device) and returns the loss terms.
+    ``trainer.teacher_forward`` times teacher inference alone. ``model_overrides`` set ``model.*`` keys.
+    """
+    import timm
+
+    from .config import load_config
+    from .models import build_student
+
+    if recipe not in ('release', 'fast'):
+        raise UserError(f"recipe must be 'release' or 'fast', got {recipe!r}")
+    cfg = load_config(model, flags={'fast': recipe == 'fast', 'data.batch_size': batch_size,
+                                    'model.img_size': img_size, 'teacher.name': teacher,
+                                    'model.num_classes': num_classes,
+                                    **{f'model.{k}': v for k, v in model_overrides.items()}})
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+    teacher_net = timm.create_model(cfg['teacher']['name'], num_classes=num_classes, pretrained=False).eval()
+    for param in teacher_net.parameters():
+        param.requires_grad_(False)
+    student = build_student(cfg, teacher_dim=teacher_net.num_features)
+    trainer = Trainer(cfg, env, student, teacher_net, steps_per_epoch=1000)
+    return trainer.train_step, trainer

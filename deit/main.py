@@ -1,0 +1,271 @@
+"""DeiT track entry point: train a conv-stem DeiT with projector KD, or evaluate a checkpoint.
+
+    python deit/main.py --model tiny --train_student [--config FILE] [--data-path DIR] [--output DIR] [--opts K V ...]
+    python deit/main.py --model tiny                 # evaluate ckpts/deit_tiny/ckpt_epoch_299.pth (or --ckpt PATH)
+    torchrun --nproc_per_node=N deit/main.py --model tiny --train_student ...
+
+Exit status: 0 done, 2 a user error (one line on stderr), 3 stopped by SIGTERM/SIGINT after writing a resumable
+checkpoint (run the same command again to continue).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]  # deit/datasets.py must not shadow `datasets`
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from projector_kd.distributed import DistEnv, barrier, cleanup, init_distributed, seed_everything  # noqa: E402
+from projector_kd.errors import UserError, run_cli  # noqa: E402
+from projector_kd.runs import prepare_output_dir, setup_logging, tensorboard_writer, write_json  # noqa: E402
+from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
+
+from deit.checkpoint import load_student_checkpoint  # noqa: E402
+from deit.config import load_config  # noqa: E402
+from deit.datasets import build_loaders, check_data  # noqa: E402
+from deit.engine import Trainer  # noqa: E402
+from deit.models import build_student, count_parameters, create_teacher  # noqa: E402
+
+REPO_ROOT = _HERE.parent
+RESUME_FILE = 'checkpoint.pth'
+logger = logging.getLogger('deit')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('deit/main.py', description=__doc__.split('\n')[0])
+    parser.add_argument('--model', default='tiny', help='student preset: tiny | small | demo (default tiny)')
+    parser.add_argument('--train_student', '--train-student', action='store_true',
+                        help='train (default: evaluate a checkpoint)')
+    parser.add_argument('--eval', action='store_true', help='evaluate only (the default without --train_student)')
+    parser.add_argument('--config', help='YAML merged over configs/deit/<model>.yaml')
+    parser.add_argument('--data-path', help='ImageFolder root holding train/ and val/ (data.path)')
+    parser.add_argument('--output', help='run folder: logs, TensorBoard, checkpoints, metrics.json (output)')
+    parser.add_argument('--batch-size', type=int, help='per-process batch size (data.batch_size)')
+    parser.add_argument('--epochs', type=int, help='train.epochs')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
+                        help='continue a run even if its config changed; with a path, resume from that checkpoint '
+                             '(auto-resume from <output>/checkpoint.pth happens anyway when the config matches)')
+    parser.add_argument('--ckpt', help='checkpoint to evaluate (release or project layout)')
+    parser.add_argument('--teacher-ckpt', help='teacher weights: {"model": state_dict} or a raw state dict')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='allow full (unsafe) unpickling of --ckpt / --resume files you trust')
+    parser.add_argument('--throughput', action='store_true', help='measure student inference img/s and exit')
+    parser.add_argument('--fast', action='store_true', default=None,
+                        help='fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
+    parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides, e.g. '
+                        '--opts train.base_lr 1e-3 data.num_workers 4')
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    flags = {'data.path': args.data_path, 'output': args.output, 'data.batch_size': args.batch_size,
+             'train.epochs': args.epochs, 'teacher.ckpt': args.teacher_ckpt, 'fast': args.fast,
+             'device': args.device}
+    return load_config(args.model, args.config, flags, args.opts)
+
+
+def find_file(path: str | Path) -> Path:
+    """``path`` as given, or relative to the repository root when it is relative and missing (run from deit/)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    candidate = REPO_ROOT / path
+    return candidate if candidate.exists() else path
+
+
+def release_checkpoint(model: str) -> Path:
+    """The released checkpoint for ``model``: ckpts/deit_<model>/ckpt_epoch_299.pth, then ckpts/ckpt_epoch_299.pth."""
+    candidates = [Path('ckpts') / f'deit_{model}' / 'ckpt_epoch_299.pth', Path('ckpts') / 'ckpt_epoch_299.pth']
+    for candidate in candidates:
+        if find_file(candidate).is_file():
+            return find_file(candidate)
+    raise UserError(f'no checkpoint to evaluate: looked for {" and ".join(str(REPO_ROOT / c) for c in candidates)}; '
+                    'download the released weights there (see ckpts/README.md) or pass --ckpt PATH')
+
+
+def teacher_dim_for(cfg: dict) -> int | None:
+    """Width of the teacher's pooled features (the projector's output), without loading weights."""
+    if cfg['distillation']['method'] != 'projector':
+        return None
+    import timm
+
+    try:
+        return timm.create_model(cfg['teacher']['name'], num_classes=cfg['model']['num_classes'],
+                                 pretrained=False).num_features
+    except RuntimeError as err:
+        raise UserError(f'unknown teacher model {cfg["teacher"]["name"]!r} (teacher.name): {err}') from None
+
+
+def log_parameters(student: torch.nn.Module) -> dict[str, int]:
+    counts = count_parameters(student)
+    logger.info('student parameters: %.2fM (+%.2fM projector, %.2fM total)', counts['student'] / 1e6,
+                counts['projector'] / 1e6, counts['total'] / 1e6)
+    return counts
+
+
+@torch.no_grad()
+def throughput(student: torch.nn.Module, cfg: dict, device: torch.device) -> float:
+    """Student inference img/s on random batches of ``data.batch_size`` (30 timed after 10 warm-up)."""
+    student.eval().to(device)
+    size = cfg['model']['img_size']
+    images = torch.randn(cfg['data']['batch_size'], 3, size, size, device=device)
+    for _ in range(10):
+        student(images)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(30):
+        student(images)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    rate = 30 * images.shape[0] / (time.perf_counter() - started)
+    logger.info('throughput: %.1f img/s at batch %d, %d px on %s', rate, images.shape[0], size, device)
+    return rate
+
+
+def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
+    setup_logging(args.output, env.rank, name='deit')
+    student = build_student(cfg, teacher_dim_for({**cfg, 'distillation': {**cfg['distillation'],
+                                                                           'method': 'projector'}}))
+    counts = log_parameters(student)
+    if args.throughput:
+        throughput(student, cfg, env.device)
+        return 0
+    path = find_file(args.ckpt) if args.ckpt else release_checkpoint(cfg['model']['name'])
+    report = load_student_checkpoint(student, path, trusted=args.trust_checkpoint)
+    logger.info('loaded %d tensors from %s %s', len(report.loaded), path, report.meta or '')
+    if report.projector_note:
+        logger.warning(report.projector_note)
+    check_data(cfg, splits=('val',))
+    _, val_loader = build_loaders(cfg, env.rank, env.world_size, pin_memory=env.device.type == 'cuda', train=False)
+    trainer = Trainer({**cfg, 'distillation': {**cfg['distillation'], 'method': 'none'}}, env, student, None,
+                      steps_per_epoch=1)
+    stats = trainer.evaluate(val_loader)
+    logger.info('%s on %d val images: top-1 %.2f top-5 %.2f loss %.4f', path, stats['num_images'], stats['top1'],
+                stats['top5'], stats['loss'])
+    if args.output and env.is_main:
+        write_json(Path(args.output) / 'eval_metrics.json',
+                   {**stats, 'checkpoint': str(path), 'params': counts, 'projector_note': report.projector_note})
+    return 0
+
+
+def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
+    """Train (or continue) the run in ``cfg['output']``; returns the exit status."""
+    started = time.perf_counter()
+    output = Path(cfg['output'])
+    check_data(cfg, splits=('train', 'val'))
+    if env.is_main:
+        prepare_output_dir(output, cfg, resume=args.resume is not None)
+        for stale in output.glob('.*.pth.*.tmp'):
+            stale.unlink()
+    barrier()
+    setup_logging(output, env.rank, name='deit')
+    seed_everything(cfg['seed'], env.rank)
+    writer = tensorboard_writer(output, env.rank)
+    teacher = None
+    if cfg['distillation']['method'] != 'none':
+        tcfg = cfg['teacher']
+        teacher, source = create_teacher(tcfg['name'], cfg['model']['num_classes'],
+                                         find_file(tcfg['ckpt']) if tcfg['ckpt'] else None, tcfg['hub_tag'],
+                                         trusted=tcfg['trusted'])
+        logger.info('teacher %s loaded from %s', tcfg['name'], source)
+    student = build_student(cfg, teacher.num_features if cfg['distillation']['method'] == 'projector' else None)
+    counts = log_parameters(student)
+    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size,
+                                             pin_memory=cfg['data']['pin_memory'] and env.device.type == 'cuda')
+    steps = train_loader.sampler.batches_per_epoch
+    trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
+    logger.info('method %s, %d processes x batch %d, lr %.3g, %d steps/epoch, fast path %s, device %s',
+                cfg['distillation']['method'], env.world_size, cfg['data']['batch_size'], trainer.lrs['lr'], steps,
+                'on' if cfg['fast'] else 'off', env.device)
+    start_epoch, start_batch = 0, 0
+    resume_path = find_file(args.resume) if args.resume not in (None, 'auto') else latest_checkpoint(output, RESUME_FILE)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, trusted=args.trust_checkpoint)
+        start_epoch, start_batch = trainer.load_state_dict(state, resume_path)
+        logger.info('resumed from %s at epoch %d, batch %d', resume_path, start_epoch, start_batch)
+    epochs = cfg['train']['epochs']
+    for epoch in range(start_epoch, epochs):
+        epoch_started = time.perf_counter()
+        means = trainer.train_epoch(train_loader, epoch, start_batch, stop)
+        start_batch = 0
+        if means is None:
+            trainer.wall_time += time.perf_counter() - started
+            message = (f'stopped by {getattr(stop, "signal_name", None) or "request"} during epoch {epoch}; '
+                       f'resumable checkpoint {output / RESUME_FILE} written — run the same command to continue')
+            logger.warning(message)
+            print(f'stopped: {message}', file=sys.stderr, flush=True)
+            return EXIT_STATUS_STOPPED
+        last = epoch == epochs - 1
+        trainer.history['epoch'].append(epoch)
+        trainer.history['train_loss'].append(means.get('loss', float('nan')))
+        if (epoch + 1) % cfg['train']['eval_freq'] == 0 or last:
+            stats = trainer.evaluate(val_loader)
+            trainer.max_accuracy = max(trainer.max_accuracy, stats['top1'])
+            trainer.history['val_top1'].append(stats['top1'])
+            trainer.history['val_top5'].append(stats['top5'])
+            logger.info('epoch %d: val top-1 %.2f top-5 %.2f (best %.2f), %.1fs', epoch, stats['top1'],
+                        stats['top5'], trainer.max_accuracy, time.perf_counter() - epoch_started)
+            if writer is not None:
+                writer.add_scalar('val/top1', stats['top1'], epoch)
+                writer.add_scalar('val/top5', stats['top5'], epoch)
+        names = [RESUME_FILE]
+        if (epoch + 1) % cfg['train']['save_freq'] == 0 or last:
+            names.append(f'ckpt_epoch_{epoch}.pth')
+        trainer.wall_time += time.perf_counter() - started
+        started = time.perf_counter()
+        trainer.save(epoch + 1, 0, names)
+    final = trainer.evaluate(val_loader) if start_epoch >= epochs else None
+    history = trainer.history
+    metrics = {
+        'top1': final['top1'] if final else history['val_top1'][-1],
+        'top5': final['top5'] if final else history['val_top5'][-1],
+        'max_top1': trainer.max_accuracy,
+        'val_top1': history['val_top1'],
+        'val_top5': history['val_top5'],
+        'train_loss': history['train_loss'],
+        'epochs': epochs,
+        'method': cfg['distillation']['method'],
+        'model': cfg['model']['name'],
+        'params': counts,
+        'wall_time_s': trainer.wall_time,
+        'world_size': env.world_size,
+    }
+    if env.is_main:
+        write_json(output / 'metrics.json', metrics)
+        logger.info('done: top-1 %.2f top-5 %.2f, %.1fs; metrics in %s', metrics['top1'], metrics['top5'],
+                    metrics['wall_time_s'], output / 'metrics.json')
+    if writer is not None:
+        writer.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
+    """Parse ``argv`` and run; ``stop`` (an object with ``.requested``) replaces the signal handler (tests)."""
+    args = get_args_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    env = init_distributed(cfg['device'])
+    try:
+        if not args.train_student or args.eval or args.throughput:
+            return evaluate(cfg, args, env)
+        if stop is not None:
+            return train(cfg, args, env, stop)
+        with GracefulStop() as signals:
+            return train(cfg, args, env, signals)
+    finally:
+        cleanup()
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,229 @@
+"""Conv-stem DeiT students (Co-advise layout) and timm teachers.
+
+Student token layout: ``[cls, conv, patch_1 .. patch_N]`` + learned position embedding, where the conv token is the
+mean of the patch embeddings. ``head`` reads token 0, ``head_conv`` (the distillation head) reads token 1; in eval
+mode the prediction is the mean of both heads' logits. The projector used by the distillation loss lives in the
+student as ``distillation_loss`` (a :class:`projector_kd.ProjectorDistillLoss`) so checkpoints keep the release's
+key names (``distillation_loss.embed``, ``distillation_loss.bn_s``, ``distillation_loss.bn_t``).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import trunc_normal_
+from timm.models import register_model
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from projector_kd import ProjectorDistillLoss
+from projector_kd.errors import UserError
+
+STUDENT_PRESETS: dict[str, dict[str, Any]] = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'demo': dict(embed_dim=96, depth=4, num_heads=3, drop_path_rate=0.0, stem_stride=1, patch_size=4, img_size=32),
+}
+TIMM_NAMES = {'tiny': 'deit_conv_tiny', 'small': 'deit_conv_small', 'demo': 'deit_conv_demo'}
+
+
+class ConvStem(nn.Module):
+    """Conv7x7/s + BN + ReLU, 2 x [Conv3x3 + BN + ReLU], then a (patch_size x patch_size, stride patch_size) projection.
+
+    ``conv`` indices 0, 1, 3, 4, 6, 7 hold the convs and BNs (the release's key names). At 224 px with the default
+    strides (2, 8) the output grid is 14 x 14.
+    """
+
+    def __init__(self, embed_dim: int, stem_channels: int = 64, stem_stride: int = 2, patch_size: int = 8,
+                 in_chans: int = 3) -> None:
+        super().__init__()
+        c = stem_channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_chans, c, 7, stride=stem_stride, padding=3, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
+            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
+            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
+        )
+        self.proj = nn.Conv2d(c, embed_dim, patch_size, stride=patch_size)
+        self.reduction = stem_stride * patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, H*W/reduction^2, D) patch tokens."""
+        return self.proj(self.conv(x)).flatten(2).transpose(1, 2)
+
+
+class ConvStemDeiT(nn.Module):
+    """DeiT with a conv stem, a conv (distillation) token and two heads.
+
+    Train mode ``forward`` returns ``(cls_logits, dist_logits)``; eval mode returns their mean.
+    """
+
+    def __init__(self, img_size: int = 224, num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
+                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, stem_channels: int = 64,
+                 stem_stride: int = 2, patch_size: int = 8, teacher_dim: int | None = None,
+                 distance: str = 'log_corr', exponent: float = 4.0, projector_eps: float = 0.0,
+                 projector: str = 'linear') -> None:
+        super().__init__()
+        if img_size % (stem_stride * patch_size):
+            raise UserError(f'model.img_size={img_size} is not divisible by stem_stride*patch_size='
+                            f'{stem_stride * patch_size}; pick an img_size that is a multiple of it')
+        if embed_dim % num_heads:
+            raise UserError(f'model.embed_dim={embed_dim} is not divisible by model.num_heads={num_heads}')
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.conv_embed = ConvStem(embed_dim, stem_channels, stem_stride, patch_size)
+        self.num_patches = (img_size // self.conv_embed.reduction) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 2, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm_layer)
+            for r in rates])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.head_conv = nn.Linear(embed_dim, num_classes)
+        self.distillation_loss = None
+        if teacher_dim:
+            self.distillation_loss = ProjectorDistillLoss(embed_dim, teacher_dim, distance=distance,
+                                                          exponent=exponent, eps=projector_eps, projector=projector)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.startswith('distillation_loss'):
+                trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides 1-D tensors and biases."""
+        return {'pos_embed', 'cls_token'}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> normed token sequence (B, 2 + N, D): [cls, conv, patches]."""
+        patches = self.conv_embed(x)
+        conv_token = patches.mean(dim=1, keepdim=True)
+        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), conv_token, patches], dim=1)
+        x = self.blocks(x + self.pos_embed)
+        return self.norm(x)
+
+    def forward_heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token sequence -> (cls-head logits, distillation-head logits)."""
+        return self.head(tokens[:, 0]), self.head_conv(tokens[:, 1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        cls_logits, dist_logits = self.forward_heads(self.forward_features(x))
+        if self.training:
+            return cls_logits, dist_logits
+        return (cls_logits + dist_logits) / 2
+
+
+def _build(preset: str, pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
+    if pretrained:
+        raise UserError(f'no downloadable weights for {TIMM_NAMES[preset]}; load a checkpoint with '
+                        'deit.checkpoint.load_student_checkpoint instead')
+    kwargs.pop('pretrained_cfg', None)
+    kwargs.pop('pretrained_cfg_overlay', None)
+    kwargs.pop('cache_dir', None)
+    for key in ('drop_rate', 'attn_drop_rate'):
+        if kwargs.pop(key, 0.0):
+            raise UserError(f'{key} is not supported by the conv-stem DeiT (the recipe uses none)')
+    params = {**STUDENT_PRESETS[preset], **{k: v for k, v in kwargs.items() if v is not None}}
+    return ConvStemDeiT(**params)
+
+
+@register_model
+def deit_conv_tiny(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
+    """Conv-stem DeiT-Ti (dim 192, 3 heads, depth 12)."""
+    return _build('tiny', pretrained, **kwargs)
+
+
+@register_model
+def deit_conv_small(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
+    """Conv-stem DeiT-S (dim 384, 6 heads, depth 12)."""
+    return _build('small', pretrained, **kwargs)
+
+
+@register_model
+def deit_conv_demo(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
+    """A laptop-sized conv-stem DeiT for 32 px images (dim 96, 3 heads, depth 4, 8x8 tokens)."""
+    return _build('demo', pretrained, **kwargs)
+
+
+def create_student(name: str, num_classes: int = 1000, img_size: int = 224, **kwargs: Any) -> ConvStemDeiT:
+    """Build a conv-stem student: ``name`` is ``tiny``/``small``/``demo`` (or the timm names ``deit_conv_<name>``).
+
+    ``kwargs`` override the preset (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ``stem_stride``,
+    ``patch_size``, ``teacher_dim`` = projector output width or None for no projector, ...).
+    """
+    timm_name = TIMM_NAMES.get(name, name)
+    if timm_name not in TIMM_NAMES.values():
+        raise UserError(f'unknown student model {name!r}; choose one of {sorted(STUDENT_PRESETS)}')
+    return timm.create_model(timm_name, num_classes=num_classes, img_size=img_size, **kwargs)
+
+
+def build_student(cfg: dict, teacher_dim: int | None) -> ConvStemDeiT:
+    """The student described by ``cfg['model']`` with a projector to ``teacher_dim`` (None: no projector)."""
+    model, distill = cfg['model'], cfg['distillation']
+    return create_student(
+        model['name'], num_classes=model['num_classes'], img_size=model['img_size'],
+        drop_path_rate=model['drop_path'], teacher_dim=teacher_dim, distance=distill['distance'],
+        exponent=distill['exponent'], projector_eps=distill['eps'], projector=distill['projector'],
+        **{k: model[k] for k in ('embed_dim', 'depth', 'num_heads', 'stem_stride', 'patch_size')})
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: ``student`` (without the projector), ``projector`` and ``total``."""
+    total = sum(p.numel() for p in model.parameters())
+    projector = sum(p.numel() for n, p in model.named_parameters() if n.startswith('distillation_loss.'))
+    return {'student': total - projector, 'projector': projector, 'total': total}
+
+
+def create_teacher(name: str, num_classes: int, ckpt: str | Path | None = None, hub_tag: str | None = None,
+                   trusted: bool = False) -> tuple[nn.Module, str]:
+    """Build a frozen timm classifier in eval mode and load its weights; returns ``(teacher, source description)``.
+
+    Weights come from ``ckpt`` (a raw state dict or ``{'model': state_dict}``) when that file exists, else from timm's
+    pretrained tag ``hub_tag`` when a hub is reachable; neither -> UserError naming the file to provide.
+    """
+    from projector_kd.checkpoint import load_checkpoint
+
+    try:
+        teacher = timm.create_model(name, num_classes=num_classes, pretrained=False)
+    except RuntimeError as err:
+        raise UserError(f'unknown teacher model {name!r} (teacher.name): {err}') from None
+    if ckpt is not None and Path(ckpt).is_file():
+        state = load_checkpoint(ckpt, trusted=trusted)
+        state = state.get('model', state)
+        state = {k.removeprefix('module.'): v for k, v in state.items()}
+        _load_exact(teacher, state, ckpt, what=f'teacher {name}')
+        source = f'file {ckpt}'
+    elif hub_tag:
+        try:
+            teacher = timm.create_model(hub_tag, num_classes=num_classes, pretrained=True)
+        except Exception as err:  # noqa: BLE001 - any hub failure ends in the same instruction
+            raise UserError(f'teacher weights not found at {ckpt} and the hub download of {hub_tag!r} failed '
+                            f'({type(err).__name__}); put the weights at {ckpt} or pass --teacher-ckpt') from None
+        source = f'timm hub tag {hub_tag}'
+    else:
+        raise UserError(f'teacher weights not found at {ckpt}; train or download them there, or pass --teacher-ckpt')
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, source
+
+
+def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
+    """Load ``state`` into ``model`` requiring identical key sets and shapes; UserError lists what differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in set(own) & set(state)
+                    if hasattr(state[k], 'shape') and state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f'{label}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
+                 for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape', shapes)) if keys]
+        raise UserError(f'{path} does not match {what} ({"; ".join(parts)}); check the model name, width and '
+                        'num_classes')
+    model.load_state_dict(state)
