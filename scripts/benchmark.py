@@ -1,0 +1,675 @@
+#!/usr/bin/env python
+"""Side-by-side speed of both tracks in one process: the release recipe against this project's fast path.
+
+For each track, on the same synthetic batch: one training step of (a) the release recipe (DeiT: fp16 autocast +
+GradScaler, eager; ResNet: torchdistill's own ``SRDLoss`` box, fp32) and (b) the fast path (bf16 autocast,
+channels_last, torch.compile, fused optimizer), plus teacher inference alone (the floor of any design that runs the
+teacher every step). Reported per row: img/s = batch / mean step time, step ms (mean and median), peak memory, model
+FLOPs per image (``torch.utils.flop_counter.FlopCounterMode`` on one eager step: forward + backward), and
+
+    MFU = FLOPs per image * img/s / measured bf16 matmul peak      (peak: timed square bf16 matmuls on the same device)
+
+A parity check runs both recipes on one batch with the same weights and compares the loss and the student's gradients.
+The data section times the DeiT training transform (timm ``create_transform`` with the recipe's RandAugment, colour
+jitter and random erasing, through ``deit.datasets.build_transform``) on synthetic ImageNet-size JPEGs decoded by PIL,
+in img/s on one core, then the DeiT loader's ceiling with N workers and an end-to-end figure (loader feeding the fast
+step), so the bottleneck is visible.
+
+GPU timings use CUDA events after warm-up steps (which also absorb torch.compile). ``--tiny`` runs small models on
+small images so CI can smoke-test the script on a CPU; CPU figures are not performance claims.
+
+    python scripts/benchmark.py --json benchmark.json                 # full sizes (GPU)
+    python scripts/benchmark.py --tiny --no-compile --json out.json   # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from projector_kd.distributed import seed_everything
+from projector_kd.errors import UserError, run_cli
+from projector_kd.runs import write_json
+
+TRACKS = ('deit', 'resnet')
+CLAIM_NOTE = 'CPU run: these figures exercise the script; they are not performance claims (run it on a GPU).'
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Models, image size and batch of one benchmark configuration."""
+
+    batch_size: int
+    deit_img_size: int
+    resnet_img_size: int
+    num_classes: int
+    deit_model: str
+    deit_overrides: dict
+    deit_teacher: str
+    resnet_teacher: str
+    resnet_student: str
+    parity_batch_size: int
+    matmul_size: int
+    jpeg_sizes: tuple[tuple[int, int], ...]
+    unique_jpegs: int
+    transform_images: int
+    loader_batches: int
+
+
+FULL = Sizes(batch_size=256, deit_img_size=224, resnet_img_size=224, num_classes=1000, deit_model='tiny',
+             deit_overrides={}, deit_teacher='regnety_160', resnet_teacher='resnet34', resnet_student='resnet18',
+             parity_batch_size=64, matmul_size=8192,
+             jpeg_sizes=((500, 375), (500, 333), (375, 500), (500, 500), (640, 480), (800, 600)),
+             unique_jpegs=64, transform_images=300, loader_batches=8)
+TINY = Sizes(batch_size=8, deit_img_size=16, resnet_img_size=32, num_classes=10, deit_model='tiny',
+             deit_overrides={'embed_dim': 48, 'depth': 2, 'num_heads': 2, 'patch_size': 4},
+             deit_teacher='regnety_002', resnet_teacher='resnet34', resnet_student='resnet18', parity_batch_size=8,
+             matmul_size=512, jpeg_sizes=((80, 60), (60, 80), (96, 72)), unique_jpegs=8, transform_images=32,
+             loader_batches=2)
+
+
+@dataclass
+class Row:
+    """One timed case."""
+
+    track: str
+    case: str
+    description: str
+    batch_size: int
+    step_ms_mean: float
+    step_ms_median: float
+    img_per_s: float
+    peak_memory_mib: float | None
+    gflops_per_img: float | None
+    mfu: float | None = None
+    vs_release: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device: torch.device) -> None:
+    """Free cached blocks and start a new peak-memory window."""
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak allocated memory since the last :func:`reset_memory` (CUDA only; None on the CPU)."""
+    if device.type != 'cuda':
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
+    """Run ``warmup`` untimed calls, then ``steps`` timed ones; returns each step's milliseconds (CUDA events on GPU,
+    ``perf_counter`` on CPU)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == 'cuda':
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Matmul/conv FLOPs of one eager call of ``fn`` (forward and, when ``fn`` runs it, backward)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak_flops(device: torch.device, size: int, repeats: int = 10) -> float:
+    """Measured bf16 matmul throughput (FLOP/s) of ``size`` x ``size`` x ``size`` products on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)
+    times = time_steps(lambda: a @ b, steps=repeats, warmup=3, device=device)
+    return 2 * size ** 3 / (statistics.mean(times) / 1e3)
+
+
+def make_row(track: str, case: str, description: str, batch_size: int, times: list[float],
+             device: torch.device, flops_per_img: float | None, peak_flops: float) -> Row:
+    mean_ms = statistics.mean(times)
+    img_s = batch_size / (mean_ms / 1e3)
+    return Row(track=track, case=case, description=description, batch_size=batch_size, step_ms_mean=mean_ms,
+               step_ms_median=statistics.median(times), img_per_s=img_s, peak_memory_mib=peak_memory_mib(device),
+               gflops_per_img=flops_per_img / 1e9 if flops_per_img else None,
+               mfu=flops_per_img * img_s / peak_flops if flops_per_img else None,
+               extra={'tf32_matmul': torch.backends.cuda.matmul.allow_tf32,
+                      'tf32_cudnn': torch.backends.cudnn.allow_tf32} if device.type == 'cuda' else {})
+
+
+# ------------------------------------------------------------------------------------------------------ parity
+#
+# Two checks on one batch with identical weights, against the reference recipe computed in strict float32 (TF32 off):
+#   math:      the fast path with autocast off must match to float32 tolerance (compile, channels_last, fused
+#              optimizer, the project's box instead of torchdistill's SRD box: none may change the method);
+#   precision: the fast path as it runs (bf16 where it uses it) may deviate at most twice as much as bf16 autocast
+#              alone moves the reference (the loss also by two bf16 units in the last place), plus the float32
+#              tolerance.
+
+FP32_LOSS_RTOL, FP32_LOSS_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-5, 5e-3
+ROUNDING_FACTOR = 2.0
+LOW_PRECISION_LOSS_RTOL = 2 ** -7  # two bf16 units in the last place: one sample's rounding shift can be near 0
+Result = tuple[float, dict[str, torch.Tensor]]
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Any:
+    """TF32 off for CUDA matmuls and convolutions inside the block; the previous flags are restored."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def gradient_difference(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``||g_c - g_r|| / ||g_r||`` and the cosine of all gradients concatenated, and the worst tensor's relative
+    difference among tensors holding at least 1e-4 of the reference norm (the projector bias, whose gradient is zero
+    up to rounding because whitening removes it, is left out that way)."""
+    if reference.keys() != candidate.keys():
+        raise ValueError(f'gradient sets differ: {sorted(set(reference) ^ set(candidate))[:4]}')
+    ref = torch.cat([reference[k].double().flatten().cpu() for k in reference])
+    cand = torch.cat([candidate[k].double().flatten().cpu() for k in reference])
+    total = ref.norm().item()
+    worst_name, worst = '', 0.0
+    for name in reference:
+        r, c = reference[name].double(), candidate[name].double()
+        norm = r.norm().item()
+        if norm >= 1e-4 * total and (c - r).norm().item() / norm > worst:
+            worst_name, worst = name, (c - r).norm().item() / norm
+    return {'grad_rel_diff': ((cand - ref).norm() / total).item(),
+            'grad_cosine': torch.nn.functional.cosine_similarity(ref, cand, dim=0).item(),
+            'worst_tensor': worst_name, 'worst_tensor_rel_diff': worst}
+
+
+def judge_parity(reference: Result, rounded: Result, fast: Result, fast_fp32: Result,
+                 low_dtype: torch.dtype | None) -> dict[str, Any]:
+    """Verdict of the two checks described above. ``rounded``: the reference under the fast path's autocast dtype
+    (the reference itself when the fast path has none)."""
+    loss_ref = reference[0]
+    fp32_loss_tol = FP32_LOSS_ATOL + FP32_LOSS_RTOL * abs(loss_ref)
+    math_grads = gradient_difference(reference[1], fast_fp32[1])
+    math_ok = abs(fast_fp32[0] - loss_ref) <= fp32_loss_tol and math_grads['grad_rel_diff'] <= FP32_GRAD_RTOL
+    rounding = gradient_difference(reference[1], rounded[1])
+    actual = gradient_difference(reference[1], fast[1])
+    loss_budget = max(ROUNDING_FACTOR * abs(rounded[0] - loss_ref),
+                      LOW_PRECISION_LOSS_RTOL * abs(loss_ref) if low_dtype else 0.0) + fp32_loss_tol
+    grad_budget = ROUNDING_FACTOR * rounding['grad_rel_diff'] + FP32_GRAD_RTOL
+    precision_ok = abs(fast[0] - loss_ref) <= loss_budget and actual['grad_rel_diff'] <= grad_budget
+    return {
+        'ok': bool(math_ok and precision_ok and math.isfinite(fast[0])),
+        'fast_dtype': str(low_dtype).removeprefix('torch.') if low_dtype else 'float32',
+        'loss_reference_fp32': loss_ref,
+        'math': {'ok': bool(math_ok), 'loss_fast_fp32': fast_fp32[0], 'loss_abs_diff': abs(fast_fp32[0] - loss_ref),
+                 'loss_tolerance': fp32_loss_tol, 'grad_tolerance': FP32_GRAD_RTOL, **math_grads},
+        'precision': {'ok': bool(precision_ok), 'loss_fast': fast[0], 'loss_abs_diff': abs(fast[0] - loss_ref),
+                      'loss_tolerance': loss_budget, 'grad_tolerance': grad_budget, **actual,
+                      'reference_rounded': {'loss_abs_diff': abs(rounded[0] - loss_ref), **rounding}},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- DeiT track
+
+def deit_batch(sizes: Sizes, batch_size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic batch; steps get a copy each time because the track's mixup mixes its input in place."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, sizes.deit_img_size, sizes.deit_img_size, generator=generator)
+    labels = torch.randint(0, sizes.num_classes, (batch_size,), generator=generator)
+    return images.to(device), labels.to(device)
+
+
+def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device, **overrides: Any) -> Any:
+    """The DeiT track's trainer for ``recipe`` ('release' | 'fast') with random weights (its ``build_train_step``)."""
+    from deit.engine import build_train_step
+
+    _, trainer = build_train_step(recipe, model=sizes.deit_model, batch_size=batch_size,
+                                  img_size=sizes.deit_img_size, device=device, teacher=sizes.deit_teacher,
+                                  num_classes=sizes.num_classes, **{**sizes.deit_overrides, **overrides})
+    return trainer
+
+
+def deit_gradients(trainer: Any, images: torch.Tensor, labels: torch.Tensor,
+                   autocast_dtype: torch.dtype | None) -> Result:
+    """Loss and student gradients of one forward/backward (no optimizer step, no loss scaling) on ``trainer`` with
+    ``autocast_dtype`` (None: float32); mixup/cutmix seeded identically every call."""
+    saved = trainer.autocast_dtype
+    trainer.autocast_dtype = autocast_dtype
+    try:
+        seed_everything(0)
+        x, y = trainer.prepare_batch(images.clone(), labels)  # mixup mixes a batch in place
+        loss = sum(trainer.compute_terms(x, y).values())
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    finally:
+        trainer.autocast_dtype = saved
+    return loss.item(), {n: p.grad.detach().float() for n, p in trainer.student.named_parameters()
+                         if p.grad is not None}
+
+
+def deit_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """Release trainer (as the float32 reference) vs fast trainer on one batch, same weights, drop path off (its
+    random masks differ under compile)."""
+    release = build_deit('release', sizes, sizes.parity_batch_size, device, drop_path=0.0)
+    fast = build_deit('fast', sizes, sizes.parity_batch_size, device, drop_path=0.0)
+    fast.student.load_state_dict(release.student.state_dict())
+    fast.teacher.load_state_dict(release.teacher.state_dict())
+    images, labels = deit_batch(sizes, sizes.parity_batch_size, device, seed=1)
+    low = fast.autocast_dtype
+    with strict_fp32():
+        reference = deit_gradients(release, images, labels, None)
+        fast_fp32 = deit_gradients(fast, images, labels, None)
+    rounded = deit_gradients(release, images, labels, low) if low else reference
+    fast_run = deit_gradients(fast, images, labels, low)
+    return judge_parity(reference, rounded, fast_run, fast_fp32, low)
+
+
+def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> tuple[list[Row], Any]:
+    """Release step, fast step and teacher floor; returns the rows and the fast trainer (for the end-to-end run)."""
+    images, labels = deit_batch(sizes, args.batch_size, device)
+    rows = []
+    reset_memory(device)
+    release = build_deit('release', sizes, args.batch_size, device)
+    flops = count_flops(lambda: release.train_step(images.clone(), labels)) / args.batch_size
+    times = time_steps(lambda: release.train_step(images.clone(), labels), args.steps, max(args.warmup - 1, 0),
+                       device)  # the counted step was the first warm-up step
+    rows.append(make_row('deit', 'release', f'DeiT-{sizes.deit_model} <- {sizes.deit_teacher}, release recipe '
+                         '(fp16 autocast + GradScaler on CUDA, eager, AdamW)', args.batch_size, times, device, flops,
+                         peak))
+    del release
+    reset_memory(device)
+    fast = build_deit('fast', sizes, args.batch_size, device)
+    times = time_steps(lambda: fast.train_step(images.clone(), labels), args.steps, args.warmup, device)
+    rows.append(make_row('deit', 'fast', 'same math, fast path (bf16 + channels_last + torch.compile + fused AdamW '
+                         'on CUDA)', args.batch_size, times, device, flops, peak))
+    reset_memory(device)
+    teacher_images = images.contiguous(memory_format=torch.channels_last) if fast.channels_last else images
+    teacher_flops = count_flops(lambda: fast.teacher(teacher_images)) / args.batch_size
+
+    def teacher_step() -> None:
+        with fast.autocast():
+            fast.teacher_forward(teacher_images)
+
+    times = time_steps(teacher_step, args.steps, args.warmup, device)
+    rows.append(make_row('deit', 'teacher', f'{sizes.deit_teacher} inference alone, fast-path settings (floor)',
+                         args.batch_size, times, device, teacher_flops, peak))
+    return rows, fast
+
+
+# -------------------------------------------------------------------------------------------------- ResNet track
+
+def resnet_kwargs(sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
+    return dict(teacher_arch=sizes.resnet_teacher, student_arch=sizes.resnet_student, batch_size=batch_size,
+                image_size=sizes.resnet_img_size, num_classes=sizes.num_classes, device=device)
+
+
+def resnet_gradients(box: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None,
+                     projector: torch.nn.Linear) -> Result:
+    """Loss and gradients (student network + projector) of one forward/backward of a torchdistill box, no step."""
+    from imagenet.engine import student_of, unwrap
+
+    context = (torch.autocast(device_type=images.device.type, dtype=autocast_dtype) if autocast_dtype
+               else contextlib.nullcontext())
+    box.optimizer.zero_grad(set_to_none=True)
+    with context:
+        loss = box.forward_process(images, labels)
+    loss.backward()
+    named = [(f'student.{n}', p) for n, p in unwrap(student_of(box)).named_parameters()]
+    named += [(f'projector.{n}', p) for n, p in projector.named_parameters()]
+    return loss.item(), {n: p.grad.detach().float() for n, p in named if p.grad is not None}
+
+
+def resnet_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """torchdistill's SRD box (the float32 reference) vs this project's box on the fast path, on one batch with the
+    same networks and projector weights."""
+    from imagenet.fast import bf16_supported, build_fast_step, build_reference_step
+
+    kwargs = resnet_kwargs(sizes, sizes.parity_batch_size, device)
+    reference_box = build_reference_step(**kwargs).box
+    fast_box = build_fast_step(**kwargs).box
+    srd_linear = reference_box.student_model.linear
+    projector = fast_box.student_model.distill_loss.embed
+    projector.load_state_dict(srd_linear.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(sizes.parity_batch_size, 3, sizes.resnet_img_size, sizes.resnet_img_size,
+                         generator=generator).to(device)
+    labels = torch.randint(0, sizes.num_classes, (sizes.parity_batch_size,), generator=generator).to(device)
+    fast_images = images.contiguous(memory_format=torch.channels_last)
+    low = torch.bfloat16 if bf16_supported(device) else None
+    with strict_fp32():
+        reference = resnet_gradients(reference_box, images, labels, None, srd_linear)
+        fast_fp32 = resnet_gradients(fast_box, fast_images, labels, None, projector)
+    rounded = resnet_gradients(reference_box, images, labels, low, srd_linear) if low else reference
+    fast_run = resnet_gradients(fast_box, fast_images, labels, low, projector)
+    return judge_parity(reference, rounded, fast_run, fast_fp32, low)
+
+
+def bench_resnet(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> list[Row]:
+    from imagenet.fast import build_fast_step, build_reference_step, build_teacher_step
+
+    kwargs = resnet_kwargs(sizes, args.batch_size, device)
+    rows = []
+    reset_memory(device)
+    reference = build_reference_step(**kwargs)
+    flops = count_flops(reference) / args.batch_size
+    times = time_steps(reference, args.steps, max(args.warmup - 1, 0), device)  # counted step = first warm-up
+    rows.append(make_row('resnet', 'release', f'{sizes.resnet_student} <- {sizes.resnet_teacher}, torchdistill '
+                         'SRDLoss + SRDModelWrapper box, fp32, eager, SGD', args.batch_size, times, device, flops,
+                         peak))
+    del reference
+    reset_memory(device)
+    fast = build_fast_step(**kwargs)
+    times = time_steps(fast, args.steps, args.warmup, device)
+    rows.append(make_row('resnet', 'fast', 'same math, ProjectorKD box on the fast path (bf16 + channels_last + '
+                         'torch.compile + fused SGD)', args.batch_size, times, device, flops, peak))
+    del fast
+    reset_memory(device)
+    teacher_flops = count_flops(build_teacher_step(sizes.resnet_teacher, fast=False, **{
+        k: kwargs[k] for k in ('batch_size', 'image_size', 'num_classes', 'device')})) / args.batch_size
+    reset_memory(device)
+    teacher = build_teacher_step(sizes.resnet_teacher, fast=True, **{
+        k: kwargs[k] for k in ('batch_size', 'image_size', 'num_classes', 'device')})
+    times = time_steps(teacher, args.steps, args.warmup, device)
+    rows.append(make_row('resnet', 'teacher', f'{sizes.resnet_teacher} inference alone, fast-path settings (floor)',
+                         args.batch_size, times, device, teacher_flops, peak))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+def write_jpeg_imagefolder(root: Path, sizes: Sizes, batches: int, batch_size: int, num_classes: int = 10,
+                           seed: int = 0) -> list[Path]:
+    """An ImageFolder tree ``root/{train,val}/<class>/*.jpg`` of synthetic photo-like JPEGs (smooth colour fields plus
+    grain, quality 90) in ImageNet-typical sizes. ``unique_jpegs`` files are written once and hard-linked so that the
+    train split holds at least ``batches * batch_size`` images. Returns the unique files."""
+    rng = np.random.default_rng(seed)
+    unique = []
+    source = root / 'unique'
+    source.mkdir(parents=True, exist_ok=True)
+    for index in range(sizes.unique_jpegs):
+        width, height = sizes.jpeg_sizes[index % len(sizes.jpeg_sizes)]
+        field_ = rng.uniform(0, 255, size=(max(height // 32, 2), max(width // 32, 2), 3)).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(field_).resize((width, height), Image.BICUBIC), dtype=np.float32)
+        grain = rng.normal(0, 12, size=smooth.shape)
+        path = source / f'{index:04d}.jpg'
+        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
+        unique.append(path)
+    per_class = math.ceil(batches * batch_size / num_classes)
+    for split, count in (('train', per_class), ('val', 1)):
+        for label in range(num_classes):
+            folder = root / split / f'class{label:02d}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                link = folder / f'{index:05d}.jpg'
+                if not link.exists():
+                    os.link(unique[(label * count + index) % len(unique)], link)
+    return unique
+
+
+def deit_data_config(sizes: Sizes, root: Path, batch_size: int, workers: int) -> dict:
+    from deit.config import load_config
+
+    return load_config(sizes.deit_model, flags={
+        'data.path': str(root), 'data.batch_size': batch_size, 'data.num_workers': workers, 'fast': True,
+        'model.img_size': sizes.deit_img_size, 'model.num_classes': 10})
+
+
+def time_transform(sizes: Sizes, root: Path, files: list[Path]) -> dict[str, float]:
+    """DeiT training transform (decode with PIL + RandAugment etc.) on one core: img/s."""
+    from deit.datasets import build_transform
+    from projector_kd.data import load_rgb
+
+    transform = build_transform(True, deit_data_config(sizes, root, 2, 0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for path in files[:4]:
+            transform(load_rgb(str(path)))
+        started = time.perf_counter()
+        for index in range(sizes.transform_images):
+            transform(load_rgb(str(files[index % len(files)])))
+        elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    return {'img_per_s_per_core': sizes.transform_images / elapsed, 'images': sizes.transform_images,
+            'jpeg_sizes': [list(s) for s in sizes.jpeg_sizes]}
+
+
+def time_loader(sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device,
+                step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> float:
+    """img/s of the DeiT train loader (``deit.datasets.build_loaders``) with ``workers`` workers, pinned memory and
+    non-blocking copies on CUDA; with ``step``, each batch also trains one step (end-to-end). The first batch (worker
+    start-up) is not timed."""
+    from deit.datasets import build_loaders
+
+    loader, _ = build_loaders(deit_data_config(sizes, root, batch_size, workers), rank=0, world_size=1,
+                              pin_memory=device.type == 'cuda')
+    loader.sampler.set_epoch(0)
+    batches = iter(loader)
+    count = 0
+    started = 0.0
+    for index, (images, labels) in enumerate(batches):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if step is not None:
+            step(images, labels)
+        if index == 0:
+            synchronize(device)
+            started = time.perf_counter()
+            continue
+        count += images.shape[0]
+        if index == sizes.loader_batches:
+            break
+    synchronize(device)
+    elapsed = time.perf_counter() - started
+    del batches, loader
+    return count / elapsed
+
+
+def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, fast_deit: Any,
+               fast_deit_img_s: float | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix='benchmark-jpegs-') as tmp:
+        root = Path(tmp)
+        files = write_jpeg_imagefolder(root, sizes, sizes.loader_batches + 1, args.batch_size)
+        result: dict[str, Any] = {'transform': time_transform(sizes, root, files), 'loader': [], 'end_to_end': None}
+        for workers in args.workers:
+            result['loader'].append({'workers': workers, 'img_per_s': time_loader(sizes, root, args.batch_size,
+                                                                                   workers, device)})
+        if fast_deit is not None:
+            workers = max(args.workers)
+            img_s = time_loader(sizes, root, args.batch_size, workers, device, step=fast_deit.train_step)
+            result['end_to_end'] = {'workers': workers, 'img_per_s': img_s, 'step_only_img_per_s': fast_deit_img_s}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+def environment(device: torch.device, compile_enabled: bool) -> dict[str, Any]:
+    versions = {}
+    for package in ('torch', 'torchvision', 'timm', 'torchdistill', 'pillow'):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu_name = platform.processor() or platform.machine()
+    return {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({cpu_name})',
+            'cuda': torch.version.cuda if device.type == 'cuda' else None,
+            'cpu_cores': os.cpu_count(), 'python': platform.python_version(), 'versions': versions,
+            'torch_compile': compile_enabled}
+
+
+def format_rows(rows: list[Row]) -> str:
+    header = f'{"track":<7} {"case":<8} {"img/s":>9} {"step ms":>9} {"median":>9} {"peak MiB":>9} ' \
+             f'{"GFLOP/img":>9} {"MFU":>6} {"vs rel.":>7}  description'
+    lines = [header, '-' * len(header)]
+    for r in rows:
+        peak = f'{r.peak_memory_mib:9.0f}' if r.peak_memory_mib is not None else f'{"n/a":>9}'
+        gflops = f'{r.gflops_per_img:9.2f}' if r.gflops_per_img is not None else f'{"n/a":>9}'
+        mfu = f'{100 * r.mfu:5.1f}%' if r.mfu is not None else f'{"n/a":>6}'
+        ratio = f'{r.vs_release:6.2f}x' if r.vs_release is not None else f'{"":>7}'
+        lines.append(f'{r.track:<7} {r.case:<8} {r.img_per_s:9.1f} {r.step_ms_mean:9.2f} {r.step_ms_median:9.2f} '
+                     f'{peak} {gflops} {mfu} {ratio}  {r.description}')
+    return '\n'.join(lines)
+
+
+def format_parity(track: str, result: dict[str, Any]) -> str:
+    math_, prec = result['math'], result['precision']
+    return (f'parity {track}: {"ok" if result["ok"] else "FAILED"} | fp32 reference loss '
+            f'{result["loss_reference_fp32"]:.6g} | fast path, autocast off: loss diff {math_["loss_abs_diff"]:.2g} '
+            f'(tol {math_["loss_tolerance"]:.2g}), grad rel diff {math_["grad_rel_diff"]:.2g} '
+            f'(tol {math_["grad_tolerance"]:.2g}) | fast path as run ({result["fast_dtype"]}): loss diff '
+            f'{prec["loss_abs_diff"]:.2g} (tol {prec["loss_tolerance"]:.2g}), grad rel diff '
+            f'{prec["grad_rel_diff"]:.2g} (tol {prec["grad_tolerance"]:.2g}, cosine {prec["grad_cosine"]:.4f})')
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Release recipe vs fast path, both tracks, one process.')
+    parser.add_argument('--tiny', action='store_true', help='small models and images (CPU smoke test; no claims)')
+    parser.add_argument('--only', choices=TRACKS, help='benchmark one track (deit includes the data section)')
+    parser.add_argument('--batch-size', type=int, help='images per step (default 256, --tiny 8)')
+    parser.add_argument('--steps', type=int, help='timed steps per case (default 30, --tiny 2)')
+    parser.add_argument('--warmup', type=int, help='untimed steps before timing; they absorb torch.compile '
+                        '(default 10, --tiny 1)')
+    parser.add_argument('--workers', type=int, nargs='+', help='loader worker counts to time (default 8 and '
+                        'cores-1, --tiny 2)')
+    parser.add_argument('--device', choices=['cuda', 'cpu'], help='default: cuda when available')
+    parser.add_argument('--no-compile', action='store_true', help='disable torch.compile (the fast path runs eager)')
+    parser.add_argument('--no-data', action='store_true', help='skip the transform / loader / end-to-end section')
+    parser.add_argument('--no-parity', action='store_true', help='skip the release-vs-fast parity check')
+    parser.add_argument('--json', type=Path, help='also write the results to this JSON file')
+    args = parser.parse_args(argv)
+    sizes = TINY if args.tiny else FULL
+    args.batch_size = args.batch_size or sizes.batch_size
+    args.steps = args.steps or (2 if args.tiny else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
+    args.workers = args.workers or ([2] if args.tiny else sorted({8, max((os.cpu_count() or 2) - 1, 1)}))
+    for name in ('batch_size', 'steps'):
+        if getattr(args, name) < 1:
+            raise UserError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.batch_size < 2 or args.batch_size % 2:
+        raise UserError(f'--batch-size must be even and >= 2 (batch whitening and mixup), got {args.batch_size}')
+    if args.warmup < 0 or any(w < 0 for w in args.workers):
+        raise UserError('--warmup and --workers must be >= 0')
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = TINY if args.tiny else FULL
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda requested but CUDA is not available; use --device cpu')
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f'--json {args.json}: folder {args.json.parent} does not exist; create it or pick another path')
+    if args.no_compile:
+        torch._dynamo.config.disable = True
+    tracks = [args.only] if args.only else list(TRACKS)
+    env = environment(device, not args.no_compile)
+    claims = device.type == 'cuda' and not args.tiny
+    print(f'benchmark on {env["device"]} | torch {env["versions"]["torch"]} | timm {env["versions"]["timm"]} | '
+          f'torchdistill {env["versions"]["torchdistill"]} | batch {args.batch_size} | {args.steps} timed steps after '
+          f'{args.warmup} warm-up | compile {"on" if env["torch_compile"] else "off"}', flush=True)
+    if not claims:
+        print(CLAIM_NOTE, flush=True)
+    peak = matmul_peak_flops(device, sizes.matmul_size)
+    print(f'bf16 matmul peak ({sizes.matmul_size}^3): {peak / 1e12:.2f} TFLOP/s', flush=True)
+    rows: list[Row] = []
+    parity: dict[str, Any] = {}
+    data = None
+    seconds: dict[str, float] = {}
+    for track in tracks:
+        print(f'[{track}] timing release, fast, teacher ...', flush=True)
+        started = time.perf_counter()
+        if track == 'deit':
+            track_rows, fast_deit = bench_deit(sizes, args, device, peak)
+        else:
+            track_rows, fast_deit = bench_resnet(sizes, args, device, peak), None
+        release_img_s = track_rows[0].img_per_s
+        for row in track_rows[1:]:
+            row.vs_release = row.img_per_s / release_img_s
+        rows += track_rows
+        print(format_rows(track_rows), flush=True)
+        seconds[track] = time.perf_counter() - started
+        if track == 'deit' and not args.no_data:
+            print('[data] DeiT train transform, loader ceiling, end-to-end ...', flush=True)
+            started = time.perf_counter()
+            data = bench_data(sizes, args, device, fast_deit, track_rows[1].img_per_s)
+            seconds['data'] = time.perf_counter() - started
+        del fast_deit
+        reset_memory(device)
+        if not args.no_parity:
+            print(f'[{track}] parity ...', flush=True)
+            started = time.perf_counter()
+            parity[track] = deit_parity(sizes, device) if track == 'deit' else resnet_parity(sizes, device)
+            seconds[f'{track}_parity'] = time.perf_counter() - started
+            print(format_parity(track, parity[track]), flush=True)
+            reset_memory(device)
+    print()
+    print(format_rows(rows))
+    if data is not None:
+        rate = data['transform']['img_per_s_per_core']
+        print(f'data: DeiT train transform (PIL decode + RandAugment, ...) {rate:.1f} img/s on one core '
+              f'({env["cpu_cores"]} cores here)')
+        for entry in data['loader']:
+            print(f'data: DeiT loader ceiling with {entry["workers"]} workers: {entry["img_per_s"]:.1f} img/s')
+        if data['end_to_end'] is not None:
+            e2e = data['end_to_end']
+            print(f'data: end-to-end DeiT fast step fed by the loader ({e2e["workers"]} workers): '
+                  f'{e2e["img_per_s"]:.1f} img/s (step alone {e2e["step_only_img_per_s"]:.1f})')
+    for track, result in parity.items():
+        print(format_parity(track, result))
+    print('seconds per phase: ' + ', '.join(f'{k} {v:.1f}' for k, v in seconds.items()))
+    if not claims:
+        print(CLAIM_NOTE)
+    if args.json is not None:
+        report = {'environment': env, 'claims': claims, 'note': None if claims else CLAIM_NOTE,
+                  'settings': {'tiny': args.tiny, 'batch_size': args.batch_size, 'steps': args.steps,
+                               'warmup': args.warmup, 'tracks': tracks, 'sizes': asdict(sizes)},
+                  'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data,
+                  'parity': parity, 'seconds_per_phase': seconds}
+        write_json(args.json, report)
+        print(f'wrote {args.json}')
+    return 0 if all(result['ok'] for result in parity.values()) else 1
+
+
+if __name__ == '__main__':
+    run_cli(main)
