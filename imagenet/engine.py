@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from imagenet.models import load_state_exactly
 from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
-from projector_kd.distributed import all_reduce_sum
+from projector_kd.distributed import all_reduce_sum, barrier
 from projector_kd.errors import UserError
 from projector_kd.runs import progress
 
@@ -40,7 +42,8 @@ class NonFiniteLoss(UserError):
 
 @dataclass
 class RunState:
-    """What a checkpoint restores besides the modules: position, best accuracy and per-epoch history."""
+    """What a checkpoint restores besides the modules: position, best accuracy, per-epoch history, the generator
+    states at the start of the epoch (``epoch_rng``, to replay its batches) and at the save (``resume_rng``)."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -48,6 +51,7 @@ class RunState:
     best_value: float = 0.0
     history: list[float] = field(default_factory=list)
     epoch_rng: dict | None = None
+    resume_rng: dict | None = None
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -71,8 +75,9 @@ def projector_of(box: Any) -> nn.Module | None:
     return module.distill_loss if isinstance(module, ProjectorKDModelWrapper) else None
 
 
-def training_state(box: Any, run: RunState) -> dict:
-    """Everything exact resume needs, as tensors and plain values."""
+def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) -> dict:
+    """Everything exact resume needs, as tensors and plain values. ``rng_per_rank``: every rank's
+    ``(generator states now, epoch_rng)`` in a distributed run, so each rank resumes its own streams."""
     state = {
         "model": unwrap(student_of(box)).state_dict(),
         "optimizer": box.optimizer.state_dict(),
@@ -85,14 +90,20 @@ def training_state(box: Any, run: RunState) -> dict:
         "rng": capture_rng_state(),
         "epoch_rng": run.epoch_rng,
     }
+    if rng_per_rank is not None:
+        state["rng_per_rank"] = [{"rng": rng, "epoch_rng": epoch_rng} for rng, epoch_rng in rng_per_rank]
     projector = projector_of(box)
     if projector is not None:
         state["projector"] = projector.state_dict()
     return state
 
 
-def restore_training_state(box: Any, state: dict, path: Path) -> RunState:
+def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, world_size: int = 1) -> RunState:
     """Load :func:`training_state` output into ``box``; one clear line when the file belongs to another setup."""
+    missing = [key for key in ("model", "optimizer", "epoch") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} is not a resumable training checkpoint (no {', '.join(missing)}) — "
+                        f"use another output folder")
     load_state_exactly(unwrap(student_of(box)), state.get("model"), path, "the student")
     projector = projector_of(box)
     if projector is not None:
@@ -107,9 +118,22 @@ def restore_training_state(box: Any, state: dict, path: Path) -> RunState:
     except (KeyError, ValueError) as error:
         raise UserError(f"checkpoint {path}: optimizer/scheduler state does not match this config ({error}) — "
                         f"use another output folder") from None
-    return RunState(epoch=int(state["epoch"]), step_in_epoch=int(state.get("step_in_epoch", 0)),
-                    global_step=int(state.get("global_step", 0)), best_value=float(state.get("best_value", 0.0)),
-                    history=[float(v) for v in state.get("history", [])], epoch_rng=state.get("epoch_rng"))
+    streams = {"rng": state.get("rng"), "epoch_rng": state.get("epoch_rng")}
+    per_rank = state.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        streams = per_rank[rank]
+    elif world_size > 1:
+        logger.warning("checkpoint %s was written by a run with another number of processes: every rank resumes "
+                       "rank 0's random streams (training continues, but not bit for bit)", path)
+    run = RunState(epoch=int(state["epoch"]), step_in_epoch=int(state.get("step_in_epoch", 0)),
+                   global_step=int(state.get("global_step", 0)), best_value=float(state.get("best_value", 0.0)),
+                   history=[float(v) for v in state.get("history", [])], epoch_rng=streams["epoch_rng"],
+                   resume_rng=streams["rng"])
+    if run.step_in_epoch > 0 and run.epoch_rng is None:
+        raise UserError(f"checkpoint {path} stops mid-epoch but holds no epoch_rng to replay the epoch's batches — "
+                        f"it was not written by this entry point; use another output folder")
+    box.stage_grad_count = run.global_step  # torchdistill's step counter (gradient accumulation, step-wise schedules)
+    return run
 
 
 class TermRecorder:
@@ -184,13 +208,18 @@ def _flags_any(ctx: LoopContext, *flags: bool) -> list[bool]:
 
 
 def save_checkpoint(ctx: LoopContext, run: RunState, best: bool) -> None:
-    """Rank 0 writes ``checkpoint.pth`` (and the best checkpoint when ``best``), atomically."""
-    if ctx.rank != 0:
-        return
-    state = training_state(ctx.box, run)
-    if best:
-        atomic_save(state, ctx.best_path)
-    atomic_save(state, ctx.output_dir / LAST_CHECKPOINT)
+    """Rank 0 writes ``checkpoint.pth`` (and the best checkpoint when ``best``), atomically; every rank waits for it,
+    so no rank reads a checkpoint that is still being written."""
+    rng_per_rank = None
+    if ctx.distributed:
+        rng_per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(rng_per_rank, (capture_rng_state(), run.epoch_rng))
+    if ctx.rank == 0:
+        state = training_state(ctx.box, run, rng_per_rank)
+        if best:
+            atomic_save(state, ctx.best_path)
+        atomic_save(state, ctx.output_dir / LAST_CHECKPOINT)
+    barrier()
 
 
 def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> None:
@@ -199,16 +228,18 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
     box.pre_epoch_process(epoch=run.epoch)
     if ctx.teacher is not None:
         ctx.teacher.eval()
-    resume_rng = None
-    if run.step_in_epoch > 0 and run.epoch_rng is not None:
-        resume_rng = capture_rng_state()
+    resume_rng, run.resume_rng = run.resume_rng, None
+    if run.step_in_epoch > 0:  # resuming mid-epoch: replay the epoch's sampling and skip the batches already trained
         restore_rng_state(run.epoch_rng)
     else:
+        if resume_rng is not None:
+            restore_rng_state(resume_rng)
+            resume_rng = None
         run.epoch_rng = capture_rng_state()
     batches = iter(box.train_data_loader)
     for _ in range(run.step_in_epoch):
         next(batches)
-    if resume_rng is not None:
+    if resume_rng is not None:  # generators exactly as they were when the checkpoint was written
         restore_rng_state(resume_rng)
     total = len(box.train_data_loader)
     for images, targets, supp_dict in progress(batches, rank=ctx.rank, total=total - run.step_in_epoch,
@@ -247,6 +278,33 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
                 f"resumable checkpoint {ctx.output_dir / LAST_CHECKPOINT} — rerun the same command to continue")
 
 
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in order: over all ranks every image is seen exactly once (a
+    ``DistributedSampler`` pads the last shard with repeated images, which would bias reduced accuracies)."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def unpadded_eval_loader(loader: Any) -> Any:
+    """``loader`` itself, or — when it shards with a ``DistributedSampler`` — the same loader over a
+    :class:`ShardSampler`, so accuracies summed over ranks count each image once."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
+    if not isinstance(sampler, DistributedSampler):
+        return loader
+    batch_size = getattr(batch_sampler, "batch_size", None) or loader.batch_size
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False,
+                      sampler=ShardSampler(len(loader.dataset), sampler.rank, sampler.num_replicas),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, rank: int = 0, title: str = "eval",
              channels_last: bool = False) -> tuple[float, float]:
@@ -254,7 +312,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, rank: int = 0,
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)
-    for batch in progress(loader, rank=rank, desc=title):
+    for batch in progress(unpadded_eval_loader(loader), rank=rank, desc=title):
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -211,14 +211,16 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         run_state = RunState()
         last = output_dir / LAST_CHECKPOINT
         if last.is_file():
-            run_state = restore_training_state(box, load_checkpoint(last, trusted=args.trust_checkpoint), last)
+            run_state = restore_training_state(box, load_checkpoint(last, trusted=args.trust_checkpoint), last,
+                                               env.rank, env.world_size)
             log.info("resuming from %s at epoch %d step %d", last, run_state.epoch, run_state.step_in_epoch)
-        elif student_config.get("src_ckpt"):
-            source = load_weights(unwrap(student_of(box)), student_config["src_ckpt"], "models.student_model",
-                                  args.trust_checkpoint)
-            if "optimizer" in source:
-                run_state = restore_training_state(box, {**source, "epoch": args.start_epoch}, student_config["src_ckpt"])
         else:
+            if student_config.get("src_ckpt"):
+                source = load_weights(unwrap(student_of(box)), student_config["src_ckpt"], "models.student_model",
+                                      args.trust_checkpoint)
+                if "optimizer" in source:
+                    run_state = restore_training_state(box, {**source, "epoch": args.start_epoch, "step_in_epoch": 0},
+                                                       student_config["src_ckpt"], env.rank, env.world_size)
             run_state.epoch = args.start_epoch
         ctx = LoopContext(box=box, teacher=teacher, device=env.device, output_dir=output_dir, best_path=best_path,
                           distributed=env.distributed, rank=env.rank, stop=None, writer=writer,

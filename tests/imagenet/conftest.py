@@ -1,0 +1,348 @@
+"""Fixtures for the ImageNet-track end-to-end and fault tests: a tiny ImageFolder, tiny torchdistill recipes written
+like the demo ones (WRN-10-1 student, WRN-10-2 teacher, 16 px, 3 classes) and helpers to run the real entry point."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = REPO / "imagenet" / "image_classification.py"
+NUM_CLASSES = 3
+TRAIN_PER_CLASS = 10  # 30 images, batch 8, drop_last: 3 steps per epoch
+VAL_PER_CLASS = 7  # 21 images: odd, so a 2-rank sampler that pads would count one image twice
+IMAGE_SIZE = 16
+
+
+def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS,
+                       size: int = IMAGE_SIZE) -> Path:
+    """Class c images: noise around a class-specific colour (learnable in a few steps)."""
+    rng = np.random.default_rng(0)
+    colours = np.array([[150, 100, 100], [100, 150, 100], [100, 100, 150]])
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(NUM_CLASSES):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = np.clip(colours[label] + rng.normal(0, 80, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:02d}.png")
+    return root
+
+
+def _model(key_width: int, num_classes: int, indent: str) -> str:
+    return (f"{indent}key: 'wide_resnet'\n{indent}kwargs:\n{indent}  depth: 10\n{indent}  k: {key_width}\n"
+            f"{indent}  dropout_p: 0.0\n{indent}  num_classes: {num_classes}\n{indent}  pretrained: false\n"
+            f"{indent}  progress: false\n")
+
+
+def tiny_recipe(dst_ckpt: Path, *, method: str = "projector", teacher_ckpt: Path | str | None = None,
+                data_root: Path | str = "tiny-data", epochs: int = 1, batch_size: int = 8, num_workers: int = 0,
+                lr: float = 0.05, on_bad_image: str = "fail", student_width: int = 1, teacher_width: int = 2,
+                num_classes: int = NUM_CLASSES, milestones: tuple[int, ...] = (1,), log_freq: int = 1) -> str:
+    """A torchdistill recipe in the demo configs' layout. ``method``: 'teacher' (the teacher network trained alone),
+    'baseline' (the student alone) or 'projector' (CE + 2 * log_diff(Linear(64, 64 * teacher_width)) + KD)."""
+    transform_train = """\
+        transform: !import_call
+          key: 'torchvision.transforms.Compose'
+          init:
+            kwargs:
+              transforms:
+                - !import_call
+                  key: 'torchvision.transforms.RandomHorizontalFlip'
+                  init:
+                    kwargs:
+                      p: 0.5
+                - !import_call
+                  key: 'torchvision.transforms.ToTensor'
+                  init:
+                - &normalize !import_call
+                  key: 'torchvision.transforms.Normalize'
+                  init:
+                    kwargs:
+                      mean: [0.5, 0.5, 0.5]
+                      std: [0.5, 0.5, 0.5]
+"""
+    transform_val = """\
+        transform: !import_call
+          key: 'torchvision.transforms.Compose'
+          init:
+            kwargs:
+              transforms:
+                - !import_call
+                  key: 'torchvision.transforms.ToTensor'
+                  init:
+                - *normalize
+"""
+    text = f"""\
+dependencies:
+  - name: 'imagenet.registry'
+
+_data_root: &data_root !import_call
+  key: 'os.getenv'
+  init:
+    args: ['TINY_DATA_ROOT', '{data_root}']
+
+datasets:
+  &train_id tiny/train: !import_call
+    key: 'projector_kd.data.CheckedImageFolder'
+    init:
+      kwargs:
+        root: !pathjoin [*data_root, 'train']
+        on_bad_image: '{on_bad_image}'
+{transform_train}  &val_id tiny/val: !import_call
+    key: 'projector_kd.data.CheckedImageFolder'
+    init:
+      kwargs:
+        root: !pathjoin [*data_root, 'val']
+        on_bad_image: '{on_bad_image}'
+{transform_val}
+models:
+"""
+    if method == "projector":
+        text += "  teacher_model:\n" + _model(teacher_width, num_classes, "    ")
+        if teacher_ckpt is not None:
+            text += f"    src_ckpt: '{teacher_ckpt}'\n"
+    width = teacher_width if method == "teacher" else student_width
+    text += "  student_model:\n" + _model(width, num_classes, "    ") + f"    dst_ckpt: '{dst_ckpt}'\n"
+    text += f"""
+train:
+  log_freq: {log_freq}
+  num_epochs: {epochs}
+  train_data_loader:
+    dataset_id: *train_id
+    sampler:
+      class_or_func: !import_get
+        key: 'torch.utils.data.RandomSampler'
+      kwargs:
+    kwargs:
+      batch_size: {batch_size}
+      num_workers: {num_workers}
+      drop_last: true
+  val_data_loader:
+    dataset_id: *val_id
+    sampler: &val_sampler
+      class_or_func: !import_get
+        key: 'torch.utils.data.SequentialSampler'
+      kwargs:
+    kwargs:
+      batch_size: 8
+      num_workers: 0
+"""
+    if method == "projector":
+        text += f"""\
+  teacher:
+    forward_proc: 'forward_batch_only'
+    forward_hook:
+      output: ['layer3']
+    requires_grad: false
+  student:
+    forward_proc: 'forward_batch_only'
+    auxiliary_model_wrapper:
+      key: 'ProjectorKDModelWrapper'
+      kwargs:
+        input_module:
+          path: 'model.layer3'
+          io: 'output'
+        student_dim: {64 * student_width}
+        teacher_dim: {64 * teacher_width}
+        distance: 'log_diff'
+        exponent: 4.0
+        eps: 1.0e-4
+        projector: 'linear'
+    forward_hook:
+      output: ['model.layer3']
+    requires_grad: true
+"""
+    else:
+        text += """\
+  model:
+    forward_proc: 'forward_batch_only'
+    requires_grad: true
+"""
+    text += f"""\
+  optimizer:
+    key: 'SGD'
+    kwargs:
+      lr: {lr}
+      momentum: 0.9
+      weight_decay: 5.0e-4
+  scheduler:
+    key: 'MultiStepLR'
+    kwargs:
+      milestones: {list(milestones)}
+      gamma: 0.1
+  criterion:
+    key: 'WeightedSumLoss'
+    kwargs:
+      sub_terms:
+        ce:
+          criterion:
+            key: 'CrossEntropyLoss'
+            kwargs:
+              reduction: 'mean'
+          criterion_wrapper:
+            key: 'SimpleLossWrapper'
+            kwargs:
+              input:
+                is_from_teacher: false
+                module_path: '.'
+                io: 'output'
+              target:
+                uses_label: true
+          weight: 1.0
+"""
+    if method == "projector":
+        text += """\
+        projector_kd:
+          criterion:
+            key: 'ProjectorKDLoss'
+            kwargs:
+              teacher_feature:
+                path: 'layer3'
+                io: 'output'
+              feature_weight: 2.0
+              kd_weight: 1.0
+              temperature: 1.0
+          weight: 1.0
+"""
+    text += """
+test:
+  test_data_loader:
+    dataset_id: *val_id
+    sampler: *val_sampler
+    kwargs:
+      batch_size: 8
+      num_workers: 0
+
+runtime:
+  fast: false
+"""
+    return text
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded torch: deterministic and fast when other processes share the two cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 3-class, 16 px ImageFolder: 30 train images, 21 val images (shared, read-only)."""
+    return write_image_folder(tmp_path_factory.mktemp("tiny-imagefolder"))
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tiny_data) -> Callable[..., Path]:
+    """Write a :func:`tiny_recipe` to ``tmp_path/<name>.yaml`` (data root: the tiny ImageFolder unless given)."""
+
+    def make(name: str = "recipe", **kwargs) -> Path:
+        kwargs.setdefault("data_root", tiny_data)
+        kwargs.setdefault("dst_ckpt", tmp_path / name / "best.pth")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(tiny_recipe(**kwargs))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def child_env() -> dict[str, str]:
+    """Environment for child processes: one thread each (2 shared cores), no TTY progress bars."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TINY_DATA_ROOT")}
+    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def run_entry(child_env) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``imagenet/image_classification.py`` with ``args`` in a child process; returns the completed process."""
+
+    def run(*args: str, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ENTRY), "--device", "cpu", *map(str, args)], cwd=cwd,
+                              env=child_env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def build_tiny_model(width: int, num_classes: int = NUM_CLASSES, seed: int = 0) -> torch.nn.Module:
+    """The recipes' WRN-10-``width`` (torchdistill's CIFAR wide_resnet), seeded."""
+    from torchdistill.models.registry import get_model
+
+    torch.manual_seed(seed)
+    return get_model("wide_resnet", depth=10, k=width, dropout_p=0.0, num_classes=num_classes, pretrained=False,
+                     progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Callable[..., torch.nn.Module]:
+    """:func:`build_tiny_model`."""
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A (randomly initialised, seeded) WRN-10-2 teacher saved as ``{'model': state_dict}``."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({"model": build_tiny_model(2).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def recipe_text() -> Callable[..., str]:
+    """:func:`tiny_recipe`, for fixtures with a wider scope than ``make_recipe``."""
+    return tiny_recipe
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., tuple[int, str, str]]:
+    """The entry point in this process through ``run_cli`` (exactly what the script runs): returns
+    ``(exit status, stdout, stderr)``."""
+    from imagenet.image_classification import main
+    from projector_kd.errors import run_cli
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            run_cli(main, ["--device", "cpu", *map(str, args)])
+        except SystemExit as exit_:
+            status = exit_.code or 0
+        else:
+            status = 0
+        out, err = capsys.readouterr()
+        return int(status), out, err
+
+    return run
+
+
+def reference_accuracy(model: torch.nn.Module, val_root: Path) -> tuple[float, float]:
+    """Top-1 / top-5 (%) of ``model`` over the tiny val folder, computed here, image by image, in float64."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(val_root), transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]))
+    model = model.double().eval()
+    top1 = top5 = 0
+    with torch.no_grad():
+        for image, label in dataset:
+            logits = model(image[None].double())[0]
+            ranked = logits.argsort(descending=True).tolist()
+            top1 += ranked[0] == label
+            top5 += label in ranked[:5]
+    return 100.0 * top1 / len(dataset), 100.0 * top5 / len(dataset)
+
+
+@pytest.fixture(scope="session")
+def accuracy_of() -> Callable[[torch.nn.Module, Path], tuple[float, float]]:
+    """:func:`reference_accuracy`."""
+    return reference_accuracy
