@@ -286,13 +286,17 @@ def deit_gradients(trainer: Any, images: torch.Tensor, labels: torch.Tensor,
                          if p.grad is not None}
 
 
-def deit_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """Release trainer (as the float32 reference) vs fast trainer on one batch, same weights, drop path off (its
-    random masks differ under compile)."""
+def deit_parity_pair(sizes: Sizes, device: torch.device) -> tuple[Any, Any]:
+    """Release and fast DeiT trainers with the same weights, drop path off (its random masks differ under compile)."""
     release = build_deit('release', sizes, sizes.parity_batch_size, device, drop_path=0.0)
     fast = build_deit('fast', sizes, sizes.parity_batch_size, device, drop_path=0.0)
     fast.student.load_state_dict(release.student.state_dict())
     fast.teacher.load_state_dict(release.teacher.state_dict())
+    return release, fast
+
+
+def deit_parity_check(release: Any, fast: Any, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """Parity verdict of a :func:`deit_parity_pair` on one batch; the release trainer computes the references."""
     images, labels = deit_batch(sizes, sizes.parity_batch_size, device, seed=1)
     low = fast.autocast_dtype
     with strict_fp32():
@@ -358,22 +362,29 @@ def resnet_gradients(box: Any, images: torch.Tensor, labels: torch.Tensor, autoc
     return loss.item(), {n: p.grad.detach().float() for n, p in named if p.grad is not None}
 
 
-def resnet_parity(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """torchdistill's SRD box (the float32 reference) vs this project's box on the fast path, on one batch with the
-    same networks and projector weights."""
-    from imagenet.fast import bf16_supported, build_fast_step, build_reference_step
+def resnet_parity_pair(sizes: Sizes, device: torch.device) -> tuple[Any, Any]:
+    """torchdistill's SRD box (the reference) and this project's box on the fast path, with the same networks
+    (same seed) and the same projector weights."""
+    from imagenet.fast import build_fast_step, build_reference_step
 
     kwargs = resnet_kwargs(sizes, sizes.parity_batch_size, device)
     reference_box = build_reference_step(**kwargs).box
     fast_box = build_fast_step(**kwargs).box
-    srd_linear = reference_box.student_model.linear
-    projector = fast_box.student_model.distill_loss.embed
-    projector.load_state_dict(srd_linear.state_dict())
+    fast_box.student_model.distill_loss.embed.load_state_dict(reference_box.student_model.linear.state_dict())
+    return reference_box, fast_box
+
+
+def resnet_parity_check(reference_box: Any, fast_box: Any, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """Parity verdict of a :func:`resnet_parity_pair` on one batch (the fast box autocasts as the fast path does)."""
+    from imagenet.fast import bf16_supported
+
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(sizes.parity_batch_size, 3, sizes.resnet_img_size, sizes.resnet_img_size,
                          generator=generator).to(device)
     labels = torch.randint(0, sizes.num_classes, (sizes.parity_batch_size,), generator=generator).to(device)
     fast_images = images.contiguous(memory_format=torch.channels_last)
+    srd_linear = reference_box.student_model.linear
+    projector = fast_box.student_model.distill_loss.embed
     low = torch.bfloat16 if bf16_supported(device) else None
     with strict_fp32():
         reference = resnet_gradients(reference_box, images, labels, None, srd_linear)
@@ -578,8 +589,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--json', type=Path, help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else FULL
-    args.batch_size = args.batch_size or sizes.batch_size
-    args.steps = args.steps or (2 if args.tiny else 30)
+    args.batch_size = sizes.batch_size if args.batch_size is None else args.batch_size
+    args.steps = (2 if args.tiny else 30) if args.steps is None else args.steps
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
     args.workers = args.workers or ([2] if args.tiny else sorted({8, max((os.cpu_count() or 2) - 1, 1)}))
     for name in ('batch_size', 'steps'):
@@ -639,7 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_parity:
             print(f'[{track}] parity ...', flush=True)
             started = time.perf_counter()
-            parity[track] = deit_parity(sizes, device) if track == 'deit' else resnet_parity(sizes, device)
+            if track == 'deit':
+                parity[track] = deit_parity_check(*deit_parity_pair(sizes, device), sizes, device)
+            else:
+                parity[track] = resnet_parity_check(*resnet_parity_pair(sizes, device), sizes, device)
             seconds[f'{track}_parity'] = time.perf_counter() - started
             print(format_parity(track, parity[track]), flush=True)
             reset_memory(device)
