@@ -46,6 +46,7 @@ SCHEMA: dict[str, tuple] = {
     'model.depth': ((int, type(None)), POSITIVE),
     'model.num_heads': ((int, type(None)), POSITIVE),
     'model.drop_path': (float, PROBABILITY),
+    'model.stem_channels': ((int, type(None)), POSITIVE),
     'model.stem_stride': (int, POSITIVE),
     'model.patch_size': (int, POSITIVE),
     'teacher.name': (str, None),

@@ -191,6 +191,7 @@ class Trainer:
         self.global_step = 0
         self.max_accuracy = 0.0
         self.wall_time = 0.0
+        self.epoch_sums: dict[str, float] = {}
         self.history: dict[str, list] = {'epoch': [], 'val_top1': [], 'val_top5': [], 'train_loss': []}
 
     # -- one step -------------------------------------------------------------------------------------------------
@@ -272,7 +273,9 @@ class Trainer:
         became true: then a resumable checkpoint at the next batch has been written."""
         self.objective_module().train()
         loader.sampler.set_epoch(epoch, start_batch)
-        totals: dict[str, float] = {}
+        if start_batch == 0:
+            self.epoch_sums = {}
+        totals = self.epoch_sums
         count = 0
         started = time.perf_counter()
         log_freq = self.cfg['train']['log_freq']
@@ -283,6 +286,7 @@ class Trainer:
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
+            totals['steps'] = batch + 1
             if batch % log_freq == 0 or batch == self.steps_per_epoch - 1:
                 rate = count * images.shape[0] * self.env.world_size / (time.perf_counter() - started)
                 logger.info('train epoch %d step %d/%d lr %.3g %s (%.0f img/s)', epoch, batch + 1,
@@ -295,7 +299,8 @@ class Trainer:
             if self._stop_requested(stop):
                 self.save(epoch, batch + 1, ['checkpoint.pth'])
                 return None
-        return {key: value / max(count, 1) for key, value in totals.items()}
+        steps = totals.pop('steps', 1)
+        return {key: value / steps for key, value in totals.items()}
 
     def objective_module(self) -> nn.Module:
         objective = self.objective.eager if isinstance(self.objective, CompiledOrEager) else self.objective
@@ -348,6 +353,7 @@ class Trainer:
             'world_size': self.env.world_size,
             'max_accuracy': self.max_accuracy,
             'wall_time_s': self.wall_time,
+            'epoch_sums': self.epoch_sums,
             'history': self.history,
             'rng': self._gather_rng(),
             'config': self.cfg,
@@ -388,6 +394,7 @@ class Trainer:
             self.scaler.load_state_dict(state['scaler'])
         self.max_accuracy = state['max_accuracy']
         self.wall_time = state['wall_time_s']
+        self.epoch_sums = state['epoch_sums']
         self.history = state['history']
         rng = state['rng']
         if len(rng) == self.env.world_size:

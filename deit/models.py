@@ -25,7 +25,8 @@ from projector_kd.errors import UserError
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     'tiny': dict(embed_dim=192, depth=12, num_heads=3),
     'small': dict(embed_dim=384, depth=12, num_heads=6),
-    'demo': dict(embed_dim=96, depth=4, num_heads=3, drop_path_rate=0.0, stem_stride=1, patch_size=4, img_size=32),
+    'demo': dict(embed_dim=64, depth=4, num_heads=2, drop_path_rate=0.0, stem_channels=32, stem_stride=2, patch_size=2,
+                 img_size=32),
 }
 TIMM_NAMES = {'tiny': 'deit_conv_tiny', 'small': 'deit_conv_small', 'demo': 'deit_conv_demo'}
 
@@ -147,14 +148,14 @@ def deit_conv_small(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
 
 @register_model
 def deit_conv_demo(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
-    """A laptop-sized conv-stem DeiT for 32 px images (dim 96, 3 heads, depth 4, 8x8 tokens)."""
+    """A laptop-sized conv-stem DeiT for 32 px images (dim 64, 2 heads, depth 4, 32-channel stem, 8x8 tokens)."""
     return _build('demo', pretrained, **kwargs)
 
 
-def create_student(name: str, num_classes: int = 1000, img_size: int = 224, **kwargs: Any) -> ConvStemDeiT:
+def create_student(name: str, num_classes: int = 1000, img_size: int | None = None, **kwargs: Any) -> ConvStemDeiT:
     """Build a conv-stem student: ``name`` is ``tiny``/``small``/``demo`` (or the timm names ``deit_conv_<name>``).
 
-    ``kwargs`` override the preset (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ``stem_stride``,
+    ``img_size`` None: the preset's (224 for tiny/small, 32 for demo). ``kwargs`` override the preset (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ``stem_stride``,
     ``patch_size``, ``teacher_dim`` = projector output width or None for no projector, ...).
     """
     timm_name = TIMM_NAMES.get(name, name)
@@ -170,7 +171,7 @@ def build_student(cfg: dict, teacher_dim: int | None) -> ConvStemDeiT:
         model['name'], num_classes=model['num_classes'], img_size=model['img_size'],
         drop_path_rate=model['drop_path'], teacher_dim=teacher_dim, distance=distill['distance'],
         exponent=distill['exponent'], projector_eps=distill['eps'], projector=distill['projector'],
-        **{k: model[k] for k in ('embed_dim', 'depth', 'num_heads', 'stem_stride', 'patch_size')})
+        **{k: model[k] for k in ('embed_dim', 'depth', 'num_heads', 'stem_channels', 'stem_stride', 'patch_size')})
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
