@@ -36,18 +36,20 @@ def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_p
     return root
 
 
-def _model(key_width: int, num_classes: int, indent: str) -> str:
+def _model(key_width: int, num_classes: int, indent: str, dropout: float = 0.0) -> str:
     return (f"{indent}key: 'wide_resnet'\n{indent}kwargs:\n{indent}  depth: 10\n{indent}  k: {key_width}\n"
-            f"{indent}  dropout_p: 0.0\n{indent}  num_classes: {num_classes}\n{indent}  pretrained: false\n"
+            f"{indent}  dropout_p: {dropout}\n{indent}  num_classes: {num_classes}\n{indent}  pretrained: false\n"
             f"{indent}  progress: false\n")
 
 
 def tiny_recipe(dst_ckpt: Path, *, method: str = "projector", teacher_ckpt: Path | str | None = None,
                 data_root: Path | str = "tiny-data", epochs: int = 1, batch_size: int = 8, num_workers: int = 0,
                 lr: float = 0.05, on_bad_image: str = "fail", student_width: int = 1, teacher_width: int = 2,
-                num_classes: int = NUM_CLASSES, milestones: tuple[int, ...] = (1,), log_freq: int = 1) -> str:
+                num_classes: int = NUM_CLASSES, milestones: tuple[int, ...] = (1,), log_freq: int = 1,
+                student_dropout: float = 0.0) -> str:
     """A torchdistill recipe in the demo configs' layout. ``method``: 'teacher' (the teacher network trained alone),
-    'baseline' (the student alone) or 'projector' (CE + 2 * log_diff(Linear(64, 64 * teacher_width)) + KD)."""
+    'baseline' (the student alone) or 'projector' (CE + 2 * log_diff(Linear(64, 64 * teacher_width)) + KD).
+    ``student_dropout`` > 0 makes the student's forward pass draw random numbers too."""
     transform_train = """\
         transform: !import_call
           key: 'torchvision.transforms.Compose'
@@ -110,7 +112,7 @@ models:
         if teacher_ckpt is not None:
             text += f"    src_ckpt: '{teacher_ckpt}'\n"
     width = teacher_width if method == "teacher" else student_width
-    text += "  student_model:\n" + _model(width, num_classes, "    ") + f"    dst_ckpt: '{dst_ckpt}'\n"
+    text += "  student_model:\n" + _model(width, num_classes, "    ", student_dropout) + f"    dst_ckpt: '{dst_ckpt}'\n"
     text += f"""
 train:
   log_freq: {log_freq}
@@ -346,3 +348,26 @@ def reference_accuracy(model: torch.nn.Module, val_root: Path) -> tuple[float, f
 def accuracy_of() -> Callable[[torch.nn.Module, Path], tuple[float, float]]:
     """:func:`reference_accuracy`."""
     return reference_accuracy
+
+
+def assert_same_state(expected, actual, where: str = "checkpoint") -> None:
+    """Bit-for-bit equality of two checkpoint structures (tensors: same dtype, shape and values)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and expected.dtype == actual.dtype, where
+        assert torch.equal(expected, actual), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(expected, key=str) == sorted(actual, key=str), where
+        for key in expected:
+            assert_same_state(expected[key], actual[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(expected) is type(actual) and len(expected) == len(actual), where
+        for index, (a, b) in enumerate(zip(expected, actual)):
+            assert_same_state(a, b, f"{where}[{index}]")
+    else:
+        assert expected == actual, f"{where}: {expected!r} != {actual!r}"
+
+
+@pytest.fixture(scope="session")
+def same_state() -> Callable[..., None]:
+    """:func:`assert_same_state`."""
+    return assert_same_state
