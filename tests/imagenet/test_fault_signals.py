@@ -1,0 +1,121 @@
+"""Process-level faults on the real script: SIGTERM (what schedulers send) finishes the step, writes a resumable
+checkpoint, exits non-zero with a message, and the rerun continues exactly; SIGKILL in the middle of a real checkpoint
+write leaves the previous checkpoint loadable and the rerun auto-resumes from it, exactly."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from projector_kd.checkpoint import load_checkpoint
+from projector_kd.signals import EXIT_STATUS_STOPPED
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = REPO / "imagenet" / "image_classification.py"
+
+# Runs the entry point with torch.save patched so that the second write of checkpoint.pth stops half-way through the
+# temporary file (flushed to disk), announces it in a marker file and waits to be killed.
+KILL_DURING_SAVE = r"""
+import io, os, sys, time
+from pathlib import Path
+import torch
+
+marker = Path(sys.argv[1])
+real_save = torch.save
+writes = []
+
+def save(obj, handle, *args, **kwargs):
+    target = Path(sys._getframe(1).f_locals.get("path", ""))
+    if target.name == "checkpoint.pth":
+        writes.append(target)
+        if len(writes) == 2:
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            handle.flush()
+            os.fsync(handle.fileno())
+            marker.write_text("writing")
+            time.sleep(300)
+    return real_save(obj, handle, *args, **kwargs)
+
+torch.save = save
+sys.argv = [sys.argv[2]] + sys.argv[3:]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0]))))
+from imagenet.image_classification import main
+from projector_kd.errors import run_cli
+run_cli(main)
+"""
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"child exited early with {process.returncode}: {process.stderr.read()}"
+        assert time.monotonic() < deadline, "timed out waiting for the child"
+        time.sleep(0.02)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_recipe, teacher_ckpt, child_env, cli,
+                                                                   tmp_path, same_state):
+    recipe = make_recipe("sigterm", teacher_ckpt=teacher_ckpt, epochs=3, student_dropout=0.2)
+    out = tmp_path / "interrupted"
+    command = [sys.executable, str(ENTRY), "--device", "cpu", "--config", str(recipe), "--seed", "0",
+               "--output_dir", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stdout:  # log_freq 1: one line per step
+        if "epoch 0 step 1/3" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STATUS_STOPPED, stderr
+    state = load_checkpoint(out / "checkpoint.pth")
+    epoch, step = state["epoch"], state["step_in_epoch"]
+    assert 3 * epoch + step == state["global_step"] and 2 <= state["global_step"] < 9
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped: stopped by SIGTERM at epoch {epoch} step {step}; resumable checkpoint {out / 'checkpoint.pth'} — "
+        f"rerun the same command to continue")
+    assert "Traceback" not in stderr and not (out / "metrics.json").exists()
+
+    status, stdout, err = cli("--config", recipe, "--seed", "0", "--output_dir", out)  # the same command again
+    assert status == 0, err
+    assert f"resuming from {out / 'checkpoint.pth'} at epoch {epoch} step {step}" in stdout
+    status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")
+    assert status == 0, err
+    for name in ("checkpoint.pth", "best.pth"):
+        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(out / name), name)
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(make_recipe, teacher_ckpt, child_env, cli,
+                                                                    tmp_path, same_state):
+    recipe = make_recipe("sigkill", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
+    out = tmp_path / "killed"
+    marker = tmp_path / "writing"
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(KILL_DURING_SAVE)
+    command = [sys.executable, str(script), str(marker), str(ENTRY), "--device", "cpu", "--config", str(recipe),
+               "--seed", "0", "--output_dir", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        _wait_for(marker.exists, process)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    partial = list(out.glob(".checkpoint.pth.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0  # killed half-way through the new file
+    previous = load_checkpoint(out / "checkpoint.pth")  # the epoch-0 checkpoint, intact
+    assert (previous["epoch"], previous["step_in_epoch"], previous["global_step"]) == (1, 0, 3)
+
+    status, stdout, err = cli("--config", recipe, "--seed", "0", "--output_dir", out)
+    assert status == 0, err
+    assert f"resuming from {out / 'checkpoint.pth'} at epoch 1 step 0" in stdout
+    assert not list(out.glob(".*.tmp"))
+    status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")
+    assert status == 0, err
+    for name in ("checkpoint.pth", "best.pth"):
+        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(out / name), name)
