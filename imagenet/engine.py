@@ -222,6 +222,13 @@ def save_checkpoint(ctx: LoopContext, run: RunState, best: bool) -> None:
     barrier()
 
 
+def _kept_checkpoint(ctx: LoopContext) -> str:
+    last = ctx.output_dir / LAST_CHECKPOINT
+    if last.is_file():
+        return f"nothing was written for this step — the last good checkpoint {last} is intact"
+    return "nothing was written for this step (no checkpoint yet)"
+
+
 def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> None:
     """One epoch from ``run.step_in_epoch`` (replaying the epoch's earlier batches when resuming mid-epoch)."""
     box = ctx.box
@@ -245,23 +252,24 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
     for images, targets, supp_dict in progress(batches, rank=ctx.rank, total=total - run.step_in_epoch,
                                               desc=f"epoch {run.epoch}"):
         images, targets = _to_device(ctx, images, targets)
+        where = f"epoch {run.epoch} step {run.step_in_epoch + 1}/{total} (global step {run.global_step + 1})"
         with _autocast(ctx):
             try:
                 loss = box.forward_process(images, targets, supp_dict)
             except ValueError as error:
+                if "batch size 1" in str(error):
+                    raise UserError(f"{where}: a training batch holds 1 image per process, but the whitening needs "
+                                    f"at least 2 — set drop_last: true in train.train_data_loader.kwargs") from None
                 if "non-finite" not in str(error):
                     raise
-                raise NonFiniteLoss(
-                    f"non-finite loss at epoch {run.epoch} step {run.step_in_epoch} (global step {run.global_step}): "
-                    f"the projector feature term got {error}; no checkpoint was written for this step — the last good "
-                    f"one in {ctx.output_dir} is intact") from None
+                raise NonFiniteLoss(f"non-finite loss at {where}: the projector feature term got {error}; "
+                                    f"{_kept_checkpoint(ctx)}") from None
         bad, stop = _flags_any(ctx, not bool(torch.isfinite(loss.detach())), ctx.stop.requested)
         if bad:
             terms = recorder.non_finite_terms() or ["total"]
-            raise NonFiniteLoss(
-                f"non-finite loss at epoch {run.epoch} step {run.step_in_epoch} (global step {run.global_step}): "
-                f"term(s) {', '.join(terms)} went non-finite [{recorder.describe()}]; no checkpoint was written for "
-                f"this step — the last good one in {ctx.output_dir} is intact; lower the learning rate or check the data")
+            raise NonFiniteLoss(f"non-finite loss at {where}: term(s) {', '.join(terms)} went non-finite "
+                                f"[{recorder.describe()}]; {_kept_checkpoint(ctx)}; lower the learning rate or check "
+                                f"the data")
         box.post_forward_process(loss=loss)
         run.step_in_epoch += 1
         run.global_step += 1
@@ -347,7 +355,6 @@ def train(ctx: LoopContext, run: RunState) -> RunState:
         run.step_in_epoch = 0
         run.epoch_rng = None
         if not all(math.isfinite(p.detach().float().sum().item()) for p in student.parameters()):
-            raise NonFiniteLoss(f"non-finite student weights after epoch {run.epoch - 1}; the last good checkpoint in "
-                                f"{ctx.output_dir} is intact")
+            raise NonFiniteLoss(f"non-finite student weights after epoch {run.epoch - 1}; {_kept_checkpoint(ctx)}")
         save_checkpoint(ctx, run, best=is_best)
     return run

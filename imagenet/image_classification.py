@@ -154,6 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, recipe, recipe_path, env)
     finally:
         cleanup()
+        _detach_run_logging()
+
+
+def _detach_run_logging() -> None:
+    """Close the handlers this run added to the root logger (its log files, stdout), so a later run in the same
+    process — a test, a notebook — does not write into this run's log.txt."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_projector_kd", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
