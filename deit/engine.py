@@ -54,6 +54,10 @@ class TeacherOutputs(nn.Module):
         return pool_features(features), self.teacher.forward_head(features)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class DistillationObjective(nn.Module):
     """Student forward and the loss terms in one module, so DDP and ``torch.compile`` see a single graph.
 
@@ -81,11 +85,12 @@ class DistillationObjective(nn.Module):
                 teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         tokens = self.student.forward_features(images)
         cls_logits, dist_logits = self.student.forward_heads(tokens)
-        terms = {'ce': self.criterion(cls_logits.float(), targets)}
+        cls_logits, dist_logits = _at_least_fp32(cls_logits), _at_least_fp32(dist_logits)
+        terms = {'ce': self.criterion(cls_logits, targets)}
         if self.method == 'none':
-            terms['ce_dist'] = self.criterion(dist_logits.float(), targets)
+            terms['ce_dist'] = self.criterion(dist_logits, targets)
             return terms
-        terms['kd'] = self.kd_weight * kd_loss(dist_logits.float(), teacher_logits.float(), self.kd_temperature)
+        terms['kd'] = self.kd_weight * kd_loss(dist_logits, _at_least_fp32(teacher_logits), self.kd_temperature)
         if self.method == 'projector':
             terms['proj'] = self.proj_weight * self.student.distillation_loss(tokens[:, 2:], teacher_features)
         return terms
@@ -219,8 +224,12 @@ class Trainer:
             try:
                 return self.objective(images, targets, teacher_features, teacher_logits)
             except ValueError as err:
-                raise NonFiniteLossError(f'step {self.global_step}: distillation loss rejected its input ({err})'
-                                         ) from None
+                raise NonFiniteLossError(f'training stopped at {self._where()}: loss term \'proj\' rejected its '
+                                         f'input: {err}; no checkpoint written') from None
+
+    def _where(self) -> str:
+        return (f'step {self.global_step} (epoch {self.global_step // self.steps_per_epoch}, '
+                f'batch {self.global_step % self.steps_per_epoch})')
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """One optimisation step at ``self.global_step``; returns the loss terms as floats.
@@ -231,12 +240,11 @@ class Trainer:
         images, targets = self.prepare_batch(images, targets)
         terms = self.compute_terms(images, targets)
         loss = sum(terms.values())
-        values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
+        values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist()))
         bad = [name for name, value in values.items() if not math.isfinite(value)]
         if bad:
             raise NonFiniteLossError(
-                f'non-finite loss at step {self.global_step} (epoch {self.global_step // self.steps_per_epoch}, '
-                f'batch {self.global_step % self.steps_per_epoch}): term {bad[0]!r} = {values[bad[0]]} '
+                f'non-finite loss at {self._where()}: term {bad[0]!r} = {values[bad[0]]} '
                 f'({", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped without writing a checkpoint — '
                 f'resume from the last good one with a lower lr or train.amp off')
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,7 +260,7 @@ class Trainer:
             loss.backward()
             norm = nn.utils.clip_grad_norm_(self.student.parameters(), clip if clip else math.inf)
             if not torch.isfinite(norm):
-                raise NonFiniteLossError(f'non-finite gradient norm at step {self.global_step} (loss terms '
+                raise NonFiniteLossError(f'non-finite gradient norm at {self._where()} (loss terms '
                                          f'{", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped '
                                          f'without updating the weights or writing a checkpoint')
             self.optimizer.step()

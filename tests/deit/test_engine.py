@@ -1,0 +1,144 @@
+"""Training step semantics: the three loss terms against a float64 hand computation, learning, schedule, groups."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deit.config import load_config, scaled_lrs
+from deit.datasets import build_loaders
+from deit.engine import DistillationObjective, NonFiniteLossError, Trainer, param_groups
+from deit.models import build_student, create_student, create_teacher
+from projector_kd.distributed import DistEnv
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
+
+
+def test_loss_terms_equal_a_float64_hand_computation():
+    torch.manual_seed(0)
+    student = create_student('demo', num_classes=5, img_size=16, embed_dim=16, depth=1, num_heads=2,
+                             stem_channels=4, teacher_dim=12).double()
+    objective = DistillationObjective(student, 'projector', soft_targets=True, smoothing=0.1)
+    images = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    targets = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    teacher_features = torch.randn(6, 12, dtype=torch.float64)
+    teacher_logits = torch.randn(6, 5, dtype=torch.float64)
+    student.train()
+    student.blocks[0].drop_path1 = student.blocks[0].drop_path2 = torch.nn.Identity()  # deterministic forward
+    terms = objective(images, targets, teacher_features, teacher_logits)
+
+    tokens = student.forward_features(images)
+    cls_logits, dist_logits = student.head(tokens[:, 0]), student.head_conv(tokens[:, 1])
+    ce = -(targets * torch.log_softmax(cls_logits, 1)).sum(1).mean()
+    p_t = torch.softmax(teacher_logits, 1)
+    kd = (p_t * (torch.log(p_t) - torch.log_softmax(dist_logits, 1))).sum() / 6
+    z = tokens[:, 2:].mean(1) @ student.distillation_loss.embed.weight.T + student.distillation_loss.embed.bias
+    s = (z - z.mean(0)) / z.var(0, unbiased=False).sqrt()  # eps = 0
+    t = (teacher_features - teacher_features.mean(0)) / teacher_features.var(0, unbiased=False).sqrt()
+    corr = (s * t).mean(0)
+    proj = torch.log(((corr - 1).abs() ** 4).sum() + 1e-5)
+    assert set(terms) == {'ce', 'kd', 'proj'}
+    for name, reference in (('ce', ce), ('kd', kd), ('proj', proj)):
+        assert terms[name].dtype == torch.float64
+        torch.testing.assert_close(terms[name], reference, rtol=1e-12, atol=1e-12)
+
+
+def test_method_none_trains_both_heads_on_labels_and_kd_has_no_projector_term():
+    torch.manual_seed(0)
+    student = create_student('demo', num_classes=4, img_size=16, embed_dim=16, depth=1, num_heads=2)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    terms = DistillationObjective(student, 'none', soft_targets=False, smoothing=0.0)(images, labels)
+    cls_logits, dist_logits = student.forward_heads(student.forward_features(images))
+    assert set(terms) == {'ce', 'ce_dist'}
+    kd_terms = DistillationObjective(student, 'kd', soft_targets=False, smoothing=0.0)(
+        images, labels, torch.randn(4, 8), torch.randn(4, 4))
+    assert set(kd_terms) == {'ce', 'kd'}
+    with pytest.raises(Exception, match='needs a student built with a projector'):
+        DistillationObjective(student, 'projector', soft_targets=False, smoothing=0.0)
+
+
+def _trainer(tiny_config, image_folder, teacher_ckpt, *opts: str) -> tuple[Trainer, object]:
+    cfg = load_config('demo', str(tiny_config), {'data.path': str(image_folder), 'teacher.ckpt': str(teacher_ckpt)},
+                      list(opts))
+    torch.manual_seed(0)
+    teacher, _ = create_teacher(cfg['teacher']['name'], cfg['model']['num_classes'], teacher_ckpt)
+    student = build_student(cfg, teacher.num_features)
+    train_loader, _ = build_loaders(cfg, 0, 1, pin_memory=False)
+    return Trainer(cfg, CPU, student, teacher, train_loader.sampler.batches_per_epoch), train_loader
+
+
+def test_training_steps_reduce_the_loss(tiny_config, image_folder, teacher_ckpt):
+    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, 'aug.mixup', '0.0', 'aug.cutmix', '0.0',
+                               'train.warmup_epochs', '0', 'model.drop_path', '0.0', 'train.epochs', '20',
+                               'train.base_lr', '3e-3')
+    loader.sampler.set_epoch(0)
+    images, labels = next(iter(loader))
+    losses = []
+    for step in range(12):
+        trainer.global_step = step
+        losses.append(trainer.train_step(images, labels))
+    assert losses[-1]["loss"] < losses[0]["loss"] - 1.0  # the log-scale projector term falls by > 1 nat
+    assert losses[-1]['ce'] < losses[0]['ce'] and losses[-1]['proj'] < losses[0]['proj']
+
+
+def test_lr_is_scaled_by_global_batch_with_per_step_warmup_and_cosine(tiny_config, image_folder, teacher_ckpt):
+    recipe = load_config('tiny')
+    assert scaled_lrs(recipe, world_size=4) == pytest.approx({'lr': 5e-4 * 1024 / 512, 'warmup_lr': 5e-7 * 2,
+                                                              'min_lr': 5e-6 * 2})
+    trainer, _ = _trainer(tiny_config, image_folder, teacher_ckpt, 'train.epochs', '4', 'train.warmup_epochs', '1')
+    steps = trainer.steps_per_epoch  # 9
+    lrs = trainer.lrs
+    seen = []
+    for step in range(4 * steps):
+        trainer.scheduler.step_update(step)
+        seen.append(trainer.optimizer.param_groups[0]['lr'])
+    assert seen[0] == pytest.approx(lrs['warmup_lr'])
+    assert seen[steps // 2] == pytest.approx(lrs['warmup_lr'] + steps // 2 * (lrs['lr'] - lrs['warmup_lr']) / steps)
+    t = 4 * steps - 1
+    assert seen[t] == pytest.approx(lrs['min_lr'] + 0.5 * (lrs['lr'] - lrs['min_lr']) * (1 + math.cos(math.pi * t / (4 * steps))))
+    assert all(a >= b for a, b in zip(seen[steps:], seen[steps + 1:]))
+
+
+def test_no_weight_decay_on_1d_params_biases_pos_embed_and_cls_token():
+    model = create_student('demo', num_classes=3, teacher_dim=8)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay['params']}
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+    assert {'pos_embed', 'cls_token', 'norm.weight', 'head.bias', 'distillation_loss.embed.bias'}.isdisjoint(decayed)
+    assert {'head.weight', 'blocks.0.attn.qkv.weight', 'distillation_loss.embed.weight',
+            'conv_embed.conv.0.weight'} <= decayed
+    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize('poison, term', [('logits', 'kd'), ('features', 'proj')])
+def test_non_finite_term_stops_with_step_and_term_and_keeps_the_good_checkpoint(
+        tmp_path, tiny_config, image_folder, teacher_ckpt, poison, term):
+    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt)
+    trainer.output_dir = tmp_path
+    trainer.save(0, 0, ['checkpoint.pth'])
+    good = (tmp_path / 'checkpoint.pth').read_bytes()
+    weights = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
+    teacher = trainer.teacher_forward
+
+    def poisoned(images):
+        features, logits = teacher(images)
+        if poison == 'logits':
+            return features, torch.full_like(logits, float('nan'))
+        return features.index_fill(0, torch.tensor([0]), float('inf')), logits
+
+    trainer.teacher_forward = poisoned
+    loader.sampler.set_epoch(0)
+    images, labels = next(iter(loader))
+    trainer.global_step = 7
+    with pytest.raises(NonFiniteLossError, match=f"step 7 .*{term}"):
+        trainer.train_step(images, labels)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # no update applied
+    assert (tmp_path / 'checkpoint.pth').read_bytes() == good
+    with torch.no_grad():
+        next(trainer.student.parameters()).fill_(float('nan'))
+    with pytest.raises(NonFiniteLossError, match='weights became non-finite'):
+        trainer.save(0, 1, ['checkpoint.pth'])
+    assert (tmp_path / 'checkpoint.pth').read_bytes() == good
