@@ -1,10 +1,11 @@
 """The fast path computes the same loss and gradients as the reference recipe, for both tracks (SPEC §7, issue 6).
 
-Built with the tracks' own step builders through ``scripts/benchmark.py``'s parity check, on the CPU: the DeiT fast
-path runs float32 there (so it must match to float32 tolerance), the ResNet fast path runs bf16 autocast (so it may
-deviate only as much as bf16 rounding moves torchdistill's SRD box, and must match in float32 with autocast off).
-torch.compile runs with the ``aot_eager`` backend: it captures the same graphs (dynamo + AOT autograd) as Inductor but
-skips Inductor's C++ code generation, which takes about 90 s per model on two cores.
+Built with the tracks' own step builders through ``scripts/benchmark.py``'s parity check, on the CPU. With autocast
+and compile off, both fast paths must match their reference to float32 tolerance. As they run: the DeiT fast path is
+float32 on the CPU (so float32 tolerance again), the ResNet fast path autocasts to bf16 (so it may deviate only about
+as much as bf16 rounding moves torchdistill's SRD box). torch.compile runs with the ``aot_eager`` backend: it captures
+the same graphs (dynamo + AOT autograd) as Inductor but skips Inductor's C++ code generation, which takes about 90 s
+per model on two cores.
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def no_compile():
 
 
 CPU = torch.device("cpu")
+BATCH = 8
 
 
 def test_deit_fast_path_matches_release_recipe(bench, aot_eager_compile):
-    release, fast = bench.deit_parity_pair(bench.TINY, CPU)
-    result = bench.deit_parity_check(release, fast, bench.TINY, CPU)
+    release, fast = bench.deit_parity_pair(bench.TINY, BATCH, CPU)
+    result = bench.deit_parity_check(release, fast, bench.TINY, BATCH, CPU)
     assert aot_eager_compile() >= 2  # teacher and student objective were really compiled
     assert result["ok"], result
     assert result["fast_dtype"] == "float32"  # no autocast on the CPU in the DeiT track
@@ -51,8 +53,8 @@ def test_deit_fast_path_matches_release_recipe(bench, aot_eager_compile):
 
 
 def test_resnet_fast_path_matches_torchdistill_srd_box(bench, aot_eager_compile):
-    reference_box, fast_box = bench.resnet_parity_pair(bench.TINY, CPU)
-    result = bench.resnet_parity_check(reference_box, fast_box, bench.TINY, CPU)
+    reference_box, fast_box = bench.resnet_parity_pair(bench.TINY, BATCH, CPU)
+    result = bench.resnet_parity_check(reference_box, fast_box, bench.TINY, BATCH, CPU)
     assert aot_eager_compile() >= 2  # teacher and student networks were really compiled
     assert result["ok"], result
     assert result["fast_dtype"] == "bfloat16"
@@ -68,9 +70,9 @@ def test_resnet_fast_path_matches_torchdistill_srd_box(bench, aot_eager_compile)
 
 def test_parity_check_catches_a_changed_method(bench, no_compile):
     """A fast path whose loss differs from the reference (soft-maximum exponent 2 instead of 4) fails both checks."""
-    release, fast = bench.deit_parity_pair(bench.TINY, CPU)
+    release, fast = bench.deit_parity_pair(bench.TINY, BATCH, CPU)
     fast.student.distillation_loss.exponent = 2.0
-    result = bench.deit_parity_check(release, fast, bench.TINY, CPU)
+    result = bench.deit_parity_check(release, fast, bench.TINY, BATCH, CPU)
     assert not result["ok"] and not result["math"]["ok"]
     assert result["math"]["loss_abs_diff"] > 100 * result["math"]["loss_tolerance"]
 
@@ -78,11 +80,11 @@ def test_parity_check_catches_a_changed_method(bench, no_compile):
 def test_parity_check_catches_unsynchronised_weights(bench, no_compile):
     """Different projector weights in the fast box than in torchdistill's SRD box fail the check. (A pure rescaling of
     the projector would not: the whitening after it removes scale and bias.)"""
-    reference_box, fast_box = bench.resnet_parity_pair(bench.TINY, CPU)
+    reference_box, fast_box = bench.resnet_parity_pair(bench.TINY, BATCH, CPU)
     weight = fast_box.student_model.distill_loss.embed.weight
     with torch.no_grad():
         weight.add_(0.05 * weight.abs().mean() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
-    result = bench.resnet_parity_check(reference_box, fast_box, bench.TINY, CPU)
+    result = bench.resnet_parity_check(reference_box, fast_box, bench.TINY, BATCH, CPU)
     assert not result["math"]["ok"]
     assert result["math"]["grad_rel_diff"] > bench.FP32_GRAD_RTOL
 
@@ -109,7 +111,7 @@ def test_judge_parity_budgets(bench):
 
     rounded = (10.05, shifted(0.02))
     result = bench.judge_parity(reference, rounded, (10.02, shifted(0.04)), exact, torch.bfloat16)
-    assert result["ok"] and result["precision"]["grad_tolerance"] == pytest.approx(0.045, rel=1e-6)
+    assert result["ok"] and result["precision"]["grad_tolerance"] == pytest.approx(0.045, rel=1e-5)
     assert result["precision"]["loss_tolerance"] == pytest.approx(max(2 * 0.05, 10 * 2 ** -7) + 1e-5 + 1e-3)
     assert not bench.judge_parity(reference, rounded, (10.02, shifted(0.05)), exact, torch.bfloat16)["ok"]
     assert not bench.judge_parity(reference, rounded, (10.2, shifted(0.01)), exact, torch.bfloat16)["ok"]
