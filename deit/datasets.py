@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from projector_kd.data import CheckedImageFolder, DataError, check_image_folder
+from projector_kd.errors import UserError
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -163,6 +164,19 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
+    """Iterate ``batches``; a UserError raised in a loader worker (re-raised by PyTorch with the worker's traceback
+    in its message) is re-raised with just its own one-line message."""
+    try:
+        yield from batches
+    except UserError as err:
+        text = str(err)
+        if 'Original Traceback' not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise type(err)(last.split(': ', 1)[1] if ': ' in last else last) from None
 
 
 def build_dataset(split: str, cfg: dict) -> CheckedImageFolder:

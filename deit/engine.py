@@ -31,7 +31,7 @@ from projector_kd.errors import UserError
 from projector_kd.runs import progress
 
 from .config import scaled_lrs
-from .datasets import build_mixup
+from .datasets import build_mixup, raise_worker_errors_plainly
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 'projector_kd.deit/1'
@@ -287,7 +287,8 @@ class Trainer:
         count = 0
         started = time.perf_counter()
         log_freq = self.cfg['train']['log_freq']
-        batches = progress(loader, rank=self.env.rank, desc=f'epoch {epoch}', total=len(loader))
+        batches = progress(raise_worker_errors_plainly(loader), rank=self.env.rank, desc=f'epoch {epoch}',
+                           total=len(loader))
         for batch, (images, targets) in enumerate(batches, start=start_batch):
             self.global_step = epoch * self.steps_per_epoch + batch
             values = self.train_step(images, targets)
@@ -320,7 +321,8 @@ class Trainer:
         self.student.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         criterion = nn.CrossEntropyLoss(reduction='sum')
-        for images, targets in progress(loader, rank=self.env.rank, desc='eval', total=len(loader)):
+        for images, targets in progress(raise_worker_errors_plainly(loader), rank=self.env.rank, desc='eval',
+                                        total=len(loader)):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             if self.channels_last:
