@@ -99,7 +99,7 @@ def _loader_dataset_ids(recipe: dict, test_only: bool) -> list[str]:
     loaders = [recipe.get("test", {}).get("test_data_loader")]
     if not test_only:
         train_config = recipe["train"]
-        loaders += [train_config.get("train_data_loader"), train_config.get("val_data_loader")]
+        loaders = [train_config.get("train_data_loader"), train_config.get("val_data_loader"), *loaders]
     return list(dict.fromkeys(loader["dataset_id"] for loader in loaders if loader))
 
 
