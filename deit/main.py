@@ -173,6 +173,8 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     setup_logging(output, env.rank, name='deit')
     seed_everything(cfg['seed'], env.rank)
     writer = tensorboard_writer(output, env.rank)
+    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size,
+                                             pin_memory=cfg['data']['pin_memory'] and env.device.type == 'cuda')
     teacher = None
     if cfg['distillation']['method'] != 'none':
         tcfg = cfg['teacher']
@@ -182,8 +184,6 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         logger.info('teacher %s loaded from %s', tcfg['name'], source)
     student = build_student(cfg, teacher.num_features if cfg['distillation']['method'] == 'projector' else None)
     counts = log_parameters(student)
-    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size,
-                                             pin_memory=cfg['data']['pin_memory'] and env.device.type == 'cuda')
     steps = train_loader.sampler.batches_per_epoch
     trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
     logger.info('method %s, %d processes x batch %d, lr %.3g, %d steps/epoch, fast path %s, device %s',
