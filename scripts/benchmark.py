@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib.metadata
 import json
@@ -49,6 +50,7 @@ from projector_kd.errors import UserError, run_cli
 from projector_kd.runs import write_json
 
 TRACKS = ('deit', 'resnet')
+RESNET_RECIPE = 'configs/ilsvrc2012/ours/res3418.yaml'
 CLAIM_NOTE = 'CPU run: these figures exercise the script; they are not performance claims (run it on a GPU).'
 
 
@@ -467,41 +469,39 @@ def deit_data_config(sizes: Sizes, root: Path, batch_size: int, workers: int) ->
         'model.img_size': sizes.deit_img_size, 'model.num_classes': 10})
 
 
-def time_transform(sizes: Sizes, root: Path, files: list[Path]) -> dict[str, float]:
-    """DeiT training transform (decode with PIL + RandAugment etc.) on one core: img/s."""
-    from deit.datasets import build_transform
-    from projector_kd.data import load_rgb
+def resnet_train_dataset(root: Path) -> Any:
+    """The ResNet recipe's training dataset (its own transform: RandomResizedCrop 224, flip, normalise) over ``root``,
+    built by the track's recipe reader with ``--data-root root``."""
+    from imagenet.config import find_recipe, load_recipe, resolve, set_data_root
 
-    transform = build_transform(True, deit_data_config(sizes, root, 2, 0))
+    recipe = load_recipe(find_recipe(RESNET_RECIPE))
+    set_data_root(recipe, str(root))
+    return resolve(recipe['datasets'][recipe['train']['train_data_loader']['dataset_id']])
+
+
+def time_transform(load_and_transform: Callable[[str], Any], files: list[Path], images: int) -> dict[str, float]:
+    """img/s of ``load_and_transform(path)`` (PIL decode + training transform) on one core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for path in files[:4]:
-            transform(load_rgb(str(path)))
+            load_and_transform(str(path))
         started = time.perf_counter()
-        for index in range(sizes.transform_images):
-            transform(load_rgb(str(files[index % len(files)])))
+        for index in range(images):
+            load_and_transform(str(files[index % len(files)]))
         elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    return {'img_per_s_per_core': sizes.transform_images / elapsed, 'images': sizes.transform_images,
-            'jpeg_sizes': [list(s) for s in sizes.jpeg_sizes]}
+    return {'img_per_s_per_core': images / elapsed, 'images': images}
 
 
-def time_loader(sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device,
+def time_loader(loader: Any, batches: int, device: torch.device,
                 step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> float:
-    """img/s of the DeiT train loader (``deit.datasets.build_loaders``) with ``workers`` workers, pinned memory and
-    non-blocking copies on CUDA; with ``step``, each batch also trains one step (end-to-end). The first batch (worker
-    start-up) is not timed."""
-    from deit.datasets import build_loaders
-
-    loader, _ = build_loaders(deit_data_config(sizes, root, batch_size, workers), rank=0, world_size=1,
-                              pin_memory=device.type == 'cuda')
-    loader.sampler.set_epoch(0)
-    batches = iter(loader)
+    """img/s over ``batches`` batches of ``loader`` after its first one (worker start-up), copied to ``device``
+    (non-blocking); with ``step``, each batch also trains one step (end-to-end)."""
     count = 0
     started = 0.0
-    for index, (images, labels) in enumerate(batches):
+    for index, (images, labels) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if step is not None:
@@ -511,27 +511,63 @@ def time_loader(sizes: Sizes, root: Path, batch_size: int, workers: int, device:
             started = time.perf_counter()
             continue
         count += images.shape[0]
-        if index == sizes.loader_batches:
+        if index == batches:
             break
     synchronize(device)
-    elapsed = time.perf_counter() - started
-    del batches, loader
-    return count / elapsed
+    return count / (time.perf_counter() - started)
 
 
-def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, fast_deit: Any,
+def deit_loader(sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device) -> Any:
+    """The DeiT track's training loader (``deit.datasets.build_loaders``: resumable seeded sampling, pinned memory on
+    CUDA, persistent workers) over ``root``."""
+    from deit.datasets import build_loaders
+
+    loader, _ = build_loaders(deit_data_config(sizes, root, batch_size, workers), rank=0, world_size=1,
+                              pin_memory=device.type == 'cuda')
+    loader.sampler.set_epoch(0)
+    return loader
+
+
+def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tracks: list[str], fast_deit: Any,
                fast_deit_img_s: float | None) -> dict[str, Any]:
+    """Per track: the training transform on one core, the loader's ceiling with each worker count, and for DeiT the
+    loader feeding the fast step (end-to-end)."""
+    from torch.utils.data import DataLoader
+
+    from deit.datasets import build_transform
+    from projector_kd.data import load_rgb
+
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix='benchmark-jpegs-') as tmp:
         root = Path(tmp)
         files = write_jpeg_imagefolder(root, sizes, sizes.loader_batches + 1, args.batch_size)
-        result: dict[str, Any] = {'transform': time_transform(sizes, root, files), 'loader': [], 'end_to_end': None}
-        for workers in args.workers:
-            result['loader'].append({'workers': workers, 'img_per_s': time_loader(sizes, root, args.batch_size,
-                                                                                   workers, device)})
-        if fast_deit is not None:
-            workers = max(args.workers)
-            img_s = time_loader(sizes, root, args.batch_size, workers, device, step=fast_deit.train_step)
-            result['end_to_end'] = {'workers': workers, 'img_per_s': img_s, 'step_only_img_per_s': fast_deit_img_s}
+        common = {'jpeg_sizes': [list(s) for s in sizes.jpeg_sizes], 'loader': []}
+        if 'deit' in tracks:
+            transform = build_transform(True, deit_data_config(sizes, root, 2, 0))
+            entry = result['deit'] = {'transform': time_transform(lambda p: transform(load_rgb(p)), files,
+                                                                  sizes.transform_images), **copy.deepcopy(common)}
+            for workers in args.workers:
+                loader = deit_loader(sizes, root, args.batch_size, workers, device)
+                entry['loader'].append({'workers': workers,
+                                        'img_per_s': time_loader(loader, sizes.loader_batches, device)})
+                del loader
+            if fast_deit is not None:
+                workers = max(args.workers)
+                loader = deit_loader(sizes, root, args.batch_size, workers, device)
+                img_s = time_loader(loader, sizes.loader_batches, device, step=fast_deit.train_step)
+                entry['end_to_end'] = {'workers': workers, 'img_per_s': img_s, 'step_only_img_per_s': fast_deit_img_s}
+                del loader
+        if 'resnet' in tracks:
+            dataset = resnet_train_dataset(root)
+            entry = result['resnet'] = {'transform': time_transform(lambda p: dataset.transform(load_rgb(p)), files,
+                                                                    sizes.transform_images), **copy.deepcopy(common)}
+            for workers in args.workers:
+                loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                                    pin_memory=device.type == 'cuda', drop_last=True,
+                                    generator=torch.Generator().manual_seed(0))
+                entry['loader'].append({'workers': workers,
+                                        'img_per_s': time_loader(loader, sizes.loader_batches, device)})
+                del loader
     return result
 
 
@@ -562,6 +598,21 @@ def format_rows(rows: list[Row]) -> str:
         ratio = f'{r.vs_release:6.2f}x' if r.vs_release is not None else f'{"":>7}'
         lines.append(f'{r.track:<7} {r.case:<8} {r.img_per_s:9.1f} {r.step_ms_mean:9.2f} {r.step_ms_median:9.2f} '
                      f'{peak} {gflops} {mfu} {ratio}  {r.description}')
+    return '\n'.join(lines)
+
+
+def format_data(track: str, entry: dict[str, Any], cores: int | None, fast_img_s: float) -> str:
+    name = {'deit': 'DeiT (RandAugment etc.)', 'resnet': 'ResNet (RandomResizedCrop + flip)'}[track]
+    lines = [f'data {track}: {name} train transform with PIL decode: '
+             f'{entry["transform"]["img_per_s_per_core"]:.1f} img/s on one core ({cores} cores here)']
+    for loader in entry['loader']:
+        bound = 'loader-bound' if loader['img_per_s'] < fast_img_s else 'step-bound'
+        lines.append(f'data {track}: loader ceiling with {loader["workers"]} workers: {loader["img_per_s"]:.1f} img/s '
+                     f'vs fast step {fast_img_s:.1f} img/s -> {bound}')
+    if entry.get('end_to_end'):
+        e2e = entry['end_to_end']
+        lines.append(f'data {track}: end-to-end, the loader ({e2e["workers"]} workers) feeding the fast step: '
+                     f'{e2e["img_per_s"]:.1f} img/s')
     return '\n'.join(lines)
 
 
@@ -628,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'bf16 matmul peak ({sizes.matmul_size}^3): {peak / 1e12:.2f} TFLOP/s', flush=True)
     rows: list[Row] = []
     parity: dict[str, Any] = {}
-    data = None
+    data: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for track in tracks:
         print(f'[{track}] timing release, fast, teacher ...', flush=True)
@@ -643,11 +694,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += track_rows
         print(format_rows(track_rows), flush=True)
         seconds[track] = time.perf_counter() - started
-        if track == 'deit' and not args.no_data:
-            print('[data] DeiT train transform, loader ceiling, end-to-end ...', flush=True)
+        if not args.no_data:
+            print(f'[{track}] data: train transform, loader ceiling{", end-to-end" * (fast_deit is not None)} ...',
+                  flush=True)
             started = time.perf_counter()
-            data = bench_data(sizes, args, device, fast_deit, track_rows[1].img_per_s)
-            seconds['data'] = time.perf_counter() - started
+            data.update(bench_data(sizes, args, device, [track], fast_deit, track_rows[1].img_per_s))
+            seconds[f'{track}_data'] = time.perf_counter() - started
         del fast_deit
         reset_memory(device)
         if not args.no_parity:
@@ -664,16 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reset_memory(device)
     print()
     print(format_rows(rows))
-    if data is not None:
-        rate = data['transform']['img_per_s_per_core']
-        print(f'data: DeiT train transform (PIL decode + RandAugment, ...) {rate:.1f} img/s on one core '
-              f'({env["cpu_cores"]} cores here)')
-        for entry in data['loader']:
-            print(f'data: DeiT loader ceiling with {entry["workers"]} workers: {entry["img_per_s"]:.1f} img/s')
-        if data['end_to_end'] is not None:
-            e2e = data['end_to_end']
-            print(f'data: end-to-end DeiT fast step fed by the loader ({e2e["workers"]} workers): '
-                  f'{e2e["img_per_s"]:.1f} img/s (step alone {e2e["step_only_img_per_s"]:.1f})')
+    for track, entry in data.items():
+        print(format_data(track, entry, env['cpu_cores'],
+                          next(r.img_per_s for r in rows if (r.track, r.case) == (track, 'fast'))))
     for track, result in parity.items():
         print(format_parity(track, result))
     print('seconds per phase: ' + ', '.join(f'{k} {v:.1f}' for k, v in seconds.items()))
@@ -683,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = {'environment': env, 'claims': claims, 'note': None if claims else CLAIM_NOTE,
                   'settings': {'tiny': args.tiny, 'batch_size': args.batch_size, 'steps': args.steps,
                                'warmup': args.warmup, 'tracks': tracks, 'sizes': asdict(sizes)},
-                  'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data,
+                  'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data or None,
                   'parity': parity, 'seconds_per_phase': seconds}
         write_json(args.json, report)
         print(f'wrote {args.json}')

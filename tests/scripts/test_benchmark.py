@@ -98,11 +98,15 @@ def test_smoke_run_parity_and_data_sections(smoke):
         assert f"parity {track}: ok" in process.stdout
     assert report["parity"]["deit"]["fast_dtype"] == "float32"
     assert report["parity"]["resnet"]["fast_dtype"] == "bfloat16"
-    data = report["data"]
-    assert data["transform"]["img_per_s_per_core"] > 0 and data["transform"]["images"] == 32
-    assert [entry["workers"] for entry in data["loader"]] == [2] and data["loader"][0]["img_per_s"] > 0
-    assert data["end_to_end"]["workers"] == 2 and data["end_to_end"]["img_per_s"] > 0
-    assert set(report["seconds_per_phase"]) == {"deit", "data", "deit_parity", "resnet", "resnet_parity"}
+    for track in ("deit", "resnet"):
+        data = report["data"][track]
+        assert data["transform"]["img_per_s_per_core"] > 0 and data["transform"]["images"] == 32
+        assert [entry["workers"] for entry in data["loader"]] == [2] and data["loader"][0]["img_per_s"] > 0
+        assert f"data {track}: loader ceiling with 2 workers" in process.stdout
+    end_to_end = report["data"]["deit"]["end_to_end"]
+    assert end_to_end["workers"] == 2 and end_to_end["img_per_s"] > 0 and "end_to_end" not in report["data"]["resnet"]
+    assert set(report["seconds_per_phase"]) == {f"{track}{phase}" for track in ("deit", "resnet")
+                                                for phase in ("", "_data", "_parity")}
 
 
 def test_time_steps_warms_up_then_times_each_step(bench):
