@@ -10,10 +10,10 @@ FLOPs per image (``torch.utils.flop_counter.FlopCounterMode`` on one eager step:
     MFU = FLOPs per image * img/s / measured bf16 matmul peak      (peak: timed square bf16 matmuls on the same device)
 
 A parity check runs both recipes on one batch with the same weights and compares the loss and the student's gradients.
-The data section times the DeiT training transform (timm ``create_transform`` with the recipe's RandAugment, colour
-jitter and random erasing, through ``deit.datasets.build_transform``) on synthetic ImageNet-size JPEGs decoded by PIL,
-in img/s on one core, then the DeiT loader's ceiling with N workers and an end-to-end figure (loader feeding the fast
-step), so the bottleneck is visible.
+The data section times each track's training transform on synthetic ImageNet-size JPEGs decoded by PIL, in img/s on
+one core (DeiT: timm ``create_transform`` with the recipe's RandAugment, colour jitter and random erasing, through
+``deit.datasets.build_transform``; ResNet: the recipe's own dataset), then each loader's ceiling with N workers, and
+for DeiT an end-to-end figure (loader feeding the fast step), so the bottleneck is visible.
 
 GPU timings use CUDA events after warm-up steps (which also absorb torch.compile). ``--tiny`` runs small models on
 small images so CI can smoke-test the script on a CPU; CPU figures are not performance claims.
@@ -28,12 +28,10 @@ import contextlib
 import copy
 import gc
 import importlib.metadata
-import json
 import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -323,7 +321,7 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
     rows.append(make_row('deit', 'release', f'DeiT-{sizes.deit_model} <- {sizes.deit_teacher}, release recipe '
                          '(fp16 autocast + GradScaler on CUDA, eager, AdamW)', args.batch_size, times, device, flops,
                          peak))
-    del release
+    release = None  # frees the trainer (the timed lambdas hold only its name)
     reset_memory(device)
     fast = build_deit('fast', sizes, args.batch_size, device)
     times = time_steps(lambda: fast.train_step(images.clone(), labels), args.steps, args.warmup, device)
