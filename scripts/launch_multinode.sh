@@ -48,7 +48,7 @@ RDZV_ID="${RDZV_ID:-projector-kd-$TRACK}"
 DRY_RUN=0
 
 need_value() {
-  [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"
+  if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value"; fi
 }
 
 while [ $# -gt 0 ]; do
@@ -69,8 +69,9 @@ is_count() {
 }
 
 is_count "$NNODES" 1 || die "--nnodes (NNODES) must be an integer >= 1, got '$NNODES'"
-is_count "$NODE_RANK" 0 && [ "$NODE_RANK" -lt "$NNODES" ] \
-  || die "--node-rank (NODE_RANK) must be an integer in [0, $((NNODES - 1))], got '$NODE_RANK'"
+if ! is_count "$NODE_RANK" 0 || [ "$NODE_RANK" -ge "$NNODES" ]; then
+  die "--node-rank (NODE_RANK) must be an integer in [0, $((NNODES - 1))], got '$NODE_RANK'"
+fi
 if [ -z "$NPROC_PER_NODE" ]; then
   NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
   [ "$NPROC_PER_NODE" -ge 1 ] || NPROC_PER_NODE=1
