@@ -133,6 +133,8 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
         raise UserError(f"checkpoint {path} stops mid-epoch but holds no epoch_rng to replay the epoch's batches — "
                         f"it was not written by this entry point; use another output folder")
     box.stage_grad_count = run.global_step  # torchdistill's step counter (gradient accumulation, step-wise schedules)
+    if run.global_step > 0:  # the optimizer stepped before the save: no "scheduler before optimizer" warning on resume
+        box.optimizer._opt_called = True
     return run
 
 

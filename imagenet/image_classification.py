@@ -103,8 +103,8 @@ def _loader_dataset_ids(recipe: dict, test_only: bool) -> list[str]:
     return list(dict.fromkeys(loader["dataset_id"] for loader in loaders if loader))
 
 
-def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
-    """Check each ImageFolder's train/val layout first (one clear line), then build the datasets the run uses."""
+def check_datasets(recipe: dict, ids: list[str], memo: dict) -> None:
+    """Check each ImageFolder's train/val layout (missing folders, empty classes, differing classes): one clear line."""
     roots: dict[Path, list[str]] = {}
     for dataset_id in ids:
         node = recipe["datasets"][dataset_id]
@@ -114,6 +114,10 @@ def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
             roots.setdefault(path.parent, []).append(path.name)
     for parent, splits in roots.items():
         check_image_folder(parent, splits=tuple(dict.fromkeys(splits)))
+
+
+def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
+    """The datasets the run uses (after :func:`check_datasets`)."""
     datasets = {}
     for dataset_id in ids:
         try:
@@ -182,6 +186,14 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         output_dir = output_dir / "test_only"
     run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,
                   "adjust_lr": args.adjust_lr, "test_only": args.test_only}
+    log = setup_logging(None, env.rank, name="imagenet")
+    if args.seed is not None:
+        seed_everything(args.seed, env.rank)
+    # what can fail on the user's inputs (data layout, teacher weights) fails before the run folder is written
+    memo: dict = {}
+    dataset_ids = _loader_dataset_ids(recipe, args.test_only)
+    check_datasets(recipe, dataset_ids, memo)
+    teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
     if env.is_main:
         prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
     log = setup_logging(output_dir, env.rank, name="imagenet")
@@ -194,11 +206,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
     if args.log_config:
         log.info("recipe: %s", run_config["recipe"])
-    if args.seed is not None:
-        seed_everything(args.seed, env.rank)
-    memo: dict = {}
-    dataset_dict = build_datasets(recipe, _loader_dataset_ids(recipe, args.test_only), memo)
-    teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
+    dataset_dict = build_datasets(recipe, dataset_ids, memo)
     log.info("student %s: %d parameters", student_config["key"], count_parameters(student))
     fast = bool(recipe.get("runtime", {}).get("fast", False))
     history: list[float] = []
