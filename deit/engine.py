@@ -279,7 +279,7 @@ class Trainer:
     def train_epoch(self, loader: Any, epoch: int, start_batch: int = 0, stop: Any = None) -> dict[str, float] | None:
         """Train batches ``start_batch..`` of ``epoch``. Returns mean loss terms, or None when ``stop.requested``
         became true: then a resumable checkpoint at the next batch has been written."""
-        self.objective_module().train()
+        self.student.train()
         loader.sampler.set_epoch(epoch, start_batch)
         if start_batch == 0:
             self.epoch_sums = {}
@@ -310,10 +310,6 @@ class Trainer:
                 return None
         steps = totals.pop('steps', 1)
         return {key: value / steps for key, value in totals.items()}
-
-    def objective_module(self) -> nn.Module:
-        objective = self.objective.eager if isinstance(self.objective, CompiledOrEager) else self.objective
-        return objective
 
     @torch.no_grad()
     def evaluate(self, loader: Any) -> dict[str, float]:

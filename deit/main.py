@@ -94,10 +94,8 @@ def release_checkpoint(model: str) -> Path:
                     'download the released weights there (see ckpts/README.md) or pass --ckpt PATH')
 
 
-def teacher_dim_for(cfg: dict) -> int | None:
+def teacher_width(cfg: dict) -> int:
     """Width of the teacher's pooled features (the projector's output), without loading weights."""
-    if cfg['distillation']['method'] != 'projector':
-        return None
     import timm
 
     try:
@@ -136,8 +134,7 @@ def throughput(student: torch.nn.Module, cfg: dict, device: torch.device) -> flo
 
 def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
     setup_logging(args.output, env.rank, name='deit')
-    student = build_student(cfg, teacher_dim_for({**cfg, 'distillation': {**cfg['distillation'],
-                                                                           'method': 'projector'}}))
+    student = build_student(cfg, teacher_width(cfg))  # with the projector, as released checkpoints hold one
     counts = log_parameters(student)
     if args.throughput:
         throughput(student, cfg, env.device)
