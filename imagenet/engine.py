@@ -1,10 +1,11 @@
 """Training and evaluation loops around a torchdistill box, with exact resume, graceful stop and non-finite checks.
 
-Checkpoint layout (``torch.load(weights_only=True)``-loadable, written with :func:`projector_kd.checkpoint.atomic_save`):
+Checkpoint layout (``torch.load(weights_only=True)``-loadable, written by :func:`projector_kd.checkpoint.atomic_save`):
 ``model`` (the student network's state dict — the torchdistill format ``-test_only`` reads), ``projector`` (the
 ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_scheduler``, ``epoch`` and
 ``step_in_epoch`` (where training continues), ``best_value`` (best val top-1), ``history`` (val top-1 per epoch),
-``global_step``, ``rng`` (generator states now) and ``epoch_rng`` (at the start of the epoch, to replay its batches).
+``global_step``, ``rng`` (generator states now) and ``epoch_rng`` (at the start of the epoch, to replay its batches);
+in a distributed run also ``rng_per_rank`` (every rank's ``rng`` and ``epoch_rng``). Rank 0 writes; all ranks wait.
 """
 from __future__ import annotations
 

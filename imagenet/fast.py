@@ -116,7 +116,8 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def apply_fast_path(box: Any, teacher: nn.Module | None, device: torch.device, compile_models: bool = True) -> FastSettings:
+def apply_fast_path(box: Any, teacher: nn.Module | None, device: torch.device,
+                    compile_models: bool = True) -> FastSettings:
     """Switch an already-built torchdistill box onto the fast path (see the module docstring)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -61,7 +61,8 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument("-adjust_lr", action="store_true", help="multiply the learning rate by the world size")
     parser.add_argument("--data-root", "--data_root", dest="data_root",
                         help="dataset folder holding train/ and val/ (replaces the recipe's os.getenv data root)")
-    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", help="run folder (default: dst_ckpt's)")
+    parser.add_argument("--output_dir", "--output-dir", "--run-dir", dest="output_dir",
+                        help="run folder (default: dst_ckpt's)")
     parser.add_argument("--teacher_ckpt", "--teacher-ckpt", dest="teacher_ckpt",
                         help="teacher weights {'model': state_dict} (sets models.teacher_model.src_ckpt)")
     parser.add_argument("--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD")
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     if env.is_main:
         prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
     log = setup_logging(output_dir, env.rank, name="imagenet")
-    if args.log and env.is_main:
+    if args.log and env.is_main and Path(args.log).expanduser().resolve() != (output_dir / "log.txt").resolve():
         Path(args.log).expanduser().parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(Path(args.log).expanduser())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

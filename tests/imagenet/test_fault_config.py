@@ -29,7 +29,8 @@ def test_unknown_key_in_the_file_is_named(make_recipe, cli, tmp_path):
      "--opts key 'train.optimizer.kwargs.lrr' is not in the config (did you mean train.optimizer.kwargs.lr?)"),
     (["train.optimizer.kwargs.lr", "abc"], "{recipe}: train.optimizer.kwargs: lr must be float, got 'abc' (str)"),
     (["train.num_epochs", "two"], "{recipe}: train.num_epochs = 'two' is out of range (must be an integer >= 1)"),
-    (["train.optimizer.kwargs.lr", "-0.1"], "{recipe}: train.optimizer.kwargs: lr = -0.1 is out of range (must be > 0)"),
+    (["train.optimizer.kwargs.lr", "-0.1"],
+     "{recipe}: train.optimizer.kwargs: lr = -0.1 is out of range (must be > 0)"),
     (["train.train_data_loader.kwargs.batch_size", "0"],
      "{recipe}: train.train_data_loader.kwargs: batch_size = 0 is out of range (must be >= 1)"),
 ], ids=["unknown-key", "wrong-type", "wrong-type-epochs", "negative-lr", "zero-batch"])
