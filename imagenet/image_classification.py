@@ -40,7 +40,7 @@ from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder
 from projector_kd.distributed import cleanup, init_distributed, seed_everything
 from projector_kd.errors import UserError, run_cli
-from projector_kd.runs import prepare_output_dir, setup_logging, tensorboard_writer, write_json
+from projector_kd.runs import close_logging, prepare_output_dir, setup_logging, tensorboard_writer, write_json
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
@@ -159,17 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, recipe, recipe_path, env)
     finally:
         cleanup()
-        _detach_run_logging()
-
-
-def _detach_run_logging() -> None:
-    """Close the handlers this run added to the root logger (its log files, stdout), so a later run in the same
-    process — a test, a notebook — does not write into this run's log.txt."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_projector_kd", False):
-            root.removeHandler(handler)
-            handler.close()
+        close_logging()
 
 
 def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
@@ -197,13 +187,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
     if env.is_main:
         prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
-    log = setup_logging(output_dir, env.rank, name="imagenet")
-    if args.log and env.is_main and Path(args.log).expanduser().resolve() != (output_dir / "log.txt").resolve():
-        Path(args.log).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(Path(args.log).expanduser())
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._projector_kd = True  # type: ignore[attr-defined]  (removed with the run's other handlers)
-        logging.getLogger().addHandler(handler)
+    log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=args.log)
     log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
     if args.log_config:
         log.info("recipe: %s", run_config["recipe"])

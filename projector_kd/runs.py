@@ -64,18 +64,30 @@ def write_json(path: str | Path, obj: Any) -> None:
     _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def setup_logging(output_dir: str | Path | None, rank: int = 0, name: str = "projector_kd") -> logging.Logger:
-    """Log INFO to stdout and to ``output_dir/log.txt`` on rank 0; only warnings elsewhere."""
+def close_logging() -> None:
+    """Close the handlers :func:`setup_logging` added, so a later run in the same process (a test, a notebook) does
+    not write into this run's log file."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_projector_kd", False):
             root.removeHandler(handler)
             handler.close()
+
+
+def setup_logging(output_dir: str | Path | None, rank: int = 0, name: str = "projector_kd",
+                  extra_log_file: str | Path | None = None) -> logging.Logger:
+    """Log INFO to stdout and to ``output_dir/log.txt`` (and ``extra_log_file``, e.g. the release's ``--log``) on
+    rank 0; only warnings elsewhere. Replaces the handlers of an earlier call."""
+    close_logging()
+    root = logging.getLogger()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if output_dir is not None and rank == 0:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+    files = {Path(output_dir) / "log.txt"} if output_dir is not None else set()
+    if extra_log_file is not None:
+        files.add(Path(extra_log_file).expanduser())
+    for log_file in sorted({f.resolve() for f in files}) if rank == 0 else []:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler._projector_kd = True  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from projector_kd.errors import UserError
-from projector_kd.runs import prepare_output_dir, progress, setup_logging, write_json
+from projector_kd.runs import close_logging, prepare_output_dir, progress, setup_logging, write_json
 
 
 def test_same_config_reuses_folder_different_config_refused(tmp_path):
@@ -27,15 +27,18 @@ def test_write_json(tmp_path):
 
 
 def test_logging_writes_file_on_rank0_only(tmp_path):
-    logger = setup_logging(tmp_path / "a", rank=0)
+    logger = setup_logging(tmp_path / "a", rank=0, extra_log_file=tmp_path / "log" / "output.txt")
     logger.info("hello from rank 0")
+    assert "hello from rank 0" in (tmp_path / "log" / "output.txt").read_text()
     setup_logging(tmp_path / "b", rank=1)
     logging.getLogger("projector_kd").warning("from rank 1")
     for handler in logging.getLogger().handlers:
         handler.flush()
     assert "hello from rank 0" in (tmp_path / "a" / "log.txt").read_text()
     assert not (tmp_path / "b").exists()
-    setup_logging(None)
+    close_logging()
+    logging.getLogger("projector_kd").warning("after close")
+    assert "after close" not in (tmp_path / "a" / "log.txt").read_text()
 
 
 def test_progress_is_plain_when_not_a_tty():
