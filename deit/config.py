@@ -69,8 +69,8 @@ SCHEMA: dict[str, tuple] = {
     'data.interpolation': (str, _one_of('bicubic', 'bilinear', 'nearest')),
     'data.crop_pct': (float, (lambda v: 0 < v <= 1, 'in (0, 1]')),
     'data.on_bad_image': (str, _one_of('fail', 'skip')),
-    'aug.scale': (list, (lambda v: len(v) == 2 and all(isinstance(b, (int, float)) for b in v) and 0 < v[0] <= v[1] <= 1,
-                         'two numbers 0 < lo <= hi <= 1')),
+    'aug.scale': (list, (lambda v: len(v) == 2 and all(isinstance(b, (int, float)) for b in v)
+                         and 0 < v[0] <= v[1] <= 1, 'two numbers 0 < lo <= hi <= 1')),
     'aug.hflip': (float, PROBABILITY),
     'aug.rand_augment': ((str, type(None)), None),
     'aug.color_jitter': ((float, type(None)), NON_NEGATIVE),

@@ -60,9 +60,10 @@ def build_transform(is_train: bool, cfg: dict) -> transforms.Compose:
     data, aug = cfg['data'], cfg['aug']
     if is_train:
         transform = create_transform(
-            img_size, is_training=True, scale=tuple(aug['scale']), hflip=aug['hflip'], color_jitter=aug['color_jitter'], auto_augment=aug['rand_augment'],
-            interpolation=data['interpolation'], re_prob=aug['reprob'], re_mode=aug['remode'],
-            re_count=aug['recount'], mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+            img_size, is_training=True, scale=tuple(aug['scale']), hflip=aug['hflip'],
+            color_jitter=aug['color_jitter'], auto_augment=aug['rand_augment'], interpolation=data['interpolation'],
+            re_prob=aug['reprob'], re_mode=aug['remode'], re_count=aug['recount'], mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD)
         guard_posterize(transform)
         return transform
     interpolation = transforms.InterpolationMode(data['interpolation'])

@@ -187,7 +187,8 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
                 cfg['distillation']['method'], env.world_size, cfg['data']['batch_size'], trainer.lrs['lr'], steps,
                 'on' if cfg['fast'] else 'off', env.device)
     start_epoch, start_batch = 0, 0
-    resume_path = find_file(args.resume) if args.resume not in (None, 'auto') else latest_checkpoint(output, RESUME_FILE)
+    explicit = args.resume not in (None, 'auto')
+    resume_path = find_file(args.resume) if explicit else latest_checkpoint(output, RESUME_FILE)
     if resume_path is not None:
         state = load_checkpoint(resume_path, trusted=args.trust_checkpoint)
         start_epoch, start_batch = trainer.load_state_dict(state, resume_path)

@@ -155,8 +155,9 @@ def deit_conv_demo(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
 def create_student(name: str, num_classes: int = 1000, img_size: int | None = None, **kwargs: Any) -> ConvStemDeiT:
     """Build a conv-stem student: ``name`` is ``tiny``/``small``/``demo`` (or the timm names ``deit_conv_<name>``).
 
-    ``img_size`` None: the preset's (224 for tiny/small, 32 for demo). ``kwargs`` override the preset (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ``stem_stride``,
-    ``patch_size``, ``teacher_dim`` = projector output width or None for no projector, ...).
+    ``img_size`` None: the preset's (224 for tiny/small, 32 for demo). ``kwargs`` override the preset
+    (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ``stem_channels``, ``stem_stride``, ``patch_size``,
+    ``teacher_dim`` = projector output width or None for no projector, ``distance``, ``projector_eps``, ...).
     """
     timm_name = TIMM_NAMES.get(name, name)
     if timm_name not in TIMM_NAMES.values():

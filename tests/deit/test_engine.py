@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from deit.config import load_config, scaled_lrs
 from deit.datasets import build_loaders
@@ -97,7 +96,8 @@ def test_lr_is_scaled_by_global_batch_with_per_step_warmup_and_cosine(tiny_confi
     assert seen[0] == pytest.approx(lrs['warmup_lr'])
     assert seen[steps // 2] == pytest.approx(lrs['warmup_lr'] + steps // 2 * (lrs['lr'] - lrs['warmup_lr']) / steps)
     t = 4 * steps - 1
-    assert seen[t] == pytest.approx(lrs['min_lr'] + 0.5 * (lrs['lr'] - lrs['min_lr']) * (1 + math.cos(math.pi * t / (4 * steps))))
+    cosine = 0.5 * (1 + math.cos(math.pi * t / (4 * steps)))
+    assert seen[t] == pytest.approx(lrs['min_lr'] + (lrs['lr'] - lrs['min_lr']) * cosine)
     assert all(a >= b for a, b in zip(seen[steps:], seen[steps + 1:]))
 
 
