@@ -96,28 +96,33 @@ class CheckedImageFolder(ImageFolder):
         raise DataError(f"no readable image left in {self.root}")
 
 
-def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
+def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
+                             train_per_class: int | None = None) -> Path:
     """Write scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes) as an RGB ImageFolder tree
     ``root/{train,val}/<digit>/<index>.png``, upsampled to ``image_size`` with bicubic resampling, with a fixed
-    stratified split. Returns ``root``. A tree already written with the same settings is reused."""
+    stratified split. ``train_per_class`` keeps only the first N training images of each class (same val split).
+    Returns ``root``. A tree already written with the same settings is reused."""
     from sklearn.datasets import load_digits
 
     root = Path(root)
     stamp = root / ".digits-imagefolder"
-    settings = f"image_size={image_size} val_fraction={val_fraction} seed={seed}\n"
+    settings = f"image_size={image_size} val_fraction={val_fraction} seed={seed} train_per_class={train_per_class}\n"
     if stamp.is_file() and stamp.read_text() == settings:
         return root
     for split in ("train", "val"):
         shutil.rmtree(root / split, ignore_errors=True)
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    split_of = np.empty(len(digits.target), dtype=object)
+    split_of = np.full(len(digits.target), None, dtype=object)
     for label in np.unique(digits.target):
         indices = rng.permutation(np.flatnonzero(digits.target == label))
         n_val = int(round(len(indices) * val_fraction))
         split_of[indices[:n_val]] = "val"
-        split_of[indices[n_val:]] = "train"
+        train = indices[n_val:] if train_per_class is None else indices[n_val:n_val + train_per_class]
+        split_of[train] = "train"
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        if split_of[index] is None:
+            continue
         grey = np.clip(pixels / 16.0 * 255.0, 0, 255).astype(np.uint8)
         image = Image.fromarray(grey).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
         folder = root / split_of[index] / str(label)

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from projector_kd.errors import UserError, run_cli  # noqa: E402
 
 METHOD_LABELS = {"baseline": "no distillation", "kd": "logit KD only", "projector": "projector KD (ours)"}
 CONFIGS = ROOT / "configs" / "demo"
+IMAGE_SIZE = 32
+TRAIN_PER_CLASS = 50
 METRICS = "metrics.json"
 
 
@@ -55,11 +58,11 @@ def resnet_stage(method: str, seed: int | None, data: Path, out: Path, teacher_c
     output = out / "resnet" / name
     command = [sys.executable, str(ROOT / "imagenet" / "image_classification.py"),
                "--config", str(CONFIGS / f"resnet_{method}.yaml"), "--data-root", str(data),
-               "--run-dir", str(output), "--log", str(output / "log.txt")]
+               "--output_dir", str(output)]
     if seed is not None:
         command += ["--seed", str(seed)]
     if method not in ("teacher", "baseline"):
-        command += ["--teacher-ckpt", str(teacher_ckpt)]
+        command += ["--teacher_ckpt", str(teacher_ckpt)]
     track = "ResNet track" if method != "teacher" else "teacher"
     return Stage(track, method if method != "teacher" else "teacher (ResNet18)", seed, command, output)
 
@@ -72,8 +75,8 @@ def deit_stage(method: str, seed: int, data: Path, out: Path, teacher_ckpt: Path
     return Stage("DeiT track", method, seed, command, output)
 
 
-def run_stage(stage: Stage, index: int, total: int) -> dict:
-    """Run one stage (or reuse its finished output) and return its metrics."""
+def run_stage(stage: Stage, index: int, total: int, threads: int) -> dict:
+    """Run one stage with ``threads`` CPU threads (or reuse its finished output) and return its metrics."""
     prefix = f"[{index}/{total}] {stage.title}"
     if stage.metrics_file.is_file():
         metrics = json.loads(stage.metrics_file.read_text())
@@ -84,7 +87,8 @@ def run_stage(stage: Stage, index: int, total: int) -> dict:
     print(f"{prefix} ...", flush=True)
     start = time.time()
     with open(console, "w") as log:
-        status = subprocess.call(stage.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        status = subprocess.call(stage.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if status != 0 or not stage.metrics_file.is_file():
         tail = console.read_text().strip().splitlines()[-15:]
         print("\n".join("    " + line for line in tail), file=sys.stderr)
@@ -95,16 +99,25 @@ def run_stage(stage: Stage, index: int, total: int) -> dict:
     return metrics
 
 
+def _student_params(metrics: dict) -> int | None:
+    """The deployed student's parameter count (without the projector) from either track's metrics.json."""
+    if "student_params" in metrics:
+        return int(metrics["student_params"])
+    params = metrics.get("params")
+    return int(params["student"]) if isinstance(params, dict) else params
+
+
 def summarise(results: list[tuple[Stage, dict]]) -> list[dict]:
     """Group runs by (track, method): mean and std of top-1 over seeds, params, mean wall time, per-epoch curves."""
     rows: dict[tuple[str, str], dict] = {}
     for stage, metrics in results:
         row = rows.setdefault((stage.track, stage.method), {
-            "track": stage.track, "method": stage.method, "model": metrics.get("model", ""),
-            "params": metrics.get("params"), "top1": [], "wall_time_s": [], "curves": []})
+            "track": stage.track, "method": stage.method, "model": metrics.get("student", metrics.get("model", "")),
+            "params": _student_params(metrics), "top1": [], "wall_time_s": [], "curves": []})
         row["top1"].append(float(metrics["top1"]))
         row["wall_time_s"].append(float(metrics.get("wall_time_s", 0.0)))
-        row["curves"].append([float(v) for v in metrics.get("val_top1_per_epoch", [])])
+        curve = metrics.get("val_top1_per_epoch", metrics.get("val_top1", []))
+        row["curves"].append([float(v) for v in curve])
     for row in rows.values():
         row["top1_mean"] = statistics.fmean(row["top1"])
         row["top1_std"] = statistics.stdev(row["top1"]) if len(row["top1"]) > 1 else 0.0
@@ -178,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: 0 1 2)")
     parser.add_argument("--tracks", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first and run every stage again")
+    parser.add_argument("--train-per-class", type=int, default=TRAIN_PER_CLASS,
+                        help="training images per class the students see (teacher: all 1,438) (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1),
+                        help="student runs at a time, each with cpu_count/jobs threads (default: %(default)s)")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -185,19 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[data] digits ImageFolder in {out / 'data'}", flush=True)
-    data = write_digits_imagefolder(out / "data", image_size=32, val_fraction=0.2, seed=0)
+    print(f"[data] digits ImageFolders in {out / 'data'}", flush=True)
+    full_data = write_digits_imagefolder(out / "data" / "digits32", image_size=IMAGE_SIZE, val_fraction=0.2, seed=0)
+    student_data = write_digits_imagefolder(out / "data" / f"digits32_{args.train_per_class}pc", image_size=IMAGE_SIZE,
+                                            val_fraction=0.2, seed=0, train_per_class=args.train_per_class)
 
-    teacher = resnet_stage("teacher", None, data, out, Path())
+    teacher = resnet_stage("teacher", None, full_data, out, Path())
     teacher_ckpt = teacher.output / "best.pth"
     stages = [teacher]
     for track in args.tracks:
         for method in ("baseline", "kd", "projector"):
             for seed in args.seeds:
                 build = resnet_stage if track == "resnet" else deit_stage
-                stages.append(build(method, seed, data, out, teacher_ckpt))
+                stages.append(build(method, seed, student_data, out, teacher_ckpt))
 
-    results = [(stage, run_stage(stage, index, len(stages))) for index, stage in enumerate(stages, 1)]
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(args.jobs, cores))
+    results = [(teacher, run_stage(teacher, 1, len(stages), threads=cores))]
+    students = stages[1:]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_stage, stage, index, len(stages), max(1, cores // jobs))
+                   for index, stage in enumerate(students, 2)]
+        results += [(stage, future.result()) for stage, future in zip(students, futures)]
     rows = summarise(results)
     wall_time = time.time() - start
     plot_curves(rows, out / "curves.png")

@@ -79,3 +79,13 @@ def test_digits_imagefolder(tmp_path):
     before = (root / "train" / "0").stat().st_mtime_ns
     write_digits_imagefolder(tmp_path / "digits", image_size=16)  # reused, not rewritten
     assert (root / "train" / "0").stat().st_mtime_ns == before
+
+
+def test_digits_training_subset_keeps_the_same_val_split(tmp_path):
+    full = write_digits_imagefolder(tmp_path / "full", image_size=8)
+    small = write_digits_imagefolder(tmp_path / "small", image_size=8, train_per_class=5)
+    train = CheckedImageFolder(small / "train")
+    assert len(train) == 50 and sorted(set(train.targets)) == list(range(10))
+    assert sorted(p.name for p in (small / "val").rglob("*.png")) == sorted(p.name for p in (full / "val").rglob("*.png"))
+    full_train = {p.name for p in (full / "train").rglob("*.png")}
+    assert {p.name for p in (small / "train").rglob("*.png")} <= full_train
