@@ -96,6 +96,7 @@ SCHEMA: dict[str, tuple] = {
     'train.opt_eps': (float, POSITIVE),
     'train.clip_grad': ((float, type(None)), POSITIVE),
     'train.amp': (bool, None),
+    'train.accum_iter': (int, POSITIVE),
     'train.save_freq': (int, POSITIVE),
     'train.eval_freq': (int, POSITIVE),
     'train.log_freq': (int, POSITIVE),
@@ -147,7 +148,8 @@ def load_config(model: str, config_file: str | None = None, flags: dict[str, Any
 
 
 def scaled_lrs(cfg: dict, world_size: int) -> dict[str, float]:
-    """Base, warm-up and minimum learning rates scaled by global batch / ``train.lr_scale_batch`` (SPEC §4)."""
+    """Base, warm-up and minimum learning rates scaled by global batch / ``train.lr_scale_batch`` (SPEC §4), where
+    global batch = data.batch_size x train.accum_iter x world size."""
     train = cfg['train']
-    scale = cfg['data']['batch_size'] * world_size / train['lr_scale_batch']
+    scale = cfg['data']['batch_size'] * train['accum_iter'] * world_size / train['lr_scale_batch']
     return {'lr': train['base_lr'] * scale, 'warmup_lr': train['warmup_lr'] * scale, 'min_lr': train['min_lr'] * scale}

@@ -210,13 +210,14 @@ def build_loaders(cfg: dict, rank: int, world_size: int, pin_memory: bool, train
     if not train:
         return None, val_loader
     train_set = build_dataset('train', cfg)
-    sampler = ResumableSampler(len(train_set), data['batch_size'], cfg['seed'], rank, world_size)
+    step_batch = data['batch_size'] * cfg['train']['accum_iter']  # one optimizer step's images on this rank
+    sampler = ResumableSampler(len(train_set), step_batch, cfg['seed'], rank, world_size)
     if sampler.batches_per_epoch == 0:
         raise DataError(f'{Path(data["path"]) / "train"} has {len(train_set)} images: fewer than one batch of '
-                        f'{data["batch_size"]} per rank; lower data.batch_size')
+                        f'{step_batch} per rank (data.batch_size x train.accum_iter); lower data.batch_size')
     generator = torch.Generator()
     generator.manual_seed(cfg['seed'])
-    train_loader = DataLoader(SeededSamples(train_set, cfg['seed']), batch_size=data['batch_size'], sampler=sampler,
+    train_loader = DataLoader(SeededSamples(train_set, cfg['seed']), batch_size=step_batch, sampler=sampler,
                               drop_last=True, generator=generator, **common)
     return train_loader, val_loader
 

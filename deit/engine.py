@@ -151,6 +151,7 @@ class Trainer:
         self.output_dir = output_dir
         self.writer = writer
         self.steps_per_epoch = steps_per_epoch
+        self.accum_iter = cfg['train']['accum_iter']
         self.method = cfg['distillation']['method']
         cuda = self.device.type == 'cuda'
         self.autocast_dtype = (torch.bfloat16 if self.fast else torch.float16) if cuda and (
@@ -232,41 +233,48 @@ class Trainer:
                 f'batch {self.global_step % self.steps_per_epoch})')
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """One optimisation step at ``self.global_step``; returns the loss terms as floats.
+        """One optimisation step at ``self.global_step``; returns the loss terms (mean over micro-batches) as floats.
 
-        Raises NonFiniteLossError naming the step and term before any update when a term is NaN/inf, and when the
-        gradient norm is non-finite without a GradScaler (which would otherwise write NaN weights)."""
+        With ``train.accum_iter = k`` the loader batch is split into k micro-batches of ``data.batch_size``, each
+        handled as one GPU's batch would be (mixup, batch whitening), and the gradient of ``sum(loss_i) / k`` is taken:
+        the recipe's global batch on k times fewer GPUs. Raises NonFiniteLossError naming the step and term before any
+        update when a term is NaN/inf, and when the gradient norm is non-finite without a GradScaler (which would
+        otherwise write NaN weights)."""
         self.scheduler.step_update(self.global_step)
-        images, targets = self.prepare_batch(images, targets)
-        terms = self.compute_terms(images, targets)
-        loss = sum(terms.values())
-        values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist()))
-        bad = [name for name, value in values.items() if not math.isfinite(value)]
-        if bad:
-            raise NonFiniteLossError(
-                f'non-finite loss at {self._where()}: term {bad[0]!r} = {values[bad[0]]} '
-                f'({", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped without writing a checkpoint — '
-                f'resume from the last good one with a lower lr or train.amp off')
         self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = list(zip(images.chunk(self.accum_iter), targets.chunk(self.accum_iter)))
+        sums: dict[str, float] = {}
+        for micro_images, micro_targets in micro_batches:
+            micro_images, micro_targets = self.prepare_batch(micro_images, micro_targets)
+            terms = self.compute_terms(micro_images, micro_targets)
+            values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist()))
+            bad = [name for name, value in values.items() if not math.isfinite(value)]
+            if bad:
+                raise NonFiniteLossError(
+                    f'non-finite loss at {self._where()}: term {bad[0]!r} = {values[bad[0]]} '
+                    f'({", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped without writing a checkpoint '
+                    f'— resume from the last good one with a lower lr or train.amp off')
+            loss = sum(terms.values()) / len(micro_batches)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value / len(micro_batches)
         clip = self.cfg['train']['clip_grad']
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.student.parameters(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             norm = nn.utils.clip_grad_norm_(self.student.parameters(), clip if clip else math.inf)
             if not torch.isfinite(norm):
                 raise NonFiniteLossError(f'non-finite gradient norm at {self._where()} (loss terms '
-                                         f'{", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped '
+                                         f'{", ".join(f"{k}={v:.4g}" for k, v in sums.items())}); stopped '
                                          f'without updating the weights or writing a checkpoint')
             self.optimizer.step()
         self.global_step += 1
-        values['loss'] = sum(values.values())
-        return values
+        sums['loss'] = sum(sums.values())
+        return sums
 
     # -- loops --------------------------------------------------------------------------------------------------
     def _stop_requested(self, stop: Any) -> bool:

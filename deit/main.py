@@ -52,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--output', help='run folder: logs, TensorBoard, checkpoints, metrics.json (output)')
     parser.add_argument('--batch-size', type=int, help='per-process batch size (data.batch_size)')
     parser.add_argument('--epochs', type=int, help='train.epochs')
+    parser.add_argument('--accum-iter', type=int,
+                        help='micro-batches per optimizer step (train.accum_iter): global batch = batch size x '
+                             'accum-iter x GPUs, so fewer GPUs can keep the recipe\'s global batch')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                         help='continue a run even if its config changed; with a path, resume from that checkpoint '
                              '(auto-resume from <output>/checkpoint.pth happens anyway when the config matches)')
@@ -70,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     flags = {'data.path': args.data_path, 'output': args.output, 'data.batch_size': args.batch_size,
-             'train.epochs': args.epochs, 'teacher.ckpt': args.teacher_ckpt, 'fast': args.fast,
+             'train.epochs': args.epochs, 'train.accum_iter': args.accum_iter, 'teacher.ckpt': args.teacher_ckpt, 'fast': args.fast,
              'device': args.device}
     return load_config(args.model, args.config, flags, args.opts)
 
@@ -183,9 +186,10 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     counts = log_parameters(student)
     steps = train_loader.sampler.batches_per_epoch
     trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
-    logger.info('method %s, %d processes x batch %d, lr %.3g, %d steps/epoch, fast path %s, device %s',
-                cfg['distillation']['method'], env.world_size, cfg['data']['batch_size'], trainer.lrs['lr'], steps,
-                'on' if cfg['fast'] else 'off', env.device)
+    logger.info('method %s, %d processes x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, '
+                'fast path %s, device %s', cfg['distillation']['method'], env.world_size, cfg['data']['batch_size'],
+                cfg['train']['accum_iter'], env.world_size * cfg['data']['batch_size'] * cfg['train']['accum_iter'],
+                trainer.lrs['lr'], steps, 'on' if cfg['fast'] else 'off', env.device)
     start_epoch, start_batch = 0, 0
     explicit = args.resume not in (None, 'auto')
     resume_path = find_file(args.resume) if explicit else latest_checkpoint(output, RESUME_FILE)

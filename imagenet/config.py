@@ -27,7 +27,7 @@ from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT
 from torchdistill.optim.registry import OPTIM_DICT, SCHEDULER_DICT
 
 import imagenet.registry  # noqa: F401  (this project's names)
-from projector_kd.config import validate
+from projector_kd.config import load_yaml, validate
 from projector_kd.errors import UserError
 
 MAPPING_TAGS = ("!import_get", "!import_call", "!import_call_method", "!call_method", "!access_by_index_or_key")
@@ -91,19 +91,8 @@ def find_recipe(path: str | os.PathLike) -> Path:
 
 def load_recipe(path: str | os.PathLike) -> dict:
     """Parse a torchdistill recipe with its tags kept inert (phase 1)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path} — pass --config with a path relative to the working directory "
-                        f"or to the repository root")
-    try:
-        recipe = yaml.load(path.read_text(), Loader=_RecipeLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"config file {path} is not a valid recipe{where}: {getattr(error, 'problem', error)}") from None
-    if not isinstance(recipe, dict):
-        raise UserError(f"config file {path} must hold a mapping (torchdistill recipe), got {type(recipe).__name__}")
-    return recipe
+    return load_yaml(path, loader=_RecipeLoader,
+                     missing_hint=" — pass --config with a path relative to the working directory or to the repository root")
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -395,6 +384,8 @@ def check_recipe(recipe: dict, source: str) -> None:
         _check_side(train.get("model"), "train.model", source)
         optimizer = _keys(train.get("optimizer"), OPTIMIZER_KEYS, "train.optimizer", source)
         optim_cls = _registered(OPTIM_DICT, optimizer.get("key"), "train.optimizer.key", source)
+        _number(optimizer.get("grad_accum_step", 1), "train.optimizer.grad_accum_step", source,
+                lambda v: v >= 1 and v == int(v), "an integer >= 1")
         optim_kwargs = optimizer.get("kwargs") or {}
         _check_kwargs(optim_cls, optim_kwargs, "train.optimizer.kwargs", source, supplied={"params"})
         validate({k: v for k, v in optim_kwargs.items() if k in OPTIMIZER_VALUES}, OPTIMIZER_VALUES,

@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ class PickledConfig:
 SAFE_STAND_INS = [(PickledConfig, "yacs.config.CfgNode")]
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync it, then rename over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(handle)`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``.
 
     A process killed at any point leaves either the previous file or the new one, never a partial file. Temporaries
     left by a killed writer of the same file are removed first (one writer per file: rank 0).
@@ -48,7 +48,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -60,6 +60,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_location: Any = "cpu") -> Any:

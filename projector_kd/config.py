@@ -32,13 +32,13 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; UserError naming the file when missing or not valid YAML."""
+def load_yaml(path: str | Path, loader: type = RecipeLoader, missing_hint: str = "") -> dict:
+    """Read a YAML mapping with ``loader``; UserError naming the file when missing, not valid YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}{missing_hint}")
     try:
-        data = yaml.load(path.read_text(), Loader=RecipeLoader)
+        data = yaml.load(path.read_text(), Loader=loader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from .checkpoint import atomic_write
 from .errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -21,19 +20,6 @@ def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new), key=str)
         return [k for key in keys for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def prepare_output_dir(path: str | Path, config: dict, resume: bool) -> Path:
@@ -53,7 +39,7 @@ def prepare_output_dir(path: str | Path, config: dict, resume: bool) -> Path:
             raise UserError(f"output folder {path} holds a different run (config differs in: "
                             f"{', '.join(differing[:6])}) — choose a new output folder, or pass --resume to continue "
                             f"that run with the new settings")
-    _atomic_write_text(recorded_file, yaml.safe_dump(normalised, sort_keys=False))
+    atomic_write(recorded_file, lambda handle: handle.write(yaml.safe_dump(normalised, sort_keys=False).encode()))
     return path
 
 
@@ -61,7 +47,7 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, lambda handle: handle.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def close_logging() -> None:

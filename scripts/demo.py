@@ -59,8 +59,7 @@ def resnet_stage(method: str, seed: int | None, data: Path, out: Path, teacher_c
     command = [sys.executable, str(ROOT / "imagenet" / "image_classification.py"),
                "--config", str(CONFIGS / f"resnet_{method}.yaml"), "--data-root", str(data),
                "--output_dir", str(output)]
-    if seed is not None:
-        command += ["--seed", str(seed)]
+    command += ["--seed", str(0 if seed is None else seed)]
     if method not in ("teacher", "baseline"):
         command += ["--teacher_ckpt", str(teacher_ckpt)]
     track = "ResNet track" if method != "teacher" else "teacher"

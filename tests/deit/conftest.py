@@ -34,15 +34,6 @@ def repo() -> Path:
     return REPO
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: deterministic and fast when other processes share the two cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def write_image_folder(root: Path, train_per_class: int = 12, val_per_class: int = 4, size: int = 16) -> Path:
     """Class c images: noise around a class-specific colour, so a few steps can learn them."""
     rng = np.random.default_rng(0)

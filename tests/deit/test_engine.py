@@ -1,6 +1,7 @@
 """Training step semantics: the three loss terms against a float64 hand computation, learning, schedule, groups."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -142,3 +143,37 @@ def test_non_finite_term_stops_with_step_and_term_and_keeps_the_good_checkpoint(
     with pytest.raises(NonFiniteLossError, match='weights became non-finite'):
         trainer.save(0, 1, ['checkpoint.pth'])
     assert (tmp_path / 'checkpoint.pth').read_bytes() == good
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny_config, image_folder, teacher_ckpt):
+    """accum_iter = 2: one step on a loader batch of 2B = the mean of the two micro-batches' gradients (each whitened
+    and normalised on its own, as on two GPUs), one AdamW step; the lr is scaled by the global batch 2B."""
+    opts = ('aug.mixup', '0.0', 'aug.cutmix', '0.0', 'model.drop_path', '0.0', 'train.warmup_epochs', '0')
+    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, *opts, 'train.accum_iter', '2')
+    single, _ = _trainer(tiny_config, image_folder, teacher_ckpt, *opts)
+    assert trainer.lrs['lr'] == pytest.approx(2 * single.lrs['lr'])
+    assert loader.batch_size == 2 * single.cfg['data']['batch_size']
+    reference = copy.deepcopy(trainer.student)
+    loader.sampler.set_epoch(0)
+    images, labels = next(iter(loader))
+    values = trainer.train_step(images, labels)
+
+    objective = DistillationObjective(reference, 'projector', soft_targets=False, smoothing=0.1)
+    teacher = trainer.teacher
+    optimizer = torch.optim.AdamW(param_groups(reference, trainer.cfg['train']['weight_decay']),
+                                  lr=trainer.optimizer.param_groups[0]['lr'], betas=tuple(trainer.cfg['train']['betas']),
+                                  eps=trainer.cfg['train']['opt_eps'])
+    expected_terms = {}
+    for half_images, half_labels in zip(images.chunk(2), labels.chunk(2)):
+        with torch.no_grad():
+            features, logits = teacher(half_images)
+        terms = objective(half_images, half_labels, features, logits)
+        (sum(terms.values()) / 2).backward()
+        for name, term in terms.items():
+            expected_terms[name] = expected_terms.get(name, 0.0) + term.item() / 2
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), trainer.cfg['train']['clip_grad'])
+    optimizer.step()
+    for name, term in expected_terms.items():
+        assert values[name] == pytest.approx(term, rel=1e-6)
+    for (name, ours), theirs in zip(trainer.student.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)

@@ -229,15 +229,6 @@ runtime:
     return text
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: deterministic and fast when other processes share the two cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A 3-class, 16 px ImageFolder: 30 train images, 21 val images (shared, read-only)."""

@@ -31,7 +31,8 @@ def test_release_recipe_values_match_spec():
     train = plain["train"]
     assert train["num_epochs"] == 100
     assert train["train_data_loader"]["kwargs"]["batch_size"] == 256
-    assert train["optimizer"] == {"key": "SGD", "kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}}
+    assert train["optimizer"] == {"key": "SGD", "kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+                                  "grad_accum_step": 1}
     assert train["scheduler"]["key"] == "MultiStepLR"
     assert train["scheduler"]["kwargs"] == {"milestones": [30, 60, 90], "gamma": 0.1}
     assert train["teacher"]["requires_grad"] is False

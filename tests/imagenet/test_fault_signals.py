@@ -28,7 +28,10 @@ real_save = torch.save
 writes = []
 
 def save(obj, handle, *args, **kwargs):
-    target = Path(sys._getframe(1).f_locals.get("path", ""))
+    frame = sys._getframe(1)
+    while frame is not None and "path" not in frame.f_locals:  # the atomic writer holding the target path
+        frame = frame.f_back
+    target = Path(frame.f_locals["path"] if frame is not None else "")
     if target.name == "checkpoint.pth":
         writes.append(target)
         if len(writes) == 2:

@@ -34,13 +34,14 @@ def test_resnet_recipe_batch_and_lr_and_accumulation_key():
     recipe = load_recipe(find_recipe(RECIPE))
     assert recipe["train"]["train_data_loader"]["kwargs"]["batch_size"] == 256
     assert recipe["train"]["optimizer"]["kwargs"]["lr"] == 0.1
-    with pytest.raises(UserError, match="'train.optimizer.grad_accum_step' is not in the config"):
-        apply_overrides(recipe, ["train.optimizer.grad_accum_step", "2"])
+    assert recipe["train"]["optimizer"]["grad_accum_step"] == 1
     halved = apply_overrides(recipe, ["train.train_data_loader.kwargs.batch_size", "32"])
     assert halved["train"]["train_data_loader"]["kwargs"]["batch_size"] == 32
-    edited = copy.deepcopy(recipe)
-    edited["train"]["optimizer"]["grad_accum_step"] = 2
-    check_recipe(edited, RECIPE)  # the key the docs tell users to add is accepted
+    accumulating = apply_overrides(recipe, ["train.optimizer.grad_accum_step", "2"])
+    assert accumulating["train"]["optimizer"]["grad_accum_step"] == 2
+    check_recipe(accumulating, RECIPE)  # the override the docs give is accepted
+    with pytest.raises(UserError, match="grad_accum_step"):
+        check_recipe(apply_overrides(recipe, ["train.optimizer.grad_accum_step", "0"]), RECIPE)
 
 
 def test_torchdistill_accumulation_equals_averaging_micro_batch_gradients():
