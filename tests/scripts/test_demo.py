@@ -1,0 +1,83 @@
+"""The demo orchestrator: both tracks' metrics.json read alike, mean ± std over seeds, report and plot written,
+finished runs reused, a failing stage named in one line."""
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from projector_kd.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
+demo = importlib.util.module_from_spec(spec)
+sys.modules["demo"] = demo  # dataclasses resolve their module while the script is being executed
+spec.loader.exec_module(demo)
+
+
+def resnet_metrics(top1, curve):  # the ImageNet track's metrics.json keys
+    return {"top1": top1, "top5": 100.0, "val_top1_per_epoch": curve, "student": "resnet20",
+            "student_params": 272474, "wall_time_s": 30.0}
+
+
+def deit_metrics(top1, curve):  # the DeiT track's metrics.json keys
+    return {"top1": top1, "top5": 100.0, "val_top1": curve, "model": "demo",
+            "params": {"student": 237236, "projector": 33280, "total": 270516}, "wall_time_s": 40.0}
+
+
+def finished_stage(tmp_path, track, method, seed, metrics):
+    stage = demo.Stage(track, method, seed, [sys.executable, "-c", "raise SystemExit(1)"],
+                       tmp_path / f"{track}-{method}-{seed}")
+    stage.output.mkdir(parents=True)
+    stage.metrics_file.write_text(json.dumps(metrics))
+    return stage
+
+
+def test_summary_report_and_plot_from_both_tracks(tmp_path):
+    results = []
+    for seed, (a, b) in enumerate([(90.0, 92.0), (94.0, 93.0), (86.0, 97.0)]):
+        for method, value in (("baseline", a), ("projector", b)):
+            stage = finished_stage(tmp_path, "ResNet track", method, seed, resnet_metrics(value, [50.0, value]))
+            results.append((stage, demo.run_stage(stage, 1, 1, threads=1)))  # reused: the command would fail
+        stage = finished_stage(tmp_path, "DeiT track", "baseline", seed, deit_metrics(a, [40.0, 60.0, a]))
+        results.append((stage, demo.run_stage(stage, 1, 1, threads=1)))
+    rows = demo.summarise(results)
+    by_key = {(row["track"], row["method"]): row for row in rows}
+    projector = by_key[("ResNet track", "projector")]
+    assert projector["top1_mean"] == pytest.approx(94.0)
+    assert projector["top1_std"] == pytest.approx(statistics.stdev([92.0, 93.0, 97.0]))
+    assert projector["params"] == 272474 and projector["model"] == "resnet20"
+    deit = by_key[("DeiT track", "baseline")]
+    assert deit["params"] == 237236 and deit["curves"][0] == [40.0, 60.0, 90.0]
+
+    summary = demo.write_report(rows, tmp_path, [0, 1, 2], 50, wall_time=12.0)
+    demo.plot_curves(rows, tmp_path / "curves.png")
+    report = (tmp_path / "report.md").read_text()
+    assert "| ResNet track | resnet20 | projector KD (ours) | 94.00 ± 2.65 | 3 | 0.27M | 30s |" in report
+    assert "ResNet track: projector KD beats no distillation by +4.00 top-1 points (mean over 3 seeds)" in summary
+    assert "students on 50 images per class" in report and "The runs took 300s" in report
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [0, 1, 2]
+
+
+def test_failing_stage_names_itself_and_its_log(tmp_path):
+    stage = demo.Stage("ResNet track", "kd", 0, [sys.executable, "-c", "print('boom'); raise SystemExit(2)"],
+                       tmp_path / "kd")
+    with pytest.raises(UserError, match=r"demo stage 'ResNet track: logit KD only, seed 0' failed \(exit 2\); "
+                                        r"full output in .*kd/console.txt"):
+        demo.run_stage(stage, 3, 19, threads=1)
+    assert "boom" in (tmp_path / "kd" / "console.txt").read_text()
+
+
+def test_stage_commands_use_the_real_entry_points_and_demo_configs(tmp_path):
+    teacher = demo.resnet_stage("teacher", None, tmp_path / "full", tmp_path, Path())
+    assert teacher.command[1].endswith("imagenet/image_classification.py")
+    assert "--teacher_ckpt" not in teacher.command and teacher.command[-2:] == ["--seed", "0"]
+    student = demo.deit_stage("projector", 2, tmp_path / "small", tmp_path, tmp_path / "best.pth")
+    assert student.command[1].endswith("deit/main.py")
+    assert str(REPO / "configs" / "demo" / "deit_projector.yaml") in student.command
+    assert student.command[-3:] == ["--opts", "seed", "2"]
+    for method in ("teacher", "baseline", "kd", "projector"):
+        assert (REPO / "configs" / "demo" / f"resnet_{method}.yaml").is_file()
