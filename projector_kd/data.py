@@ -29,13 +29,15 @@ def _has_image(folder: Path) -> bool:
     return any(p.suffix.lower() in IMG_EXTENSIONS for p in folder.rglob("*") if p.is_file())
 
 
-def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> None:
+def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val"),
+                       how_to_set: str = "set the data path") -> None:
     """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, and every
-    split has the same classes as the first. Raises :class:`DataError` naming the path and the fix."""
+    split has the same classes as the first. Raises :class:`DataError` naming the path and the fix (``how_to_set``
+    tells the user how to point the run at their data)."""
     root = Path(root)
     expected = " and ".join(f"{root / s}/<class>/<image>" for s in splits)
     if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist — expected {expected}; set the data path")
+        raise DataError(f"dataset folder {root} does not exist — expected {expected}; {how_to_set}")
     reference: list[str] | None = None
     for split in splits:
         split_dir = root / split

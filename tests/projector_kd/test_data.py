@@ -21,8 +21,9 @@ def test_good_tree_passes(tmp_path):
 
 
 def test_missing_root_names_expected_folders(tmp_path):
-    with pytest.raises(DataError, match=r"dataset folder .*imagenet does not exist — expected .*imagenet/train/<class>"):
-        check_image_folder(tmp_path / "imagenet")
+    with pytest.raises(DataError, match=r"dataset folder .*imagenet does not exist — expected .*imagenet/train/<class>"
+                                        r".*; pass --data-path DIR$"):
+        check_image_folder(tmp_path / "imagenet", how_to_set="pass --data-path DIR")
 
 
 def test_missing_split(tmp_path):
