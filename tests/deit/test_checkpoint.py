@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from yacs.config import CfgNode
@@ -106,7 +107,7 @@ def test_corrupt_and_truncated_files_name_the_file(tmp_path):
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / 'garbage.pth'
-    garbage.write_bytes(os.urandom(4096))
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     for path in (truncated, garbage, tmp_path / 'missing.pth'):
         with pytest.raises(CheckpointError, match=str(path)):
             load_student_checkpoint(model, path)

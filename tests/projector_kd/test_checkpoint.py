@@ -95,6 +95,15 @@ def test_broken_files_give_one_line_naming_the_file(tmp_path, damage, message):
     assert str(tmp_path / "bad.pth") in str(info.value) and "\n" not in str(info.value)
 
 
+def test_random_bytes_never_escape_as_a_traceback(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.pth"
+    for size in [1, 2, 7, 64, 512, 4096] * 20:
+        path.write_bytes(rng.bytes(size))
+        with pytest.raises(CheckpointError, match="noise.pth"):
+            load_checkpoint(path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pth"):
         load_checkpoint(tmp_path / "missing.pth")
