@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import SequentialSampler, TensorDataset
+from torch.utils.data import TensorDataset
 from torchdistill.core.distillation import get_distillation_box
 from torchvision.models import resnet18
 

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from projector_kd import DISTANCES, ProjectorDistillLoss, Whitening, kd_loss, pool_features
