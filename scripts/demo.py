@@ -98,25 +98,16 @@ def run_stage(stage: Stage, index: int, total: int, threads: int) -> dict:
     return metrics
 
 
-def _student_params(metrics: dict) -> int | None:
-    """The deployed student's parameter count (without the projector) from either track's metrics.json."""
-    if "student_params" in metrics:
-        return int(metrics["student_params"])
-    params = metrics.get("params")
-    return int(params["student"]) if isinstance(params, dict) else params
-
-
 def summarise(results: list[tuple[Stage, dict]]) -> list[dict]:
     """Group runs by (track, method): mean and std of top-1 over seeds, params, mean wall time, per-epoch curves."""
     rows: dict[tuple[str, str], dict] = {}
     for stage, metrics in results:
         row = rows.setdefault((stage.track, stage.method), {
-            "track": stage.track, "method": stage.method, "model": metrics.get("student", metrics.get("model", "")),
-            "params": _student_params(metrics), "top1": [], "wall_time_s": [], "curves": []})
+            "track": stage.track, "method": stage.method, "model": metrics["student"],
+            "params": metrics["student_params"], "top1": [], "wall_time_s": [], "curves": []})
         row["top1"].append(float(metrics["top1"]))
-        row["wall_time_s"].append(float(metrics.get("wall_time_s", 0.0)))
-        curve = metrics.get("val_top1_per_epoch", metrics.get("val_top1", []))
-        row["curves"].append([float(v) for v in curve])
+        row["wall_time_s"].append(float(metrics["wall_time_s"]))
+        row["curves"].append([float(v) for v in metrics["val_top1_per_epoch"]])
     for row in rows.values():
         row["top1_mean"] = statistics.fmean(row["top1"])
         row["top1_std"] = statistics.stdev(row["top1"]) if len(row["top1"]) > 1 else 0.0

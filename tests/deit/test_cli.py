@@ -22,7 +22,7 @@ def test_train_from_inside_deit_then_evaluate_a_release_layout_checkpoint(
     result = _run(['main.py', *argv], repo / 'deit', child_env, python)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((output / 'metrics.json').read_text())
-    assert set(metrics) >= {'top1', 'top5', 'val_top1', 'wall_time_s', 'params'}
+    assert set(metrics) >= {'top1', 'top5', 'val_top1_per_epoch', 'wall_time_s', 'student', 'student_params', 'params'}
     assert metrics['params']['projector'] == 16 * 512 + 512
     assert list((output / 'tensorboard').iterdir())
     trained = torch.load(output / 'checkpoint.pth', weights_only=True)['model']

@@ -66,4 +66,4 @@ def test_corrupt_image_skip_mode_counts_and_trains(tmp_path, train_argv, data_co
     assert main(_argv(train_argv, output, data_copy) + ['--opts', 'data.on_bad_image', 'skip']) == 0
     log = (output / 'log.txt').read_text()
     assert f'skipping unreadable image {bad}' in log and '(1 skipped so far in this process)' in log
-    assert len(json.loads((output / 'metrics.json').read_text())['val_top1']) == 1
+    assert len(json.loads((output / 'metrics.json').read_text())['val_top1_per_epoch']) == 1

@@ -49,7 +49,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, train_argv):
     assert (a['epoch'], a['next_batch']) == (2, 0)
     metrics_a = json.loads((straight / 'metrics.json').read_text())
     metrics_b = json.loads((interrupted / 'metrics.json').read_text())
-    assert metrics_a['val_top1'] == metrics_b['val_top1'] and len(metrics_a['val_top1']) == 2
+    assert metrics_a['val_top1_per_epoch'] == metrics_b['val_top1_per_epoch'] and len(metrics_a['val_top1_per_epoch']) == 2
 
 
 def test_resume_with_loader_workers_is_bit_identical(tmp_path, train_argv):
