@@ -175,8 +175,9 @@ class Trainer:
             kd_temperature=cfg['distillation']['kd_temperature']).to(self.device)
         if self.fast and self.student.distillation_loss is not None:
             self.student.distillation_loss.check_inputs = False
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
         if env.distributed:
-            objective = nn.parallel.DistributedDataParallel(
+            objective = self.ddp = nn.parallel.DistributedDataParallel(
                 objective, device_ids=[self.device.index] if cuda else None)
         self.objective: Callable = objective
         self.teacher_forward: Callable | None = self.teacher
@@ -244,18 +245,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = list(zip(images.chunk(self.accum_iter), targets.chunk(self.accum_iter)))
         sums: dict[str, float] = {}
-        for micro_images, micro_targets in micro_batches:
-            micro_images, micro_targets = self.prepare_batch(micro_images, micro_targets)
-            terms = self.compute_terms(micro_images, micro_targets)
-            values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist()))
-            bad = [name for name, value in values.items() if not math.isfinite(value)]
-            if bad:
-                raise NonFiniteLossError(
-                    f'non-finite loss at {self._where()}: term {bad[0]!r} = {values[bad[0]]} '
-                    f'({", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped without writing a checkpoint '
-                    f'— resume from the last good one with a lower lr or train.amp off')
-            loss = sum(terms.values()) / len(micro_batches)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        for index, (micro_images, micro_targets) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            # under DDP, gradients are all-reduced once per step: on the last micro-batch's forward and backward
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                micro_images, micro_targets = self.prepare_batch(micro_images, micro_targets)
+                terms = self.compute_terms(micro_images, micro_targets)
+                values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist()))
+                bad = [name for name, value in values.items() if not math.isfinite(value)]
+                if bad:
+                    raise NonFiniteLossError(
+                        f'non-finite loss at {self._where()}: term {bad[0]!r} = {values[bad[0]]} '
+                        f'({", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped without writing a '
+                        f'checkpoint — resume from the last good one with a lower lr or train.amp off')
+                loss = sum(terms.values()) / len(micro_batches)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value / len(micro_batches)
         clip = self.cfg['train']['clip_grad']
