@@ -99,16 +99,21 @@ class CheckedImageFolder(ImageFolder):
 
 
 def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
-                             train_per_class: int | None = None) -> Path:
+                             train_per_class: int | None = None, holdout: bool = False) -> Path:
     """Write scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes) as an RGB ImageFolder tree
     ``root/{train,val}/<digit>/<index>.png``, upsampled to ``image_size`` with bicubic resampling, with a fixed
     stratified split. ``train_per_class`` keeps only the first N training images of each class (same val split).
+    ``holdout`` (needs ``train_per_class``) puts the training images beyond those N in ``val`` instead of the real
+    validation images, which are then not written: a split for choosing settings without looking at val.
     Returns ``root``. A tree already written with the same settings is reused."""
+    if holdout and train_per_class is None:
+        raise ValueError("holdout=True needs train_per_class: the held-out images are the training images beyond it")
     from sklearn.datasets import load_digits
 
     root = Path(root)
     stamp = root / ".digits-imagefolder"
-    settings = f"image_size={image_size} val_fraction={val_fraction} seed={seed} train_per_class={train_per_class}\n"
+    settings = (f"image_size={image_size} val_fraction={val_fraction} seed={seed} train_per_class={train_per_class}"
+                f"{' holdout' if holdout else ''}\n")
     if stamp.is_file() and stamp.read_text() == settings:
         return root
     for split in ("train", "val"):
@@ -119,8 +124,11 @@ def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fractio
     for label in np.unique(digits.target):
         indices = rng.permutation(np.flatnonzero(digits.target == label))
         n_val = int(round(len(indices) * val_fraction))
-        split_of[indices[:n_val]] = "val"
         train = indices[n_val:] if train_per_class is None else indices[n_val:n_val + train_per_class]
+        if holdout:
+            split_of[indices[n_val + train_per_class:]] = "val"
+        else:
+            split_of[indices[:n_val]] = "val"
         split_of[train] = "train"
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         if split_of[index] is None:

@@ -90,3 +90,15 @@ def test_digits_training_subset_keeps_the_same_val_split(tmp_path):
     assert sorted(p.name for p in (small / "val").rglob("*.png")) == sorted(p.name for p in (full / "val").rglob("*.png"))
     full_train = {p.name for p in (full / "train").rglob("*.png")}
     assert {p.name for p in (small / "train").rglob("*.png")} <= full_train
+
+
+def test_digits_holdout_split_is_the_unused_training_images(tmp_path):
+    full = write_digits_imagefolder(tmp_path / "full", image_size=8)
+    holdout = write_digits_imagefolder(tmp_path / "holdout", image_size=8, train_per_class=5, holdout=True)
+    held_train = {p.name for p in (holdout / "train").rglob("*.png")}
+    held_val = {p.name for p in (holdout / "val").rglob("*.png")}
+    assert len(held_train) == 50 and not held_train & held_val
+    assert held_train | held_val == {p.name for p in (full / "train").rglob("*.png")}  # every training image, none of the real val images
+    assert not held_val & {p.name for p in (full / "val").rglob("*.png")}
+    with pytest.raises(ValueError, match="holdout=True needs train_per_class"):
+        write_digits_imagefolder(tmp_path / "bad", image_size=8, holdout=True)

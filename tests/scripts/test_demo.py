@@ -32,6 +32,7 @@ def finished_stage(tmp_path, track, method, seed, metrics):
                        tmp_path / f"{track}-{method}-{seed}")
     stage.output.mkdir(parents=True)
     stage.metrics_file.write_text(json.dumps(metrics))
+    (stage.output / demo.COMMAND_STAMP).write_text(json.dumps(stage.command[1:]))
     return stage
 
 
@@ -39,7 +40,8 @@ def test_summary_report_and_plot_from_both_tracks(tmp_path):
     results = []
     for seed, (a, b) in enumerate([(90.0, 92.0), (94.0, 93.0), (86.0, 97.0)]):
         for method, value in (("baseline", a), ("projector", b)):
-            stage = finished_stage(tmp_path, "ResNet track", method, seed, resnet_metrics(value, [50.0, value]))
+            curve = [50.0, value] if method == "projector" else [value, value - 3.0]  # best epoch: last / first
+            stage = finished_stage(tmp_path, "ResNet track", method, seed, resnet_metrics(value, curve))
             results.append((stage, demo.run_stage(stage, 1, 1, threads=1)))  # reused: the command would fail
         stage = finished_stage(tmp_path, "DeiT track", "baseline", seed, deit_metrics(a, [40.0, 60.0, a]))
         results.append((stage, demo.run_stage(stage, 1, 1, threads=1)))
@@ -55,9 +57,12 @@ def test_summary_report_and_plot_from_both_tracks(tmp_path):
     summary = demo.write_report(rows, tmp_path, [0, 1, 2], 50, wall_time=12.0)
     demo.plot_curves(rows, tmp_path / "curves.png")
     report = (tmp_path / "report.md").read_text()
-    assert "| ResNet track | resnet20 | projector KD (ours) | 94.00 ± 2.65 | 3 | 0.27M | 30s |" in report
+    assert "| ResNet track | resnet20 | projector KD (ours) | 94.00 ± 2.65 | 94.00 | 3 | 0.27M | 30s |" in report
+    assert "| ResNet track | resnet20 | no distillation | 90.00 ± 4.00 | 87.00 | 3 | 0.27M | 30s |" in report
     assert "ResNet track: projector KD beats no distillation by +4.00 top-1 points (mean over 3 seeds)" in summary
     assert "students on 50 images per class" in report and "The runs took 300s" in report
+    assert "Students are scored on the val split" in report
+    assert "logit KD alone" not in summary  # no logit-KD rows in this set
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [0, 1, 2]
 
@@ -81,3 +86,28 @@ def test_stage_commands_use_the_real_entry_points_and_demo_configs(tmp_path):
     assert student.command[-3:] == ["--opts", "seed", "2"]
     for method in ("teacher", "baseline", "kd", "projector"):
         assert (REPO / "configs" / "demo" / f"resnet_{method}.yaml").is_file()
+    extra = ["train.num_epochs", "3"]
+    assert demo.resnet_stage("kd", 1, tmp_path, tmp_path, tmp_path / "best.pth", extra).command[-3:] == ["--opts", *extra]
+    assert demo.deit_stage("kd", 1, tmp_path, tmp_path, tmp_path / "best.pth", extra).command[-5:] == [
+        "--opts", "seed", "1", *extra]
+
+
+def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
+    stage = finished_stage(tmp_path, "DeiT track", "kd", 0, deit_metrics(90.0, [90.0]))
+    stage.command.append("--other-setting")
+    with pytest.raises(UserError, match=r"kd-0 holds a finished run with other settings than this call's; "
+                                        r"rerun with --fresh, or pick another --output"):
+        demo.run_stage(stage, 1, 1, threads=1)
+
+
+def test_holdout_report_says_what_it_scored_on(tmp_path):
+    results = [(finished_stage(tmp_path, "DeiT track", method, 0, deit_metrics(value, [value])), None)
+               for method, value in (("baseline", 90.0), ("kd", 91.0), ("projector", 92.5))]
+    rows = demo.summarise([(stage, json.loads(stage.metrics_file.read_text())) for stage, _ in results])
+    summary = demo.write_report(rows, tmp_path, [0], 50, wall_time=1.0, holdout=True,
+                                overrides=["DeiT: distillation.proj_weight 0.5"])
+    report = (tmp_path / "report.md").read_text()
+    assert "scored on the **training images they do not see**" in report
+    assert "Overrides: `DeiT: distillation.proj_weight 0.5`." in report
+    assert "DeiT track: projector KD beats no distillation by +2.50 top-1 points (mean over 1 seed; " \
+           "logit KD alone: +1.00)" in summary
