@@ -99,21 +99,22 @@ class CheckedImageFolder(ImageFolder):
 
 
 def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
-                             train_per_class: int | None = None, holdout: bool = False) -> Path:
+                             train_per_class: int | None = None, holdout_per_class: int = 0,
+                             holdout: bool = False) -> Path:
     """Write scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes) as an RGB ImageFolder tree
     ``root/{train,val}/<digit>/<index>.png``, upsampled to ``image_size`` with bicubic resampling, with a fixed
-    stratified split. ``train_per_class`` keeps only the first N training images of each class (same val split).
-    ``holdout`` (needs ``train_per_class``) puts the training images beyond those N in ``val`` instead of the real
-    validation images, which are then not written: a split for choosing settings without looking at val.
+    stratified split of each class into val (``val_fraction``), held out (``holdout_per_class`` images, in no training
+    split) and train (the rest; ``train_per_class`` keeps only its first N). ``holdout`` writes the held-out images as
+    ``val`` instead of the real val images: a split for choosing settings without looking at val.
     Returns ``root``. A tree already written with the same settings is reused."""
-    if holdout and train_per_class is None:
-        raise ValueError("holdout=True needs train_per_class: the held-out images are the training images beyond it")
+    if holdout and holdout_per_class <= 0:
+        raise ValueError("holdout=True needs holdout_per_class > 0: the held-out images stand in for val")
     from sklearn.datasets import load_digits
 
     root = Path(root)
     stamp = root / ".digits-imagefolder"
-    settings = (f"image_size={image_size} val_fraction={val_fraction} seed={seed} train_per_class={train_per_class}"
-                f"{' holdout' if holdout else ''}\n")
+    settings = (f"image_size={image_size} val_fraction={val_fraction} seed={seed} train_per_class={train_per_class} "
+                f"holdout_per_class={holdout_per_class} holdout={holdout}\n")
     if stamp.is_file() and stamp.read_text() == settings:
         return root
     for split in ("train", "val"):
@@ -124,12 +125,9 @@ def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fractio
     for label in np.unique(digits.target):
         indices = rng.permutation(np.flatnonzero(digits.target == label))
         n_val = int(round(len(indices) * val_fraction))
-        train = indices[n_val:] if train_per_class is None else indices[n_val:n_val + train_per_class]
-        if holdout:
-            split_of[indices[n_val + train_per_class:]] = "val"
-        else:
-            split_of[indices[:n_val]] = "val"
-        split_of[train] = "train"
+        val, held_out, train = np.split(indices, [n_val, n_val + holdout_per_class])
+        split_of[held_out if holdout else val] = "val"
+        split_of[train[:train_per_class]] = "train"
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         if split_of[index] is None:
             continue

@@ -151,3 +151,16 @@ def test_cli_config_typo_fails_before_any_work(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {RELEASE}: train.optimizer.kwargs: lr = -1 is out of range (must be > 0)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_students_differ_only_in_the_loss():
+    """The demo compares methods: every student recipe trains the same model, data, schedule and optimizer."""
+    shared = []
+    for method in ("baseline", "kd", "projector"):
+        recipe = recipes.load_recipe(ROOT / "configs/demo" / f"resnet_{method}.yaml")
+        plain = recipes.resolve({k: v for k, v in recipe.items() if k not in ("datasets", "_data_root")})
+        train = {k: v for k, v in plain["train"].items() if k not in ("criterion", "teacher", "student", "model")}
+        student = {k: v for k, v in plain["models"]["student_model"].items() if k != "dst_ckpt"}
+        shared.append((train, student, sorted(recipe["datasets"])))
+    assert shared[0] == shared[1] == shared[2]
+    assert shared[0][0]["num_epochs"] == 30 and shared[0][0]["scheduler"]["kwargs"]["milestones"] == [22]

@@ -92,13 +92,17 @@ def test_digits_training_subset_keeps_the_same_val_split(tmp_path):
     assert {p.name for p in (small / "train").rglob("*.png")} <= full_train
 
 
-def test_digits_holdout_split_is_the_unused_training_images(tmp_path):
-    full = write_digits_imagefolder(tmp_path / "full", image_size=8)
-    holdout = write_digits_imagefolder(tmp_path / "holdout", image_size=8, train_per_class=5, holdout=True)
-    held_train = {p.name for p in (holdout / "train").rglob("*.png")}
-    held_val = {p.name for p in (holdout / "val").rglob("*.png")}
-    assert len(held_train) == 50 and not held_train & held_val
-    assert held_train | held_val == {p.name for p in (full / "train").rglob("*.png")}  # every training image, none of the real val images
-    assert not held_val & {p.name for p in (full / "val").rglob("*.png")}
-    with pytest.raises(ValueError, match="holdout=True needs train_per_class"):
+def test_digits_holdout_images_are_in_no_training_split(tmp_path):
+    full = write_digits_imagefolder(tmp_path / "full", image_size=8, holdout_per_class=3)
+    student = write_digits_imagefolder(tmp_path / "student", image_size=8, train_per_class=5, holdout_per_class=3)
+    holdout = write_digits_imagefolder(tmp_path / "holdout", image_size=8, train_per_class=5, holdout_per_class=3,
+                                       holdout=True)
+    names = {(root.name, split): {p.name for p in (root / split).rglob("*.png")}
+             for root in (full, student, holdout) for split in ("train", "val")}
+    assert len(names["full", "train"]) + len(names["full", "val"]) == 1797 - 30 and len(names["full", "val"]) == 359
+    assert names["student", "val"] == names["full", "val"] and names["student", "train"] <= names["full", "train"]
+    assert names["holdout", "train"] == names["student", "train"] and len(names["holdout", "val"]) == 30
+    assert not names["holdout", "val"] & (names["full", "train"] | names["full", "val"])
+    assert sorted(set(CheckedImageFolder(holdout / "val").targets)) == list(range(10))
+    with pytest.raises(ValueError, match="holdout=True needs holdout_per_class > 0"):
         write_digits_imagefolder(tmp_path / "bad", image_size=8, holdout=True)
