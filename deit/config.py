@@ -3,6 +3,7 @@ then ``--opts KEY VALUE`` overrides; validated against :data:`SCHEMA` before any
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,6 +11,7 @@ from projector_kd.config import apply_overrides, load_yaml, validate
 from projector_kd.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'deit'
+DEFAULT_IMAGENET_ROOT = '~/datasets/ilsvrc2012'
 METHODS = ('none', 'kd', 'projector')
 
 
@@ -61,7 +63,7 @@ SCHEMA: dict[str, tuple] = {
     'distillation.proj_weight': (float, NON_NEGATIVE),
     'distillation.kd_weight': (float, NON_NEGATIVE),
     'distillation.kd_temperature': (float, POSITIVE),
-    'data.path': (str, None),
+    'data.path': ((str, type(None)), None),
     'data.batch_size': (int, POSITIVE),
     'data.eval_batch_size': ((int, type(None)), POSITIVE),
     'data.num_workers': (int, NON_NEGATIVE),
@@ -125,7 +127,8 @@ def recipe_path(model: str) -> Path:
 def load_config(model: str, config_file: str | None = None, flags: dict[str, Any] | None = None,
                 opts: Sequence[str] = ()) -> dict:
     """Resolve the run's config: ``configs/deit/<model>.yaml`` <- ``config_file`` <- ``flags`` (dotted keys set by CLI
-    flags; None values are ignored) <- ``opts``. Unknown keys, wrong types and out-of-range values raise UserError."""
+    flags; None values are ignored) <- ``opts``. Unknown keys, wrong types and out-of-range values raise UserError.
+    ``data.path: null`` reads ``$IMAGENET_ROOT`` (default ~/datasets/ilsvrc2012), as the ResNet track's recipe does."""
     cfg = load_yaml(recipe_path(model))
     if config_file:
         overlay = load_yaml(config_file)
@@ -141,6 +144,8 @@ def load_config(model: str, config_file: str | None = None, flags: dict[str, Any
             node[leaf] = value
     cfg = apply_overrides(cfg, list(opts))
     validate(cfg, SCHEMA)
+    if cfg['data']['path'] is None:
+        cfg['data']['path'] = os.path.expanduser(os.environ.get('IMAGENET_ROOT', DEFAULT_IMAGENET_ROOT))
     if cfg['aug']['mixup'] > 0 or cfg['aug']['cutmix'] > 0:
         if cfg['data']['batch_size'] % 2:
             raise UserError(f'data.batch_size = {cfg["data"]["batch_size"]} must be even with mixup/cutmix on')

@@ -194,7 +194,7 @@ def build_dataset(split: str, cfg: dict) -> CheckedImageFolder:
 
 def check_data(cfg: dict, splits: tuple[str, ...]) -> None:
     """Check the ImageFolder layout under ``data.path`` before any work (DataError naming the path)."""
-    check_image_folder(cfg['data']['path'], splits=splits, how_to_set='pass --data-path DIR (data.path)')
+    check_image_folder(cfg['data']['path'], splits=splits, how_to_set='pass --data-path DIR or set IMAGENET_ROOT')
 
 
 def build_loaders(cfg: dict, rank: int, world_size: int, pin_memory: bool, train: bool = True

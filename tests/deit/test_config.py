@@ -1,6 +1,7 @@
 """The recipe as data: SPEC §4 values, overrides, and bad values rejected before any work, naming the key."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -84,3 +85,12 @@ def test_output_folder_of_another_run_is_refused_unless_resuming(tmp_path, train
         main(train_argv(output, '--epochs', '1', '--opts', 'train.base_lr', '2e-3'))
     assert main(train_argv(output, '--epochs', '2', '--resume')) == 0
     assert 'resumed from' in (output / 'log.txt').read_text()
+
+
+def test_imagenet_path_comes_from_the_environment_like_the_resnet_track(monkeypatch):
+    monkeypatch.setenv('IMAGENET_ROOT', '/data/ilsvrc')
+    assert load_config('tiny')['data']['path'] == '/data/ilsvrc'
+    assert load_config('small', flags={'data.path': '/elsewhere'})['data']['path'] == '/elsewhere'
+    monkeypatch.delenv('IMAGENET_ROOT')
+    assert load_config('tiny')['data']['path'] == os.path.expanduser('~/datasets/ilsvrc2012')
+    assert load_config('demo')['data']['path'] == 'data/digits'  # a recipe's own path is kept
