@@ -111,3 +111,53 @@ def test_holdout_report_says_what_it_scored_on(tmp_path):
     assert "Overrides: `DeiT: distillation.proj_weight 0.5`." in report
     assert "DeiT track: projector KD beats no distillation by +2.50 top-1 points (mean over 1 seed; " \
            "logit KD alone: +1.00)" in summary
+
+
+def test_baselines_run_beside_the_teacher_and_distilled_students_after_it(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    events, lock = [], threading.Lock()
+
+    def fake_run_stage(stage, index, total, threads):
+        with lock:
+            events.append(("start", stage.title, threads))
+        time.sleep(0.3 if stage.method == "teacher" else 0.05)
+        with lock:
+            events.append(("end", stage.title, threads))
+        return {"top1": float(index)}
+
+    monkeypatch.setattr(demo, "run_stage", fake_run_stage)
+    teacher = demo.Stage("teacher", "teacher", None, [], tmp_path / "teacher")
+    students = [demo.Stage(track, method, seed, [], tmp_path / f"{track}{method}{seed}")
+                for track in ("ResNet track", "DeiT track") for method in ("baseline", "kd", "projector")
+                for seed in (0, 1)]
+    results = demo.run_all(teacher, students, jobs=2, threads=1)
+    assert [stage for stage, _ in results] == [teacher, *students]
+    assert [metrics["top1"] for _, metrics in results] == [1.0, *range(2, 14)]
+    order = [title for kind, title, _ in events if kind == "start"]
+    teacher_end = events.index(("end", teacher.title, 1))
+    starts = {title: position for position, (kind, title, _) in enumerate(events) if kind == "start"}
+    assert order[1] == "DeiT track: no distillation, seed 0"  # beside the teacher, slower track first
+    assert starts[order[1]] < teacher_end
+    assert all(starts[s.title] > teacher_end for s in students if s.method != "baseline")
+    assert all(threads == 1 for _, _, threads in events)
+
+
+def test_a_failing_teacher_cancels_the_stages_not_started(monkeypatch, tmp_path):
+    started = []
+
+    def fake_run_stage(stage, index, total, threads):
+        started.append(stage.method)
+        if stage.method == "teacher":
+            raise UserError("teacher failed")
+        return {"top1": 1.0}
+
+    monkeypatch.setattr(demo, "run_stage", fake_run_stage)
+    teacher = demo.Stage("teacher", "teacher", None, [], tmp_path / "teacher")
+    students = [demo.Stage("DeiT track", method, seed, [], tmp_path / f"{method}{seed}")
+                for method in ("baseline", "kd") for seed in range(20)]
+    with pytest.raises(UserError, match="teacher failed"):
+        demo.run_all(teacher, students, jobs=1, threads=2)
+    assert started[0] == "teacher" and len(started) <= 2  # a free worker may take one stage before the cancel
+    assert "kd" not in started  # distilled students never start without their teacher
