@@ -159,7 +159,8 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         params = f"{row['params'] / 1e6:.2f}M" if row.get("params") else "-"
         lines.append(f"| {row['track']} | {row['model']} | {METHOD_LABELS.get(row['method'], row['method'])} | "
-                     f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {row['last_mean']:.2f} | {len(row['top1'])} | {params} | "
+                     f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {row['last_mean']:.2f} | {len(row['top1'])} | "
+                     f"{params} | "
                      f"{statistics.fmean(row['wall_time_s']):.0f}s |")
     return "\n".join(lines)
 
@@ -186,7 +187,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
                       label=f"{METHOD_LABELS.get(row['method'], row['method'])} ({row['top1_mean']:.1f})")
             axis.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)
         if teacher is not None:
-            axis.axhline(teacher["top1_mean"], color="grey", ls="--", lw=1, label=f"teacher ({teacher['top1_mean']:.1f})")
+            axis.axhline(teacher["top1_mean"], color="grey", ls="--", lw=1,
+                         label=f"teacher ({teacher['top1_mean']:.1f})")
         axis.set(title=track, xlabel="epoch", ylabel="val top-1 (%)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
@@ -211,16 +213,19 @@ def write_report(rows: list[dict], out: Path, seeds: list[int], train_per_class:
                 kd_gain = by_method["kd"]["top1_mean"] - by_method["baseline"]["top1_mean"]
                 versus_kd = f"; logit KD alone: {kd_gain:+.2f}"
             verdicts.append(f"- {track}: projector KD {'beats' if gain > 0 else 'does NOT beat'} no distillation by "
-                            f"{gain:+.2f} top-1 points (mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}{versus_kd}).")
+                            f"{gain:+.2f} top-1 points (mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+                            f"{versus_kd}).")
     report = "\n".join([
         "# Digits demo report", "",
         f"scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes) as a 32 px ImageFolder; teacher on the "
-        f"training split less {HOLDOUT_PER_CLASS} held-out images per class, students on {train_per_class} of its images "
+        f"training split less {HOLDOUT_PER_CLASS} held-out images per class, students on {train_per_class} of its "
+        f"images "
         f"per class; seeds {seeds}; {os.cpu_count()} CPU cores. "
-        f"The runs took {runs_time:.0f}s of wall time in all (students two at a time); this call took "
+        f"The runs took {runs_time:.0f}s of wall time in all (two at a time); this call took "
         f"{wall_time:.0f}s (finished runs are reused).",
-        "Students are scored on the " + ("**training images they do not see** (`--holdout`: the split the demo's "
-                                         "settings were chosen on), not on val" if holdout else "val split") +
+        "Runs are scored on the " + (f"**{HOLDOUT_PER_CLASS} held-out images per class** (`--holdout`: in no training "
+                                     "split, the split the demo's settings were chosen on), not on val"
+                                     if holdout else "val split") +
         "; top-1 is the best epoch's (both tracks' convention), the last epoch's is beside it.",
         *([f"Overrides: `{'; '.join(overrides)}`."] if overrides else []), "",
         table, "", *verdicts, "", "![validation top-1 per epoch](curves.png)", ""])
@@ -231,7 +236,8 @@ def write_report(rows: list[dict], out: Path, seeds: list[int], train_per_class:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, help="demo folder (default: outputs/demo)")
+    parser.add_argument("--output", type=Path,
+                        help="demo folder (default: outputs/demo, with --holdout outputs/demo_holdout)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                         help="student seeds (default: 0 1; each seed adds about 3 min on 2 cores)")
     parser.add_argument("--tracks", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
@@ -239,12 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=TRAIN_PER_CLASS,
                         help="training images per class the students see (teacher: all 1,138) (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1),
-                        help="student runs at a time, each with cpu_count/jobs threads (default: %(default)s)")
+                        help="runs at a time (the teacher included), each with cpu_count/jobs threads "
+                             "(default: %(default)s)")
     parser.add_argument("--methods", nargs="+", choices=list(METHOD_LABELS), default=list(METHOD_LABELS),
                         help="student methods to run (default: all three)")
     parser.add_argument("--holdout", action="store_true",
-                        help="score the students on the training images they do not see instead of val (the split the "
-                             "demo's settings were chosen on); default output folder outputs/demo_holdout")
+                        help=f"score every run on the {HOLDOUT_PER_CLASS} held-out images per class (in no training "
+                             "split) "
+                             "instead of val: the split the demo's settings were chosen on; default output folder "
+                             "outputs/demo_holdout")
     parser.add_argument("--resnet-opts", nargs="+", default=[], metavar="KEY VALUE",
                         help="extra --opts for the ResNet-track students, e.g. "
                              "train.criterion.kwargs.sub_terms.projector_kd.criterion.kwargs.feature_weight 2.0")
@@ -282,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(results)
     wall_time = time.time() - start
     plot_curves(rows, out / "curves.png")
-    overrides = [f"{track}: {' '.join(opts)}" for track, opts in (("ResNet", args.resnet_opts), ("DeiT", args.deit_opts))
-                 if opts]
+    overrides = [f"{track}: {' '.join(opts)}"
+                 for track, opts in (("ResNet", args.resnet_opts), ("DeiT", args.deit_opts)) if opts]
     summary = write_report(rows, out, args.seeds, args.train_per_class, wall_time, args.holdout, overrides)
     print("\n" + summary)
     print(f"\nreport: {out / 'report.md'}  plot: {out / 'curves.png'}  total wall time: {wall_time:.0f}s")

@@ -61,7 +61,7 @@ def test_summary_report_and_plot_from_both_tracks(tmp_path):
     assert "| ResNet track | resnet20 | no distillation | 90.00 ± 4.00 | 87.00 | 3 | 0.27M | 30s |" in report
     assert "ResNet track: projector KD beats no distillation by +4.00 top-1 points (mean over 3 seeds)" in summary
     assert "students on 50 of its images per class" in report and "less 30 held-out images per class" in report and "The runs took 300s" in report
-    assert "Students are scored on the val split" in report
+    assert "Runs are scored on the val split" in report
     assert "logit KD alone" not in summary  # no logit-KD rows in this set
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [0, 1, 2]
@@ -107,7 +107,7 @@ def test_holdout_report_says_what_it_scored_on(tmp_path):
     summary = demo.write_report(rows, tmp_path, [0], 50, wall_time=1.0, holdout=True,
                                 overrides=["DeiT: distillation.proj_weight 0.5"])
     report = (tmp_path / "report.md").read_text()
-    assert "scored on the **training images they do not see**" in report
+    assert "scored on the **30 held-out images per class**" in report
     assert "Overrides: `DeiT: distillation.proj_weight 0.5`." in report
     assert "DeiT track: projector KD beats no distillation by +2.50 top-1 points (mean over 1 seed; " \
            "logit KD alone: +1.00)" in summary
