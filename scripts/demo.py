@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,7 +57,7 @@ class Stage:
 
 
 def resnet_stage(method: str, seed: int | None, data: Path, out: Path, teacher_ckpt: Path,
-                 opts: list[str] = ()) -> Stage:
+                 opts: Sequence[str] = ()) -> Stage:
     name = "teacher" if method == "teacher" else f"{method}_seed{seed}"
     output = out / "resnet" / name
     command = [sys.executable, str(ROOT / "imagenet" / "image_classification.py"),
@@ -71,7 +72,8 @@ def resnet_stage(method: str, seed: int | None, data: Path, out: Path, teacher_c
     return Stage(track, method if method != "teacher" else "teacher (ResNet18)", seed, command, output)
 
 
-def deit_stage(method: str, seed: int, data: Path, out: Path, teacher_ckpt: Path, opts: list[str] = ()) -> Stage:
+def deit_stage(method: str, seed: int, data: Path, out: Path, teacher_ckpt: Path,
+               opts: Sequence[str] = ()) -> Stage:
     output = out / "deit" / f"{method}_seed{seed}"
     command = [sys.executable, str(ROOT / "deit" / "main.py"), "--model", "demo", "--train_student",
                "--config", str(CONFIGS / f"deit_{method}.yaml"), "--data-path", str(data),
@@ -115,22 +117,21 @@ def run_all(teacher: Stage, students: list[Stage], jobs: int, threads: int) -> l
     first, so that the workers finish together. Returns (stage, metrics) pairs: the teacher, then ``students`` in order.
     The first failure cancels the stages not yet started."""
     total = len(students) + 1
-    number = {id(stage): index for index, stage in enumerate(students, 2)}
-    deit_first = lambda stage: stage.track != "DeiT track"  # noqa: E731  (False sorts first)
+    # baselines before distilled students, DeiT before ResNet within each (sorted is stable: seeds stay in order)
+    order = sorted(range(len(students)),
+                   key=lambda i: (students[i].method != "baseline", students[i].track != "DeiT track"))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         teacher_future = pool.submit(run_stage, teacher, 1, total, threads)
 
-        def after_teacher(stage: Stage) -> dict:
-            teacher_future.result()
-            return run_stage(stage, number[id(stage)], total, threads)
+        def run_student(i: int) -> dict:
+            if students[i].method != "baseline":
+                teacher_future.result()
+            return run_stage(students[i], i + 2, total, threads)
 
-        futures = {}
-        for stage in sorted((s for s in students if s.method == "baseline"), key=deit_first):
-            futures[id(stage)] = pool.submit(run_stage, stage, number[id(stage)], total, threads)
-        for stage in sorted((s for s in students if s.method != "baseline"), key=deit_first):
-            futures[id(stage)] = pool.submit(after_teacher, stage)
+        futures = {i: pool.submit(run_student, i) for i in order}
         try:
-            return [(teacher, teacher_future.result())] + [(stage, futures[id(stage)].result()) for stage in students]
+            return [(teacher, teacher_future.result())] + [(stage, futures[i].result())
+                                                           for i, stage in enumerate(students)]
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -200,7 +201,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 
 def write_report(rows: list[dict], out: Path, seeds: list[int], train_per_class: int, wall_time: float,
-                 holdout: bool = False, overrides: list[str] = ()) -> str:
+                 holdout: bool = False, overrides: Sequence[str] = (), jobs: int = 2) -> str:
     table = format_table(rows)
     runs_time = sum(sum(row["wall_time_s"]) for row in rows)
     verdicts = []
@@ -219,9 +220,8 @@ def write_report(rows: list[dict], out: Path, seeds: list[int], train_per_class:
         "# Digits demo report", "",
         f"scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes) as a 32 px ImageFolder; teacher on the "
         f"training split less {HOLDOUT_PER_CLASS} held-out images per class, students on {train_per_class} of its "
-        f"images "
-        f"per class; seeds {seeds}; {os.cpu_count()} CPU cores. "
-        f"The runs took {runs_time:.0f}s of wall time in all (two at a time); this call took "
+        f"images per class; seeds {seeds}; {os.cpu_count()} CPU cores. "
+        f"The runs took {runs_time:.0f}s of wall time in all ({jobs} at a time); this call took "
         f"{wall_time:.0f}s (finished runs are reused).",
         "Runs are scored on the " + (f"**{HOLDOUT_PER_CLASS} held-out images per class** (`--holdout`: in no training "
                                      "split, the split the demo's settings were chosen on), not on val"
@@ -251,9 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="student methods to run (default: all three)")
     parser.add_argument("--holdout", action="store_true",
                         help=f"score every run on the {HOLDOUT_PER_CLASS} held-out images per class (in no training "
-                             "split) "
-                             "instead of val: the split the demo's settings were chosen on; default output folder "
-                             "outputs/demo_holdout")
+                             "split) instead of val: the split the demo's settings were chosen on; default output "
+                             "folder outputs/demo_holdout")
     parser.add_argument("--resnet-opts", nargs="+", default=[], metavar="KEY VALUE",
                         help="extra --opts for the ResNet-track students, e.g. "
                              "train.criterion.kwargs.sub_terms.projector_kd.criterion.kwargs.feature_weight 2.0")
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves(rows, out / "curves.png")
     overrides = [f"{track}: {' '.join(opts)}"
                  for track, opts in (("ResNet", args.resnet_opts), ("DeiT", args.deit_opts)) if opts]
-    summary = write_report(rows, out, args.seeds, args.train_per_class, wall_time, args.holdout, overrides)
+    summary = write_report(rows, out, args.seeds, args.train_per_class, wall_time, args.holdout, overrides, jobs)
     print("\n" + summary)
     print(f"\nreport: {out / 'report.md'}  plot: {out / 'curves.png'}  total wall time: {wall_time:.0f}s")
     return 0
