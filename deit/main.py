@@ -73,8 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     flags = {'data.path': args.data_path, 'output': args.output, 'data.batch_size': args.batch_size,
-             'train.epochs': args.epochs, 'train.accum_iter': args.accum_iter, 'teacher.ckpt': args.teacher_ckpt, 'fast': args.fast,
-             'device': args.device}
+             'train.epochs': args.epochs, 'train.accum_iter': args.accum_iter, 'teacher.ckpt': args.teacher_ckpt,
+             'fast': args.fast, 'device': args.device}
     return load_config(args.model, args.config, flags, args.opts)
 
 

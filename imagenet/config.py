@@ -91,8 +91,8 @@ def find_recipe(path: str | os.PathLike) -> Path:
 
 def load_recipe(path: str | os.PathLike) -> dict:
     """Parse a torchdistill recipe with its tags kept inert (phase 1)."""
-    return load_yaml(path, loader=_RecipeLoader,
-                     missing_hint=" — pass --config with a path relative to the working directory or to the repository root")
+    return load_yaml(path, loader=_RecipeLoader, missing_hint=" — pass --config with a path relative to the working "
+                                                              "directory or to the repository root")
 
 
 def _walk(node: Any) -> Iterator[Any]:

@@ -114,8 +114,8 @@ def check_datasets(recipe: dict, ids: list[str], memo: dict) -> None:
             path = Path(str(recipes.resolve(root, memo))).expanduser()
             roots.setdefault(path.parent, []).append(path.name)
     for parent, splits in roots.items():
-        check_image_folder(parent, splits=tuple(dict.fromkeys(splits)),
-                           how_to_set="pass --data-root DIR (or set the recipe's environment variable, e.g. IMAGENET_ROOT)")
+        check_image_folder(parent, splits=tuple(dict.fromkeys(splits)), how_to_set="pass --data-root DIR (or set the "
+                           "recipe's environment variable, e.g. IMAGENET_ROOT)")
 
 
 def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
