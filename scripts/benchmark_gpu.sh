@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of scripts/benchmark.py (issue 6): full sizes, both tracks side by side in one process.
+# The prepared GPU run of scripts/benchmark.py: full sizes, both tracks side by side in one process.
 #
 #   bash scripts/benchmark_gpu.sh [extra scripts/benchmark.py arguments, e.g. --only resnet]
 #
