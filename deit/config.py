@@ -2,12 +2,11 @@
 then ``--opts KEY VALUE`` overrides; validated against :data:`SCHEMA` before any work."""
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from projector_kd.config import apply_overrides, load_yaml, validate
+from projector_kd.config import apply_overrides, load_yaml, merge_configs, validate
 from projector_kd.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'deit'
@@ -105,16 +104,6 @@ SCHEMA: dict[str, tuple] = {
 }
 
 
-def _merge(base: dict, update: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def recipe_path(model: str) -> Path:
     """The recipe file for a model preset: ``configs/deit/<model>.yaml``."""
     path = CONFIG_DIR / f'{model}.yaml'
@@ -133,7 +122,7 @@ def load_config(model: str, config_file: str | None = None, flags: dict[str, Any
     if config_file:
         overlay = load_yaml(config_file)
         validate(overlay, SCHEMA, source=str(config_file))
-        cfg = _merge(cfg, overlay)
+        cfg = merge_configs(cfg, overlay)
     cfg['model']['name'] = model
     for dotted, value in (flags or {}).items():
         if value is not None:

@@ -27,13 +27,14 @@ from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT
 from torchdistill.optim.registry import OPTIM_DICT, SCHEDULER_DICT
 
 import imagenet.registry  # noqa: F401  (this project's names)
-from projector_kd.config import load_yaml, validate
+from projector_kd.config import load_yaml, merge_configs, validate
 from projector_kd.errors import UserError
 
 MAPPING_TAGS = ("!import_get", "!import_call", "!import_call_method", "!call_method", "!access_by_index_or_key")
 SEQUENCE_TAGS = ("!join", "!pathjoin", "!getattr", "!setattr")
 SCALAR_TAGS = ("!expanduser", "!abspath")
 ENV_LOOKUP_KEY = "os.getenv"
+BASE_KEY = "_base_"
 
 
 class Tagged:
@@ -59,6 +60,9 @@ class TaggedStr(str, Tagged):
         obj = super().__new__(cls, value)
         obj.tag = tag
         return obj
+
+    def __getnewargs__(self) -> tuple[str, str]:  # copy and pickle rebuild the node with its tag
+        return self.tag, str(self)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -89,10 +93,28 @@ def find_recipe(path: str | os.PathLike) -> Path:
     return from_root if from_root.is_file() else path
 
 
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Parse a torchdistill recipe with its tags kept inert (phase 1)."""
-    return load_yaml(path, loader=_RecipeLoader, missing_hint=" — pass --config with a path relative to the working "
-                                                              "directory or to the repository root")
+def load_recipe(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
+    """Parse a torchdistill recipe with its tags kept inert (phase 1).
+
+    A recipe may start from another: ``_base_: other.yaml`` (relative to the recipe's folder) is loaded first and the
+    recipe's own keys are merged over it (:func:`projector_kd.config.merge_configs`: plain mappings merge key by key,
+    anything else replaces). YAML anchors do not cross files: an overlay names the values it changes in full.
+    """
+    path = Path(path)
+    recipe = load_yaml(path, loader=_RecipeLoader, missing_hint=" — pass --config with a path relative to the working "
+                                                                "directory or to the repository root")
+    base_name = recipe.pop(BASE_KEY, None)
+    if base_name is None:
+        return recipe
+    if not isinstance(base_name, str) or not base_name:
+        raise UserError(f"{path}: {BASE_KEY} must name a recipe file relative to {path.parent}, got {base_name!r}")
+    base_path = (path.parent / base_name).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise UserError(f"{path}: {BASE_KEY} {base_name} leads back to {base_path} — recipes cannot include each other "
+                        f"in a cycle")
+    if not base_path.is_file():
+        raise UserError(f"{path}: {BASE_KEY} file not found: {base_path} — the path is relative to {path.parent}")
+    return merge_configs(load_recipe(base_path, (*_seen, path.resolve())), recipe)
 
 
 def _walk(node: Any) -> Iterator[Any]:

@@ -50,6 +50,25 @@ def load_yaml(path: str | Path, loader: type = RecipeLoader, missing_hint: str =
     return data
 
 
+def merge_configs(base: dict, overlay: dict) -> dict:
+    """``base`` with ``overlay`` merged over it, neither modified: mappings of the exact type ``dict`` merge key by key,
+    recursively; any other value of ``overlay`` (a scalar, a list, a tagged node) replaces the one in ``base``.
+
+    Each input is deep-copied once, so nodes shared inside ``base`` (YAML anchors and aliases) stay shared.
+    """
+    merged = copy.deepcopy(base)
+    _merge_into(merged, copy.deepcopy(overlay))
+    return merged
+
+
+def _merge_into(target: dict, overlay: dict) -> None:
+    for key, value in overlay.items():
+        if type(value) is dict and type(target.get(key)) is dict:
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
 def _parse_scalar(text: str) -> Any:
     try:
         return yaml.load(text, Loader=RecipeLoader)

@@ -13,7 +13,8 @@ from projector_kd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "configs/ilsvrc2012/ours/res3418.yaml"
-DEMOS = sorted((ROOT / "configs/demo").glob("resnet_*.yaml"))
+DEMO_BASE = ROOT / "configs/demo/resnet_base.yaml"
+DEMOS = sorted(p for p in (ROOT / "configs/demo").glob("resnet_*.yaml") if p != DEMO_BASE)
 
 
 def release() -> dict:
@@ -164,3 +165,67 @@ def test_demo_students_differ_only_in_the_loss():
         shared.append((train, student, sorted(recipe["datasets"])))
     assert shared[0] == shared[1] == shared[2]
     assert shared[0][0]["num_epochs"] == 30 and shared[0][0]["scheduler"]["kwargs"]["milestones"] == [22]
+
+
+def test_demo_teacher_differs_from_the_students_base_only_where_it_says():
+    """The demo teacher overlay changes the model, its length, batch and schedule, and nothing else."""
+    teacher = recipes.to_plain(recipes.load_recipe(ROOT / "configs/demo/resnet_teacher.yaml"))
+    baseline = recipes.to_plain(recipes.load_recipe(ROOT / "configs/demo/resnet_baseline.yaml"))
+    assert teacher["models"]["student_model"]["key"] == "resnet18"
+    assert (teacher["train"]["num_epochs"], teacher["train"]["train_data_loader"]["kwargs"]["batch_size"],
+            teacher["train"]["scheduler"]["kwargs"]["milestones"]) == (15, 64, [11])
+    for recipe in (teacher, baseline):
+        recipe["models"]["student_model"].pop("key")
+        recipe["models"]["student_model"].pop("dst_ckpt")
+        for key in ("num_epochs", "train_data_loader", "scheduler"):
+            recipe["train"].pop(key)
+    assert teacher == baseline
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_base_recipe_is_merged_under_the_overlay(tmp_path):
+    """`_base_`: plain mappings merge key by key, scalars, lists and tagged nodes replace; aliases stay shared."""
+    _write(tmp_path / "base.yaml", """
+_root: &root !import_call {key: os.getenv, init: {args: [DATA, /data]}}
+datasets:
+  train: {root: !pathjoin [*root, train], size: 10}
+train:
+  optimizer: {key: SGD, kwargs: {lr: 0.1, momentum: 0.9}}
+  milestones: [30, 60]
+  sampler: &sampler {key: seq}
+test:
+  sampler: *sampler
+""")
+    (tmp_path / "sub").mkdir()
+    overlay = _write(tmp_path / "sub" / "over.yaml", """
+_base_: ../base.yaml
+datasets:
+  train: {root: !pathjoin [/elsewhere, train]}
+train:
+  optimizer: {kwargs: {lr: 0.05}}
+  milestones: [10]
+""")
+    recipe = recipes.load_recipe(overlay)
+    assert "_base_" not in recipe
+    assert recipe["train"]["optimizer"] == {"key": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9}}
+    assert recipe["train"]["milestones"] == [10]
+    assert recipe["datasets"]["train"]["size"] == 10
+    assert recipes.resolve(recipe["datasets"]["train"]["root"]) == "/elsewhere/train"
+    assert recipe["train"]["sampler"] is recipe["test"]["sampler"]
+    assert recipes.load_recipe(tmp_path / "base.yaml")["train"]["optimizer"]["kwargs"]["lr"] == 0.1
+
+
+def test_base_recipe_errors_name_the_file(tmp_path):
+    missing = _write(tmp_path / "missing.yaml", "_base_: nowhere.yaml\n")
+    with pytest.raises(UserError, match=r"missing\.yaml: _base_ file not found: .*nowhere\.yaml"):
+        recipes.load_recipe(missing)
+    _write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    _write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        recipes.load_recipe(tmp_path / "a.yaml")
+    with pytest.raises(UserError, match="_base_ must name a recipe file"):
+        recipes.load_recipe(_write(tmp_path / "bad.yaml", "_base_: [x]\n"))

@@ -1,7 +1,7 @@
 """Recipe loading, --opts overrides and schema validation: every bad value is named before any work starts."""
 import pytest
 
-from projector_kd.config import apply_overrides, load_yaml, validate
+from projector_kd.config import apply_overrides, load_yaml, merge_configs, validate
 from projector_kd.errors import UserError
 
 SCHEMA = {
@@ -64,3 +64,16 @@ def test_load_yaml_errors_name_the_file(tmp_path):
         load_yaml(tmp_path / "list.yaml")
     (tmp_path / "ok.yaml").write_text("train:\n  lr: 0.1\n  wd: 5e-2\n  big: 1E6\n  name: 1e-3x\n")
     assert load_yaml(tmp_path / "ok.yaml") == {"train": {"lr": 0.1, "wd": 0.05, "big": 1e6, "name": "1e-3x"}}
+
+
+def test_merge_configs_merges_plain_mappings_and_keeps_inputs_and_aliases():
+    shared = {"key": "seq"}
+    base = {"train": {"lr": 0.1, "betas": [0.9, 0.999], "sampler": shared}, "test": {"sampler": shared}}
+    overlay = {"train": {"lr": 0.05, "betas": [0.5]}, "extra": {"x": 1}}
+    merged = merge_configs(base, overlay)
+    assert merged == {"train": {"lr": 0.05, "betas": [0.5], "sampler": {"key": "seq"}},
+                      "test": {"sampler": {"key": "seq"}}, "extra": {"x": 1}}
+    assert merged["train"]["sampler"] is merged["test"]["sampler"] and merged["test"]["sampler"] is not shared
+    assert base["train"]["lr"] == 0.1 and overlay == {"train": {"lr": 0.05, "betas": [0.5]}, "extra": {"x": 1}}
+    merged["extra"]["x"] = 2
+    assert overlay["extra"]["x"] == 1
