@@ -10,14 +10,18 @@ torchdistill honours the environment variable too; ``--data-root`` replaces ever
 """
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import inspect
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torchdistill
 import yaml
 from torchdistill.common import main_util
 from torchdistill.core import distillation, training  # noqa: F401  (fills torchdistill's registries)
@@ -210,23 +214,100 @@ def to_plain(node: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- key checks
-# The keys torchdistill 1.1 (and this entry point) read; any other key would be silently ignored, so it is an error.
-# Keys starting with '_' are free (YAML anchors live there, as in torchdistill's own recipes).
+# The keys torchdistill reads from each section of a recipe are taken from torchdistill's own source (the functions
+# that read that section, see :func:`torchdistill_keys`), so an upgrade that reads new keys needs no change here, and
+# one that renames a reader fails loudly instead of going stale. Any other key would be silently ignored, so it is an
+# error. Keys starting with '_' are free (YAML anchors live there, as in torchdistill's own recipes).
 
-TOP_KEYS = {"dependencies", "datasets", "models", "train", "test", "runtime"}
-MODEL_KEYS = {"key", "kwargs", "src_ckpt", "dst_ckpt", "repo_or_dir", "quantized", "sync_bn"}
-TRAIN_KEYS = {"log_freq", "num_epochs", "train_data_loader", "val_data_loader", "teacher", "student", "model",
-              "optimizer", "scheduler", "criterion"}
-SIDE_KEYS = {"forward_proc", "sequential", "auxiliary_model_wrapper", "frozen_modules", "forward_hook", "wrapper",
-             "requires_grad", "adaptations"}
-WRAPPER_KEYS = {"key", "kwargs", "sequential", "frozen_modules", "adaptations"}
-LOADER_KEYS = {"dataset_id", "sampler", "batch_sampler", "collate_fn", "kwargs", "requires_supp", "dataset_wrapper"}
-OPTIMIZER_KEYS = {"key", "kwargs", "module_wise_configs", "filters_params", "max_grad_norm", "grad_accum_step"}
-SCHEDULER_KEYS = {"key", "kwargs", "scheduling_step"}
-CRITERION_KEYS = {"key", "kwargs", "args", "func2extract_model_loss"}
-TERM_KEYS = {"criterion", "criterion_wrapper", "weight"}
+TOP_KEYS = {"dependencies", "datasets", "models", "train", "test", "runtime"}  # what this entry point reads
+OWN_MODEL_KEYS = {"src_ckpt", "dst_ckpt"}  # read by imagenet/image_classification.py
+OWN_TRAIN_KEYS = {"log_freq"}  # read by imagenet.engine
 RUNTIME_KEYS = {"fast"}
 WRAPPER_SUPPLIED = {"device", "device_ids", "distributed", "teacher_model", "student_model"}
+
+
+def keys_read(function: Callable, name: str) -> frozenset[str]:
+    """The string keys ``function``'s source reads from the mapping called ``name`` (a parameter or a local):
+    ``name[k]``, ``name.get(k, ...)``, ``name.pop(k, ...)``, ``name.setdefault(k, ...)``, ``k in name``."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+
+    def is_mapping(node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id == name
+
+    def literal(node: ast.AST) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    keys = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and is_mapping(node.value):
+            key = literal(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_mapping(node.func.value) \
+                and node.func.attr in ("get", "pop", "setdefault") and node.args:
+            key = literal(node.args[0])
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)) \
+                and is_mapping(node.comparators[0]):
+            key = literal(node.left)
+        else:
+            continue
+        if key is not None:
+            keys.add(key)
+    return frozenset(keys)
+
+
+@functools.cache
+def torchdistill_keys() -> dict[str, frozenset[str]]:
+    """Per recipe section, the keys the installed torchdistill reads (from the functions that read that section)."""
+    from torchdistill.core import util as core_util
+    from torchdistill.core.distillation import DistillationBox
+    from torchdistill.core.training import TrainingBox
+    from torchdistill.datasets import util as data_util
+    from torchdistill.losses import high_level, mid_level
+    from torchdistill.losses import registry as loss_registry
+    from torchdistill.models import util as model_util
+    from torchdistill.models import wrapper as model_wrapper
+    from torchdistill.models.official import get_image_classification_model
+
+    from imagenet.models import build_model
+
+    readers = {
+        "model": [(get_image_classification_model, "model_config"), (build_model, "config")],
+        "train": [(DistillationBox.__init__, "train_config"), (DistillationBox.setup, "train_config"),
+                  (DistillationBox.setup_data_loaders, "train_config"), (DistillationBox.setup_loss, "train_config"),
+                  (DistillationBox.setup_pre_post_processes, "train_config"), (TrainingBox.__init__, "train_config"),
+                  (TrainingBox.setup, "train_config")],
+        "side": [(DistillationBox.setup_teacher_student_models, "teacher_config"),
+                 (DistillationBox.setup_teacher_student_models, "student_config"),
+                 (DistillationBox.setup, "teacher_config"), (DistillationBox.setup, "student_config"),
+                 (TrainingBox.setup_model, "model_config"), (TrainingBox.setup, "model_config"),
+                 (model_util.redesign_model, "model_config"),
+                 (model_wrapper.build_auxiliary_model_wrapper, "model_config"),
+                 (core_util.set_hooks, "model_config"), (core_util.wrap_model, "model_config")],
+        "forward_hook": [(core_util.set_hooks, "forward_hook_config")],
+        "auxiliary_model_wrapper": [(model_wrapper.build_auxiliary_model_wrapper, "auxiliary_model_wrapper_config"),
+                                    (model_util.redesign_model, "model_config")],
+        "data_loader": [(data_util.build_data_loader, "data_loader_config"),
+                        (data_util.build_data_loaders, "data_loader_config")],
+        "sampler": [(data_util.build_data_loader, "sampler_config")],
+        "optimizer": [(DistillationBox.setup, "optim_config"), (TrainingBox.setup, "optim_config")],
+        "scheduler": [(DistillationBox.setup, "scheduler_config"), (TrainingBox.setup, "scheduler_config")],
+        "criterion": [(DistillationBox.setup_loss, "criterion_config"),
+                      (loss_registry.get_high_level_loss, "criterion_config")],
+        "sub_term": [(high_level.AbstractLoss.__init__, "loss_config")],
+        "sub_criterion": [(loss_registry.get_mid_level_loss, "mid_level_criterion_config")],
+        "criterion_wrapper": [(loss_registry.get_loss_wrapper, "criterion_wrapper_config")],
+        "simple_wrapper": [(mid_level.SimpleLossWrapper.__init__, "kwargs")],
+        "simple_wrapper_input": [(mid_level.SimpleLossWrapper.__init__, "input_config")],
+        "simple_wrapper_target": [(mid_level.SimpleLossWrapper.__init__, "target_config")],
+    }
+    sections = {}
+    for section, functions in readers.items():
+        keys = frozenset().union(*(keys_read(function, name) for function, name in functions))
+        if not keys:
+            raise RuntimeError(f"torchdistill {getattr(torchdistill, '__version__', '?')} no longer reads the recipe's "
+                               f"{section} section where this project looks for it; update imagenet/config.py")
+        sections[section] = keys
+    return sections
+
 
 RUNTIME_SCHEMA = {"fast": (bool, None)}
 OPTIMIZER_VALUES = {
@@ -320,13 +401,13 @@ def _check_imports(recipe: dict, source: str) -> None:
 
 
 def _check_loader(loader: Any, where: str, source: str, datasets: dict, train: bool) -> None:
-    loader = _keys(loader, LOADER_KEYS, where, source)
+    loader = _keys(loader, torchdistill_keys()["data_loader"], where, source)
     if not loader:
         return
     if loader.get("dataset_id") not in datasets:
         raise UserError(f"{source}: {where}.dataset_id = {loader.get('dataset_id')!r} is not one of the datasets "
                         f"{sorted(datasets)}")
-    _keys(loader.get("sampler"), {"class_or_func", "kwargs"}, f"{where}.sampler", source)
+    _keys(loader.get("sampler"), torchdistill_keys()["sampler"], f"{where}.sampler", source)
     kwargs = loader.get("kwargs") or {}
     _check_kwargs(torch.utils.data.DataLoader, kwargs, f"{where}.kwargs", source,
                   supplied={"dataset", "sampler", "batch_sampler", "collate_fn"})
@@ -340,9 +421,11 @@ def _check_side(side: Any, where: str, source: str) -> None:
     if isinstance(side, dict) and "src_ckpt" in side:
         raise UserError(f"{source}: {where}.src_ckpt would be loaded by torchdistill with unsafe unpickling — set "
                         f"models.<teacher_model|student_model>.src_ckpt instead (loaded safely)")
-    side = _keys(side, SIDE_KEYS, where, source)
-    _keys(side.get("forward_hook"), {"input", "output"}, f"{where}.forward_hook", source)
-    wrapper = _keys(side.get("auxiliary_model_wrapper"), WRAPPER_KEYS, f"{where}.auxiliary_model_wrapper", source)
+    keys = torchdistill_keys()
+    side = _keys(side, keys["side"], where, source)
+    _keys(side.get("forward_hook"), keys["forward_hook"], f"{where}.forward_hook", source)
+    wrapper = _keys(side.get("auxiliary_model_wrapper"), keys["auxiliary_model_wrapper"], f"{where}.auxiliary_model_wrapper",
+                    source)
     if wrapper:
         target = _registered(AUXILIARY_MODEL_WRAPPER_DICT, wrapper.get("key"), f"{where}.auxiliary_model_wrapper.key",
                              source)
@@ -351,7 +434,8 @@ def _check_side(side: Any, where: str, source: str) -> None:
 
 
 def _check_criterion(criterion: Any, where: str, source: str) -> None:
-    criterion = _keys(criterion, CRITERION_KEYS, where, source)
+    keys = torchdistill_keys()
+    criterion = _keys(criterion, keys["criterion"], where, source)
     if not criterion:
         raise UserError(f"{source}: {where} is missing (torchdistill needs train.criterion)")
     loss_cls = _registered(HIGH_LEVEL_LOSS_DICT, criterion.get("key"), f"{where}.key", source)
@@ -360,21 +444,21 @@ def _check_criterion(criterion: Any, where: str, source: str) -> None:
     _keys(kwargs.get("model_term"), {"weight"}, f"{where}.kwargs.model_term", source)
     for name, term in (kwargs.get("sub_terms") or {}).items():
         term_where = f"{where}.kwargs.sub_terms.{name}"
-        term = _keys(term, TERM_KEYS, term_where, source)
+        term = _keys(term, keys["sub_term"], term_where, source)
         _number(term.get("weight"), f"{term_where}.weight", source, lambda v: True, "a finite number")
-        sub = _keys(term.get("criterion"), {"key", "kwargs"}, f"{term_where}.criterion", source)
+        sub = _keys(term.get("criterion"), keys["sub_criterion"], f"{term_where}.criterion", source)
         sub_cls = _registered(MIDDLE_LEVEL_LOSS_DICT, sub.get("key"), f"{term_where}.criterion.key", source,
                               LOSS_DICT, LOW_LEVEL_LOSS_DICT)
         _check_kwargs(sub_cls, sub.get("kwargs"), f"{term_where}.criterion.kwargs", source)
-        wrapper = _keys(term.get("criterion_wrapper"), {"key", "kwargs", "args"}, f"{term_where}.criterion_wrapper",
+        wrapper = _keys(term.get("criterion_wrapper"), keys["criterion_wrapper"], f"{term_where}.criterion_wrapper",
                         source)
         if wrapper:
             _registered(LOSS_WRAPPER_DICT, wrapper.get("key"), f"{term_where}.criterion_wrapper.key", source)
-            wrapper_kwargs = _keys(wrapper.get("kwargs"), {"input", "target"},
+            wrapper_kwargs = _keys(wrapper.get("kwargs"), keys["simple_wrapper"],
                                    f"{term_where}.criterion_wrapper.kwargs", source)
-            _keys(wrapper_kwargs.get("input"), {"is_from_teacher", "module_path", "io"},
+            _keys(wrapper_kwargs.get("input"), keys["simple_wrapper_input"],
                   f"{term_where}.criterion_wrapper.kwargs.input", source)
-            _keys(wrapper_kwargs.get("target"), {"uses_label", "is_from_teacher", "module_path", "io"},
+            _keys(wrapper_kwargs.get("target"), keys["simple_wrapper_target"],
                   f"{term_where}.criterion_wrapper.kwargs.target", source)
 
 
@@ -391,10 +475,11 @@ def check_recipe(recipe: dict, source: str) -> None:
     for name, model in models.items():
         if isinstance(name, str) and name.startswith("_"):
             continue
-        model = _keys(model, MODEL_KEYS, f"models.{name}", source)
+        model = _keys(model, torchdistill_keys()["model"] | OWN_MODEL_KEYS, f"models.{name}", source)
         if not isinstance(model.get("key"), str):
             raise UserError(f"{source}: models.{name}.key must name a torchvision or torchdistill model")
-    train = _keys(recipe.get("train"), TRAIN_KEYS, "train", source)
+    keys = torchdistill_keys()
+    train = _keys(recipe.get("train"), keys["train"] | OWN_TRAIN_KEYS, "train", source)
     if train:
         _number(train.get("num_epochs"), "train.num_epochs", source, lambda v: v >= 1 and v == int(v),
                 "an integer >= 1")
@@ -404,7 +489,7 @@ def check_recipe(recipe: dict, source: str) -> None:
         _check_side(train.get("teacher"), "train.teacher", source)
         _check_side(train.get("student"), "train.student", source)
         _check_side(train.get("model"), "train.model", source)
-        optimizer = _keys(train.get("optimizer"), OPTIMIZER_KEYS, "train.optimizer", source)
+        optimizer = _keys(train.get("optimizer"), keys["optimizer"], "train.optimizer", source)
         optim_cls = _registered(OPTIM_DICT, optimizer.get("key"), "train.optimizer.key", source)
         _number(optimizer.get("grad_accum_step", 1), "train.optimizer.grad_accum_step", source,
                 lambda v: v >= 1 and v == int(v), "an integer >= 1")
@@ -412,7 +497,7 @@ def check_recipe(recipe: dict, source: str) -> None:
         _check_kwargs(optim_cls, optim_kwargs, "train.optimizer.kwargs", source, supplied={"params"})
         validate({k: v for k, v in optim_kwargs.items() if k in OPTIMIZER_VALUES}, OPTIMIZER_VALUES,
                  source=f"{source}: train.optimizer.kwargs")
-        scheduler = _keys(train.get("scheduler"), SCHEDULER_KEYS, "train.scheduler", source)
+        scheduler = _keys(train.get("scheduler"), keys["scheduler"], "train.scheduler", source)
         if scheduler:
             sched_cls = _registered(SCHEDULER_DICT, scheduler.get("key"), "train.scheduler.key", source)
             sched_kwargs = scheduler.get("kwargs") or {}

@@ -229,3 +229,50 @@ def test_base_recipe_errors_name_the_file(tmp_path):
         recipes.load_recipe(tmp_path / "a.yaml")
     with pytest.raises(UserError, match="_base_ must name a recipe file"):
         recipes.load_recipe(_write(tmp_path / "bad.yaml", "_base_: [x]\n"))
+
+
+def _reads_keys(config, other):
+    value = config["a"] + config.get("b", 1) + config.pop("c", 0)
+    if "d" in config or "e" not in config:
+        config.setdefault("f", {})
+    return value + other["not_config"] + config[len(other)]
+
+
+def test_keys_read_finds_every_literal_key_of_the_named_mapping():
+    assert recipes.keys_read(_reads_keys, "config") == {"a", "b", "c", "d", "e", "f"}
+    assert recipes.keys_read(_reads_keys, "other") == {"not_config"}
+
+
+def test_recipe_keys_come_from_the_installed_torchdistill(monkeypatch):
+    """The accepted keys are read from torchdistill's source: a key a new torchdistill reads is accepted without any
+    change here, and a reader that no longer reads its section fails loudly instead of going stale."""
+    keys = recipes.torchdistill_keys()
+    assert {"module_wise_configs", "grad_accum_step", "max_grad_norm"} <= keys["optimizer"]
+    assert keys["scheduler"] == {"key", "kwargs", "scheduling_step"}
+    assert {"requires_supp", "dataset_id", "sampler"} <= keys["data_loader"]
+    recipe = release()
+    recipe["train"]["optimizer"]["newer_option"] = 1
+    with pytest.raises(UserError, match=r"unknown key train\.optimizer\.newer_option .*silently ignore"):
+        recipes.check_recipe(recipe, "res3418.yaml")
+
+    from torchdistill.core.distillation import DistillationBox
+    from torchdistill.datasets import util as data_util
+
+    def setup(self, train_config):
+        optim_config = train_config.get("optimizer", dict())
+        return optim_config.get("newer_option"), train_config.get("teacher"), train_config.get("student")
+
+    def build_data_loader(dataset, loader_config, distributed):
+        return loader_config["kwargs"]
+
+    recipes.torchdistill_keys.cache_clear()
+    monkeypatch.setattr(DistillationBox, "setup", setup)
+    try:
+        recipes.check_recipe(recipe, "res3418.yaml")
+        monkeypatch.setattr(data_util, "build_data_loader", build_data_loader)
+        recipes.torchdistill_keys.cache_clear()
+        with pytest.raises(RuntimeError, match="no longer reads the recipe's sampler section"):
+            recipes.torchdistill_keys()
+    finally:
+        monkeypatch.undo()
+        recipes.torchdistill_keys.cache_clear()
