@@ -424,8 +424,8 @@ def _check_side(side: Any, where: str, source: str) -> None:
     keys = torchdistill_keys()
     side = _keys(side, keys["side"], where, source)
     _keys(side.get("forward_hook"), keys["forward_hook"], f"{where}.forward_hook", source)
-    wrapper = _keys(side.get("auxiliary_model_wrapper"), keys["auxiliary_model_wrapper"], f"{where}.auxiliary_model_wrapper",
-                    source)
+    wrapper = _keys(side.get("auxiliary_model_wrapper"), keys["auxiliary_model_wrapper"],
+                    f"{where}.auxiliary_model_wrapper", source)
     if wrapper:
         target = _registered(AUXILIARY_MODEL_WRAPPER_DICT, wrapper.get("key"), f"{where}.auxiliary_model_wrapper.key",
                              source)
