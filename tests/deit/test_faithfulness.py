@@ -17,6 +17,7 @@ from deit.config import load_config
 from deit.datasets import build_transform
 from deit.main import main
 from deit.models import build_student, create_student
+from projector_kd import ProjectorDistillLoss
 from projector_kd.checkpoint import CheckpointError
 from projector_kd.errors import UserError
 
@@ -146,3 +147,18 @@ def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(tmp_pa
                                 f'(Linear(16, 512)); resume with the distillation settings and teacher it was trained '
                                 f'with, or start a new --output')
     assert not (resumed / 'checkpoint.pth').exists()
+
+
+def test_feature_loss_is_computed_in_float32_under_half_precision_autocast():
+    torch.manual_seed(0)
+    distill = ProjectorDistillLoss(16, 32, distance='log_corr', eps=0.0)
+    z_s, z_t = torch.randn(8, 10, 16), torch.randn(8, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = distill(z_s, z_t.bfloat16())
+        projected = distill.embed(z_s.mean(dim=1))
+    assert projected.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    # the same loss from the bf16 projector output and bf16 teacher features, whitened and reduced in float32
+    s, t = projected.float(), z_t.bfloat16().float()
+    s, t = (s - s.mean(0)) / s.var(0, unbiased=False).sqrt(), (t - t.mean(0)) / t.var(0, unbiased=False).sqrt()
+    expected = (((s * t).mean(0) - 1).abs().pow(4).sum() + 1e-5).log()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
