@@ -1,4 +1,5 @@
-"""The recipe as data: the values of docs/method.md, overrides, and bad values rejected before any work, naming the key."""
+"""The recipe as data: the values of docs/method.md, overrides, and bad values rejected before any work, naming the
+key."""
 from __future__ import annotations
 
 import os

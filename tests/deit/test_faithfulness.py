@@ -124,8 +124,8 @@ def _swap_projector(state: dict, width: int) -> dict:
     return {**state, 'model': model}
 
 
-def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(tmp_path, train_argv, tiny_config,
-                                                                         image_folder):
+def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(
+        tmp_path, train_argv, tiny_config, image_folder):
     first = tmp_path / 'first'
     assert main(train_argv(first, '--epochs', '1')) == 0
     state = torch.load(first / 'checkpoint.pth', weights_only=True)
