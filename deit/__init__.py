@@ -1,4 +1,4 @@
-"""DeiT track: conv-stem DeiT-Ti/S students distilled from RegNetY-160 with projector KD (SPEC §4).
+"""DeiT track: conv-stem DeiT-Ti/S students distilled from RegNetY-160 with projector KD (docs/method.md).
 
 ``deit.models.create_student`` / ``create_teacher``, ``deit.checkpoint.load_student_checkpoint``,
 ``deit.engine.Trainer`` / ``build_train_step``, ``deit.config.load_config``; CLI: ``python deit/main.py``.

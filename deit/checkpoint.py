@@ -54,7 +54,8 @@ def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool
     Every key outside the projector (``distillation_loss.*``) must exist on both sides with the same shape, else
     CheckpointError naming the file and the keys (a wrong ``num_classes`` is named as such). The projector is not
     needed to predict: when its width differs from the model's, or one side has none, its keys are left out and the
-    report says so (logged as a warning) instead of failing.
+    report says so (one warning line) instead of failing. Resuming training checks with :func:`check_resume_model`
+    instead, where such a projector is an error.
     """
     path = Path(path)
     checkpoint = load_checkpoint(path, trusted=trusted)
@@ -85,6 +86,31 @@ def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool
         logger.warning(report.projector_note)
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
+
+
+def check_resume_model(model: nn.Module, checkpoint: Any, path: str | Path) -> None:
+    """Before resuming training from ``checkpoint``: its ``model`` must hold exactly ``model``'s keys and shapes,
+    the projector included (unlike evaluation, training would silently restart a projector it cannot load).
+    Raises CheckpointError naming the file and what differs; a checkpoint without a ``model`` dict is left to the
+    resume code."""
+    state = checkpoint.get('model') if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        return
+    own = model.state_dict()
+    proj_ckpt = {k for k in state if k.startswith(PROJECTOR_PREFIX)}
+    proj_own = {k for k in own if k.startswith(PROJECTOR_PREFIX)}
+    if proj_ckpt != proj_own or _shape_mismatches(own, state, proj_own):
+        raise CheckpointError(f'{path} cannot be resumed: its projector ({_projector_shape(state)}) differs from '
+                              f'this run\'s ({_projector_shape(own)}); resume with the distillation settings and '
+                              'teacher it was trained with, or start a new --output')
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = _shape_mismatches(own, state, set(own) & set(state))
+    if missing or unexpected or shapes:
+        parts = [f'{label}: {_listing(keys)}' for label, keys in
+                 (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)) if keys]
+        raise CheckpointError(f'{path} cannot be resumed: it does not match this run\'s student ({"; ".join(parts)});'
+                              ' use the same config or a new --output')
 
 
 def _projector_shape(state: dict) -> str:

@@ -9,7 +9,9 @@ from typing import Any, Sequence
 from projector_kd.config import apply_overrides, load_yaml, merge_configs, validate
 from projector_kd.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'deit'
+_CHECKOUT_RECIPES = Path(__file__).resolve().parents[1] / 'configs' / 'deit'
+# a checkout reads configs/deit; an installed copy reads the same files shipped as deit/recipes (setup.cfg)
+CONFIG_DIR = _CHECKOUT_RECIPES if _CHECKOUT_RECIPES.is_dir() else Path(__file__).resolve().parent / 'recipes'
 DEFAULT_IMAGENET_ROOT = '~/datasets/ilsvrc2012'
 METHODS = ('none', 'kd', 'projector')
 
@@ -50,6 +52,7 @@ SCHEMA: dict[str, tuple] = {
     'model.stem_channels': ((int, type(None)), POSITIVE),
     'model.stem_stride': (int, POSITIVE),
     'model.patch_size': (int, POSITIVE),
+    'model.init': (str, _one_of('release', 'deit')),
     'teacher.name': (str, None),
     'teacher.ckpt': ((str, type(None)), None),
     'teacher.hub_tag': ((str, type(None)), None),
@@ -68,6 +71,7 @@ SCHEMA: dict[str, tuple] = {
     'data.num_workers': (int, NON_NEGATIVE),
     'data.pin_memory': (bool, None),
     'data.interpolation': (str, _one_of('bicubic', 'bilinear', 'nearest')),
+    'data.eval_interpolation': (str, _one_of('bicubic', 'bilinear', 'nearest')),
     'data.crop_pct': (float, (lambda v: 0 < v <= 1, 'in (0, 1]')),
     'data.on_bad_image': (str, _one_of('fail', 'skip')),
     'aug.scale': (list, (lambda v: len(v) == 2 and all(isinstance(b, (int, float)) for b in v)
@@ -142,8 +146,8 @@ def load_config(model: str, config_file: str | None = None, flags: dict[str, Any
 
 
 def scaled_lrs(cfg: dict, world_size: int) -> dict[str, float]:
-    """Base, warm-up and minimum learning rates scaled by global batch / ``train.lr_scale_batch`` (SPEC §4), where
-    global batch = data.batch_size x train.accum_iter x world size."""
+    """Base, warm-up and minimum learning rates scaled by global batch / ``train.lr_scale_batch``, where global batch =
+    data.batch_size x train.accum_iter x world size (docs/method.md, DeiT recipe)."""
     train = cfg['train']
     scale = cfg['data']['batch_size'] * train['accum_iter'] * world_size / train['lr_scale_batch']
     return {'lr': train['base_lr'] * scale, 'warmup_lr': train['warmup_lr'] * scale, 'min_lr': train['min_lr'] * scale}

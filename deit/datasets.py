@@ -54,8 +54,11 @@ def guard_posterize(transform: Any) -> int:
 
 
 def build_transform(is_train: bool, cfg: dict) -> transforms.Compose:
-    """The recipe's transforms: RandAugment/colour jitter/random erasing for training (posterize guarded); resize to
-    ``img_size / crop_pct`` + center crop for evaluation. Bicubic, ImageNet mean/std."""
+    """The recipe's transforms, ImageNet mean/std.
+
+    Training: RandomResizedCrop with ``data.interpolation`` (bicubic), flip, RandAugment, colour jitter, random erasing
+    (posterize guarded). Evaluation: resize the shorter side to ``floor(img_size / crop_pct)`` with
+    ``data.eval_interpolation`` (bilinear as the release's code, bicubic as the DeiT recipe), then center crop."""
     img_size = cfg['model']['img_size']
     data, aug = cfg['data'], cfg['aug']
     if is_train:
@@ -66,7 +69,7 @@ def build_transform(is_train: bool, cfg: dict) -> transforms.Compose:
             std=IMAGENET_DEFAULT_STD)
         guard_posterize(transform)
         return transform
-    interpolation = transforms.InterpolationMode(data['interpolation'])
+    interpolation = transforms.InterpolationMode(data['eval_interpolation'])
     return transforms.Compose([
         transforms.Resize(int(math.floor(img_size / data['crop_pct'])), interpolation=interpolation),
         transforms.CenterCrop(img_size),

@@ -30,10 +30,10 @@ from projector_kd.errors import UserError, run_cli  # noqa: E402
 from projector_kd.runs import prepare_output_dir, setup_logging, tensorboard_writer, write_json  # noqa: E402
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
 
-from deit.checkpoint import load_student_checkpoint  # noqa: E402
+from deit.checkpoint import check_resume_model, load_student_checkpoint  # noqa: E402
 from deit.config import load_config  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
-from deit.engine import Trainer  # noqa: E402
+from deit.engine import CHECKPOINT_FORMAT, Trainer  # noqa: E402
 from deit.models import build_student, count_parameters, create_teacher  # noqa: E402
 
 REPO_ROOT = _HERE.parent
@@ -145,8 +145,6 @@ def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
     path = find_file(args.ckpt) if args.ckpt else release_checkpoint(cfg['model']['name'])
     report = load_student_checkpoint(student, path, trusted=args.trust_checkpoint)
     logger.info('loaded %d tensors from %s %s', len(report.loaded), path, report.meta or '')
-    if report.projector_note:
-        logger.warning(report.projector_note)
     check_data(cfg, splits=('val',))
     _, val_loader = build_loaders(cfg, env.rank, env.world_size, pin_memory=env.device.type == 'cuda', train=False)
     trainer = Trainer({**cfg, 'distillation': {**cfg['distillation'], 'method': 'none'}}, env, student, None,
@@ -195,6 +193,8 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     resume_path = find_file(args.resume) if explicit else latest_checkpoint(output, RESUME_FILE)
     if resume_path is not None:
         state = load_checkpoint(resume_path, trusted=args.trust_checkpoint)
+        if isinstance(state, dict) and state.get('format') == CHECKPOINT_FORMAT:  # others: the trainer names the format
+            check_resume_model(student, state, resume_path)
         start_epoch, start_batch = trainer.load_state_dict(state, resume_path)
         logger.info('resumed from %s at epoch %d, batch %d', resume_path, start_epoch, start_batch)
     epochs = cfg['train']['epochs']

@@ -29,6 +29,7 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
                  img_size=32),
 }
 TIMM_NAMES = {'tiny': 'deit_conv_tiny', 'small': 'deit_conv_small', 'demo': 'deit_conv_demo'}
+INIT_SCHEMES = ('release', 'deit')
 
 
 class ConvStem(nn.Module):
@@ -62,11 +63,13 @@ class ConvStemDeiT(nn.Module):
     """
 
     def __init__(self, img_size: int = 224, num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
-                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, stem_channels: int = 64,
+                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, stem_channels: int = 64,
                  stem_stride: int = 2, patch_size: int = 8, teacher_dim: int | None = None,
                  distance: str = 'log_corr', exponent: float = 4.0, projector_eps: float = 0.0,
-                 projector: str = 'linear') -> None:
+                 projector: str = 'linear', init: str = 'release') -> None:
         super().__init__()
+        if init not in INIT_SCHEMES:
+            raise UserError(f'model.init={init!r} is not one of {", ".join(INIT_SCHEMES)}')
         if img_size % (stem_stride * patch_size):
             raise UserError(f'model.img_size={img_size} is not divisible by stem_stride*patch_size='
                             f'{stem_stride * patch_size}; pick an img_size that is a multiple of it')
@@ -90,12 +93,7 @@ class ConvStemDeiT(nn.Module):
         if teacher_dim:
             self.distillation_loss = ProjectorDistillLoss(embed_dim, teacher_dim, distance=distance,
                                                           exponent=exponent, eps=projector_eps, projector=projector)
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and not name.startswith('distillation_loss'):
-                trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+        init_weights(self, init)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides 1-D tensors and biases."""
@@ -118,6 +116,29 @@ class ConvStemDeiT(nn.Module):
         if self.training:
             return cls_logits, dist_logits
         return (cls_logits + dist_logits) / 2
+
+
+def init_weights(model: ConvStemDeiT, scheme: str = 'release') -> None:
+    """Initialise a student's weights; the projector (``distillation_loss``) keeps PyTorch's defaults.
+
+    Both schemes: pos_embed and every Linear weight ``trunc_normal_(std=0.02)`` (timm's, cut at +-2 absolute, so in
+    effect N(0, 0.02^2)), Linear biases 0, norms 1/0. ``release`` (the release's code): cls_token N(0, 1e-6) and every
+    Conv2d of the stem (three stem convs and the patch projection) ``kaiming_normal_`` with its defaults, std
+    sqrt(2 / fan_in); the projection's bias keeps PyTorch's default. ``deit`` (the DeiT recipe, timm 0.3/0.4 ViT):
+    cls_token ``trunc_normal_(std=0.02)``, convs PyTorch's default (kaiming_uniform_, a = sqrt(5)).
+    """
+    trunc_normal_(model.pos_embed, std=0.02)
+    if scheme == 'release':
+        nn.init.normal_(model.cls_token, std=1e-6)
+        for module in model.conv_embed.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+    else:
+        trunc_normal_(model.cls_token, std=0.02)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.startswith('distillation_loss'):
+            trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
 
 
 def _build(preset: str, pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
@@ -157,7 +178,8 @@ def create_student(name: str, num_classes: int = 1000, img_size: int | None = No
 
     ``img_size`` None: the preset's (224 for tiny/small, 32 for demo). ``kwargs`` override the preset
     (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ``stem_channels``, ``stem_stride``, ``patch_size``,
-    ``teacher_dim`` = projector output width or None for no projector, ``distance``, ``projector_eps``, ...).
+    ``teacher_dim`` = projector output width or None for no projector, ``distance``, ``projector_eps``, ``init``
+    = ``release`` (default) or ``deit``, see :func:`init_weights`, ...). Drop path defaults to 0, as the release.
     """
     timm_name = TIMM_NAMES.get(name, name)
     if timm_name not in TIMM_NAMES.values():
@@ -171,7 +193,7 @@ def build_student(cfg: dict, teacher_dim: int | None) -> ConvStemDeiT:
     return create_student(
         model['name'], num_classes=model['num_classes'], img_size=model['img_size'],
         drop_path_rate=model['drop_path'], teacher_dim=teacher_dim, distance=distill['distance'],
-        exponent=distill['exponent'], projector_eps=distill['eps'], projector=distill['projector'],
+        exponent=distill['exponent'], projector_eps=distill['eps'], projector=distill['projector'], init=model['init'],
         **{k: model[k] for k in ('embed_dim', 'depth', 'num_heads', 'stem_channels', 'stem_stride', 'patch_size')})
 
 

@@ -188,7 +188,7 @@ def srd_box_config(teacher_dim: int, student_dim: int) -> dict:
 
 
 def projector_box_config(teacher_dim: int, student_dim: int) -> dict:
-    """This project's recipe (SPEC §3): ProjectorKDModelWrapper on the student, ProjectorKDLoss, CE."""
+    """This project's ResNet recipe (docs/method.md): ProjectorKDModelWrapper on the student, ProjectorKDLoss, CE."""
     return {
         "num_epochs": 1,
         "teacher": {"forward_proc": "forward_batch_only", "requires_grad": False,

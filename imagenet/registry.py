@@ -37,7 +37,7 @@ def _module_of(module: nn.Module) -> nn.Module:
 
 @register_auxiliary_model_wrapper
 class ProjectorKDModelWrapper(AuxiliaryModelWrapper):
-    """Student wrapper holding the projector and the whitening of SPEC §2 (``self.feature_loss``).
+    """Student wrapper holding the projector and the whitening (``self.feature_loss``; docs/method.md).
 
     ``input_module``: ``{'path': <student module path>, 'io': 'input'|'output'}`` — the feature the projector reads
     (e.g. ``layer4`` output, pooled over H, W). The remaining arguments go to :class:`projector_kd.ProjectorDistillLoss`.
@@ -89,7 +89,7 @@ def _lookup(io_dict: dict, path: str, io: str, side: str) -> torch.Tensor:
 
 @register_mid_level_loss
 class ProjectorKDLoss(nn.Module):
-    """``feature_weight * L_feat + kd_weight * KD`` (SPEC §3 uses 2.0 and 1.0 with log_diff and T = 1).
+    """``feature_weight * L_feat + kd_weight * KD`` (the ResNet recipe: 2.0 and 1.0, log_diff, T = 1; docs/method.md).
 
     ``teacher_feature``: ``{path, io}`` of the teacher feature (hooked through ``train.teacher.forward_hook``);
     logits are the models' own outputs unless ``student_logits``/``teacher_logits`` name other ``{path, io}``.

@@ -1,4 +1,5 @@
-"""The recipe as data: SPEC §4 values, overrides, and bad values rejected before any work, naming the key."""
+"""The recipe as data: the values of docs/method.md, overrides, and bad values rejected before any work, naming the
+key."""
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ from projector_kd.errors import UserError
 def test_tiny_recipe_matches_spec_item_by_item():
     cfg = load_config('tiny')
     assert cfg['model'] == {'name': 'tiny', 'num_classes': 1000, 'img_size': 224, 'embed_dim': None, 'depth': None,
-                            'num_heads': None, 'drop_path': 0.1, 'stem_channels': 64, 'stem_stride': 2,
-                            'patch_size': 8}
+                            'num_heads': None, 'drop_path': 0.0, 'stem_channels': 64, 'stem_stride': 2,
+                            'patch_size': 8, 'init': 'release'}
     assert cfg['teacher'] == {'name': 'regnety_160', 'ckpt': 'ckpts/regnety_160-a5fe301d.pth',
                               'hub_tag': 'regnety_160.deit_in1k', 'trusted': False}
     assert cfg['distillation'] == {'method': 'projector', 'distance': 'log_corr', 'projector': 'linear', 'eps': 0.0,
@@ -31,6 +32,7 @@ def test_tiny_recipe_matches_spec_item_by_item():
     assert (train['warmup_epochs'], train['weight_decay'], train['betas'], train['opt_eps'], train['clip_grad'],
             train['amp']) == (20, 0.05, [0.9, 0.999], 1e-8, 15.0, True)
     assert cfg['data']['batch_size'] == 256 and cfg['data']['interpolation'] == 'bicubic'
+    assert cfg['data']['eval_interpolation'] == 'bilinear'
     assert cfg['data']['crop_pct'] == 0.875 and cfg['seed'] == 0 and cfg['fast'] is False
     small = load_config('small')
     assert small['model']['name'] == 'small' and {k: v for k, v in small.items() if k not in ('model', 'output')} == {

@@ -1,4 +1,4 @@
-"""The recipe's training transform runs whole epochs despite the Pillow >= 13 posterize hazard (SPEC §4)."""
+"""The training transform runs whole epochs despite the Pillow >= 13 posterize hazard (docs/faithfulness.md)."""
 from __future__ import annotations
 
 import random

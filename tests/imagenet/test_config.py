@@ -1,4 +1,5 @@
-"""The release recipe's values (SPEC §3), recipe checks that catch what torchdistill would swallow, CLI data errors."""
+"""The release recipe's values (docs/method.md), recipe checks that catch what torchdistill would swallow, CLI data
+errors."""
 from __future__ import annotations
 
 import subprocess

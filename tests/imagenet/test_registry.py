@@ -1,10 +1,11 @@
 """The registered ProjectorKD wrapper + loss inside torchdistill's own DistillationBox, against torchdistill's SRD box.
 
-Modes compared (SPEC §2/§3): the teacher *network* is in eval mode in both boxes (frozen, running BN statistics), the
-student network is in training mode (set by torchdistill's pre-epoch step), and the whitening runs on batch statistics
-on both sides. In the SRD box that means the teacher ``SRDModelWrapper`` itself is put in training mode (so its
-``norm_layer`` whitens with batch statistics) while its inner teacher network is put back in eval mode; in this
-project's box the teacher network is simply in eval mode and the whitening lives in the student wrapper.
+Modes compared (docs/method.md, docs/faithfulness.md): the teacher *network* is in eval mode in both boxes (frozen,
+running BN statistics), the student network is in training mode (set by torchdistill's pre-epoch step), and the
+whitening runs on batch statistics on both sides. In the SRD box that means the teacher ``SRDModelWrapper`` itself is
+put in training mode (so its ``norm_layer`` whitens with batch statistics) while its inner teacher network is put back
+in eval mode; in this project's box the teacher network is simply in eval mode and the whitening lives in the student
+wrapper.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ProjectorDistillLoss and kd_loss against float64 references written from SPEC §2, and torchdistill's SRDLoss."""
+"""ProjectorDistillLoss and kd_loss against float64 references written from docs/method.md, and torchdistill's
+SRDLoss."""
 import math
 
 import pytest
@@ -11,7 +12,7 @@ SHAPES = [((6, 5), (6, 7)), ((6, 9, 5), (6, 4, 7)), ((6, 5, 3, 2), (6, 7, 2, 2))
 
 
 def reference_loss(z_s, z_t, weight, bias, distance, alpha, eps):
-    """SPEC §2 straight from the formulas, in float64 with Python-level sums."""
+    """docs/method.md straight from the formulas, in float64 with Python-level sums."""
     z_s, z_t = pool_reference(z_s.double()), pool_reference(z_t.double())
     p = z_s @ weight.double().T + (bias.double() if bias is not None else 0)
     if distance == "mse":
