@@ -203,10 +203,11 @@ OPTIMIZER_KEYS = {"key", "kwargs", "module_wise_configs", "filters_params", "max
 SCHEDULER_KEYS = {"key", "kwargs", "scheduling_step"}
 CRITERION_KEYS = {"key", "kwargs", "args", "func2extract_model_loss"}
 TERM_KEYS = {"criterion", "criterion_wrapper", "weight"}
-RUNTIME_KEYS = {"fast"}
+RUNTIME_KEYS = {"fast", "loader"}
 WRAPPER_SUPPLIED = {"device", "device_ids", "distributed", "teacher_model", "student_model"}
 
-RUNTIME_SCHEMA = {"fast": (bool, None)}
+LOADERS = ("torchvision", "dali")
+RUNTIME_SCHEMA = {"fast": (bool, None), "loader": (str, (lambda v: v in LOADERS, " or ".join(LOADERS)))}
 OPTIMIZER_VALUES = {
     "lr": (float, (lambda v: v > 0, "> 0")),
     "momentum": (float, (lambda v: 0 <= v < 1, "in [0, 1)")),
