@@ -26,7 +26,8 @@ import io
 import logging
 import math
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -391,9 +392,18 @@ class DaliLoader:
         self.skipped.add(index)
         logger.warning("skipping %s (%d skipped so far in this process)", error, len(self.skipped))
 
-    def prepare(self, number: int, indices: list[int], epoch_seed: int) -> PreparedBatch:
-        """Batch ``number`` of the epoch: files read in parallel, random parameters from (epoch seed, number)."""
-        read = list(self.readers.map(self.read, indices))
+    def start_reading(self, indices: list[int]) -> list[Future]:
+        """Read the files of ``indices`` in the thread pool, one slice per thread (:meth:`read` on each)."""
+        step = math.ceil(len(indices) / self.threads)
+        return [self.readers.submit(lambda part: [self.read(i) for i in part], indices[start:start + step])
+                for start in range(0, len(indices), step)]
+
+    def prepare(self, number: int, indices: list[int], epoch_seed: int,
+                reading: list[Future] | None = None) -> PreparedBatch:
+        """Batch ``number`` of the epoch: its files (``reading``: already being read, see :meth:`start_reading`) and
+        its random parameters, from (epoch seed, number)."""
+        reading = self.start_reading(indices) if reading is None else reading
+        read = [item for part in reading for item in part.result()]
         samples = [sample for sample, _, _ in read]
         sizes = np.array([size for _, _, size in read], dtype=np.int64).reshape(len(read), 2)
         params = sample_parameters(self.plan, sizes, batch_uniforms(epoch_seed, number, len(indices)))
@@ -447,6 +457,7 @@ class DaliEpoch(Iterator):
         self.number = 0  # batches taken from the sampler so far
         self.pending: deque[tuple[int, list[int]]] = deque()  # batches to feed again after a pipeline rebuild
         self.in_flight: deque[PreparedBatch] = deque()
+        self.ahead: tuple[int, list[int], list[Future]] | None = None  # the next batch, its files being read
         self.started = False
 
     def skip(self, count: int) -> None:
@@ -457,15 +468,25 @@ class DaliEpoch(Iterator):
             next(self.order)
             self.number += 1
 
-    def next_inputs(self) -> tuple:
-        """The DALI inputs of the next batch (the external source's callback)."""
+    def _take(self) -> tuple[int, list[int]]:
         if self.pending:
-            number, indices = self.pending.popleft()
-        else:
-            indices = next(self.order)  # StopIteration ends DALI's epoch
-            number = self.number
-            self.number += 1
-        batch = self.loader.prepare(number, indices, self.seed)
+            return self.pending.popleft()
+        indices = next(self.order)
+        self.number += 1
+        return self.number - 1, indices
+
+    def next_inputs(self) -> tuple:
+        """The DALI inputs of the next batch (the external source's callback); the batch after it starts being read
+        meanwhile, so its files are in memory when DALI asks for it."""
+        if self.ahead is None:
+            number, indices = self._take()  # StopIteration ends DALI's epoch
+            self.ahead = (number, indices, self.loader.start_reading(indices))
+        number, indices, reading = self.ahead
+        self.ahead = None
+        with suppress(StopIteration):
+            following, following_indices = self._take()
+            self.ahead = (following, following_indices, self.loader.start_reading(following_indices))
+        batch = self.loader.prepare(number, indices, self.seed, reading)
         self.in_flight.append(batch)
         return batch.inputs
 
@@ -497,6 +518,9 @@ class DaliEpoch(Iterator):
                     raise
                 loader.pipeline = None
                 loader.diagnose(list(self.in_flight), error)
+                if self.ahead is not None:
+                    self.pending.appendleft(self.ahead[:2])
+                    self.ahead = None
                 self.pending.extendleft((b.number, b.indices) for b in reversed(self.in_flight))
                 self.in_flight.clear()
                 loader.pipeline = loader.build_pipeline()

@@ -362,9 +362,9 @@ def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_
     prepared = []
     real_prepare = dali.DaliLoader.prepare
 
-    def prepare(self, number, indices, seed):
+    def prepare(self, number, indices, seed, reading=None):
         prepared.append((self.plan.random_crop_size is not None, number))
-        return real_prepare(self, number, indices, seed)
+        return real_prepare(self, number, indices, seed, reading)
 
     monkeypatch.setattr(dali.DaliLoader, "prepare", prepare)
     status, out, err = cli(*common, "--output_dir", tmp_path / "interrupted")
