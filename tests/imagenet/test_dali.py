@@ -251,6 +251,48 @@ def test_batches_are_deterministic_per_seed_and_epoch_and_skip_is_exact(jpeg_dat
         next(epoch)
 
 
+def test_grey_cmyk_and_png_images_decode_to_the_rgb_pixels_pil_gives(tmp_path):
+    """ImageNet holds greyscale and CMYK JPEGs (and a PNG): DALI's decoder converts them to the same RGB as PIL's
+    ``convert("RGB")`` (no resampling here, so the comparison is exact)."""
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)).resize((64, 48), Image.BICUBIC)
+    for name, mode, kind in (("grey", "L", "JPEG"), ("cmyk", "CMYK", "JPEG"), ("rgba", "RGBA", "PNG"),
+                             ("palette", "P", "PNG")):
+        folder = tmp_path / "images" / name
+        folder.mkdir(parents=True)
+        base.convert(mode).save(folder / f"0.{kind.lower()}", format=kind)
+    transform = T.Compose([T.ToTensor()])
+    dataset = CheckedImageFolder(tmp_path / "images", transform=transform)
+    loader = DataLoader(dataset, batch_size=4, sampler=SequentialSampler(dataset))
+    images, labels, _ = next(iter(dali.DaliLoader(loader, torch.device("cpu"), train=False)))
+    assert labels.tolist() == [0, 1, 2, 3]
+    assert torch.allclose(images, torch.stack([dataset[i][0] for i in range(4)]), atol=1e-6)
+
+
+def test_sharding_training_keeps_the_distributed_sampler_evaluation_counts_each_image_once(jpeg_data):
+    from torch.utils.data import DistributedSampler
+
+    dataset = CheckedImageFolder(jpeg_data / "val", transform=val_transform())
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler)
+    assert dali.DaliLoader(loader, torch.device("cpu"), train=True).batch_sampler is loader.batch_sampler
+    evaluation = dali.DaliLoader(loader, torch.device("cpu"), train=False)
+    labels = torch.cat([labels for _, labels, _ in evaluation])
+    assert labels.tolist() == [dataset.samples[i][1] for i in range(1, 21, 2)]  # rank 1 of 2: 10 of 21, no padding
+
+
+def test_runtime_loader_is_checked_with_the_recipe(make_recipe):
+    from imagenet.config import check_recipe
+
+    recipe = load_recipe(make_recipe("check"))
+    recipe["runtime"]["loader"] = "dali"
+    check_recipe(recipe, "recipe.yaml")
+    recipe["runtime"]["loader"] = "nvjpeg"
+    with pytest.raises(UserError, match=r"^recipe\.yaml: runtime: loader = 'nvjpeg' is out of range \(must be "
+                                        r"torchvision or dali\)$"):
+        check_recipe(recipe, "recipe.yaml")
+
+
 # ---------------------------------------------------------------------------------------------- bad images
 
 def test_a_truncated_jpeg_fails_naming_the_file_or_is_skipped_and_counted(jpeg_data, tmp_path, caplog):
