@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from torchvision import transforms as T
 
 from imagenet import dali, engine
-from imagenet.config import find_recipe, load_recipe, resolve
+from imagenet.config import check_recipe, find_recipe, load_recipe, resolve
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.data import CheckedImageFolder, DataError, load_rgb
 from projector_kd.errors import UserError
@@ -270,8 +275,6 @@ def test_grey_cmyk_and_png_images_decode_to_the_rgb_pixels_pil_gives(tmp_path):
 
 
 def test_sharding_training_keeps_the_distributed_sampler_evaluation_counts_each_image_once(jpeg_data):
-    from torch.utils.data import DistributedSampler
-
     dataset = CheckedImageFolder(jpeg_data / "val", transform=val_transform())
     sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=False)
     loader = DataLoader(dataset, batch_size=4, sampler=sampler)
@@ -282,8 +285,6 @@ def test_sharding_training_keeps_the_distributed_sampler_evaluation_counts_each_
 
 
 def test_runtime_loader_is_checked_with_the_recipe(make_recipe):
-    from imagenet.config import check_recipe
-
     recipe = load_recipe(make_recipe("check"))
     recipe["runtime"]["loader"] = "dali"
     check_recipe(recipe, "recipe.yaml")
@@ -339,7 +340,7 @@ def test_a_decode_error_inside_dali_is_traced_to_its_file(jpeg_data, tmp_path, m
 
 
 def test_without_dali_the_loader_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "nvidia.dali", None)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(UserError, match=r"--loader dali needs NVIDIA DALI: pip install '\.\[dali\]' \(or "
                                         r"nvidia-dali-cuda130==2\.4\.0\), or use --loader torchvision"):
         dali.require_dali()
@@ -369,9 +370,6 @@ def dali_recipe(make_recipe, name: str, data: Path, **kwargs) -> Path:
 
 def _stop_before(monkeypatch, epoch: int, step: int) -> None:
     """SIGTERM to this process as training step ``step`` (1-based) of ``epoch`` starts."""
-    import os
-    import signal
-
     real = engine.progress
 
     def progress(iterable, rank=0, **kwargs):
@@ -447,3 +445,24 @@ def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path
     else:
         assert status == 0, err
         assert f"skipping unreadable image {bad}" in (tmp_path / "bad" / "log.txt").read_text()
+
+
+def test_two_gloo_ranks_shard_training_and_count_each_val_image_once(make_recipe, jpeg_data, child_env, cli, tmp_path):
+    recipe = dali_recipe(make_recipe, "ddp", jpeg_data, batch_size=4)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", str(repo / "imagenet/image_classification.py"), "--config", str(recipe),
+               "--device", "cpu", "--world_size", "2", "--seed", "0", "--loader", "dali"]
+    result = subprocess.run(command, cwd=repo, env=child_env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and load_checkpoint(tmp_path / "ddp" / "checkpoint.pth")["global_step"] == 3
+    # one process over all 21 val images gives the same accuracy: the 2 shards count each image once (k/21, not k/22)
+    status, _, err = cli("--config", recipe, "--output_dir", tmp_path / "ddp", "-test_only", "--loader", "dali")
+    assert status == 0, err
+    single = json.loads((tmp_path / "ddp" / "test_only" / "metrics.json").read_text())
+    assert (metrics["top1"], metrics["top5"]) == (single["top1"], single["top5"])
+    assert round(metrics["top1"] * 21 / 100, 6) == round(metrics["top1"] * 21 / 100) and 0 < metrics["top1"] < 100
