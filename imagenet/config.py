@@ -222,7 +222,7 @@ def to_plain(node: Any) -> Any:
 TOP_KEYS = {"dependencies", "datasets", "models", "train", "test", "runtime"}  # what this entry point reads
 OWN_MODEL_KEYS = {"src_ckpt", "dst_ckpt"}  # read by imagenet/image_classification.py
 OWN_TRAIN_KEYS = {"log_freq"}  # read by imagenet.engine
-RUNTIME_KEYS = {"fast"}
+RUNTIME_KEYS = {"fast", "loader"}
 WRAPPER_SUPPLIED = {"device", "device_ids", "distributed", "teacher_model", "student_model"}
 
 
@@ -309,7 +309,8 @@ def torchdistill_keys() -> dict[str, frozenset[str]]:
     return sections
 
 
-RUNTIME_SCHEMA = {"fast": (bool, None)}
+LOADERS = ("torchvision", "dali")
+RUNTIME_SCHEMA = {"fast": (bool, None), "loader": (str, (lambda v: v in LOADERS, " or ".join(LOADERS)))}
 OPTIMIZER_VALUES = {
     "lr": (float, (lambda v: v > 0, "> 0")),
     "momentum": (float, (lambda v: 0 <= v < 1, "in [0, 1)")),

@@ -247,8 +247,11 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
             resume_rng = None
         run.epoch_rng = capture_rng_state()
     batches = iter(box.train_data_loader)
-    for _ in range(run.step_in_epoch):
-        next(batches)
+    if hasattr(batches, "skip"):  # a loader that can start mid-epoch without producing the batches it passes over
+        batches.skip(run.step_in_epoch)
+    else:
+        for _ in range(run.step_in_epoch):
+            next(batches)
     if resume_rng is not None:  # generators exactly as they were when the checkpoint was written
         restore_rng_state(resume_rng)
     total = len(box.train_data_loader)

@@ -66,6 +66,9 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_ckpt", "--teacher-ckpt", dest="teacher_ckpt",
                         help="teacher weights {'model': state_dict} (sets models.teacher_model.src_ckpt)")
     parser.add_argument("--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD")
+    parser.add_argument("--loader", choices=recipes.LOADERS,
+                        help="data loader (sets runtime.loader; default torchvision): dali decodes and augments on the "
+                             "GPU with NVIDIA DALI (pip install '.[dali]'), see docs/dali.md")
     parser.add_argument("--resume", action="store_true",
                         help="continue in an output folder whose recorded config differs from this one")
     parser.add_argument("--trust_checkpoint", "--trust-checkpoint", dest="trust_checkpoint", action="store_true",
@@ -90,9 +93,15 @@ def prepare_recipe(args: argparse.Namespace) -> tuple[dict, Path]:
         recipe["models"]["teacher_model"]["src_ckpt"] = args.teacher_ckpt
     if args.fast:
         recipe.setdefault("runtime", {})["fast"] = True
+    if args.loader:
+        recipe.setdefault("runtime", {})["loader"] = args.loader
     if args.dist_url != "env://":
         raise UserError(f"--dist_url {args.dist_url}: only env:// is supported — launch with torchrun")
     recipes.check_recipe(recipe, str(path))
+    if recipe.get("runtime", {}).get("loader") == "dali":
+        from imagenet.dali import require_dali
+
+        require_dali()
     return recipe, path
 
 
@@ -150,6 +159,16 @@ def _ensure_ddp(box, device: torch.device, local_rank: int) -> None:
     if isinstance(module, (DistributedDataParallel, AuxiliaryModelWrapper)):
         return
     setattr(box, attribute, DistributedDataParallel(module, device_ids=[local_rank] if device.type == "cuda" else None))
+
+
+def swap_loader(loader, recipe: dict, device: torch.device, train: bool, name: str):
+    """The torchdistill loader, or — with ``runtime.loader: dali`` — a DALI loader over the same files, sampler, batch
+    size and transform (:mod:`imagenet.dali`)."""
+    if recipe.get("runtime", {}).get("loader", "torchvision") != "dali":
+        return loader
+    from imagenet.dali import dali_loader
+
+    return dali_loader(loader, device, train=train, name=name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,6 +232,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         settings = apply_fast_path(box, teacher, env.device) if fast else None
         if settings is not None:
             log.info("fast path: %s", settings)
+        box.train_data_loader = swap_loader(box.train_data_loader, recipe, env.device, True, "train.train_data_loader")
+        box.val_data_loader = swap_loader(box.val_data_loader, recipe, env.device, False, "train.val_data_loader")
         run_state = RunState()
         last = output_dir / LAST_CHECKPOINT
         if last.is_file():
@@ -246,8 +267,9 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     test_config = recipe.get("test", {}).get("test_data_loader")
     if test_config is None:
         raise UserError(f"{recipe_path}: test.test_data_loader is required for the final evaluation")
-    test_loader = build_data_loader(dataset_dict[test_config["dataset_id"]], recipes.resolve(test_config, memo),
-                                    env.distributed)
+    test_loader = swap_loader(build_data_loader(dataset_dict[test_config["dataset_id"]],
+                                                recipes.resolve(test_config, memo), env.distributed),
+                              recipe, env.device, False, "test.test_data_loader")
     metrics: dict = {"val_top1_per_epoch": history, "best_val_top1": max(history) if history else None,
                      "student_params": count_parameters(student), "student": student_config["key"],
                      "checkpoint": str(best_path), "world_size": env.world_size, "seed": args.seed, "fast": fast}

@@ -60,15 +60,23 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
                             f"extra {extra[:5]} — both splits need the same class folders")
 
 
+UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def unreadable_image(path: str, error: BaseException) -> DataError:
+    """The one-line error for an image that cannot be read (``error``: why), naming the file and the fixes."""
+    return DataError(f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, "
+                     f"or set on_bad_image: skip")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image as RGB; raises :class:`DataError` naming the file when it is unreadable."""
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, "
-                        f"or set on_bad_image: skip") from None
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise unreadable_image(path, error) from None
 
 
 class CheckedImageFolder(ImageFolder):

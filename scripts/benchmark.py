@@ -13,7 +13,8 @@ A parity check runs both recipes on one batch with the same weights and compares
 The data section times each track's training transform on synthetic ImageNet-size JPEGs decoded by PIL, in img/s on
 one core (DeiT: timm ``create_transform`` with the recipe's RandAugment, colour jitter and random erasing, through
 ``deit.datasets.build_transform``; ResNet: the recipe's own dataset), then each loader's ceiling with N workers, and
-for DeiT an end-to-end figure (loader feeding the fast step), so the bottleneck is visible.
+for DeiT an end-to-end figure (loader feeding the fast step), so the bottleneck is visible; for ResNet, end-to-end
+figures of the recipe's torchvision loader and of the DALI loader (``--loader dali``), with the same worker count.
 
 GPU timings use CUDA events after warm-up steps (which also absorb torch.compile). ``--tiny`` runs small models on
 small images so CI can smoke-test the script on a CPU; CPU figures are not performance claims.
@@ -569,6 +570,98 @@ def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tra
     return result
 
 
+# ------------------------------------------------------------------------------------ ResNet loaders, end to end
+#
+# The ResNet track's loaders feeding its fast training step on the synthetic JPEGs: the recipe's torchvision loader
+# (PIL decode + RandomResizedCrop + flip + normalise in N worker processes) and the DALI loader (``--loader dali``:
+# nvJPEG decoding of the crop window and the same transform on the GPU; on a CPU, DALI's CPU pipeline), with N DALI
+# threads. img/s over the batches after the first (worker / pipeline start-up), each batch also training one step;
+# the main process runs torch on one thread meanwhile (the cores go to the loaders).
+
+def resnet_loader(kind: str, sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device) -> Any:
+    """The ResNet recipe's training loader over ``root`` ('torchvision' or 'dali'), its crop at the benchmark's
+    ResNet image size, yielding ``(images, labels)``."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    dataset = resnet_train_dataset(root)
+    dataset.transform.transforms[0].size = (sizes.resnet_img_size, sizes.resnet_img_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset), num_workers=workers,
+                        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=workers > 0)
+    if kind == 'torchvision':
+        return loader
+    from imagenet.dali import DaliLoader
+
+    dali_loader = DaliLoader(loader, device, train=True, name='benchmark', threads=workers)
+    return ((images, labels) for images, labels, _ in dali_loader)
+
+
+def dali_installed() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def time_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.device, workers: int, batches: int,
+                        step_only_img_s: float) -> list[dict[str, Any]]:
+    """One row per loader for :func:`bench_resnet_loaders`."""
+    from imagenet.fast import bf16_supported, build_fast_step
+
+    box = build_fast_step(**resnet_kwargs(sizes, args.batch_size, device)).box
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16_supported(device)
+                else contextlib.nullcontext())
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        with autocast:
+            loss = box.forward_process(images.contiguous(memory_format=torch.channels_last), labels)
+        box.post_forward_process(loss=loss)
+
+    rows = []
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix='benchmark-loaders-') as tmp:
+        root = Path(tmp)
+        write_jpeg_imagefolder(root, sizes, batches + 1, args.batch_size)
+        for kind in ('torchvision', 'dali'):
+            if kind == 'dali' and not dali_installed():
+                rows.append({'loader': kind, 'decoding': None, 'img_per_s': None, 'vs_step_only': None,
+                             'note': 'DALI not installed'})
+                continue
+            decoding = (f'PIL, {workers} worker processes' if kind == 'torchvision' else
+                        f'{"nvJPEG on the GPU" if device.type == "cuda" else "DALI CPU"}, {workers} threads')
+            img_s = time_loader(resnet_loader(kind, sizes, root, args.batch_size, workers, device), batches, device,
+                                step=step)
+            rows.append({'loader': kind, 'decoding': decoding, 'img_per_s': img_s,
+                         'vs_step_only': img_s / step_only_img_s, 'note': None})
+    return rows
+
+
+def bench_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.device,
+                         step_only_img_s: float) -> dict[str, Any]:
+    """img/s of the torchvision and the DALI loader each feeding the ResNet fast step, with the same worker / thread
+    count (the largest of ``--workers``); the DALI row says 'DALI not installed' where it is missing."""
+    workers = max(args.workers)
+    batches = 1 if args.tiny else 4 * sizes.loader_batches
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = time_resnet_loaders(sizes, args, device, workers, batches, step_only_img_s)
+    finally:
+        torch.set_num_threads(threads)
+    reset_memory(device)
+    return {'workers': workers, 'batches': batches, 'step_only_img_per_s': step_only_img_s, 'rows': rows}
+
+
+def format_resnet_loaders(result: dict[str, Any]) -> str:
+    lines = []
+    for row in result['rows']:
+        figure = (f'{row["img_per_s"]:.1f} img/s ({100 * row["vs_step_only"]:.0f}% of the fast step alone, '
+                  f'{result["step_only_img_per_s"]:.1f})' if row['img_per_s'] is not None else row['note'])
+        lines.append(f'end-to-end resnet: {row["loader"]} loader ({row["decoding"] or "-"}) feeding the fast step: '
+                     f'{figure}')
+    return '\n'.join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------ report
 
 def environment(device: torch.device, compile_enabled: bool) -> dict[str, Any]:
@@ -697,6 +790,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
             started = time.perf_counter()
             data.update(bench_data(sizes, args, device, [track], fast_deit, track_rows[1].img_per_s))
+            if track == 'resnet':
+                loaders = data['resnet']['end_to_end_loaders'] = bench_resnet_loaders(sizes, args, device,
+                                                                                      track_rows[1].img_per_s)
+                print(format_resnet_loaders(loaders), flush=True)
             seconds[f'{track}_data'] = time.perf_counter() - started
         del fast_deit
         reset_memory(device)
@@ -717,6 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for track, entry in data.items():
         print(format_data(track, entry, env['cpu_cores'],
                           next(r.img_per_s for r in rows if (r.track, r.case) == (track, 'fast'))))
+        if 'end_to_end_loaders' in entry:
+            print(format_resnet_loaders(entry['end_to_end_loaders']))
     for track, result in parity.items():
         print(format_parity(track, result))
     print('seconds per phase: ' + ', '.join(f'{k} {v:.1f}' for k, v in seconds.items()))

@@ -109,6 +109,34 @@ def test_smoke_run_parity_and_data_sections(smoke):
                                                 for phase in ("", "_data", "_parity")}
 
 
+def test_smoke_run_times_both_resnet_loaders_end_to_end(smoke):
+    """The torchvision loader and the DALI loader (its CPU pipeline here) each feeding the ResNet fast step."""
+    process, report = smoke
+    loaders = report["data"]["resnet"]["end_to_end_loaders"]
+    fast = next(row for row in report["rows"] if (row["track"], row["case"]) == ("resnet", "fast"))
+    assert loaders["workers"] == 2 and loaders["step_only_img_per_s"] == fast["img_per_s"]
+    assert [row["loader"] for row in loaders["rows"]] == ["torchvision", "dali"]
+    assert [row["decoding"] for row in loaders["rows"]] == ["PIL, 2 worker processes", "DALI CPU, 2 threads"]
+    for row in loaders["rows"]:
+        assert row["img_per_s"] > 0 and row["vs_step_only"] == pytest.approx(row["img_per_s"] / fast["img_per_s"])
+        assert f"end-to-end resnet: {row['loader']} loader ({row['decoding']}) feeding the fast step: " \
+               f"{row['img_per_s']:.1f} img/s" in process.stdout
+
+
+def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    timed = []
+    monkeypatch.setattr(bench, "time_loader", lambda loader, batches, device, step: timed.append(loader) or 50.0)
+    args = bench.parse_args(["--tiny", "--no-compile"])
+    result = bench.bench_resnet_loaders(bench.TINY, args, torch.device("cpu"), 25.0)
+    assert len(timed) == 1 and result["rows"] == [
+        {"loader": "torchvision", "decoding": "PIL, 2 worker processes", "img_per_s": 50.0, "vs_step_only": 2.0,
+         "note": None},
+        {"loader": "dali", "decoding": None, "img_per_s": None, "vs_step_only": None, "note": "DALI not installed"}]
+    assert bench.format_resnet_loaders(result).splitlines()[1] == (
+        "end-to-end resnet: dali loader (-) feeding the fast step: DALI not installed")
+
+
 def test_time_steps_warms_up_then_times_each_step(bench):
     calls = []
     times = bench.time_steps(lambda: calls.append(1), steps=4, warmup=3, device=torch.device("cpu"))

@@ -1,0 +1,534 @@
+"""Optional data path for the ResNet track on NVIDIA DALI (``--loader dali`` or ``runtime.loader: dali``).
+
+:class:`DaliLoader` replaces a torchdistill ``DataLoader`` and looks the same to the training loop: ``len()``, the same
+``batch_sampler`` (so ``set_epoch`` and sharding work unchanged), and batches ``(images, targets, {})``. It runs the
+recipe's own torchvision transform, translated stage by stage (:func:`plan_transform`), in a DALI graph:
+
+    decode (only the crop window when the first stage is RandomResizedCrop) -> bilinear antialiased resize
+    -> centre crop (zero padding) -> horizontal flip + ToTensor/Normalize -> float32 NCHW
+
+On a CUDA device the decoder is DALI's "mixed" one (nvJPEG: hardware/GPU JPEG decoding) and the rest runs on the GPU;
+on the CPU every stage runs on the CPU (for tests: about PIL's speed).
+
+Exact resume: the sample order is the torchdistill loader's own batch sampler, iterated in this process; every random
+parameter (the crop window with torchvision's ``RandomResizedCrop.get_params`` algorithm, the flip) is drawn here in
+Python from a Philox generator keyed by (epoch seed, batch number), where the epoch seed is drawn from torch's global
+generator when the epoch starts, as a ``DataLoader`` draws its base seed. So batch k of an epoch is a pure function of
+the generator state at the epoch's start and k, and :meth:`DaliEpoch.skip` jumps over trained batches without decoding
+them. File bytes, sizes and parameters go to DALI through ``fn.external_source``; images that cannot be read are
+handled before decoding as ``on_bad_image`` says (``fail``: one line naming the file; ``skip``: the next readable image,
+counted), and a decode error inside DALI is traced to its file the same way. docs/dali.md lists what differs from the
+torchvision loader.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torchvision import transforms as T
+
+from projector_kd.data import UNREADABLE_IMAGE_ERRORS, DataError, load_rgb, unreadable_image
+from projector_kd.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DALI_REQUIREMENT = "nvidia-dali-cuda130==2.4.0"
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries 10 windows before its central fallback
+UNIFORMS_PER_SAMPLE = 2 * CROP_ATTEMPTS + 3  # area and log-ratio per attempt, top, left, flip
+EOI_SEARCH_BYTES = 1024  # a JPEG with no end-of-image marker this close to its end is checked by PIL
+PREFETCH_DEPTH = 2
+
+
+def require_dali() -> Any:
+    """``nvidia.dali``, or a :class:`UserError` saying how to install it."""
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        raise UserError(f"--loader dali needs NVIDIA DALI: pip install '.[dali]' (or {DALI_REQUIREMENT}), or use "
+                        f"--loader torchvision") from None
+    return dali
+
+
+# ------------------------------------------------------------------------------------------ the transform, planned
+
+@dataclass(frozen=True)
+class TransformPlan:
+    """The stages of a supported torchvision transform. Sizes are (height, width); ``mean``/``std`` are in ToTensor
+    units (0..1); ``resize`` is torchvision's ``Resize.size`` (an int or one value: the shorter side)."""
+
+    random_crop_size: tuple[int, int] | None = None
+    random_crop_scale: tuple[float, float] = (0.08, 1.0)
+    random_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    resize: tuple[int, ...] | None = None
+    resize_max_size: int | None = None
+    center_crop: tuple[int, int] | None = None
+    flip_probability: float = 0.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+
+SUPPORTED = ("RandomResizedCrop or Resize, then CenterCrop, RandomHorizontalFlip, ToTensor and Normalize, in that "
+             "order, with bilinear interpolation")
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+
+
+def plan_transform(transform: Any, where: str) -> TransformPlan:
+    """Translate the recipe's transform into a :class:`TransformPlan`; a :class:`UserError` names any stage DALI's
+    graph here cannot run exactly (``where``: the dataset, for the message)."""
+    stages = list(transform.transforms) if isinstance(transform, T.Compose) else [transform]
+    order = (T.RandomResizedCrop, T.Resize, T.CenterCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize)
+    plan: dict[str, Any] = {}
+    position = -1
+    for stage in stages:
+        kind = next((i for i, cls in enumerate(order) if type(stage) is cls), None)
+        bilinear = getattr(stage, "interpolation", T.InterpolationMode.BILINEAR) == T.InterpolationMode.BILINEAR
+        if kind is None or kind <= position or (kind == 1 and position == 0) or not bilinear:
+            raise UserError(f"{where}: --loader dali cannot run the transform {stage!r} here; it runs {SUPPORTED} — "
+                            f"use --loader torchvision for this recipe")
+        position = kind
+        if isinstance(stage, T.RandomResizedCrop):
+            plan.update(random_crop_size=_pair(stage.size), random_crop_scale=tuple(map(float, stage.scale)),
+                        random_crop_ratio=tuple(map(float, stage.ratio)))
+        elif isinstance(stage, T.Resize):
+            size = (stage.size,) if isinstance(stage.size, int) else tuple(stage.size)
+            plan.update(resize=size, resize_max_size=stage.max_size)
+        elif isinstance(stage, T.CenterCrop):
+            plan["center_crop"] = _pair(stage.size)
+        elif isinstance(stage, T.RandomHorizontalFlip):
+            plan["flip_probability"] = float(stage.p)
+        elif isinstance(stage, T.Normalize):
+            plan.update(mean=tuple(map(float, stage.mean)), std=tuple(map(float, stage.std)))
+    if position < order.index(T.ToTensor):
+        raise UserError(f"{where}: --loader dali needs a transform ending in ToTensor (optionally Normalize); it runs "
+                        f"{SUPPORTED} — use --loader torchvision for this recipe")
+    return TransformPlan(**plan)
+
+
+# --------------------------------------------------------------------------------------------- per-sample geometry
+
+def random_resized_crop_windows(heights: np.ndarray, widths: np.ndarray, scale: tuple[float, float],
+                                ratio: tuple[float, float], uniforms: np.ndarray) -> np.ndarray:
+    """torchvision's ``RandomResizedCrop.get_params`` for a batch: rows ``(top, left, height, width)``. ``uniforms``
+    (B, 2 * CROP_ATTEMPTS + 2) in [0, 1) stand for its random draws: per attempt the area fraction (uniform in
+    ``scale``) and the log aspect ratio (uniform in log ``ratio``); a window fits when ``0 < w <= W`` and
+    ``0 < h <= H``, w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect)) (half to even, as Python's round);
+    the first fitting attempt wins and its top/left are uniform over the positions that fit. No fitting attempt: the
+    central crop of the whole image with its aspect ratio clamped to ``ratio``."""
+    heights = heights.astype(np.int64)
+    widths = widths.astype(np.int64)
+    area = (heights * widths).astype(np.float64)[:, None]
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    target = area * (scale[0] + (scale[1] - scale[0]) * uniforms[:, :CROP_ATTEMPTS])
+    aspect = np.exp(log_low + (log_high - log_low) * uniforms[:, CROP_ATTEMPTS:2 * CROP_ATTEMPTS])
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(heights))
+    crop_w, crop_h = w[rows, first], h[rows, first]
+    top = np.floor(uniforms[:, 2 * CROP_ATTEMPTS] * (heights - crop_h + 1)).astype(np.int64)
+    left = np.floor(uniforms[:, 2 * CROP_ATTEMPTS + 1] * (widths - crop_w + 1)).astype(np.int64)
+    fallback = ~fits.any(axis=1)
+    if fallback.any():
+        in_ratio = widths / heights
+        narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+        fb_w = np.where(wide, np.rint(heights * max(ratio)).astype(np.int64), widths)
+        fb_h = np.where(narrow, np.rint(widths / min(ratio)).astype(np.int64), heights)
+        crop_w, crop_h = np.where(fallback, fb_w, crop_w), np.where(fallback, fb_h, crop_h)
+        top = np.where(fallback, (heights - crop_h) // 2, top)
+        left = np.where(fallback, (widths - crop_w) // 2, left)
+    return np.stack([top, left, crop_h, crop_w], axis=1)
+
+
+def resized_size(height: int, width: int, size: tuple[int, ...], max_size: int | None) -> tuple[int, int]:
+    """torchvision's ``Resize`` output (height, width): two values are the size; one value is the shorter side, the
+    longer one truncated (``int(size * long / short)``) and capped by ``max_size``."""
+    if len(size) == 2:
+        return int(size[0]), int(size[1])
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = int(size[0]), int(size[0] * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop_window(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int]:
+    """torchvision's ``CenterCrop`` window (top, left) in the image's coordinates: ``round((H - h) / 2)`` (half to
+    even); a crop larger than the image pads it with zeros, ``(h - H) // 2`` rows above (a negative top)."""
+    top = -((crop[0] - height) // 2) if crop[0] > height else int(round((height - crop[0]) / 2.0))
+    left = -((crop[1] - width) // 2) if crop[1] > width else int(round((width - crop[1]) / 2.0))
+    return top, left
+
+
+def sample_parameters(plan: TransformPlan, sizes: np.ndarray, uniforms: np.ndarray) -> dict[str, np.ndarray]:
+    """Every DALI input but the bytes, for images of ``sizes`` (B, 2: height, width) and ``uniforms`` (B,
+    UNIFORMS_PER_SAMPLE): the decode window, the size after resizing, the centre-crop window and the flip."""
+    count = len(sizes)
+    heights, widths = sizes[:, 0].astype(np.int64), sizes[:, 1].astype(np.int64)
+    if plan.random_crop_size is not None:
+        window = random_resized_crop_windows(heights, widths, plan.random_crop_scale, plan.random_crop_ratio,
+                                             uniforms)
+        resized = np.tile(np.array(plan.random_crop_size, dtype=np.int64), (count, 1))
+    else:
+        window = np.stack([np.zeros(count, np.int64), np.zeros(count, np.int64), heights, widths], axis=1)
+        resized = window[:, 2:].copy()
+        if plan.resize is not None:
+            resized = np.array([resized_size(h, w, plan.resize, plan.resize_max_size) for h, w in resized],
+                               dtype=np.int64).reshape(count, 2)
+    crop = np.zeros((count, 4), dtype=np.int64)
+    if plan.center_crop is not None:
+        crop[:, 2:] = plan.center_crop
+        crop[:, :2] = [center_crop_window(h, w, plan.center_crop) for h, w in resized]
+    return {"window_anchor": window[:, :2].astype(np.int32), "window_shape": window[:, 2:].astype(np.int32),
+            "resize_h": resized[:, 0].astype(np.float32), "resize_w": resized[:, 1].astype(np.float32),
+            "crop_anchor": crop[:, :2].astype(np.int32), "crop_shape": crop[:, 2:].astype(np.int32),
+            "flip": (uniforms[:, -1] < plan.flip_probability).astype(np.int32)}
+
+
+def batch_uniforms(epoch_seed: int, batch_number: int, count: int) -> np.ndarray:
+    """The (count, UNIFORMS_PER_SAMPLE) uniforms of batch ``batch_number`` of the epoch seeded ``epoch_seed``."""
+    key = np.array([epoch_seed % 2 ** 64, batch_number], dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=key)).random((count, UNIFORMS_PER_SAMPLE))
+
+
+# ------------------------------------------------------------------------------------------------ reading images
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame header, or None when ``data`` is not a JPEG this parser reads."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            position += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if position + 9 > end:
+                return None
+            height = int.from_bytes(data[position + 5:position + 7], "big")
+            width = int.from_bytes(data[position + 7:position + 9], "big")
+            return (height, width) if height and width else None
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
+
+
+def image_size(path: str, data: bytes) -> tuple[int, int]:
+    """(height, width) of the image in ``data`` as PIL sees it (EXIF orientation not applied, as in the torchvision
+    loader); a JPEG without its end-of-image marker is decoded by PIL to see whether it is complete. Raises
+    :class:`DataError` naming ``path`` — the default loader's message — when PIL cannot read it."""
+    size = jpeg_size(data)
+    if size is not None and data.rfind(b"\xff\xd9", max(len(data) - EOI_SEARCH_BYTES, 0)) >= 0:
+        return size
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if size is not None:  # a JPEG that may be truncated: decode it as the torchvision loader would
+                image.convert("RGB")
+            return image.size[1], image.size[0]
+    except UNREADABLE_IMAGE_ERRORS as error:
+        load_rgb(path)  # names the file with PIL's own message, as the torchvision loader does
+        raise unreadable_image(path, error) from None
+
+
+@dataclass
+class PreparedBatch:
+    """One batch as fed to DALI: where it is in the epoch, which samples it holds, its labels and inputs."""
+
+    number: int
+    indices: list[int]
+    samples: list[int]
+    labels: np.ndarray
+    inputs: tuple
+
+
+# ------------------------------------------------------------------------------------------------------ the loader
+
+def _unwrapped_dataset(loader: DataLoader) -> Any:
+    dataset = loader.dataset
+    while hasattr(dataset, "org_dataset"):  # torchdistill's supplementary-data wrapper
+        dataset = dataset.org_dataset
+    if not hasattr(dataset, "samples") or not hasattr(dataset, "transform"):
+        raise UserError(f"--loader dali reads ImageFolder datasets (files and labels), not {type(dataset).__name__} "
+                        f"— use --loader torchvision")
+    return dataset
+
+
+class DaliLoader:
+    """A torchdistill ``DataLoader`` replaced by a DALI pipeline over the same files, sampler, batch size and transform
+    (see the module docstring). ``device``: a CUDA device (nvJPEG decoding) or the CPU; ``threads``: DALI's CPU
+    threads and the file readers (default: the loader's ``num_workers``, at least 1)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, train: bool, name: str = "dataset",
+                 threads: int | None = None) -> None:
+        require_dali()
+        self.dataset = _unwrapped_dataset(loader)
+        self.plan = plan_transform(self.dataset.transform, name)
+        self.device = device
+        self.batch_sampler = loader.batch_sampler
+        sampler = getattr(self.batch_sampler, "sampler", None)
+        if not train and isinstance(sampler, DistributedSampler):  # evaluation counts every image exactly once
+            from imagenet.engine import ShardSampler
+
+            self.batch_sampler = BatchSampler(ShardSampler(len(self.dataset), sampler.rank, sampler.num_replicas),
+                                              self.batch_sampler.batch_size, drop_last=False)
+        self.batch_size = self.batch_sampler.batch_size
+        self.input_names = ["encoded", "flip"]
+        if self.plan.random_crop_size is not None:
+            self.input_names += ["window_anchor", "window_shape"]
+        if self.plan.random_crop_size is not None or self.plan.resize is not None:
+            self.input_names += ["resize_h", "resize_w"]
+        if self.plan.center_crop is not None:
+            self.input_names += ["crop_anchor", "crop_shape"]
+        self.threads = max(int(threads if threads is not None else loader.num_workers), 1)
+        self.on_bad_image = getattr(self.dataset, "on_bad_image", "fail")
+        self.skipped: set[int] = set()
+        self.sizes = np.full((len(self.dataset), 2), -1, dtype=np.int64)  # filled as images are first read
+        self.readers = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dali-read")
+        self.pipeline: Any = None
+        self.pipeline_clean = False
+        self.epoch: DaliEpoch | None = None
+        logger.info("%s: DALI loader, %s decoding, %d threads, %d batches of %d", name,
+                    "GPU (nvJPEG)" if device.type == "cuda" else "CPU", self.threads, len(self), self.batch_size)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> "DaliEpoch":
+        if self.epoch is not None:
+            self.epoch.active = False
+        self.epoch = DaliEpoch(self)
+        return self.epoch
+
+    # ---------------------------------------------------------------------------------------- the DALI pipeline
+
+    def build_pipeline(self) -> Any:
+        """The DALI graph of :attr:`plan`, fed by :meth:`DaliEpoch.next_inputs`."""
+        require_dali()
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
+            else None
+        pipeline = Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
+                            prefetch_queue_depth=PREFETCH_DEPTH, seed=0)
+        plan = self.plan
+        names = self.input_names
+        dtypes = {"encoded": types.UINT8, "resize_h": types.FLOAT, "resize_w": types.FLOAT}
+        with pipeline:
+            inputs = dict(zip(names, fn.external_source(source=self._next_inputs, num_outputs=len(names), batch=True,
+                                                        dtype=[dtypes.get(n, types.INT32) for n in names])))
+            encoded = inputs["encoded"]
+            decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB, "adjust_orientation": False}
+            if gpu:
+                decoder["jpeg_fancy_upsampling"] = True  # libjpeg-turbo's (and so PIL's) chroma upsampling
+            if plan.random_crop_size is not None:
+                images = fn.decoders.image_slice(encoded, inputs["window_anchor"], inputs["window_shape"], axes=[0, 1],
+                                                 **decoder)
+            else:
+                images = fn.decoders.image(encoded, **decoder)
+            if plan.random_crop_size is not None or plan.resize is not None:
+                images = fn.resize(images, resize_y=inputs["resize_h"], resize_x=inputs["resize_w"],
+                                   interp_type=types.INTERP_LINEAR, antialias=True)
+            if plan.center_crop is not None:
+                images = fn.slice(images, inputs["crop_anchor"], inputs["crop_shape"], axes=[0, 1],
+                                  out_of_bounds_policy="pad", fill_values=0)
+            images = fn.crop_mirror_normalize(images, mirror=inputs["flip"], dtype=types.FLOAT, output_layout="CHW",
+                                              mean=[255.0 * m for m in plan.mean], std=[255.0 * s for s in plan.std])
+            pipeline.set_outputs(images)
+        pipeline.build()
+        return pipeline
+
+    def _next_inputs(self) -> tuple:
+        if self.epoch is None or not self.epoch.active:
+            raise StopIteration
+        return self.epoch.next_inputs()
+
+    # -------------------------------------------------------------------------------------------- reading files
+
+    def read(self, index: int) -> tuple[int, bytes, tuple[int, int]]:
+        """(sample used, its bytes, its size) for dataset index ``index``: the image itself, or — under
+        ``on_bad_image: skip`` — the next readable one (each unreadable file is named once in a warning)."""
+        length = len(self.dataset)
+        for offset in range(length if self.on_bad_image == "skip" else 1):
+            candidate = (index + offset) % length
+            if candidate in self.skipped:
+                continue
+            path = self.dataset.samples[candidate][0]
+            try:
+                try:
+                    with open(path, "rb") as handle:
+                        data = handle.read()
+                except OSError as error:
+                    raise unreadable_image(path, error) from None
+                if self.sizes[candidate, 0] < 0:
+                    self.sizes[candidate] = image_size(path, data)
+                return candidate, data, (int(self.sizes[candidate, 0]), int(self.sizes[candidate, 1]))
+            except DataError as error:
+                if self.on_bad_image != "skip":
+                    raise
+                self.skip_sample(candidate, error)
+        raise DataError(f"no readable image left in {self.dataset.root}")
+
+    def skip_sample(self, index: int, error: DataError) -> None:
+        self.skipped.add(index)
+        logger.warning("skipping %s (%d skipped so far in this process)", error, len(self.skipped))
+
+    def start_reading(self, indices: list[int]) -> list[Future]:
+        """Read the files of ``indices`` in the thread pool, one slice per thread (:meth:`read` on each)."""
+        step = math.ceil(len(indices) / self.threads)
+        return [self.readers.submit(lambda part: [self.read(i) for i in part], indices[start:start + step])
+                for start in range(0, len(indices), step)]
+
+    def prepare(self, number: int, indices: list[int], epoch_seed: int,
+                reading: list[Future] | None = None) -> PreparedBatch:
+        """Batch ``number`` of the epoch: its files (``reading``: already being read, see :meth:`start_reading`) and
+        its random parameters, from (epoch seed, number)."""
+        reading = self.start_reading(indices) if reading is None else reading
+        read = [item for part in reading for item in part.result()]
+        samples = [sample for sample, _, _ in read]
+        sizes = np.array([size for _, _, size in read], dtype=np.int64).reshape(len(read), 2)
+        params = sample_parameters(self.plan, sizes, batch_uniforms(epoch_seed, number, len(indices)))
+        labels = np.array([self.dataset.samples[sample][1] for sample in samples], dtype=np.int64)
+        params["encoded"] = [np.frombuffer(data, dtype=np.uint8) for _, data, _ in read]
+        inputs = tuple(params[name] for name in self.input_names)
+        return PreparedBatch(number=number, indices=list(indices), samples=samples, labels=labels, inputs=inputs)
+
+    def diagnose(self, batches: list[PreparedBatch], error: Exception) -> None:
+        """After DALI failed on one of ``batches`` (those fed and not yet returned): find the file PIL cannot read
+        either and fail naming it (``fail``) or skip it (``skip``); when PIL reads them all, fail with DALI's reason."""
+        for batch in batches:
+            for sample in batch.samples:
+                path = self.dataset.samples[sample][0]
+                try:
+                    load_rgb(path)
+                except DataError as bad:
+                    if self.on_bad_image != "skip":
+                        raise
+                    self.skip_sample(sample, bad)
+                    return
+        reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()
+                       and "no longer valid" not in line), type(error).__name__)
+        first = self.dataset.samples[batches[0].samples[0]][0]
+        raise UserError(f"DALI could not decode images that PIL reads (a batch starting with {first}): {reason} — "
+                        f"use --loader torchvision")
+
+    def to_torch(self, output: Any) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        try:
+            tensor = output.as_tensor()
+        except RuntimeError:
+            raise UserError("--loader dali: the images of a batch differ in size after the transform — add a "
+                            "RandomResizedCrop or Resize + CenterCrop to the recipe's transform") from None
+        if self.device.type == "cuda":
+            images = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(tensor, images, cuda_stream=torch.cuda.current_stream(self.device))
+            return images
+        return torch.from_numpy(np.array(tensor))
+
+
+class DaliEpoch(Iterator):
+    """One pass over a :class:`DaliLoader`: the epoch seed and the sampler's order are drawn when it is created."""
+
+    def __init__(self, loader: DaliLoader) -> None:
+        self.loader = loader
+        self.active = True
+        self.seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as DataLoader draws its base seed
+        self.order = iter(loader.batch_sampler)
+        self.number = 0  # batches taken from the sampler so far
+        self.pending: deque[tuple[int, list[int]]] = deque()  # batches to feed again after a pipeline rebuild
+        self.in_flight: deque[PreparedBatch] = deque()
+        self.ahead: tuple[int, list[int], list[Future]] | None = None  # the next batch, its files being read
+        self.started = False
+
+    def skip(self, count: int) -> None:
+        """Pass over the first ``count`` batches without reading or decoding them (resuming mid-epoch)."""
+        if self.started:
+            raise RuntimeError("skip() must come before the first batch")
+        for _ in range(count):
+            next(self.order)
+            self.number += 1
+
+    def _take(self) -> tuple[int, list[int]]:
+        if self.pending:
+            return self.pending.popleft()
+        indices = next(self.order)
+        self.number += 1
+        return self.number - 1, indices
+
+    def next_inputs(self) -> tuple:
+        """The DALI inputs of the next batch (the external source's callback); the batch after it starts being read
+        meanwhile, so its files are in memory when DALI asks for it."""
+        if self.ahead is None:
+            number, indices = self._take()  # StopIteration ends DALI's epoch
+            self.ahead = (number, indices, self.loader.start_reading(indices))
+        number, indices, reading = self.ahead
+        self.ahead = None
+        with suppress(StopIteration):
+            following, following_indices = self._take()
+            self.ahead = (following, following_indices, self.loader.start_reading(following_indices))
+        batch = self.loader.prepare(number, indices, self.seed, reading)
+        self.in_flight.append(batch)
+        return batch.inputs
+
+    def _start(self) -> None:
+        loader = self.loader
+        if loader.pipeline is not None and loader.pipeline_clean:
+            loader.pipeline.reset()
+        else:
+            loader.pipeline = loader.build_pipeline()
+        loader.pipeline_clean = False
+        self.started = True
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        if not self.active:
+            raise StopIteration
+        if not self.started:
+            self._start()
+        loader = self.loader
+        while True:
+            try:
+                outputs = loader.pipeline.run()
+                break
+            except StopIteration:
+                self.active = False
+                loader.pipeline_clean = True
+                raise
+            except RuntimeError as error:  # a decode error: the pipeline is unusable from here on
+                if not self.in_flight:
+                    raise
+                loader.pipeline = None
+                loader.diagnose(list(self.in_flight), error)
+                if self.ahead is not None:
+                    self.pending.appendleft(self.ahead[:2])
+                    self.ahead = None
+                self.pending.extendleft((b.number, b.indices) for b in reversed(self.in_flight))
+                self.in_flight.clear()
+                loader.pipeline = loader.build_pipeline()
+        batch = self.in_flight.popleft()
+        return loader.to_torch(outputs[0]), torch.from_numpy(batch.labels), {}
+
+
+def dali_loader(loader: DataLoader | None, device: torch.device, train: bool, name: str) -> DaliLoader | None:
+    """``loader`` replaced by a :class:`DaliLoader` (None stays None)."""
+    return None if loader is None else DaliLoader(loader, device, train=train, name=name)
