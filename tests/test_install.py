@@ -32,6 +32,8 @@ PACKAGES = ("projector_kd", "deit", "imagenet")
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", *PACKAGES, "configs/deit")
 # distributions imported through another package's module rather than by their own name
 INDIRECT = {"torch.utils.tensorboard": "tensorboard"}
+# namespace packages shared by many distributions: the module path names the distribution (an optional extra here)
+NAMESPACED = {"nvidia.dali": "nvidia-dali-cuda130"}
 
 
 def _fixtures(track: str) -> ModuleType:
@@ -92,6 +94,10 @@ def _imported_distributions(site: Path) -> set[str]:
         top = module.split(".")[0]
         if top in sys.stdlib_module_names or top in PACKAGES:
             continue
+        namespaced = [d for prefix, d in NAMESPACED.items() if module == prefix or module.startswith(prefix + ".")]
+        if namespaced:
+            needed.update(namespaced)
+            continue
         assert top in owners, f"the installed code imports {top!r}, which no installed distribution provides"
         needed.update(_canonical(d) for d in owners[top])
         needed.update(_canonical(d) for prefix, d in INDIRECT.items() if module.startswith(prefix))
@@ -113,13 +119,14 @@ def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, ou
     env, work = outside
     probe = subprocess.run(
         [sys.executable, "-c", "import deit, deit.config, imagenet, projector_kd, sys; print(deit.__file__); "
-         "print(deit.config.CONFIG_DIR); print(imagenet.__file__); print(projector_kd.__file__); print(sys.path)"],
+         "print(deit.config.CONFIG_DIR); print(imagenet.__file__); print(projector_kd.__file__); "
+         "print(chr(0).join(sys.path))"],
         cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr[-2000:]
     deit_file, recipes, imagenet_file, package_file, path = probe.stdout.splitlines()
     for location in (deit_file, recipes, imagenet_file, package_file):
         assert Path(location).is_relative_to(installed), location
-    assert str(REPO) not in path
+    assert REPO.resolve() not in {Path(entry or work).resolve() for entry in path.split("\0")}, path
 
     deit_fixtures = _fixtures("deit")
     data = deit_fixtures.write_image_folder(tmp_path / "deit-data")
