@@ -25,8 +25,10 @@ from projector_kd.errors import UserError, run_cli  # noqa: E402
 
 def track_of(checkpoint: object, path: Path) -> str:
     """'deit' or 'resnet', from the student's parameter names."""
+    import torch
+
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no model state dict (expected a dict of tensors or {{'model': ...}})")
     names = {str(k).removeprefix("module.") for k in state}
     if "conv_embed.proj.weight" in names:
