@@ -267,12 +267,12 @@ def _build(preset: str, pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT
     for key in ('drop_rate', 'attn_drop_rate'):
         if kwargs.pop(key, 0.0):
             raise UserError(f'{key} is not supported by the conv-stem DeiT (the recipe uses none)')
-    device, dtype, cache_dir = kwargs.pop('device', None), kwargs.pop('dtype', None), kwargs.pop('cache_dir', None)
+    device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
     params = {**STUDENT_PRESETS[preset], **{k: v for k, v in kwargs.items() if v is not None}}
     features = dict(out_indices=params.pop('out_indices', 3), feature_cls='getter')
     with torch.device(device) if device is not None else nullcontext():
         model = build_model_with_cfg(ConvStemDeiT, variant, pretrained, pretrained_cfg=pretrained_cfg.to_dict(),
-                                     cache_dir=cache_dir, feature_cfg=features, **params)
+                                     feature_cfg=features, **params)
     return model.to(dtype=dtype) if dtype is not None else model
 
 
