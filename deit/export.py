@@ -104,12 +104,18 @@ def read_student(path: str | Path, preset: str | None = None, trusted: bool = Fa
     return StudentSource(preset=preset, arch=arch, state=body, transform=transform, run_config=cfg, meta=meta)
 
 
+def timm_args(source: StudentSource) -> dict[str, Any]:
+    """``timm.create_model`` arguments rebuilding ``source``'s architecture from its preset: the number of classes,
+    the image size and what differs from the preset."""
+    preset_args = STUDENT_PRESETS[source.preset]
+    return {k: v for k, v in source.arch.items()
+            if k in ('num_classes', 'img_size') or v != preset_args.get(k, ARCH_DEFAULTS.get(k))}
+
+
 def build_timm_student(source: StudentSource, path: Path) -> ConvStemDeiT:
     """The timm model ``deit_conv_<preset>`` with ``source``'s weights loaded exactly and its evaluation transform as
-    pretrained config. Only the arguments that differ from the preset are passed (and recorded in config.json)."""
-    preset_args = STUDENT_PRESETS[source.preset]
-    args = {k: v for k, v in source.arch.items()
-            if k in ('num_classes', 'img_size') or v != preset_args.get(k, ARCH_DEFAULTS.get(k))}
+    pretrained config."""
+    args = timm_args(source)
     model = timm.create_model(TIMM_NAMES[source.preset], pretrained_cfg_overlay=source.transform.pretrained_cfg(),
                               **args)
     _load_exact(model, source.state, path, what=f'student {TIMM_NAMES[source.preset]}')
@@ -162,5 +168,5 @@ def export_student(path: str | Path, output: str | Path, preset: str | None = No
     model = build_timm_student(source, path)
     card = model_card(source, path, sum(p.numel() for p in model.parameters()))
     with staged_output_dir(output, force, path) as staging:
-        write_model_folder(model, staging, card)
+        write_model_folder(model, staging, card, model_args=timm_args(source))
     return Path(output)

@@ -199,5 +199,6 @@ def export_student(path: str | Path, output: str | Path, trusted: bool = False, 
     model = build_timm_student(source, path)
     card = model_card(source, path, sum(p.numel() for p in model.parameters()))
     with staged_output_dir(output, force, path) as staging:
-        write_model_folder(model, staging, card, extra_weights={TORCHVISION_FILE: source.state})
+        write_model_folder(model, staging, card, model_args={"num_classes": model.num_classes},
+                           extra_weights={TORCHVISION_FILE: source.state})
     return Path(output)

@@ -101,15 +101,17 @@ def staged_output_dir(path: str | Path, force: bool, source: str | Path) -> Iter
             shutil.rmtree(staging)
 
 
-def write_model_folder(model: nn.Module, folder: Path, card: ModelCard,
+def write_model_folder(model: nn.Module, folder: Path, card: ModelCard, model_args: dict[str, Any],
                        extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> list[Path]:
     """Write ``model`` (a timm model in eval mode, with ``pretrained_cfg`` set to the evaluation transform) as
     ``model.safetensors`` + ``config.json`` with timm's own :func:`timm.models.save_for_hf`, then the model card and
-    each ``extra_weights`` file (name -> state dict, saved as safetensors). Returns the files written."""
+    each ``extra_weights`` file (name -> state dict, saved as safetensors). ``model_args``: the arguments that
+    rebuild the architecture (what ``timm.create_model`` was given), recorded in config.json for ``local-dir:`` /
+    ``hf-hub:`` loading. Returns the files written."""
     import safetensors.torch
     from timm.models import save_for_hf
 
-    save_for_hf(model, str(folder), safe_serialization=True)
+    save_for_hf(model, str(folder), model_args=model_args, safe_serialization=True)
     (folder / CARD_FILE).write_text(render_model_card(card), encoding="utf-8")
     written = [folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / CARD_FILE]
     for name, state in (extra_weights or {}).items():
