@@ -89,8 +89,11 @@ def read_student(path: str | Path, preset: str | None = None, trusted: bool = Fa
     transform = EvalTransform(interpolation=EVAL_INTERPOLATION)
     if cfg is not None:
         model = cfg['model']
-        preset = preset or model['name']
-        arch = {k: model[k] for k in ARCH_KEYS if model.get(k) is not None}
+        preset = preset or str(model['name']).removeprefix('deit_conv_')
+        if preset not in STUDENT_PRESETS:
+            raise UserError(f'{path}: model.name={model["name"]!r} is no student preset; name one with --model')
+        defaults = {**ARCH_DEFAULTS, **STUDENT_PRESETS[preset]}
+        arch = {k: model[k] if model.get(k) is not None else defaults[k] for k in ARCH_KEYS}
         arch.update(img_size=model['img_size'], num_classes=model['num_classes'])
         transform = EvalTransform(img_size=model['img_size'], crop_pct=cfg['data']['crop_pct'],
                                   interpolation=cfg['data'].get('eval_interpolation', EVAL_INTERPOLATION))
@@ -120,7 +123,6 @@ def build_timm_student(source: StudentSource, path: Path) -> ConvStemDeiT:
                               **args)
     _load_exact(model, source.state, path, what=f'student {TIMM_NAMES[source.preset]}')
     return model.eval()
-
 
 
 def model_card(source: StudentSource, path: Path, params: int) -> ModelCard:

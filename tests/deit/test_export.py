@@ -11,9 +11,10 @@ import torch
 from timm.models import save_for_hf
 
 from deit.checkpoint import load_student_checkpoint
-from deit.export import export_student, read_student
+from deit.config import load_config
+from deit.export import export_student, read_student, timm_args
 from deit.main import main
-from deit.models import create_student
+from deit.models import build_student, create_student
 from projector_kd.checkpoint import CheckpointError
 
 from .test_checkpoint import _randomise_buffers, release_checkpoint
@@ -123,3 +124,17 @@ def test_exported_weights_are_loaded_exactly(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(CheckpointError, match=r'exported folder .*empty holds no model.safetensors'):
         load_student_checkpoint(source, tmp_path / 'empty')
+
+
+def test_run_config_with_the_presets_widths_and_bilinear_default(tmp_path):
+    cfg = load_config('tiny')  # embed_dim / depth / num_heads null: the preset's
+    cfg['data'].pop('eval_interpolation', None)  # a run recorded before the evaluation resize had its own key
+    torch.save({'format': 'projector_kd.deit/1', 'model': build_student(cfg, 3024).state_dict(), 'config': cfg,
+                'epoch': 300}, tmp_path / 'checkpoint.pth')
+    source = read_student(tmp_path / 'checkpoint.pth')
+    assert (source.preset, source.arch) == ('tiny', {
+        'embed_dim': 192, 'depth': 12, 'num_heads': 3, 'stem_channels': 64, 'stem_stride': 2, 'patch_size': 8,
+        'img_size': 224, 'num_classes': 1000})
+    assert timm_args(source) == {'img_size': 224, 'num_classes': 1000}
+    assert source.transform.pretrained_cfg()['interpolation'] == 'bilinear'
+    assert not [k for k in source.state if k.startswith('distillation_loss.')]
