@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from projector_kd.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from projector_kd.errors import UserError, run_cli  # noqa: E402
+from projector_kd.export import is_weights_export  # noqa: E402
 
 
 def track_of(checkpoint: object, path: Path) -> str:
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="allow full (unsafe) unpickling of SRC (only for files you trust)")
     args = parser.parse_args(argv)
     source = Path(args.source)
+    if source.exists() and is_weights_export(source):
+        raise UserError(f"{source} is already exported weights (a folder or .safetensors file); export the training "
+                        "checkpoint it came from, or copy the folder")
     checkpoint = load_checkpoint(source, trusted=args.trust_checkpoint)
     track = track_of(checkpoint, source)
     if track == "deit":

@@ -118,4 +118,7 @@ def test_bad_inputs_end_in_one_error_line(release_demo, tmp_path, export_cli):
     assert export_cli(path, tmp_path / "full", "--force").returncode == 0
     assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "model.safetensors").is_file()
     assert "unknown student model 'huge'" in _error(export_cli(path, tmp_path / "out3", "--model", "huge"))
+    assert _error(export_cli(tmp_path / "full", tmp_path / "out3")) == (
+        f"error: {tmp_path / 'full'} is already exported weights (a folder or .safetensors file); export the training "
+        "checkpoint it came from, or copy the folder")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out3").exists()
