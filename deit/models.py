@@ -68,9 +68,9 @@ class ConvStemDeiT(nn.Module):
     the blocks' outputs; ``img_size`` may be an int or a square (h, w).
     """
 
-    def __init__(self, img_size: int | tuple[int, int] = 224, num_classes: int = 1000, embed_dim: int = 192,
-                 depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1,
-                 stem_channels: int = 64, stem_stride: int = 2, patch_size: int = 8, teacher_dim: int | None = None,
+    def __init__(self, img_size: int = 224, num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
+                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, stem_channels: int = 64,
+                 stem_stride: int = 2, patch_size: int = 8, teacher_dim: int | None = None,
                  distance: str = 'log_corr', exponent: float = 4.0, projector_eps: float = 0.0,
                  projector: str = 'linear', in_chans: int = 3) -> None:
         super().__init__()
