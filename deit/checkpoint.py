@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from projector_kd.checkpoint import CheckpointError, load_checkpoint
+from projector_kd.export import is_weights_export, load_weights_file
 
 PROJECTOR_PREFIX = 'distillation_loss.'
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ def _listing(keys: list[str], limit: int = 6) -> str:
 def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
     """Load a student checkpoint into ``model`` exactly; returns a :class:`LoadReport`.
 
+    ``path``: a checkpoint (release or project layout), an exported folder or a ``.safetensors`` file
+    (scripts/export.py; read without unpickling).
+
     Every key outside the projector (``distillation_loss.*``) must exist on both sides with the same shape, else
     CheckpointError naming the file and the keys (a wrong ``num_classes`` is named as such). The projector is not
     needed to predict: when its width differs from the model's, or one side has none, its keys are left out and the
@@ -58,7 +62,7 @@ def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool
     instead, where such a projector is an error.
     """
     path = Path(path)
-    checkpoint = load_checkpoint(path, trusted=trusted)
+    checkpoint = load_weights_file(path) if is_weights_export(path) else load_checkpoint(path, trusted=trusted)
     state = model_state(checkpoint, path)
     own = model.state_dict()
     body_ckpt = {k for k in state if not k.startswith(PROJECTOR_PREFIX)}

@@ -58,7 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                         help='continue a run even if its config changed; with a path, resume from that checkpoint '
                              '(auto-resume from <output>/checkpoint.pth happens anyway when the config matches)')
-    parser.add_argument('--ckpt', help='checkpoint to evaluate (release or project layout)')
+    parser.add_argument('--ckpt', help='checkpoint to evaluate (release or project layout), or an exported folder / '
+                        '.safetensors file (scripts/export.py)')
     parser.add_argument('--teacher-ckpt', help='teacher weights: {"model": state_dict} or a raw state dict')
     parser.add_argument('--trust-checkpoint', action='store_true',
                         help='allow full (unsafe) unpickling of --ckpt / --resume files you trust')

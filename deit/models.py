@@ -6,18 +6,22 @@ mode the prediction is the mean of both heads' logits. The projector used by the
 student as ``distillation_loss`` (a :class:`projector_kd.ProjectorDistillLoss`) so checkpoints keep the release's
 key names (``distillation_loss.embed``, ``distillation_loss.bn_s``, ``distillation_loss.bn_t``).
 """
-from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from projector_kd import ProjectorDistillLoss
 from projector_kd.errors import UserError
@@ -59,63 +63,194 @@ class ConvStem(nn.Module):
 class ConvStemDeiT(nn.Module):
     """DeiT with a conv stem, a conv (distillation) token and two heads.
 
-    Train mode ``forward`` returns ``(cls_logits, dist_logits)``; eval mode returns their mean.
+    Train mode ``forward`` returns ``(cls_logits, dist_logits)``; eval mode returns their mean. As a timm model:
+    ``forward_features`` gives the normed tokens (B, 2 + N, D), ``forward_head(pre_logits=True)`` the mean of the
+    cls and conv tokens (B, D) (what ``reset_classifier(0)`` makes ``forward`` return), ``forward_intermediates``
+    the blocks' outputs; ``img_size`` may be an int or a square (h, w).
     """
 
     def __init__(self, img_size: int = 224, num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
                  num_heads: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, stem_channels: int = 64,
                  stem_stride: int = 2, patch_size: int = 8, teacher_dim: int | None = None,
                  distance: str = 'log_corr', exponent: float = 4.0, projector_eps: float = 0.0,
-                 projector: str = 'linear', init: str = 'release') -> None:
+                 projector: str = 'linear', init: str = 'release', in_chans: int = 3) -> None:
         super().__init__()
         if init not in INIT_SCHEMES:
             raise UserError(f'model.init={init!r} is not one of {", ".join(INIT_SCHEMES)}')
+        img_size = _square_size(img_size)
         if img_size % (stem_stride * patch_size):
             raise UserError(f'model.img_size={img_size} is not divisible by stem_stride*patch_size='
                             f'{stem_stride * patch_size}; pick an img_size that is a multiple of it')
         if embed_dim % num_heads:
             raise UserError(f'model.embed_dim={embed_dim} is not divisible by model.num_heads={num_heads}')
         self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
-        self.conv_embed = ConvStem(embed_dim, stem_channels, stem_stride, patch_size)
+        self.in_chans = in_chans
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.num_prefix_tokens = 2
+        self.grad_checkpointing = False
+        self.conv_embed = ConvStem(embed_dim, stem_channels, stem_stride, patch_size, in_chans)
         self.num_patches = (img_size // self.conv_embed.reduction) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 2, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm_layer)
             for r in rates])
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=self.conv_embed.reduction)
+                             for i in range(depth)]
         self.norm = norm_layer(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.head_conv = nn.Linear(embed_dim, num_classes)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_conv = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.distillation_loss = None
         if teacher_dim:
             self.distillation_loss = ProjectorDistillLoss(embed_dim, teacher_dim, distance=distance,
                                                           exponent=exponent, eps=projector_eps, projector=projector)
         init_weights(self, init)
 
+    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides 1-D tensors and biases."""
         return {'pos_embed', 'cls_token'}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> normed token sequence (B, 2 + N, D): [cls, conv, patches]."""
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer groups (layer-wise lr decay): the stem and tokens, then one group per block."""
+        return dict(stem=r'^cls_token|pos_embed|conv_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks' activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        """The two heads: ``head`` (cls token) and ``head_conv`` (conv token)."""
+        return self.head, self.head_conv
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New heads for ``num_classes`` (0: none, ``forward`` then returns the pre-logits); same device and dtype.
+
+        Only the token pooling exists (``global_pool`` None, '' or 'token').
+        """
+        if global_pool not in (None, '', 'token'):
+            raise ValueError(f'global_pool={global_pool!r}: the conv-stem DeiT reads the cls and conv tokens')
+        factory = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes, **factory) if num_classes > 0 else nn.Identity()
+        self.head_conv = nn.Linear(self.embed_dim, num_classes, **factory) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+        self.head_conv.train(self.training)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> [cls, conv, patches] + position embedding, before the blocks."""
         patches = self.conv_embed(x)
         conv_token = patches.mean(dim=1, keepdim=True)
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), conv_token, patches], dim=1)
-        x = self.blocks(x + self.pos_embed)
+        return x + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> normed token sequence (B, 2 + N, D): [cls, conv, patches]."""
+        x = self._tokens(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
+                              return_prefix_tokens: bool = False) -> Any:
+        """``forward_features`` that also returns the outputs of the blocks selected by ``indices``.
+
+        ``indices``: the last n blocks (int), the listed blocks (negative counts from the end), or all (None).
+        Intermediates are the patch tokens as (B, D, H, W) (``output_fmt='NCHW'``) or (B, N, D) (``'NLC'``), with the
+        final norm when ``norm``; ``return_prefix_tokens`` pairs each with its (B, 2, D) cls and conv tokens.
+        Returns ``(final normed tokens, intermediates)``, or only the intermediates when ``intermediates_only``.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f'output_fmt={output_fmt!r}: use NCHW or NLC')
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self._tokens(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            grid = (height // self.conv_embed.reduction, width // self.conv_embed.reduction)
+            intermediates = [y.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one ``indices`` selects (and the final norm / the heads); returns the
+        kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token sequence -> (cls-head logits, distillation-head logits)."""
         return self.head(tokens[:, 0]), self.head_conv(tokens[:, 1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        cls_logits, dist_logits = self.forward_heads(self.forward_features(x))
-        if self.training:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Token sequence -> eval logits (mean of both heads; both in train mode), or with ``pre_logits`` the mean
+        of the cls and conv tokens (B, D)."""
+        if pre_logits:
+            return (x[:, 0] + x[:, 1]) / 2
+        cls_logits, dist_logits = self.forward_heads(x)
+        if self.training and not torch.jit.is_scripting():
             return cls_logits, dist_logits
         return (cls_logits + dist_logits) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _square_size(img_size: int | tuple[int, int] | list[int]) -> int:
+    """``img_size`` as one int: an int, or a square (h, w) as timm's factory passes it."""
+    if isinstance(img_size, int):
+        return img_size
+    height, width = img_size
+    if height != width:
+        raise UserError(f'model.img_size={tuple(img_size)}: the conv-stem DeiT takes square images')
+    return int(height)
+
+
+EVAL_INTERPOLATION = 'bilinear'
+
+
+def _cfg(**overrides: Any) -> dict[str, Any]:
+    """timm pretrained config: this project's evaluation transform (resize to img_size / crop_pct, bilinear, center
+    crop, ImageNet mean/std) and the layer names timm adapts (first conv, the two heads)."""
+    return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.875,
+            'interpolation': EVAL_INTERPOLATION, 'fixed_input_size': True, 'mean': IMAGENET_DEFAULT_MEAN,
+            'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv_embed.conv.0', 'classifier': ('head', 'head_conv'),
+            'license': 'mit', **overrides}
+
+
+default_cfgs = generate_default_cfgs({
+    'deit_conv_tiny': _cfg(),
+    'deit_conv_small': _cfg(),
+    'deit_conv_demo': _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+})
 
 
 def init_weights(model: ConvStemDeiT, scheme: str = 'release') -> None:
@@ -142,17 +277,24 @@ def init_weights(model: ConvStemDeiT, scheme: str = 'release') -> None:
 
 
 def _build(preset: str, pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
-    if pretrained:
-        raise UserError(f'no downloadable weights for {TIMM_NAMES[preset]}; load a checkpoint with '
-                        'deit.checkpoint.load_student_checkpoint instead')
-    kwargs.pop('pretrained_cfg', None)
-    kwargs.pop('pretrained_cfg_overlay', None)
-    kwargs.pop('cache_dir', None)
+    variant = TIMM_NAMES[preset]
+    pretrained_cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
+                                            kwargs.pop('pretrained_cfg_overlay', None))
+    if pretrained and not any((pretrained_cfg.file, pretrained_cfg.url, pretrained_cfg.hf_hub_id,
+                               pretrained_cfg.state_dict)):
+        raise UserError(f'no downloadable weights for {variant}; export a checkpoint with scripts/export.py and load '
+                        f"it with timm.create_model('local-dir:FOLDER', pretrained=True), or load a checkpoint with "
+                        'deit.checkpoint.load_student_checkpoint')
     for key in ('drop_rate', 'attn_drop_rate'):
         if kwargs.pop(key, 0.0):
             raise UserError(f'{key} is not supported by the conv-stem DeiT (the recipe uses none)')
+    device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
     params = {**STUDENT_PRESETS[preset], **{k: v for k, v in kwargs.items() if v is not None}}
-    return ConvStemDeiT(**params)
+    features = dict(out_indices=params.pop('out_indices', 3), feature_cls='getter')
+    with torch.device(device) if device is not None else nullcontext():
+        model = build_model_with_cfg(ConvStemDeiT, variant, pretrained, pretrained_cfg=pretrained_cfg.to_dict(),
+                                     feature_cfg=features, **params)
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 @register_model

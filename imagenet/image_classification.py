@@ -34,7 +34,7 @@ from imagenet import config as recipes
 from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate,
                              restore_training_state, student_of, train, unwrap)
 from imagenet.fast import apply_fast_path
-from imagenet.models import build_model, count_parameters, load_state_exactly, load_weights
+from imagenet.models import build_model, count_parameters, load_state_exactly, load_weights, read_checkpoint
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder
@@ -53,7 +53,8 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--log", help="extra log file path (the run folder always gets log.txt)")
     parser.add_argument("--start_epoch", default=0, type=int, help="first epoch when resuming from src_ckpt")
     parser.add_argument("--seed", type=int, help="seed for python, numpy and torch (plus the rank)")
-    parser.add_argument("-test_only", action="store_true", help="only evaluate the checkpoint at dst_ckpt")
+    parser.add_argument("-test_only", action="store_true",
+                        help="only evaluate the checkpoint at dst_ckpt (a checkpoint, exported folder or .safetensors)")
     parser.add_argument("-student_only", action="store_true", help="do not evaluate the teacher")
     parser.add_argument("-log_config", action="store_true", help="log the recipe")
     parser.add_argument("--world_size", default=1, type=int, help="number of processes (torchrun sets it too)")
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)
             return EXIT_STATUS_STOPPED
         history = run_state.history
-    checkpoint = load_checkpoint(best_path, trusted=args.trust_checkpoint)
+    checkpoint = read_checkpoint(best_path, trusted=args.trust_checkpoint)
     load_weights_from = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     load_state_exactly(student, load_weights_from, best_path, f"models.student_model ({student_config['key']})")
     test_config = recipe.get("test", {}).get("test_data_loader")

@@ -11,6 +11,9 @@ from torchdistill.models.registry import get_model
 
 from projector_kd.checkpoint import CheckpointError, load_checkpoint
 from projector_kd.errors import UserError
+from projector_kd.export import WEIGHTS_FILE, is_weights_export, load_weights_file
+
+TORCHVISION_FILE = "torchvision_state_dict.safetensors"  # beside model.safetensors in an exported ResNet folder
 
 
 def _mismatch(model: nn.Module, state: dict) -> str:
@@ -41,9 +44,18 @@ def load_state_exactly(model: nn.Module, state: Any, path: str | Path, what: str
     model.load_state_dict(state, strict=True)
 
 
+def read_checkpoint(path: str | Path, trusted: bool = False) -> Any:
+    """The content of a checkpoint file, or the state dict of an exported folder (its torchvision weights, else
+    ``model.safetensors``) or ``.safetensors`` file (see scripts/export.py)."""
+    if is_weights_export(path):
+        return load_weights_file(path, preferred=(TORCHVISION_FILE, WEIGHTS_FILE))
+    return load_checkpoint(path, trusted=trusted)
+
+
 def load_weights(model: nn.Module, path: str | Path, what: str, trusted: bool = False) -> dict:
-    """Load ``{'model': state_dict, ...}`` (or a bare state dict) from ``path`` into ``model``; returns the file."""
-    checkpoint = load_checkpoint(path, trusted=trusted)
+    """Load ``{'model': state_dict, ...}`` (or a bare state dict, an exported folder or a ``.safetensors`` file) from
+    ``path`` into ``model``; returns the file's content."""
+    checkpoint = read_checkpoint(path, trusted=trusted)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     load_state_exactly(model, state, path, what)
     return checkpoint

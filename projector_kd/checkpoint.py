@@ -31,7 +31,22 @@ class PickledConfig:
         return OrderedDict()
 
 
-SAFE_STAND_INS = [(PickledConfig, "yacs.config.CfgNode")]
+class PickledNamespace(dict):
+    """Inert stand-in for a pickled ``argparse.Namespace`` (the release's ResNet checkpoint stores its command line as
+    ``args``): unpickles as a dict of the namespace's attributes.
+
+    A Namespace is pickled as "new instance of the class" + "set its state"; ``torch.load(weights_only=True)`` creates
+    this dict and passes the (already safely unpickled) attribute dict here, which only copies items.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        attributes = state[0] if isinstance(state, tuple) and len(state) == 2 else state
+        if not isinstance(attributes, dict):
+            raise pickle.UnpicklingError(f"argparse.Namespace state is {type(attributes).__name__}, not a dict")
+        self.update(attributes)
+
+
+SAFE_STAND_INS = [(PickledConfig, "yacs.config.CfgNode"), (PickledNamespace, "argparse.Namespace")]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -70,8 +85,9 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
     """Load a checkpoint with ``torch.load(weights_only=True)``; ``trusted=True`` allows full unpickling.
 
     A pickled yacs ``CfgNode`` (the released DeiT checkpoints hold one under ``config``) is read into an inert
-    :class:`PickledConfig`. Raises :class:`CheckpointError` naming the file when it is missing, truncated or corrupt, or
-    needs unsafe unpickling.
+    :class:`PickledConfig`, a pickled ``argparse.Namespace`` (the released ResNet checkpoint's ``args``) into a
+    :class:`PickledNamespace` dict. Raises :class:`CheckpointError` naming the file when it is missing, truncated or
+    corrupt, or needs unsafe unpickling.
     """
     path = Path(path)
     if not path.is_file():

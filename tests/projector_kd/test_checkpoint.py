@@ -1,4 +1,5 @@
 """Atomic writes survive SIGKILL; safe loading refuses unsafe pickles and names broken files; RNG capture is exact."""
+import argparse
 import os
 import random
 import signal
@@ -124,3 +125,59 @@ def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):
     first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
     restore_rng_state(load_checkpoint(tmp_path / "rng.pth")["rng"])
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == first
+
+
+class _Payload:
+    """Unpickling this would call ``os.mkdir(path)``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+class _OtherNamespace(argparse.Namespace):
+    """Pickles as a class other than ``argparse.Namespace``."""
+
+
+class _NamespaceWithListState:
+    """Pickles as ``argparse.Namespace`` with a state that is not an attribute dict."""
+
+    def __reduce__(self):
+        return argparse.Namespace, (), ["not", "a", "dict"]
+
+
+def test_pickled_argparse_namespace_reads_as_a_plain_dict(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[30, 60, 90], gamma=0.1)
+    args = argparse.Namespace(config="configs/ilsvrc2012/ours/res3418.yaml", device="cuda", seed=None, test_only=False,
+                              world_size=4, dist_url="env://")
+    path = tmp_path / "resnet18_release.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_value": 71.87,
+                "lr_scheduler": scheduler.state_dict(), "config": {"models": {"student_model": {"name": "resnet18"}}},
+                "args": args}, path)
+    loaded = load_checkpoint(path)
+    assert loaded["args"] == vars(args) and isinstance(loaded["args"], dict)
+    assert loaded["best_value"] == 71.87 and loaded["config"]["models"]["student_model"]["name"] == "resnet18"
+    assert dict(loaded["lr_scheduler"]["milestones"]) == {30: 1, 60: 1, 90: 1}
+    assert torch.equal(loaded["model"]["weight"], model.weight)
+
+
+def test_namespace_stand_in_runs_no_code_and_other_globals_stay_refused(tmp_path):
+    evidence = tmp_path / "code-ran"
+    inside = tmp_path / "inside.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1, hook=_Payload(str(evidence)))}, inside)
+    with pytest.raises(CheckpointError, match=r"inside.pt needs unsafe unpickling \(it pickles posix.mkdir\)"):
+        load_checkpoint(inside)
+    subclass = tmp_path / "subclass.pt"
+    torch.save({"args": _OtherNamespace(lr=0.1)}, subclass)
+    with pytest.raises(CheckpointError, match=rf"subclass.pt needs unsafe unpickling \(it pickles "
+                                              rf"{_OtherNamespace.__module__}._OtherNamespace\)"):
+        load_checkpoint(subclass)
+    odd_state = tmp_path / "odd_state.pt"
+    torch.save({"args": _NamespaceWithListState()}, odd_state)
+    with pytest.raises(CheckpointError, match=r"odd_state.pt is not a readable PyTorch checkpoint"):
+        load_checkpoint(odd_state)
+    assert not evidence.exists()
