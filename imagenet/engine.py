@@ -223,7 +223,7 @@ class LoopContext:
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
     log_freq: int = 100
-    monitor: StepMonitor | None = None
+    monitor: StepMonitor | None = None  # per-step values on their way to the host (set by train_one_epoch)
 
 
 def _to_device(ctx: LoopContext, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,8 +293,6 @@ def train_step(ctx: LoopContext, run: RunState, recorder: TermRecorder, images: 
     (``optimizer.found_inf``) and the error is raised at the next step, before its update: nothing is read to the host
     inside the step. A non-fused optimizer cannot skip on the device, so its step is checked at once (one host read)."""
     box = ctx.box
-    if ctx.monitor is None:
-        ctx.monitor = StepMonitor(ctx.device, ctx.distributed)
     images, targets = _to_device(ctx, images, targets)
     where = f"epoch {run.epoch} step {run.step_in_epoch + 1}/{total} (global step {run.global_step + 1})"
     with _autocast(ctx):
@@ -332,6 +330,8 @@ def train_step(ctx: LoopContext, run: RunState, recorder: TermRecorder, images: 
 def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> None:
     """One epoch from ``run.step_in_epoch`` (replaying the epoch's earlier batches when resuming mid-epoch)."""
     box = ctx.box
+    if ctx.monitor is None:
+        ctx.monitor = StepMonitor(ctx.device, ctx.distributed)
     box.pre_epoch_process(epoch=run.epoch)
     if ctx.teacher is not None:
         ctx.teacher.eval()

@@ -29,9 +29,9 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def non_finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
-    """``found_inf`` for the optimizer: a 1-element float32 tensor, 1.0 when any entry of ``tensors`` is NaN/inf."""
-    bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
-    return bad.float().reshape(1)
+    """``found_inf`` for the optimizer: a 0-dim float32 tensor (as GradScaler makes it; the fused Adam step subtracts
+    it from each step counter), 1.0 when any entry of ``tensors`` is NaN/inf."""
+    return torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()
 
 
 def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
@@ -67,20 +67,20 @@ class StepMonitor:
         self.distributed = distributed
         self.cuda = device.type == "cuda"
         self.pending: deque = deque()
-        self._buffers: list[torch.Tensor] = []
+        self.host_buffers: list[torch.Tensor] = []  # where records land; the only tensors :meth:`pop` reads
         self._next_buffer = 0
 
     def _host_buffer(self, length: int) -> torch.Tensor:
         """One of two reusable host buffers (pinned on CUDA): a record is read before the next-but-one is copied."""
-        if not self._buffers or self._buffers[0].numel() != length:
-            self._buffers = [torch.empty(length, dtype=torch.float64, pin_memory=self.cuda) for _ in range(2)]
-        buffer = self._buffers[self._next_buffer]
+        if not self.host_buffers or self.host_buffers[0].numel() != length:
+            self.host_buffers = [torch.empty(length, dtype=torch.float64, pin_memory=self.cuda) for _ in range(2)]
+        buffer = self.host_buffers[self._next_buffer]
         self._next_buffer = 1 - self._next_buffer
         return buffer
 
     def push(self, step: Any, names: Sequence[str], values: torch.Tensor, found_inf: torch.Tensor,
              stop_requested: bool) -> None:
-        """Queue step ``step``: ``values`` (1-D, one per name) and ``found_inf`` (1 element) are device tensors."""
+        """Queue step ``step``: ``values`` (1-D, one per name) and ``found_inf`` (one element) are device tensors."""
         parts = [values.detach().double().reshape(-1), found_inf.detach().double().reshape(-1)]
         if self.distributed:
             vote = torch.full((1,), float(stop_requested), dtype=torch.float64, device=self._vote_device())
