@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator
 
 import pytest
@@ -51,3 +52,31 @@ def no_host_reads() -> Callable:
     (``allowed = lambda t: any(t is b for b in monitor.host_buffers)``). Reads inside kernels (boolean masks,
     ``nonzero``) are invisible here: the GPU tests run the steps under ``torch.cuda.set_sync_debug_mode("error")``."""
     return _no_host_reads
+
+
+@pytest.fixture
+def gpu_device() -> torch.device:
+    """The CUDA device for tests marked ``gpu``; they skip where CUDA is absent. ``PROJECTOR_KD_GPU_TESTS_ON_CPU=1``
+    runs their bodies on the CPU instead (a dry run of the mechanics, without the CUDA-only assertions)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if os.environ.get("PROJECTOR_KD_GPU_TESTS_ON_CPU") == "1":
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA GPU (none is visible here)")
+
+
+@pytest.fixture
+def sync_debug_errors() -> Callable:
+    """``with sync_debug_errors(device):`` makes any CUDA call that synchronises the host raise (no-op on the CPU)."""
+    @contextlib.contextmanager
+    def errors(device: torch.device) -> Iterator[None]:
+        if device.type != "cuda":
+            yield
+            return
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return errors
