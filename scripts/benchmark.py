@@ -493,10 +493,19 @@ def time_transform(load_and_transform: Callable[[str], Any], files: list[Path], 
     return {'img_per_s_per_core': images / elapsed, 'images': images}
 
 
+def loader_batches_needed(sizes: Sizes, workers: int) -> int:
+    """Batches :func:`time_loader` reads with ``workers`` workers: one untimed round, then the timed ones."""
+    return 2 * max(workers, 1) + max(sizes.loader_batches, workers)
+
+
 def time_loader(loader: Any, batches: int, device: torch.device,
                 step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> float:
-    """img/s over ``batches`` batches of ``loader`` after its first one (worker start-up), copied to ``device``
-    (non-blocking); with ``step``, each batch also trains one step (end-to-end)."""
+    """img/s over ``max(batches, workers)`` batches of ``loader``, copied to ``device`` (non-blocking), after an untimed
+    first round of ``2 * workers`` batches: worker start-up and the batches prefetched meanwhile (``prefetch_factor``
+    2 per worker) would otherwise count as free. With ``step``, each batch also trains one step (end-to-end)."""
+    workers = max(loader.num_workers, 1)
+    warmup = 2 * workers
+    timed = max(batches, loader.num_workers)
     count = 0
     started = 0.0
     for index, (images, labels) in enumerate(loader):
@@ -504,14 +513,17 @@ def time_loader(loader: Any, batches: int, device: torch.device,
         labels = labels.to(device, non_blocking=True)
         if step is not None:
             step(images, labels)
-        if index == 0:
-            synchronize(device)
-            started = time.perf_counter()
+        if index < warmup:
+            if index == warmup - 1:
+                synchronize(device)
+                started = time.perf_counter()
             continue
         count += images.shape[0]
-        if index == batches:
+        if index == warmup + timed - 1:
             break
     synchronize(device)
+    if count == 0:
+        raise RuntimeError(f'the loader ended after {index + 1} batches, before any timed one')
     return count / (time.perf_counter() - started)
 
 
@@ -538,7 +550,8 @@ def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tra
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix='benchmark-jpegs-') as tmp:
         root = Path(tmp)
-        files = write_jpeg_imagefolder(root, sizes, sizes.loader_batches + 1, args.batch_size)
+        files = write_jpeg_imagefolder(root, sizes, loader_batches_needed(sizes, max(args.workers)) + 1,
+                                       args.batch_size)
         common = {'jpeg_sizes': [list(s) for s in sizes.jpeg_sizes], 'loader': []}
         if 'deit' in tracks:
             transform = build_transform(True, deit_data_config(sizes, root, 2, 0))
