@@ -238,8 +238,8 @@ class Trainer:
             try:
                 return self.objective(images, targets, teacher_features, teacher_logits)
             except ValueError as err:
-                raise NonFiniteLossError(f'training stopped at {self._where(self.global_step)}: loss term \'proj\' rejected its '
-                                         f'input: {err}; no checkpoint written') from None
+                raise NonFiniteLossError(f'training stopped at {self._where(self.global_step)}: loss term \'proj\' '
+                                         f'rejected its input: {err}; no checkpoint written') from None
 
     def _where(self, step: int) -> str:
         return f'step {step} (epoch {step // self.steps_per_epoch}, batch {step % self.steps_per_epoch})'

@@ -5,7 +5,8 @@ around ``forward_process``), channels_last teacher/student/inputs, ``torch.compi
 network (falling back to eager, with one warning, where compilation fails), cuDNN autotuning and TF32 (CUDA), fused
 SGD/AdamW/Adam kernels (which skip a non-finite step on the device, so the engine's step reads nothing to the host),
 pinned host memory with non-blocking copies (CUDA), persistent loader workers, and no per-step input validation sync
-in the projector loss. Numerics change only by bf16 rounding (the loss itself runs in float32 inside ProjectorDistillLoss).
+in the projector loss. Numerics change only by bf16 rounding (the loss itself runs in float32 inside
+ProjectorDistillLoss).
 
 Benchmark entry points (same synthetic batch, one process): :func:`build_reference_step` (torchdistill's own
 ``SRDLoss`` + ``SRDModelWrapper`` box, fp32, eager), :func:`build_fast_step` (this project's registered loss and

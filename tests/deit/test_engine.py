@@ -198,7 +198,8 @@ def test_fast_step_reads_no_device_value(monkeypatch, tiny_config, image_folder,
     assert set(values) == {'ce', 'kd', 'proj', 'loss'} and values['loss'].dim() == 0
     assert trainer.epoch_sums['steps'] == 2 and len(trainer.monitor.pending) == 1  # step 2 is still in flight
     trainer.finish_pending()
-    assert trainer.epoch_sums['steps'] == 3 and trainer.last_record.terms['loss'] == pytest.approx(values['loss'].item())
+    assert trainer.epoch_sums['steps'] == 3
+    assert trainer.last_record.terms['loss'] == pytest.approx(values['loss'].item())
     release, _ = _trainer(tiny_config, image_folder, teacher_ckpt)
     with no_host_reads(), pytest.raises(AssertionError, match='read a'):  # the guard sees the release's checks
         release.train_step(images, labels)

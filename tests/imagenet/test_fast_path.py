@@ -107,8 +107,9 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
     momentum = [box.optimizer.state[p]["momentum_buffer"].clone() for p in student.parameters()]
     step()  # global step 2 is bad: skipped on the device, reported at the next step
     assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())
-    with pytest.raises(engine.NonFiniteLoss, match=r"^non-finite loss at epoch 0 step 2/10 \(global step 2\): term\(s\) "
-                       r"projector_kd, projector_kd.kd went non-finite \[ce = [0-9.]+; projector_kd = nan "):
+    message = (r"^non-finite loss at epoch 0 step 2/10 \(global step 2\): term\(s\) projector_kd, projector_kd.kd went "
+               r"non-finite \[ce = [0-9.]+; projector_kd = nan ")
+    with pytest.raises(engine.NonFiniteLoss, match=message):
         step()
     assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())  # nor the next one applied
     assert all(torch.equal(m, box.optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum,

@@ -12,8 +12,9 @@ from projector_kd.steps import StepMonitor, non_finite_flag, skips_on_device, st
 
 def test_guard_catches_every_kind_of_host_read(no_host_reads):
     loss = torch.tensor(1.5)
-    reads = [lambda: loss.item(), lambda: loss.tolist(), lambda: loss.numpy(), lambda: loss.cpu(), lambda: bool(torch.isfinite(loss)), lambda: float(loss),
-             lambda: int(loss), lambda: f"{loss:.3f}", lambda: [0, 1][torch.tensor(1)]]
+    reads = [lambda: loss.item(), lambda: loss.tolist(), lambda: loss.numpy(), lambda: loss.cpu(),
+             lambda: bool(torch.isfinite(loss)), lambda: float(loss), lambda: int(loss), lambda: f"{loss:.3f}",
+             lambda: [0, 1][torch.tensor(1)]]
     with no_host_reads():
         for read in reads:
             with pytest.raises(AssertionError, match="read a"):
