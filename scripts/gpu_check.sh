@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check: the CUDA tests (pytest -m gpu), then scripts/benchmark.py for both tracks side by side in one
-# process, each phase under its own time limit, then a summary. About 6 minutes on one H100/H200.
+# process (20 timed steps per case after 5 warm-up steps), each phase under its own time limit, then a summary. About
+# 6 minutes on one H100/H200, most of it torch.compile.
 #
-#   bash scripts/gpu_check.sh [extra scripts/benchmark.py arguments, e.g. --only resnet]
+#   bash scripts/gpu_check.sh [extra scripts/benchmark.py arguments, e.g. --only resnet or --steps 30]
 #
 # Writes environment.txt, gpu_tests.log, benchmark.json, benchmark.log and summary.txt to $OUT when set (a remote
 # run's output folder), else to output/gpu_check/. Copy the figures, with the card's name from environment.txt, into
@@ -28,8 +29,8 @@ mkdir -p "$OUT_DIR"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-GPU_TESTS_LIMIT="${GPU_TESTS_LIMIT:-150}"
-BENCHMARK_LIMIT="${BENCHMARK_LIMIT:-330}"
+GPU_TESTS_LIMIT="${GPU_TESTS_LIMIT:-120}"
+BENCHMARK_LIMIT="${BENCHMARK_LIMIT:-300}"
 
 SITE=/tmp/gpu-check-site
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -67,9 +68,9 @@ PYTHONUNBUFFERED=1 timeout --kill-after=10 "$GPU_TESTS_LIMIT" "$PYTHON" -m pytes
 tests_status=${PIPESTATUS[0]}
 tests_seconds=$((SECONDS - started))
 started=$SECONDS
-echo "[benchmark] scripts/benchmark.py $* (limit ${BENCHMARK_LIMIT}s)"
+echo "[benchmark] scripts/benchmark.py --steps 20 --warmup 5 $* (limit ${BENCHMARK_LIMIT}s)"
 PYTHONUNBUFFERED=1 timeout --kill-after=10 "$BENCHMARK_LIMIT" "$PYTHON" scripts/benchmark.py \
-  --json "$OUT_DIR/benchmark.json" "$@" 2>&1 | tee "$OUT_DIR/benchmark.log"
+  --json "$OUT_DIR/benchmark.json" --steps 20 --warmup 5 "$@" 2>&1 | tee "$OUT_DIR/benchmark.log"
 benchmark_status=${PIPESTATUS[0]}
 benchmark_seconds=$((SECONDS - started))
 set -e

@@ -1,13 +1,19 @@
 """DeiT track on CUDA (marker ``gpu``; ``pytest -m gpu``): the release recipe's fp16 step with its GradScaler and
-clipping, the fast path's compiled bf16 channels_last step without host synchronisation, pinned-memory loading."""
+clipping, the fast path's compiled bf16 channels_last step without host synchronisation, pinned-memory loading, and
+the trainer under a one-rank NCCL process group (DDP, the all-reduced stop vote)."""
 from __future__ import annotations
+
+import math
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from deit.config import load_config
 from deit.datasets import build_loaders
-from deit.engine import build_train_step
+from deit.engine import Trainer, build_train_step
+from projector_kd.distributed import DistEnv
 
 pytestmark = pytest.mark.gpu
 SMALL = dict(model='demo', batch_size=8, img_size=32, teacher='resnet10t', num_classes=10, embed_dim=32, depth=2,
@@ -73,3 +79,42 @@ def test_pinned_memory_loader_feeds_non_blocking_copies(gpu_device, tiny_config,
         assert torch.equal(moved.cpu(), images) and torch.equal(moved_labels.cpu(), labels)
         batches += 1
     assert batches == len(loader) > 1
+
+
+class _OneRankDistributed(DistEnv):
+    """One process that still takes the distributed code paths (DDP wrapping, the all-reduced stop vote)."""
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+
+class _StopNow:
+    requested = True
+    signal_name = 'test'
+
+
+def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device):
+    cuda = gpu_device.type == 'cuda'
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group('nccl' if cuda else 'gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1,
+                            device_id=gpu_device if cuda else None)
+    try:
+        torch.manual_seed(0)
+        _, single = build_train_step('release', device=gpu_device, **SMALL)
+        env = _OneRankDistributed(rank=0, world_size=1, local_rank=gpu_device.index or 0, device=gpu_device)
+        trainer = Trainer(single.cfg, env, single.student, single.teacher.teacher, steps_per_epoch=1000)
+        assert trainer.ddp is not None and trainer.monitor.distributed
+        images, labels = _batch(gpu_device)
+        trainer.global_step = 0
+        trainer.train_step(images.clone(), labels)
+        assert not trainer._stop_agreed()
+        trainer.stop = _StopNow()
+        trainer.global_step = 1
+        trainer.train_step(images.clone(), labels)
+        assert trainer._stop_agreed()  # the summed vote, read with the step's record
+        assert trainer.epoch_sums['steps'] == 2 and math.isfinite(trainer.last_record.terms['loss'])
+    finally:
+        dist.destroy_process_group()

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torchdistill.core.distillation import get_distillation_box
 
+from torchvision.models.resnet import BasicBlock, ResNet
+
 from imagenet import engine
-from imagenet.fast import CompiledWithFallback, _networks, apply_fast_path, projector_box_config
+from imagenet.fast import CompiledWithFallback, apply_fast_path, projector_box_config
 
 pytestmark = pytest.mark.gpu
 
@@ -18,8 +20,10 @@ class _NoStop:
 
 
 def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_device, sync_debug_errors, tmp_path):
-    teacher, student, t_dim, s_dim = _networks("resnet34", "resnet18", 10, gpu_device, seed=0)
-    box = get_distillation_box(teacher, student, {}, projector_box_config(t_dim, s_dim), gpu_device, None, False, 1)
+    torch.manual_seed(0)  # ResNet-10s (one block per stage): the mechanics of ResNet18 <- ResNet34, compiled faster
+    teacher = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).to(gpu_device).eval()
+    student = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).to(gpu_device)
+    box = get_distillation_box(teacher, student, {}, projector_box_config(512, 512), gpu_device, None, False, 1)
     box.pre_epoch_process(epoch=0)
     settings = apply_fast_path(box, teacher, gpu_device, compile_models=True)
     assert settings.fused_optimizer and settings.channels_last
