@@ -257,8 +257,9 @@ class Trainer:
         A NaN/inf loss term or gradient norm raises NonFiniteLossError naming the step and term, and that step's
         update is never applied (the GradScaler's own overflow skips are not errors). The fast path's fused AdamW
         skips such an update on the device and the error is raised one call later, before that call's update; no
-        value is read to the host inside the step (loss terms come back through ``self.monitor``). The release
-        path's optimizer cannot skip on the device, so it checks at once (one host read per micro-batch)."""
+        value is read to the host inside the step (loss terms come back through ``self.monitor``, each read at the
+        next step). The release path's optimizer cannot skip on the device, so it checks at once (one host read per
+        micro-batch, one for the gradient norm without a GradScaler; the GradScaler reads its own flag)."""
         if not self.lr_after_step:
             self.scheduler.step_update(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -284,29 +285,29 @@ class Trainer:
         clip = self.cfg['train']['clip_grad']
         parameters = list(self.student.parameters())
         if self.scaler is not None:
+            found_inf = torch.zeros((), device=self.device)  # the GradScaler's own found_inf decides
             if clip:
                 if not self.clip_scaled_grads:
                     self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(parameters, clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
         else:
             norm = nn.utils.clip_grad_norm_(parameters, clip if clip else math.inf)
             found_inf = non_finite_flag(means, norm)
-            if deferred:
-                self._finish(self.monitor.pop())  # the previous step, read now that this one is queued
-                step_unless(self.optimizer, found_inf)
-            elif found_inf.item():
+            if not deferred and found_inf.item():  # this optimizer cannot skip on the device: check now
                 self._raise_if_bad(StepRecord(self.global_step, dict(zip(names, means.tolist())), True, False))
-            else:
-                self.optimizer.step()
+        self._finish(self.monitor.pop())  # the previous step, read now that this one is queued
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif deferred:
+            step_unless(self.optimizer, found_inf)
+        else:
+            self.optimizer.step()
         if self.lr_after_step:
             self.scheduler.step_update(self.global_step)
         self.stop_asked = bool(self.stop is not None and self.stop.requested)  # polled once per step
-        self.monitor.push(self.global_step, [*names, 'loss'], torch.cat([means, means.sum().reshape(1)]),
-                          found_inf if self.scaler is None else torch.zeros(1, device=self.device), self.stop_asked)
-        if not deferred:
-            self.finish_pending()
+        self.monitor.push(self.global_step, [*names, 'loss'], torch.cat([means, means.sum().reshape(1)]), found_inf,
+                          self.stop_asked)
         self.global_step += 1
         result = dict(zip(names, means.unbind()))
         result['loss'] = means.sum()

@@ -114,7 +114,10 @@ def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device):
         trainer.stop = _StopNow()
         trainer.global_step = 1
         trainer.train_step(images.clone(), labels)
-        assert trainer._stop_agreed()  # the summed vote, read with the step's record
+        assert not trainer._stop_agreed()  # the summed vote travels with the step's record, read at the next step
+        trainer.global_step = 2
+        trainer.train_step(images.clone(), labels)
+        assert trainer._stop_agreed()
         assert trainer.epoch_sums['steps'] == 2 and math.isfinite(trainer.last_record.terms['loss'])
     finally:
         dist.destroy_process_group()
