@@ -11,7 +11,7 @@ moments and (Adam) step counter (``torch/optim/adam.py`` ``_fused_adam``). When 
 caller raises before applying step k+1, so no update was applied at step k or after it. Non-fused optimizers (the
 release recipes' foreach/for-loop kernels) take no ``found_inf`` (their step functions assert it is None), and
 ``GradScaler.step`` itself reads ``found_inf`` to the host (``.item()``) for them: there :func:`skips_on_device` is
-false and the caller reads the step's record at once (:meth:`StepMonitor.drain`), one host sync per step.
+false and the caller checks the step's values on the host before applying it, one host read per step.
 """
 from __future__ import annotations
 
