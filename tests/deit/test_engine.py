@@ -229,8 +229,8 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
     assert steps == {2.0}  # the optimizer counted the two good steps only
 
 
-def test_release_clipping_of_scaled_gradients_matches_a_hand_computed_adamw_step(tiny_config, image_folder,
-                                                                               teacher_ckpt):
+def test_release_clipping_of_scaled_gradients_matches_a_hand_computed_adamw_step(
+        tiny_config, image_folder, teacher_ckpt):
     """GradScaler (scale S) + clip_scaled_grads: clip_grad_norm_(S g, 15) then unscale, i.e. the step uses
     g' = g min(1, 15 / (S |g|)); false: unscale first, g' = g min(1, 15 / |g|). AdamW's first step by hand:
     p <- p (1 - lr wd) - lr g' / (|g'| + eps) (bias-corrected moments of one step)."""
@@ -267,8 +267,8 @@ def test_release_clipping_of_scaled_gradients_matches_a_hand_computed_adamw_step
 
 
 @pytest.mark.parametrize('after', [True, False])
-def test_lr_each_step_used_follows_the_schedule_after_or_before_the_step(tiny_config, image_folder, teacher_ckpt,
-                                                                        after):
+def test_lr_each_step_used_follows_the_schedule_after_or_before_the_step(
+        tiny_config, image_folder, teacher_ckpt, after):
     """lr_after_step (the release): step k runs with lr(k - 1), step 0 with the initial warm-up lr; otherwise lr(k)."""
     trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, 'train.epochs', '2', 'train.warmup_epochs',
                                '0.5', 'train.lr_after_step', str(after).lower())

@@ -112,5 +112,5 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
     with pytest.raises(engine.NonFiniteLoss, match=message):
         step()
     assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())  # nor the next one applied
-    assert all(torch.equal(m, box.optimizer.state[p]["momentum_buffer"]) for m, p in zip(momentum,
-                                                                                        student.parameters()))
+    buffers = [box.optimizer.state[p]["momentum_buffer"] for p in student.parameters()]
+    assert all(torch.equal(before, after) for before, after in zip(momentum, buffers))
