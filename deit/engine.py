@@ -488,13 +488,14 @@ class Trainer:
 
 def build_train_step(recipe: str = 'release', model: str = 'tiny', batch_size: int = 256, img_size: int | None = None,
                      device: str | torch.device = 'cuda', teacher: str = 'regnety_160', num_classes: int = 1000,
-                     **model_overrides: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+                     **model_overrides: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
                                                        Trainer]:
     """One training step of the DeiT recipe for benchmarks, with randomly initialised networks.
 
     ``recipe``: ``'release'`` (fp16 autocast + GradScaler on CUDA, eager, foreach AdamW) or ``'fast'`` (bf16,
     channels_last, torch.compile, fused AdamW). Returns ``(step, trainer)``; ``step(images, labels)`` takes a batch
-    (uint8 or float images (B, 3, S, S) and int labels, on any device) and returns the loss terms.
+    (uint8 or float images (B, 3, S, S) and int labels, on any device) and returns the loss terms (0-dim tensors on
+    the device; the fast step reads nothing to the host).
     ``trainer.teacher_forward`` times teacher inference alone. ``model_overrides`` set ``model.*`` keys.
     """
     import timm
