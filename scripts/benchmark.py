@@ -692,6 +692,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parity: dict[str, Any] = {}
     data: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+
+    def write_report(complete: bool) -> None:
+        """The JSON report; written after each track too, so a run cut short keeps the tracks it finished."""
+        write_json(args.json, {
+            'environment': env, 'claims': claims, 'note': None if claims else CLAIM_NOTE, 'complete': complete,
+            'settings': {'tiny': args.tiny, 'batch_size': args.batch_size, 'steps': args.steps, 'warmup': args.warmup,
+                         'tracks': tracks, 'sizes': asdict(sizes)},
+            'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data or None,
+            'parity': parity, 'seconds_per_phase': seconds})
+
     for track in tracks:
         print(f'[{track}] timing release, fast, teacher ...', flush=True)
         started = time.perf_counter()
@@ -725,6 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds[f'{track}_parity'] = time.perf_counter() - started
             print(format_parity(track, parity[track]), flush=True)
             reset_memory(device)
+        if args.json is not None:
+            write_report(complete=False)
     print()
     print(format_rows(rows))
     for track, entry in data.items():
@@ -736,12 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not claims:
         print(CLAIM_NOTE)
     if args.json is not None:
-        report = {'environment': env, 'claims': claims, 'note': None if claims else CLAIM_NOTE,
-                  'settings': {'tiny': args.tiny, 'batch_size': args.batch_size, 'steps': args.steps,
-                               'warmup': args.warmup, 'tracks': tracks, 'sizes': asdict(sizes)},
-                  'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data or None,
-                  'parity': parity, 'seconds_per_phase': seconds}
-        write_json(args.json, report)
+        write_report(complete=True)
         print(f'wrote {args.json}')
     return 0 if all(result['ok'] for result in parity.values()) else 1
 

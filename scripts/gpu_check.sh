@@ -91,6 +91,8 @@ verdict() {  # exit status -> word
     "$PYTHON" - "$OUT_DIR/benchmark.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
+if not report.get('complete'):
+    print('  benchmark.json is partial: the run ended before every track finished')
 for row in report['rows']:
     ratio = f" = {row['vs_release']:.2f}x release" if row.get('vs_release') else ''
     print(f"  {row['track']:7} {row['case']:8} {row['img_per_s']:9.0f} img/s {row['step_ms_mean']:7.1f} ms{ratio}")

@@ -71,7 +71,7 @@ def test_smoke_run_reports_every_case_and_says_cpu_figures_are_no_claims(bench, 
             assert row["vs_release"] == pytest.approx(row["img_per_s"] / release["img_per_s"], rel=1e-12)
         else:
             assert row["vs_release"] is None
-    assert report["settings"]["steps"] == 2 and report["settings"]["warmup"] == 1
+    assert report["settings"]["steps"] == 2 and report["settings"]["warmup"] == 1 and report["complete"] is True
 
 
 def test_smoke_run_counts_model_flops_exactly(bench, smoke):
