@@ -101,6 +101,8 @@ SCHEMA: dict[str, tuple] = {
     'train.opt_eps': (float, POSITIVE),
     'train.clip_grad': ((float, type(None)), POSITIVE),
     'train.amp': (bool, None),
+    'train.clip_scaled_grads': (bool, None),
+    'train.lr_after_step': (bool, None),
     'train.accum_iter': (int, POSITIVE),
     'train.save_freq': (int, POSITIVE),
     'train.eval_freq': (int, POSITIVE),

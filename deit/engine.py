@@ -28,7 +28,9 @@ from projector_kd import kd_loss, pool_features
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from projector_kd.distributed import DistEnv, all_reduce_sum, barrier
 from projector_kd.errors import UserError
+from projector_kd.fast import enable_fast_cuda_backends
 from projector_kd.runs import progress
+from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device, step_unless
 
 from .config import scaled_lrs
 from .datasets import build_mixup, raise_worker_errors_plainly
@@ -138,8 +140,9 @@ class Trainer:
     """Everything one rank needs to train and evaluate: student, teacher, optimizer, schedule, precision.
 
     ``fast=True`` (the fast path): bf16 autocast on CUDA, channels_last for the conv stem and teacher, torch.compile
-    of teacher and objective (eager fallback with a message), fused AdamW; otherwise the release recipe: fp16 autocast
-    + GradScaler on CUDA when ``train.amp``, eager. On CPU both paths compute in float32.
+    of teacher and objective (eager fallback with a message), cuDNN autotuning and TF32, fused AdamW, and no host
+    synchronisation inside a step (see :meth:`train_step`); otherwise the release recipe: fp16 autocast + GradScaler
+    on CUDA when ``train.amp``, eager, foreach AdamW. On CPU both paths compute in float32.
     """
 
     def __init__(self, cfg: dict, env: DistEnv, student: nn.Module, teacher: nn.Module | None,
@@ -154,6 +157,8 @@ class Trainer:
         self.accum_iter = cfg['train']['accum_iter']
         self.method = cfg['distillation']['method']
         cuda = self.device.type == 'cuda'
+        if self.fast:
+            enable_fast_cuda_backends(self.device)
         self.autocast_dtype = (torch.bfloat16 if self.fast else torch.float16) if cuda and (
             self.fast or cfg['train']['amp']) else None
         self.channels_last = self.fast and cuda
@@ -189,12 +194,19 @@ class Trainer:
         train = cfg['train']
         self.optimizer = torch.optim.AdamW(
             param_groups(self.student, train['weight_decay']), lr=self.lrs['lr'], betas=tuple(train['betas']),
-            eps=train['opt_eps'], **({'fused': True} if self.fast and cuda else {}))
+            eps=train['opt_eps'], **({'fused': True} if self.fast else {}))
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=train['epochs'] * steps_per_epoch, lr_min=self.lrs['min_lr'],
             warmup_lr_init=self.lrs['warmup_lr'], warmup_t=int(train['warmup_epochs'] * steps_per_epoch),
             cycle_limit=1, t_in_epochs=False)
         self.scaler = torch.amp.GradScaler('cuda') if self.autocast_dtype == torch.float16 else None
+        self.clip_scaled_grads = train['clip_scaled_grads']
+        self.lr_after_step = train['lr_after_step']
+        self.monitor = StepMonitor(self.device, env.distributed)
+        self.stop_voted = False
+        self.last_record: StepRecord | None = None
+        self.stop: Any = None
+        self.stop_asked = False
         self.global_step = 0
         self.max_accuracy = 0.0
         self.wall_time = 0.0
@@ -226,25 +238,35 @@ class Trainer:
             try:
                 return self.objective(images, targets, teacher_features, teacher_logits)
             except ValueError as err:
-                raise NonFiniteLossError(f'training stopped at {self._where()}: loss term \'proj\' rejected its '
-                                         f'input: {err}; no checkpoint written') from None
+                raise NonFiniteLossError(f'training stopped at {self._where(self.global_step)}: loss term \'proj\' '
+                                         f'rejected its input: {err}; no checkpoint written') from None
 
-    def _where(self) -> str:
-        return (f'step {self.global_step} (epoch {self.global_step // self.steps_per_epoch}, '
-                f'batch {self.global_step % self.steps_per_epoch})')
+    def _where(self, step: int) -> str:
+        return f'step {step} (epoch {step // self.steps_per_epoch}, batch {step % self.steps_per_epoch})'
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """One optimisation step at ``self.global_step``; returns the loss terms (mean over micro-batches) as floats.
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step at ``self.global_step``; returns the loss terms (mean over micro-batches) and their
+        sum ``'loss'`` as 0-dim device tensors.
 
         With ``train.accum_iter = k`` the loader batch is split into k micro-batches of ``data.batch_size``, each
         handled as one GPU's batch would be (mixup, batch whitening), and the gradient of ``sum(loss_i) / k`` is taken:
-        the recipe's global batch on k times fewer GPUs. Raises NonFiniteLossError naming the step and term before any
-        update when a term is NaN/inf, and when the gradient norm is non-finite without a GradScaler (which would
-        otherwise write NaN weights)."""
-        self.scheduler.step_update(self.global_step)
+        the recipe's global batch on k times fewer GPUs. Gradients are clipped to norm ``train.clip_grad``; under the
+        fp16 GradScaler, ``train.clip_scaled_grads`` clips the still-scaled gradients as the release does (otherwise
+        unscaled ones). ``train.lr_after_step`` updates the schedule after the step (step k runs with lr(k - 1)).
+
+        A NaN/inf loss term or gradient norm raises NonFiniteLossError naming the step and term, and that step's
+        update is never applied (the GradScaler's own overflow skips are not errors). The fast path's fused AdamW
+        skips such an update on the device and the error is raised one call later, before that call's update; no
+        value is read to the host inside the step (loss terms come back through ``self.monitor``, each read at the
+        next step). The release path's optimizer cannot skip on the device, so it checks at once (one host read per
+        micro-batch, one for the gradient norm without a GradScaler; the GradScaler reads its own flag)."""
+        if not self.lr_after_step:
+            self.scheduler.step_update(self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
+        deferred = skips_on_device(self.optimizer) and self.scaler is None
         micro_batches = list(zip(images.chunk(self.accum_iter), targets.chunk(self.accum_iter)))
-        sums: dict[str, float] = {}
+        names: list[str] = []
+        means: torch.Tensor | None = None
         for index, (micro_images, micro_targets) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # under DDP, gradients are all-reduced once per step: on the last micro-batch's forward and backward
@@ -252,51 +274,88 @@ class Trainer:
             with sync:
                 micro_images, micro_targets = self.prepare_batch(micro_images, micro_targets)
                 terms = self.compute_terms(micro_images, micro_targets)
-                values = dict(zip(terms, torch.stack([t.detach().double() for t in terms.values()]).tolist()))
-                bad = [name for name, value in values.items() if not math.isfinite(value)]
-                if bad:
-                    raise NonFiniteLossError(
-                        f'non-finite loss at {self._where()}: term {bad[0]!r} = {values[bad[0]]} '
-                        f'({", ".join(f"{k}={v:.4g}" for k, v in values.items())}); stopped without writing a '
-                        f'checkpoint — resume from the last good one with a lower lr or train.amp off')
+                names = list(terms)
+                values = torch.stack([t.detach().float() for t in terms.values()])
+                if not deferred:  # checked before backward, as the release's loop does
+                    self._raise_if_bad(StepRecord(self.global_step, dict(zip(names, values.tolist())), False, False))
                 loss = sum(terms.values()) / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value / len(micro_batches)
+            means = values / len(micro_batches) if means is None else means + values / len(micro_batches)
+        assert means is not None
         clip = self.cfg['train']['clip_grad']
+        parameters = list(self.student.parameters())
         if self.scaler is not None:
+            found_inf = torch.zeros((), device=self.device)  # the GradScaler's own found_inf decides
             if clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+                if not self.clip_scaled_grads:
+                    self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(parameters, clip)
+        else:
+            norm = nn.utils.clip_grad_norm_(parameters, clip if clip else math.inf)
+            found_inf = non_finite_flag(means, norm)
+            if not deferred and found_inf.item():  # this optimizer cannot skip on the device: check now
+                self._raise_if_bad(StepRecord(self.global_step, dict(zip(names, means.tolist())), True, False))
+        self._finish(self.monitor.pop())  # the previous step, read now that this one is queued
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif deferred:
+            step_unless(self.optimizer, found_inf)
         else:
-            norm = nn.utils.clip_grad_norm_(self.student.parameters(), clip if clip else math.inf)
-            if not torch.isfinite(norm):
-                raise NonFiniteLossError(f'non-finite gradient norm at {self._where()} (loss terms '
-                                         f'{", ".join(f"{k}={v:.4g}" for k, v in sums.items())}); stopped '
-                                         f'without updating the weights or writing a checkpoint')
             self.optimizer.step()
+        if self.lr_after_step:
+            self.scheduler.step_update(self.global_step)
+        self.stop_asked = bool(self.stop is not None and self.stop.requested)  # polled once per step
+        self.monitor.push(self.global_step, [*names, 'loss'], torch.cat([means, means.sum().reshape(1)]), found_inf,
+                          self.stop_asked)
         self.global_step += 1
-        sums['loss'] = sum(sums.values())
-        return sums
+        result = dict(zip(names, means.unbind()))
+        result['loss'] = means.sum()
+        return result
+
+    def _raise_if_bad(self, record: StepRecord) -> None:
+        """NonFiniteLossError naming the step and the first non-finite term (or the gradient norm)."""
+        bad = [name for name, value in record.terms.items() if not math.isfinite(value)]
+        listed = ', '.join(f'{k}={v:.4g}' for k, v in record.terms.items() if k != 'loss')
+        if bad:
+            raise NonFiniteLossError(
+                f'non-finite loss at {self._where(record.step)}: term {bad[0]!r} = {record.terms[bad[0]]} ({listed}); '
+                f'stopped without applying this step\'s update or writing a checkpoint — resume from the last good '
+                f'one with a lower lr or train.amp off')
+        if record.bad:
+            raise NonFiniteLossError(f'non-finite gradient norm at {self._where(record.step)} (loss terms {listed}); '
+                                     f'stopped without applying this step\'s update or writing a checkpoint')
+
+    def _finish(self, record: StepRecord | None) -> None:
+        """Account a step whose values reached the host: raise if it was bad, else add it to the epoch sums."""
+        if record is None:
+            return
+        self._raise_if_bad(record)
+        for key, value in record.terms.items():
+            self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
+        self.epoch_sums['steps'] = self.epoch_sums.get('steps', 0) + 1
+        self.stop_voted = self.stop_voted or record.stop
+        self.last_record = record
+
+    def finish_pending(self) -> None:
+        """Wait for and account every step still in flight (before a checkpoint, a log line, an epoch's end)."""
+        for record in self.monitor.drain():
+            self._finish(record)
 
     # -- loops --------------------------------------------------------------------------------------------------
-    def _stop_requested(self, stop: Any) -> bool:
-        flag = bool(stop is not None and stop.requested)
-        if not self.env.distributed:
-            return flag
-        votes = torch.tensor([float(flag)], device=self.device if dist.get_backend() == 'nccl' else 'cpu')
-        return bool(all_reduce_sum(votes).item() > 0)
+    def _stop_agreed(self) -> bool:
+        """Stop now? Alone: when asked. Distributed: when any rank's vote, summed on the device and read with the
+        step's record (up to a step late), says so — every rank reads the same sum, so all stop at the same step."""
+        return self.stop_voted if self.env.distributed else self.stop_asked
 
     def train_epoch(self, loader: Any, epoch: int, start_batch: int = 0, stop: Any = None) -> dict[str, float] | None:
         """Train batches ``start_batch..`` of ``epoch``. Returns mean loss terms, or None when ``stop.requested``
         became true: then a resumable checkpoint at the next batch has been written."""
         self.student.train()
+        self.stop = stop
         loader.sampler.set_epoch(epoch, start_batch)
         if start_batch == 0:
             self.epoch_sums = {}
-        totals = self.epoch_sums
         count = 0
         started = time.perf_counter()
         log_freq = self.cfg['train']['log_freq']
@@ -304,12 +363,11 @@ class Trainer:
                            total=len(loader))
         for batch, (images, targets) in enumerate(batches, start=start_batch):
             self.global_step = epoch * self.steps_per_epoch + batch
-            values = self.train_step(images, targets)
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0.0) + value
+            self.train_step(images, targets)
             count += 1
-            totals['steps'] = batch + 1
             if batch % log_freq == 0 or batch == self.steps_per_epoch - 1:
+                self.finish_pending()
+                values = self.last_record.terms
                 rate = count * images.shape[0] * self.env.world_size / (time.perf_counter() - started)
                 logger.info('train epoch %d step %d/%d lr %.3g %s (%.0f img/s)', epoch, batch + 1,
                             self.steps_per_epoch, self.optimizer.param_groups[0]['lr'],
@@ -318,9 +376,11 @@ class Trainer:
                     for key, value in values.items():
                         self.writer.add_scalar(f'train/{key}', value, self.global_step)
                     self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], self.global_step)
-            if self._stop_requested(stop):
+            if self._stop_agreed():
                 self.save(epoch, batch + 1, ['checkpoint.pth'])
                 return None
+        self.finish_pending()
+        totals = dict(self.epoch_sums)
         steps = totals.pop('steps', 1)
         return {key: value / steps for key, value in totals.items()}
 
@@ -381,6 +441,7 @@ class Trainer:
     def save(self, epoch: int, next_batch: int, names: list[str]) -> None:
         """Write the resumable state atomically to ``output_dir/<name>`` for each name (rank 0 only). Refuses to
         write weights that are not finite, so a good checkpoint is never replaced by a broken one."""
+        self.finish_pending()
         state = self.state_dict(epoch, next_batch)
         if self.env.is_main and self.output_dir is not None:
             broken = [n for n, p in self.student.state_dict().items() if p.is_floating_point() and
@@ -427,13 +488,14 @@ class Trainer:
 
 def build_train_step(recipe: str = 'release', model: str = 'tiny', batch_size: int = 256, img_size: int | None = None,
                      device: str | torch.device = 'cuda', teacher: str = 'regnety_160', num_classes: int = 1000,
-                     **model_overrides: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+                     **model_overrides: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
                                                        Trainer]:
     """One training step of the DeiT recipe for benchmarks, with randomly initialised networks.
 
     ``recipe``: ``'release'`` (fp16 autocast + GradScaler on CUDA, eager, foreach AdamW) or ``'fast'`` (bf16,
     channels_last, torch.compile, fused AdamW). Returns ``(step, trainer)``; ``step(images, labels)`` takes a batch
-    (uint8 or float images (B, 3, S, S) and int labels, on any device) and returns the loss terms.
+    (uint8 or float images (B, 3, S, S) and int labels, on any device) and returns the loss terms (0-dim tensors on
+    the device; the fast step reads nothing to the host).
     ``trainer.teacher_forward`` times teacher inference alone. ``model_overrides`` set ``model.*`` keys.
     """
     import timm

@@ -28,6 +28,7 @@ from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_
 from projector_kd.distributed import all_reduce_sum, barrier
 from projector_kd.errors import UserError
 from projector_kd.runs import progress
+from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device
 
 logger = logging.getLogger(__name__)
 LAST_CHECKPOINT = "checkpoint.pth"
@@ -53,6 +54,7 @@ class RunState:
     history: list[float] = field(default_factory=list)
     epoch_rng: dict | None = None
     resume_rng: dict | None = None
+    last_loss: float = math.nan
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -139,8 +141,14 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
     return run
 
 
+TOTAL = "(total)"
+
+
 class TermRecorder:
-    """Forward hooks on the box's loss terms, so a non-finite total can be traced to the term that caused it."""
+    """Forward hooks on the box's loss terms, so a non-finite total can be traced to the term that caused it.
+
+    :meth:`snapshot` stacks the step's values on the device (no host read); :meth:`describe` and
+    :meth:`non_finite_terms` format a snapshot once it has reached the host."""
 
     def __init__(self, criterion: nn.Module) -> None:
         self.values: dict[str, torch.Tensor] = {}
@@ -154,21 +162,49 @@ class TermRecorder:
             self.values[name] = output.detach()
         return record
 
-    def describe(self) -> str:
-        parts = []
+    def snapshot(self, loss: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """Names and one device vector of this step's values: each term, its inner terms (``term.part``, from
+        ``last_terms``), then the total (:data:`TOTAL`)."""
+        names, values = [], []
         for name, value in self.values.items():
-            module = self.criterion.term_dict[name][0]
-            inner = getattr(module, "last_terms", {}) if isinstance(module, (ProjectorKDLoss, LogitKDLoss)) else {}
-            details = ", ".join(f"{name}.{k} = {v.item():.4g}" for k, v in inner.items())
-            parts.append(f"{name} = {value.float().item():.4g}" + (f" ({details})" if details else ""))
+            names.append(name)
+            values.append(value.float().reshape(()))
+            for part, inner in self._inner(name).items():
+                names.append(f"{name}.{part}")
+                values.append(inner.detach().float().reshape(()))
+        names.append(TOTAL)
+        values.append(loss.detach().float().reshape(()))
+        return names, torch.stack(values)
+
+    def _inner(self, name: str) -> dict[str, torch.Tensor]:
+        module = self.criterion.term_dict[name][0]
+        return getattr(module, "last_terms", {}) if isinstance(module, (ProjectorKDLoss, LogitKDLoss)) else {}
+
+    @staticmethod
+    def describe(terms: dict[str, float]) -> str:
+        """``ce = 1.2; projector_kd = nan (projector_kd.feature = 0.3, projector_kd.kd = nan)`` from a snapshot."""
+        parts: list[str] = []
+        inner: list[str] = []
+        for name, value in terms.items():
+            if name == TOTAL:
+                continue
+            if "." in name:
+                inner.append(f"{name} = {value:.4g}")
+                continue
+            if inner:
+                parts[-1] += f" ({', '.join(inner)})"
+                inner = []
+            parts.append(f"{name} = {value:.4g}")
+        if inner:
+            parts[-1] += f" ({', '.join(inner)})"
         return "; ".join(parts) if parts else "no per-term values recorded"
 
-    def non_finite_terms(self) -> list[str]:
-        names = [n for n, v in self.values.items() if not torch.isfinite(v).all()]
-        for name in list(names):
-            module = self.criterion.term_dict[name][0]
-            names += [f"{name}.{k}" for k, v in getattr(module, "last_terms", {}).items() if not torch.isfinite(v)]
-        return names
+    @staticmethod
+    def non_finite_terms(terms: dict[str, float]) -> list[str]:
+        """The non-finite terms of a snapshot, outer terms first, then inner ones (``total`` when only the sum)."""
+        names = [n for n, v in terms.items() if n != TOTAL and "." not in n and not math.isfinite(v)]
+        names += [n for n, v in terms.items() if "." in n and not math.isfinite(v)]
+        return names or ["total"]
 
 
 @dataclass
@@ -187,6 +223,7 @@ class LoopContext:
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
     log_freq: int = 100
+    monitor: StepMonitor | None = None  # per-step values on their way to the host (set by train_one_epoch)
 
 
 def _to_device(ctx: LoopContext, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,14 +237,6 @@ def _autocast(ctx: LoopContext):
     if ctx.autocast_dtype is None:
         return nullcontext()
     return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
-
-
-def _flags_any(ctx: LoopContext, *flags: bool) -> list[bool]:
-    if not ctx.distributed:
-        return list(flags)
-    tensor = torch.tensor([float(f) for f in flags], device=ctx.device)
-    all_reduce_sum(tensor)
-    return [bool(v > 0) for v in tensor.tolist()]
 
 
 def save_checkpoint(ctx: LoopContext, run: RunState, best: bool) -> None:
@@ -232,9 +261,77 @@ def _kept_checkpoint(ctx: LoopContext) -> str:
     return "nothing was written for this step (no checkpoint yet)"
 
 
+def _finish(ctx: LoopContext, run: RunState, record: StepRecord | None) -> bool:
+    """Account a step whose values reached the host: raise NonFiniteLoss if it was bad; True when the ranks voted
+    to stop."""
+    if record is None:
+        return False
+    if record.bad:
+        raise NonFiniteLoss(f"non-finite loss at {record.step}: term(s) "
+                            f"{', '.join(TermRecorder.non_finite_terms(record.terms))} went non-finite "
+                            f"[{TermRecorder.describe(record.terms)}]; {_kept_checkpoint(ctx)}; lower the learning "
+                            f"rate or check the data")
+    run.last_loss = record.terms[TOTAL]
+    return record.stop
+
+
+def _finish_pending(ctx: LoopContext, run: RunState) -> bool:
+    """Wait for and account every step still in flight (before a checkpoint, a log line, an epoch's end)."""
+    stop = False
+    for record in ctx.monitor.drain():
+        stop = _finish(ctx, run, record) or stop
+    return stop
+
+
+def train_step(ctx: LoopContext, run: RunState, recorder: TermRecorder, images: torch.Tensor, targets: torch.Tensor,
+               supp_dict: Any, total: int) -> bool:
+    """One step of the box on a host batch; returns True when training should stop after it (a stop request, read
+    at once alone and up to a step late from the ranks' vote in a distributed run).
+
+    A non-finite loss term stops training with NonFiniteLoss naming the step and the term(s), and that step's update
+    is never applied. With a fused optimizer (the fast path) the update is skipped on the device
+    (``optimizer.found_inf``) and the error is raised at the next step, before its update: nothing is read to the host
+    inside the step. A non-fused optimizer cannot skip on the device, so its step is checked at once (one host read)."""
+    box = ctx.box
+    images, targets = _to_device(ctx, images, targets)
+    where = f"epoch {run.epoch} step {run.step_in_epoch + 1}/{total} (global step {run.global_step + 1})"
+    with _autocast(ctx):
+        try:
+            loss = box.forward_process(images, targets, supp_dict)
+        except ValueError as error:
+            if "batch size 1" in str(error):
+                raise UserError(f"{where}: a training batch holds 1 image per process, but the whitening needs "
+                                f"at least 2 — set drop_last: true in train.train_data_loader.kwargs") from None
+            if "non-finite" not in str(error):
+                raise
+            raise NonFiniteLoss(f"non-finite loss at {where}: the projector feature term got {error}; "
+                                f"{_kept_checkpoint(ctx)}") from None
+    names, values = recorder.snapshot(loss)
+    found_inf = non_finite_flag(values)
+    requested = bool(ctx.stop.requested)  # polled once per step
+    stop = requested and not ctx.distributed
+    if skips_on_device(box.optimizer):
+        stop = _finish(ctx, run, ctx.monitor.pop()) or stop  # the previous step, read now that this one is queued
+        box.optimizer.found_inf = found_inf
+        try:
+            box.post_forward_process(loss=loss)
+        finally:
+            del box.optimizer.found_inf
+        ctx.monitor.push(where, names, values, found_inf, requested)
+    else:
+        ctx.monitor.push(where, names, values, found_inf, requested)
+        stop = _finish_pending(ctx, run) or stop
+        box.post_forward_process(loss=loss)
+    run.step_in_epoch += 1
+    run.global_step += 1
+    return stop
+
+
 def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> None:
     """One epoch from ``run.step_in_epoch`` (replaying the epoch's earlier batches when resuming mid-epoch)."""
     box = ctx.box
+    if ctx.monitor is None:
+        ctx.monitor = StepMonitor(ctx.device, ctx.distributed)
     box.pre_epoch_process(epoch=run.epoch)
     if ctx.teacher is not None:
         ctx.teacher.eval()
@@ -257,39 +354,21 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
     total = len(box.train_data_loader)
     for images, targets, supp_dict in progress(batches, rank=ctx.rank, total=total - run.step_in_epoch,
                                               desc=f"epoch {run.epoch}"):
-        images, targets = _to_device(ctx, images, targets)
-        where = f"epoch {run.epoch} step {run.step_in_epoch + 1}/{total} (global step {run.global_step + 1})"
-        with _autocast(ctx):
-            try:
-                loss = box.forward_process(images, targets, supp_dict)
-            except ValueError as error:
-                if "batch size 1" in str(error):
-                    raise UserError(f"{where}: a training batch holds 1 image per process, but the whitening needs "
-                                    f"at least 2 — set drop_last: true in train.train_data_loader.kwargs") from None
-                if "non-finite" not in str(error):
-                    raise
-                raise NonFiniteLoss(f"non-finite loss at {where}: the projector feature term got {error}; "
-                                    f"{_kept_checkpoint(ctx)}") from None
-        bad, stop = _flags_any(ctx, not bool(torch.isfinite(loss.detach())), ctx.stop.requested)
-        if bad:
-            terms = recorder.non_finite_terms() or ["total"]
-            raise NonFiniteLoss(f"non-finite loss at {where}: term(s) {', '.join(terms)} went non-finite "
-                                f"[{recorder.describe()}]; {_kept_checkpoint(ctx)}; lower the learning rate or check "
-                                f"the data")
-        box.post_forward_process(loss=loss)
-        run.step_in_epoch += 1
-        run.global_step += 1
-        if ctx.writer is not None and run.global_step % ctx.log_freq == 0:
-            ctx.writer.add_scalar("train/loss", loss.item(), run.global_step)
-            ctx.writer.add_scalar("train/lr", box.optimizer.param_groups[0]["lr"], run.global_step)
+        stop = train_step(ctx, run, recorder, images, targets, supp_dict, total)
         if run.global_step % ctx.log_freq == 0:
-            logger.info("epoch %d step %d/%d loss %.4f lr %.4g", run.epoch, run.step_in_epoch, total, loss.item(),
+            stop = _finish_pending(ctx, run) or stop
+            if ctx.writer is not None:
+                ctx.writer.add_scalar("train/loss", run.last_loss, run.global_step)
+                ctx.writer.add_scalar("train/lr", box.optimizer.param_groups[0]["lr"], run.global_step)
+            logger.info("epoch %d step %d/%d loss %.4f lr %.4g", run.epoch, run.step_in_epoch, total, run.last_loss,
                         box.optimizer.param_groups[0]["lr"])
         if stop:
+            _finish_pending(ctx, run)
             save_checkpoint(ctx, run, best=False)
             raise TrainingStopped(
                 f"stopped by {ctx.stop.signal_name or 'a signal'} at epoch {run.epoch} step {run.step_in_epoch}; "
                 f"resumable checkpoint {ctx.output_dir / LAST_CHECKPOINT} — rerun the same command to continue")
+    _finish_pending(ctx, run)
 
 
 class ShardSampler(Sampler[int]):

@@ -2,9 +2,11 @@
 
 The fast path wraps an already-built torchdistill box without changing its math: bf16 autocast (applied by the engine
 around ``forward_process``), channels_last teacher/student/inputs, ``torch.compile`` of the teacher and the student
-network (falling back to eager, with one warning, where compilation fails), fused SGD/AdamW/Adam kernels, pinned host
-memory with non-blocking copies (CUDA), persistent loader workers, and no per-step input validation sync in the
-projector loss. Numerics change only by bf16 rounding (the loss itself runs in float32 inside ProjectorDistillLoss).
+network (falling back to eager, with one warning, where compilation fails), cuDNN autotuning and TF32 (CUDA), fused
+SGD/AdamW/Adam kernels (which skip a non-finite step on the device, so the engine's step reads nothing to the host),
+pinned host memory with non-blocking copies (CUDA), persistent loader workers, and no per-step input validation sync
+in the projector loss. Numerics change only by bf16 rounding (the loss itself runs in float32 inside
+ProjectorDistillLoss).
 
 Benchmark entry points (same synthetic batch, one process): :func:`build_reference_step` (torchdistill's own
 ``SRDLoss`` + ``SRDModelWrapper`` box, fp32, eager), :func:`build_fast_step` (this project's registered loss and
@@ -25,6 +27,7 @@ from torchdistill.core.distillation import get_distillation_box
 from torchvision import models as tv_models
 
 from imagenet.registry import ProjectorKDModelWrapper
+from projector_kd.fast import enable_fast_cuda_backends
 
 logger = logging.getLogger(__name__)
 FUSED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -119,10 +122,7 @@ def bf16_supported(device: torch.device) -> bool:
 def apply_fast_path(box: Any, teacher: nn.Module | None, device: torch.device,
                     compile_models: bool = True) -> FastSettings:
     """Switch an already-built torchdistill box onto the fast path (see the module docstring)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_fast_cuda_backends(device)
     student_holder = box.student_model if hasattr(box, "student_model") else box.model
     notice = FallbackNotice()
     networks = [m for m in (teacher, student_holder) if m is not None]

@@ -494,10 +494,19 @@ def time_transform(load_and_transform: Callable[[str], Any], files: list[Path], 
     return {'img_per_s_per_core': images / elapsed, 'images': images}
 
 
+def loader_batches_needed(sizes: Sizes, workers: int) -> int:
+    """Batches :func:`time_loader` reads with ``workers`` workers: one untimed round, then the timed ones."""
+    return 2 * max(workers, 1) + max(sizes.loader_batches, workers)
+
+
 def time_loader(loader: Any, batches: int, device: torch.device,
                 step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> float:
-    """img/s over ``batches`` batches of ``loader`` after its first one (worker start-up), copied to ``device``
-    (non-blocking); with ``step``, each batch also trains one step (end-to-end)."""
+    """img/s over ``max(batches, workers)`` batches of ``loader``, copied to ``device`` (non-blocking), after an untimed
+    first round of ``2 * workers`` batches: worker start-up and the batches prefetched meanwhile (``prefetch_factor``
+    2 per worker) would otherwise count as free. With ``step``, each batch also trains one step (end-to-end)."""
+    workers = max(loader.num_workers, 1)
+    warmup = 2 * workers
+    timed = max(batches, loader.num_workers)
     count = 0
     started = 0.0
     for index, (images, labels) in enumerate(loader):
@@ -505,14 +514,17 @@ def time_loader(loader: Any, batches: int, device: torch.device,
         labels = labels.to(device, non_blocking=True)
         if step is not None:
             step(images, labels)
-        if index == 0:
-            synchronize(device)
-            started = time.perf_counter()
+        if index < warmup:
+            if index == warmup - 1:
+                synchronize(device)
+                started = time.perf_counter()
             continue
         count += images.shape[0]
-        if index == batches:
+        if index == warmup + timed - 1:
             break
     synchronize(device)
+    if count == 0:
+        raise RuntimeError(f'the loader ended after {index + 1} batches, before any timed one')
     return count / (time.perf_counter() - started)
 
 
@@ -539,7 +551,8 @@ def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tra
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix='benchmark-jpegs-') as tmp:
         root = Path(tmp)
-        files = write_jpeg_imagefolder(root, sizes, sizes.loader_batches + 1, args.batch_size)
+        files = write_jpeg_imagefolder(root, sizes, loader_batches_needed(sizes, max(args.workers)) + 1,
+                                       args.batch_size)
         common = {'jpeg_sizes': [list(s) for s in sizes.jpeg_sizes], 'loader': []}
         if 'deit' in tracks:
             transform = build_transform(True, deit_data_config(sizes, root, 2, 0))
@@ -772,6 +785,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parity: dict[str, Any] = {}
     data: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+
+    def write_report(complete: bool) -> None:
+        """The JSON report; written after each track too, so a run cut short keeps the tracks it finished."""
+        write_json(args.json, {
+            'environment': env, 'claims': claims, 'note': None if claims else CLAIM_NOTE, 'complete': complete,
+            'settings': {'tiny': args.tiny, 'batch_size': args.batch_size, 'steps': args.steps, 'warmup': args.warmup,
+                         'tracks': tracks, 'sizes': asdict(sizes)},
+            'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data or None,
+            'parity': parity, 'seconds_per_phase': seconds})
+
     for track in tracks:
         print(f'[{track}] timing release, fast, teacher ...', flush=True)
         started = time.perf_counter()
@@ -809,6 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds[f'{track}_parity'] = time.perf_counter() - started
             print(format_parity(track, parity[track]), flush=True)
             reset_memory(device)
+        if args.json is not None:
+            write_report(complete=False)
     print()
     print(format_rows(rows))
     for track, entry in data.items():
@@ -822,12 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not claims:
         print(CLAIM_NOTE)
     if args.json is not None:
-        report = {'environment': env, 'claims': claims, 'note': None if claims else CLAIM_NOTE,
-                  'settings': {'tiny': args.tiny, 'batch_size': args.batch_size, 'steps': args.steps,
-                               'warmup': args.warmup, 'tracks': tracks, 'sizes': asdict(sizes)},
-                  'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data or None,
-                  'parity': parity, 'seconds_per_phase': seconds}
-        write_json(args.json, report)
+        write_report(complete=True)
         print(f'wrote {args.json}')
     return 0 if all(result['ok'] for result in parity.values()) else 1
 

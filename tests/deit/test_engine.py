@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from timm.scheduler import CosineLRScheduler
 
 from deit.config import load_config, scaled_lrs
 from deit.datasets import build_loaders
@@ -177,3 +178,115 @@ def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny
         assert values[name] == pytest.approx(term, rel=1e-6)
     for (name, ours), theirs in zip(trainer.student.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt, *opts: str):
+    monkeypatch.setattr(torch, 'compile', lambda module: module)  # compiling costs a minute on 2 CPU cores
+    return _trainer(tiny_config, image_folder, teacher_ckpt, 'fast', 'true', 'aug.mixup', '0.0', 'aug.cutmix', '0.0',
+                    *opts)
+
+
+def test_fast_step_reads_no_device_value(monkeypatch, tiny_config, image_folder, teacher_ckpt, no_host_reads):
+    trainer, loader = _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt)
+    assert trainer.optimizer.param_groups[0]['fused']
+    loader.sampler.set_epoch(0)
+    images, labels = next(iter(loader))
+    with no_host_reads(lambda t: any(t is b for b in trainer.monitor.host_buffers)):
+        for step in range(3):
+            trainer.global_step = step
+            values = trainer.train_step(images, labels)
+    assert set(values) == {'ce', 'kd', 'proj', 'loss'} and values['loss'].dim() == 0
+    assert trainer.epoch_sums['steps'] == 2 and len(trainer.monitor.pending) == 1  # step 2 is still in flight
+    trainer.finish_pending()
+    assert trainer.epoch_sums['steps'] == 3
+    assert trainer.last_record.terms['loss'] == pytest.approx(values['loss'].item())
+    release, _ = _trainer(tiny_config, image_folder, teacher_ckpt)
+    with no_host_reads(), pytest.raises(AssertionError, match='read a'):  # the guard sees the release's checks
+        release.train_step(images, labels)
+
+
+def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(
+        monkeypatch, tiny_config, image_folder, teacher_ckpt):
+    trainer, loader = _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt)
+    trainer.output_dir = None
+    loader.sampler.set_epoch(0)
+    images, labels = next(iter(loader))
+    teacher = trainer.teacher_forward
+    for step in range(2):
+        trainer.global_step = step
+        trainer.train_step(images, labels)
+    weights = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
+    trainer.teacher_forward = lambda x: (teacher(x)[0], torch.full_like(teacher(x)[1], float('nan')))
+    trainer.global_step = 2
+    trainer.train_step(images, labels)  # queued: the check reads it at the next step
+    assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # skipped on the device
+    trainer.teacher_forward = teacher
+    trainer.global_step = 3
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(epoch 0, batch 2\): term 'kd' = nan"):
+        trainer.train_step(images, labels)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # nor step 3 applied
+    steps = {state['step'].item() for state in trainer.optimizer.state.values()}
+    assert steps == {2.0}  # the optimizer counted the two good steps only
+
+
+def test_release_clipping_of_scaled_gradients_matches_a_hand_computed_adamw_step(
+        tiny_config, image_folder, teacher_ckpt):
+    """GradScaler (scale S) + clip_scaled_grads: clip_grad_norm_(S g, 15) then unscale, i.e. the step uses
+    g' = g min(1, 15 / (S |g|)); false: unscale first, g' = g min(1, 15 / |g|). AdamW's first step by hand:
+    p <- p (1 - lr wd) - lr g' / (|g'| + eps) (bias-corrected moments of one step)."""
+    scale = 2.0 ** 12
+    deltas = {}
+    for clip_scaled in (True, False):
+        trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, 'aug.mixup', '0.0', 'aug.cutmix', '0.0',
+                                   'model.drop_path', '0.0', 'train.warmup_epochs', '0',
+                                   'train.clip_scaled_grads', str(clip_scaled).lower())
+        trainer.scaler = torch.amp.GradScaler('cpu', init_scale=scale)
+        loader.sampler.set_epoch(0)
+        images, labels = next(iter(loader))
+        x, y = trainer.prepare_batch(images, labels)
+        sum(trainer.compute_terms(x, y).values()).backward()
+        grads = {n: p.grad.double() for n, p in trainer.student.named_parameters() if p.grad is not None}
+        trainer.optimizer.zero_grad(set_to_none=True)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        clip = trainer.cfg['train']['clip_grad']
+        factor = min(1.0, clip / (float(norm) * (scale if clip_scaled else 1.0) + 1e-6))
+        before = {n: p.detach().double().clone() for n, p in trainer.student.named_parameters()}
+        trainer.train_step(images, labels)
+        eps = trainer.cfg['train']['opt_eps']
+        deltas[clip_scaled] = {}
+        for group in trainer.optimizer.param_groups:
+            for param in group['params']:
+                name = next(n for n, p in trainer.student.named_parameters() if p is param)
+                if name not in grads:
+                    continue
+                g = grads[name] * factor
+                expected = before[name] * (1 - group['lr'] * group['weight_decay']) - group['lr'] * g / (g.abs() + eps)
+                torch.testing.assert_close(param.detach().double(), expected, rtol=1e-5, atol=1e-7)
+                deltas[clip_scaled][name] = param.detach().double() - before[name]
+    assert any((deltas[True][n] - deltas[False][n]).abs().max() > 1e-6 for n in deltas[True])
+
+
+@pytest.mark.parametrize('after', [True, False])
+def test_lr_each_step_used_follows_the_schedule_after_or_before_the_step(
+        tiny_config, image_folder, teacher_ckpt, after):
+    """lr_after_step (the release): step k runs with lr(k - 1), step 0 with the initial warm-up lr; otherwise lr(k)."""
+    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, 'train.epochs', '2', 'train.warmup_epochs',
+                               '0.5', 'train.lr_after_step', str(after).lower())
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: used.append(
+        optimizer.param_groups[0]['lr']))
+    loader.sampler.set_epoch(0)
+    images, labels = next(iter(loader))
+    steps = 6
+    for step in range(steps):
+        trainer.global_step = step
+        trainer.train_step(images, labels)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=trainer.lrs['lr'])
+    reference = CosineLRScheduler(optimizer, t_initial=2 * trainer.steps_per_epoch, lr_min=trainer.lrs['min_lr'],
+                                  warmup_lr_init=trainer.lrs['warmup_lr'],
+                                  warmup_t=int(0.5 * trainer.steps_per_epoch), cycle_limit=1, t_in_epochs=False)
+    schedule = [reference._get_lr(t)[0] for t in range(steps)]
+    expected = [trainer.lrs['warmup_lr'], *schedule[:-1]] if after else schedule
+    assert used == pytest.approx(expected, rel=1e-12)
+    # warm-up then cosine: every lr(t) differs; lr(0) is the initial warm-up lr, so after the step it runs twice
+    assert len(set(used)) == (steps - 1 if after else steps)

@@ -48,3 +48,69 @@ def test_fast_path_trains_on_cpu_and_falls_back_once(make_recipe, teacher_ckpt, 
     assert status == 0, err
     tested = json.loads((tmp_path / "fast" / "test_only" / "metrics.json").read_text())
     assert (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
+
+
+class _NoStop:
+    requested = False
+    signal_name = None
+
+
+def _fast_box_step(tmp_path, monkeypatch):
+    """The engine's real step on a fast-path ProjectorKD box (ResNet18 <- ResNet34, 32 px, compile off), on the CPU."""
+    from torchdistill.core.distillation import get_distillation_box
+
+    from imagenet import engine
+    from imagenet.fast import _networks, apply_fast_path, projector_box_config
+
+    device = torch.device("cpu")
+    teacher, student, t_dim, s_dim = _networks("resnet34", "resnet18", 10, device, seed=0)
+    box = get_distillation_box(teacher, student, {}, projector_box_config(t_dim, s_dim), device, None, False, 1)
+    box.pre_epoch_process(epoch=0)
+    settings = apply_fast_path(box, teacher, device, compile_models=False)
+    ctx = engine.LoopContext(box=box, teacher=teacher, device=device, output_dir=tmp_path, best_path=tmp_path / "b.pth",
+                             distributed=False, rank=0, stop=_NoStop(), autocast_dtype=settings.autocast_dtype,
+                             channels_last=True)
+    ctx.monitor = engine.StepMonitor(device)
+    run, recorder = engine.RunState(), engine.TermRecorder(box.criterion)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+
+    def step() -> bool:
+        return engine.train_step(ctx, run, recorder, images, labels, None, total=10)
+    return step, ctx, run, box
+
+
+def test_fast_step_reads_no_device_value(tmp_path, monkeypatch, no_host_reads):
+    step, ctx, run, box = _fast_box_step(tmp_path, monkeypatch)
+    assert box.optimizer.param_groups[0]["fused"]
+    with no_host_reads(lambda t: any(t is b for b in ctx.monitor.host_buffers)):
+        for _ in range(3):
+            assert step() is False
+    assert run.global_step == 3 and len(ctx.monitor.pending) == 1 and run.last_loss > 0  # step 3 still in flight
+
+
+def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(tmp_path, monkeypatch):
+    from imagenet import engine, registry
+
+    step, ctx, run, box = _fast_box_step(tmp_path, monkeypatch)
+    step()
+    real_kd_loss, calls = registry.kd_loss, []
+
+    def kd_loss(*args, **kwargs):
+        calls.append(1)
+        value = real_kd_loss(*args, **kwargs)
+        return value * float("nan") if len(calls) == 1 else value
+
+    monkeypatch.setattr(registry, "kd_loss", kd_loss)
+    student = engine.unwrap(engine.student_of(box))
+    weights = {k: v.detach().clone() for k, v in student.state_dict().items() if v.is_floating_point()}
+    momentum = [box.optimizer.state[p]["momentum_buffer"].clone() for p in student.parameters()]
+    step()  # global step 2 is bad: skipped on the device, reported at the next step
+    assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())
+    message = (r"^non-finite loss at epoch 0 step 2/10 \(global step 2\): term\(s\) projector_kd, projector_kd.kd went "
+               r"non-finite \[ce = [0-9.]+; projector_kd = nan ")
+    with pytest.raises(engine.NonFiniteLoss, match=message):
+        step()
+    assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())  # nor the next one applied
+    buffers = [box.optimizer.state[p]["momentum_buffer"] for p in student.parameters()]
+    assert all(torch.equal(before, after) for before, after in zip(momentum, buffers))

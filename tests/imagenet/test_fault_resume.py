@@ -59,3 +59,25 @@ def test_stopped_and_resumed_run_is_bit_identical(make_recipe, teacher_ckpt, cli
     for name in ("checkpoint.pth", "best.pth"):
         same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name),
                    name)
+
+
+def test_fast_path_stopped_and_resumed_is_bit_identical(make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch,
+                                                         same_state):
+    """Fused SGD, values read a step late: the stop's checkpoint holds the state after the last applied step."""
+    monkeypatch.setattr("torch.compile", lambda module, *args, **kwargs: module)  # 2 CPU cores: eager
+    recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
+    common = ("--config", recipe, "--seed", "0", "--fast")
+    status, _, err = cli(*common, "--output_dir", tmp_path / "straight")
+    assert status == 0, err
+    with monkeypatch.context() as patch:
+        _sigterm_before(patch, 1, 2)
+        status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
+    assert status == EXIT_STATUS_STOPPED, err
+    stopped = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (1, 2, 5)
+    assert all(group["fused"] for group in stopped["optimizer"]["param_groups"])
+    status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
+    assert status == 0, err
+    for name in ("checkpoint.pth", "best.pth"):
+        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name),
+                   name)

@@ -71,7 +71,7 @@ def test_smoke_run_reports_every_case_and_says_cpu_figures_are_no_claims(bench, 
             assert row["vs_release"] == pytest.approx(row["img_per_s"] / release["img_per_s"], rel=1e-12)
         else:
             assert row["vs_release"] is None
-    assert report["settings"]["steps"] == 2 and report["settings"]["warmup"] == 1
+    assert report["settings"]["steps"] == 2 and report["settings"]["warmup"] == 1 and report["complete"] is True
 
 
 def test_smoke_run_counts_model_flops_exactly(bench, smoke):
@@ -188,13 +188,14 @@ def test_bad_argument_is_one_line_and_exit_code_2():
 
 
 def test_gpu_script_without_cuda_stops_with_one_line(tmp_path):
-    """scripts/benchmark_gpu.sh checks its environment first and names what is missing (here: CUDA)."""
+    """scripts/gpu_check.sh checks its environment first and names what is missing (here: CUDA)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT")}
     env.update(OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
-    process = subprocess.run(["bash", "scripts/benchmark_gpu.sh"], cwd=ROOT, capture_output=True, text=True,
+    process = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, env=env)
     assert process.returncode == 2
-    assert process.stderr.strip().splitlines()[-1] == ("error: CUDA not available: the GPU benchmark needs CUDA, "
+    assert process.stderr.strip().splitlines()[-1] == ("error: CUDA not available: the GPU check needs CUDA, "
                                                        "torch, torchvision, timm, torchdistill")
     environment = (tmp_path / "environment.txt").read_text()
     assert f"torch {torch.__version__}" in environment and not (tmp_path / "benchmark.json").exists()
+    assert not (tmp_path / "gpu_tests.log").exists()
