@@ -494,19 +494,19 @@ def time_transform(load_and_transform: Callable[[str], Any], files: list[Path], 
     return {'img_per_s_per_core': images / elapsed, 'images': images}
 
 
-def loader_batches_needed(sizes: Sizes, workers: int) -> int:
+def loader_batches_needed(workers: int, batches: int) -> int:
     """Batches :func:`time_loader` reads with ``workers`` workers: one untimed round, then the timed ones."""
-    return 2 * max(workers, 1) + max(sizes.loader_batches, workers)
+    return 2 * max(workers, 1) + max(batches, workers)
 
 
 def time_loader(loader: Any, batches: int, device: torch.device,
-                step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> float:
+                step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None, workers: int | None = None) -> float:
     """img/s over ``max(batches, workers)`` batches of ``loader``, copied to ``device`` (non-blocking), after an untimed
     first round of ``2 * workers`` batches: worker start-up and the batches prefetched meanwhile (``prefetch_factor``
     2 per worker) would otherwise count as free. With ``step``, each batch also trains one step (end-to-end)."""
-    workers = max(loader.num_workers, 1)
-    warmup = 2 * workers
-    timed = max(batches, loader.num_workers)
+    workers = loader.num_workers if workers is None else workers  # DALI: its threads
+    warmup = 2 * max(workers, 1)
+    timed = max(batches, workers)
     count = 0
     started = 0.0
     for index, (images, labels) in enumerate(loader):
@@ -551,7 +551,7 @@ def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tra
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix='benchmark-jpegs-') as tmp:
         root = Path(tmp)
-        files = write_jpeg_imagefolder(root, sizes, loader_batches_needed(sizes, max(args.workers)) + 1,
+        files = write_jpeg_imagefolder(root, sizes, loader_batches_needed(max(args.workers), sizes.loader_batches) + 1,
                                        args.batch_size)
         common = {'jpeg_sizes': [list(s) for s in sizes.jpeg_sizes], 'loader': []}
         if 'deit' in tracks:
@@ -634,7 +634,7 @@ def time_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.de
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix='benchmark-loaders-') as tmp:
         root = Path(tmp)
-        write_jpeg_imagefolder(root, sizes, batches + 1, args.batch_size)
+        write_jpeg_imagefolder(root, sizes, loader_batches_needed(workers, batches) + 1, args.batch_size)
         for kind in ('torchvision', 'dali'):
             if kind == 'dali' and not dali_installed():
                 rows.append({'loader': kind, 'decoding': None, 'img_per_s': None, 'vs_step_only': None,
@@ -643,7 +643,7 @@ def time_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.de
             decoding = (f'PIL, {workers} worker processes' if kind == 'torchvision' else
                         f'{"nvJPEG on the GPU" if device.type == "cuda" else "DALI CPU"}, {workers} threads')
             img_s = time_loader(resnet_loader(kind, sizes, root, args.batch_size, workers, device), batches, device,
-                                step=step)
+                                step=step, workers=workers)
             rows.append({'loader': kind, 'decoding': decoding, 'img_per_s': img_s,
                          'vs_step_only': img_s / step_only_img_s, 'note': None})
     return rows
