@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from projector_kd.config import apply_overrides, load_yaml, validate
+from projector_kd.distributed import DEVICE_NAMES, is_device_name
 from projector_kd.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'deit'
@@ -40,7 +41,7 @@ SCHEMA: dict[str, tuple] = {
     'seed': (int, NON_NEGATIVE),
     'fast': (bool, None),
     'output': (str, None),
-    'device': ((str, type(None)), _one_of('cpu', 'cuda')),
+    'device': ((str, type(None)), (is_device_name, DEVICE_NAMES)),
     'model.name': (str, _one_of('tiny', 'small', 'demo')),
     'model.num_classes': (int, POSITIVE),
     'model.img_size': (int, POSITIVE),

@@ -25,7 +25,8 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from projector_kd.distributed import DistEnv, barrier, cleanup, init_distributed, seed_everything  # noqa: E402
+from projector_kd.distributed import (DistEnv, barrier, cleanup, init_distributed, parse_device,  # noqa: E402
+                                      seed_everything)
 from projector_kd.errors import UserError, run_cli  # noqa: E402
 from projector_kd.runs import prepare_output_dir, setup_logging, tensorboard_writer, write_json  # noqa: E402
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
@@ -65,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--throughput', action='store_true', help='measure student inference img/s and exit')
     parser.add_argument('--fast', action='store_true', default=None,
                         help='fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)')
-    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
+    parser.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
     parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides, e.g. '
                         '--opts train.base_lr 1e-3 data.num_workers 4')
     return parser
@@ -257,6 +258,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
 def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
     """Parse ``argv`` and run; ``stop`` (an object with ``.requested``) replaces the signal handler (tests)."""
     args = get_args_parser().parse_args(argv)
+    parse_device(args.device)  # the flag's own error line, before it reaches the config
     cfg = resolve_config(args)
     env = init_distributed(cfg['device'])
     try:

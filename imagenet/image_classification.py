@@ -49,7 +49,7 @@ logger = logging.getLogger("imagenet")
 def get_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Projector knowledge distillation, ResNet track (torchdistill)")
     parser.add_argument("--config", required=True, help="torchdistill YAML recipe (relative to here or the repo root)")
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--log", help="extra log file path (the run folder always gets log.txt)")
     parser.add_argument("--start_epoch", default=0, type=int, help="first epoch when resuming from src_ckpt")
     parser.add_argument("--seed", type=int, help="seed for python, numpy and torch (plus the rank)")

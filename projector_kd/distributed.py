@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,19 +41,46 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
+DEVICE_NAMES = "cpu, cuda or cuda:N"
+_DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def is_device_name(name: str) -> bool:
+    """True for the device names both entry points accept: ``cpu``, ``cuda``, ``cuda:N``."""
+    return bool(_DEVICE_PATTERN.fullmatch(name))
+
+
+def parse_device(name: str | None) -> torch.device | None:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; None stays None (CUDA when available).
+
+    Anything else, CUDA on a machine without it, or an index past the visible GPUs is a :class:`UserError`.
+    """
+    if name is None:
+        return None
+    if not is_device_name(name):
+        raise UserError(f"--device {name!r} is not a device: use {DEVICE_NAMES}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} requested but CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+    return device
+
+
 def init_distributed(device: str | None = None) -> DistEnv:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a plain run gets world size 1.
 
-    ``device``: 'cpu', 'cuda' or None (CUDA when available). Under torchrun each process uses ``cuda:LOCAL_RANK``.
+    ``device``: see :func:`parse_device`. Under torchrun each process uses ``cuda:LOCAL_RANK``.
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    wants_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if wants_cuda and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    requested = parse_device(device)
+    wants_cuda = torch.cuda.is_available() if requested is None else requested.type == "cuda"
     if wants_cuda:
-        requested_index = torch.device(device).index if device else None
+        requested_index = requested.index if requested is not None else None
         torch_device = torch.device("cuda", local_rank if world_size > 1 else (requested_index or 0))
         torch.cuda.set_device(torch_device)
     else:
