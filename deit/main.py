@@ -28,7 +28,8 @@ from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: 
 from projector_kd.distributed import (DistEnv, barrier, cleanup, init_distributed, parse_device,  # noqa: E402
                                       seed_everything)
 from projector_kd.errors import UserError, run_cli  # noqa: E402
-from projector_kd.runs import prepare_output_dir, setup_logging, tensorboard_writer, write_json  # noqa: E402
+from projector_kd.runs import (prepare_output_dir, run_folder, setup_logging, tensorboard_writer,  # noqa: E402
+                               write_json)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
 
 from deit.checkpoint import load_student_checkpoint  # noqa: E402
@@ -260,6 +261,7 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
     args = get_args_parser().parse_args(argv)
     parse_device(args.device)  # the flag's own error line, before it reaches the config
     cfg = resolve_config(args)
+    run_folder(cfg['output'], '--output')
     env = init_distributed(cfg['device'])
     try:
         if not args.train_student or args.eval or args.throughput:

@@ -40,7 +40,8 @@ from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder
 from projector_kd.distributed import cleanup, init_distributed, seed_everything
 from projector_kd.errors import UserError, run_cli
-from projector_kd.runs import close_logging, prepare_output_dir, setup_logging, tensorboard_writer, write_json
+from projector_kd.runs import (close_logging, prepare_output_dir, run_folder, setup_logging, tensorboard_writer,
+                               write_json)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
@@ -172,8 +173,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     if not student_config.get("dst_ckpt"):
         raise UserError(f"{recipe_path}: models.student_model.dst_ckpt is required (where the best checkpoint goes)")
     dst = Path(student_config["dst_ckpt"]).expanduser()
-    output_dir = Path(args.output_dir).expanduser() if args.output_dir else dst.parent
-    best_path = output_dir / dst.name if args.output_dir else dst
+    output_dir = run_folder(args.output_dir, "--output_dir") if args.output_dir is not None else dst.parent
+    best_path = output_dir / dst.name if args.output_dir is not None else dst
     if args.test_only:
         output_dir = output_dir / "test_only"
     run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,6 +21,15 @@ def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new), key=str)
         return [k for key in keys for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def run_folder(value: str | os.PathLike, flag: str) -> Path:
+    """``value`` (a run folder the user named with ``flag``) as a Path; an empty name is refused, never read as the
+    current folder."""
+    if not str(value).strip():
+        raise UserError(f"{flag} is empty — name the run folder, e.g. {flag} output/my_run (an empty path is never "
+                        f"taken to mean the current folder)")
+    return Path(value).expanduser()
 
 
 def prepare_output_dir(path: str | Path, config: dict, resume: bool) -> Path:
