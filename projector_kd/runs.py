@@ -32,17 +32,18 @@ def run_folder(value: str | os.PathLike, flag: str) -> Path:
     return Path(value).expanduser()
 
 
-def prepare_output_dir(path: str | Path, config: dict, resume: bool) -> Path:
+def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_name: str = "checkpoint.pth") -> Path:
     """Create the run folder and record ``config`` in ``config.yaml``.
 
-    A folder that already holds a different run's config is refused (naming the differing keys) unless ``resume`` is
-    True, in which case the new config replaces the recorded one.
+    A folder holding another run — a different recorded config and that run's ``checkpoint_name`` — is refused (naming
+    the differing keys) unless ``resume`` is True, in which case the new config replaces the recorded one. A recorded
+    config without a checkpoint is a start that failed before saving anything: the corrected rerun takes its place.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     recorded_file = path / CONFIG_FILE
     normalised = yaml.safe_load(yaml.safe_dump(config))
-    if recorded_file.is_file() and not resume:
+    if recorded_file.is_file() and (path / checkpoint_name).exists() and not resume:
         recorded = yaml.safe_load(recorded_file.read_text()) or {}
         differing = _differing_keys(recorded, normalised)
         if differing:
