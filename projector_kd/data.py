@@ -60,12 +60,39 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
                             f"extra {extra[:5]} — both splits need the same class folders")
 
 
+WHITE = (255, 255, 255)
+ALPHA_MODES = ("LA", "PA", "RGBA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (any mode Pillow opens) as 8-bit RGB with the intensities it shows.
+
+    16-bit and 32-bit integer greyscale (``I;16*``, ``I``) is read on the 16-bit scale: ``round(v / 257)``, so 65535
+    is white (Pillow's own conversion clips every value above 255 to white). Float greyscale (``F``) is on the 0..255
+    scale, rounded and clipped. Transparency (``LA``, ``PA``, ``RGBA``, and palette, greyscale or RGB images with a
+    transparent colour) is composited over white. Every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``,
+    ``HSV``, ``RGB``) uses Pillow's conversion.
+    """
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode != "F":
+            values = values / 257.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; raises :class:`DataError` naming the file when it is unreadable."""
+    """Open an image as RGB (:func:`to_rgb`); raises :class:`DataError` naming the file when it is unreadable."""
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
-            return image.convert("RGB")
+            image.load()
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, "
                         f"or set on_bad_image: skip") from None
