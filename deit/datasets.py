@@ -20,7 +20,7 @@ from timm.data.auto_augment import RandAugment
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from projector_kd.data import CheckedImageFolder, DataError, check_image_folder
+from projector_kd.data import CheckedImageFolder, DataError, check_image_folder, check_num_classes
 from projector_kd.errors import UserError
 
 
@@ -185,16 +185,16 @@ def build_dataset(split: str, cfg: dict) -> CheckedImageFolder:
     root = Path(cfg['data']['path']) / split
     dataset = CheckedImageFolder(root, transform=build_transform(split == 'train', cfg),
                                  on_bad_image=cfg['data']['on_bad_image'])
-    num_classes = cfg['model']['num_classes']
-    if len(dataset.classes) != num_classes:
-        raise DataError(f'{root} has {len(dataset.classes)} class folders but model.num_classes = {num_classes}; '
-                        f'set --opts model.num_classes {len(dataset.classes)} or point --data-path at the right folder')
     return dataset
 
 
 def check_data(cfg: dict, splits: tuple[str, ...]) -> None:
-    """Check the ImageFolder layout under ``data.path`` before any work (DataError naming the path)."""
+    """Check the ImageFolder layout under ``data.path`` and its number of classes before any work (DataError naming
+    the path)."""
     check_image_folder(cfg['data']['path'], splits=splits, how_to_set='pass --data-path DIR or set IMAGENET_ROOT')
+    for split in splits:
+        check_num_classes(Path(cfg['data']['path']) / split, cfg['model']['num_classes'], 'model.num_classes',
+                          'set --opts model.num_classes {found} or point --data-path at the right folder')
 
 
 def build_loaders(cfg: dict, rank: int, world_size: int, pin_memory: bool, train: bool = True

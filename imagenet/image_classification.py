@@ -34,10 +34,10 @@ from imagenet import config as recipes
 from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate,
                              restore_training_state, student_of, train, unwrap)
 from imagenet.fast import apply_fast_path
-from imagenet.models import build_model, count_parameters, load_state_exactly, load_weights
+from imagenet.models import build_model, count_parameters, load_state_exactly, load_weights, num_outputs
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.config import apply_overrides
-from projector_kd.data import check_image_folder
+from projector_kd.data import check_image_folder, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, seed_everything
 from projector_kd.errors import UserError, run_cli
 from projector_kd.runs import (close_logging, prepare_output_dir, run_folder, setup_logging, tensorboard_writer,
@@ -105,8 +105,9 @@ def _loader_dataset_ids(recipe: dict, test_only: bool) -> list[str]:
     return list(dict.fromkeys(loader["dataset_id"] for loader in loaders if loader))
 
 
-def check_datasets(recipe: dict, ids: list[str], memo: dict) -> None:
-    """Check each ImageFolder's train/val layout (missing folders, empty classes, differing classes): one clear line."""
+def check_datasets(recipe: dict, ids: list[str], memo: dict) -> list[Path]:
+    """Check each ImageFolder's train/val layout (missing folders, empty classes, differing classes): one clear line.
+    Returns the split folders checked."""
     roots: dict[Path, list[str]] = {}
     for dataset_id in ids:
         node = recipe["datasets"][dataset_id]
@@ -117,6 +118,19 @@ def check_datasets(recipe: dict, ids: list[str], memo: dict) -> None:
     for parent, splits in roots.items():
         check_image_folder(parent, splits=tuple(dict.fromkeys(splits)), how_to_set="pass --data-root DIR (or set the "
                            "recipe's environment variable, e.g. IMAGENET_ROOT)")
+    return [parent / split for parent, splits in roots.items() for split in dict.fromkeys(splits)]
+
+
+def check_classes(split_dirs: list[Path], models: dict[str, torch.nn.Module | None]) -> None:
+    """Every network predicts as many classes as each split has class folders (``models``: recipe key -> network)."""
+    for key, model in models.items():
+        outputs = num_outputs(model) if model is not None else None
+        if outputs is None:
+            continue
+        for split_dir in split_dirs:
+            check_num_classes(split_dir, outputs, f"models.{key} num_classes",
+                              f"set --opts models.{key}.kwargs.num_classes {{found}} (a teacher checkpoint must match "
+                              f"too) or point --data-root at the right folder")
 
 
 def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
@@ -185,8 +199,10 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     # what can fail on the user's inputs (data layout, teacher weights) fails before the run folder is written
     memo: dict = {}
     dataset_ids = _loader_dataset_ids(recipe, args.test_only)
-    check_datasets(recipe, dataset_ids, memo)
+    split_dirs = check_datasets(recipe, dataset_ids, memo)
     teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
+    check_classes(split_dirs, {"student_model" if "student_model" in models_config else "model": student,
+                               "teacher_model": teacher})
     if env.is_main:
         prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
     log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=args.log)

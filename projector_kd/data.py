@@ -22,7 +22,17 @@ class DataError(UserError):
 
 
 def _class_folders(split_dir: Path) -> list[Path]:
+    """The class folders of ``split_dir``, sorted; hidden folders (``.ipynb_checkpoints``, ...) are never classes."""
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_num_classes(split_dir: str | Path, num_classes: int, setting: str, how_to_fix: str) -> None:
+    """Raise :class:`DataError` when ``split_dir`` does not hold ``num_classes`` class folders (``setting`` names the
+    value, e.g. ``model.num_classes``; ``how_to_fix`` says how to set it or point at the right folder)."""
+    found = len(_class_folders(Path(split_dir)))
+    if found != num_classes:
+        raise DataError(f"{split_dir} has {found} class folders but {setting} = {num_classes}; "
+                        f"{how_to_fix.format(found=found)}")
 
 
 def _has_image(folder: Path) -> bool:
@@ -109,6 +119,13 @@ class CheckedImageFolder(ImageFolder):
         super().__init__(str(root), transform=transform, loader=load_rgb, **kwargs)
         self.on_bad_image = on_bad_image
         self.skipped: set[int] = set()
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        """Class folders as :func:`check_image_folder` sees them: hidden folders are not classes."""
+        classes = [folder.name for folder in _class_folders(Path(directory))]
+        if not classes:
+            raise DataError(f"{directory} has no class folders — expected {directory}/<class>/<image>")
+        return classes, {name: index for index, name in enumerate(classes)}
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if self.on_bad_image == "fail":
