@@ -6,7 +6,9 @@
 A recipe without ``models.teacher_model`` trains the student alone (torchdistill's TrainingBox). The run folder
 (``--output_dir``, default: the folder of ``models.student_model.dst_ckpt``) holds config.yaml, log.txt, TensorBoard
 events, ``checkpoint.pth`` (resumable, every epoch), the best checkpoint (``dst_ckpt``) and metrics.json. A run folder
-holding a checkpoint is resumed automatically and exactly.
+holding a checkpoint is resumed automatically and exactly. ``-test_only`` evaluates ``dst_ckpt`` (with
+``--output_dir``: the file of that name in it, unless ``--opts`` names ``dst_ckpt``) and writes nothing beside the
+weights: its log, config and metrics go to ``<output_dir>/test_only/`` only when ``--output_dir`` is given.
 """
 from __future__ import annotations
 
@@ -187,10 +189,18 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     if not student_config.get("dst_ckpt"):
         raise UserError(f"{recipe_path}: models.student_model.dst_ckpt is required (where the best checkpoint goes)")
     dst = Path(student_config["dst_ckpt"]).expanduser()
+    student_key = "student_model" if "student_model" in models_config else "model"
+    dst_named = f"models.{student_key}.dst_ckpt" in args.opts[::2]
     output_dir = run_folder(args.output_dir, "--output_dir") if args.output_dir is not None else dst.parent
-    best_path = output_dir / dst.name if args.output_dir is not None else dst
+    # --output_dir holds the run's best checkpoint under dst_ckpt's file name, unless --opts names dst_ckpt itself
+    best_path = output_dir / dst.name if args.output_dir is not None and not dst_named else dst
     if args.test_only:
-        output_dir = output_dir / "test_only"
+        if best_path != dst and not best_path.exists():
+            raise UserError(f"no checkpoint to evaluate at {best_path} (--output_dir {args.output_dir} with the file "
+                            f"name of models.{student_key}.dst_ckpt) — pass the run folder that holds it, or name the "
+                            f"file with --opts models.{student_key}.dst_ckpt PATH")
+        # evaluating writes nothing beside the weights: a run folder only where --output_dir names one
+        output_dir = output_dir / "test_only" if args.output_dir is not None else None
     run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,
                   "adjust_lr": args.adjust_lr, "test_only": args.test_only}
     log = setup_logging(None, env.rank, name="imagenet")
@@ -203,7 +213,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
     check_classes(split_dirs, {"student_model" if "student_model" in models_config else "model": student,
                                "teacher_model": teacher})
-    if env.is_main:
+    if env.is_main and output_dir is not None:
         prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
     log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=args.log)
     log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
@@ -213,7 +223,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     log.info("student %s: %d parameters", student_config["key"], count_parameters(student))
     fast = bool(recipe.get("runtime", {}).get("fast", False))
     history: list[float] = []
-    writer = tensorboard_writer(output_dir, env.rank)
+    writer = tensorboard_writer(output_dir, env.rank) if output_dir is not None else None
     if not args.test_only:
         train_config = recipes.resolve(recipe["train"], memo)
         lr_factor = env.world_size if env.distributed and args.adjust_lr else 1
@@ -278,9 +288,10 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     log.info("[student %s] top-1 %.2f top-5 %.2f", student_config["key"], metrics["top1"], metrics["top5"])
     metrics["wall_time_s"] = time.time() - started
     if env.is_main:
-        write_json(output_dir / "metrics.json", metrics)
-        print(f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} (metrics: {output_dir / 'metrics.json'})",
-              flush=True)
+        if output_dir is not None:
+            write_json(output_dir / "metrics.json", metrics)
+        print(f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
+              + (f" (metrics: {output_dir / 'metrics.json'})" if output_dir is not None else ""), flush=True)
     if writer is not None:
         writer.close()
     return 0
