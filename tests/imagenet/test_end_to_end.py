@@ -140,8 +140,9 @@ def test_release_command_from_inside_imagenet_folder(run_entry, tmp_path, tiny_d
     torch.save({"model": model.state_dict()}, out / "ilsvrc2012-resnet18_from_resnet34.pt")
     result = run_entry("--config", "configs/ilsvrc2012/ours/res3418.yaml", "--log", tmp_path / "log/output.txt",
                        "--data-root", tiny_data, "--output_dir", out, "-test_only", "-student_only",
-                       "--opts", "models.teacher_model.kwargs.weights", "null", "models.teacher_model.kwargs.num_classes",
-                       "3", "models.student_model.kwargs.num_classes", "3", cwd=REPO / "imagenet")
+                       "--opts", "models.teacher_model.kwargs.weights", "null",
+                       "models.teacher_model.kwargs.num_classes", "3", "models.student_model.kwargs.num_classes", "3",
+                       cwd=REPO / "imagenet")
     assert result.returncode == 0, result.stderr
     metrics = _metrics(out / "test_only")
     val = ImageFolder(str(tiny_data / "val"), transform=transforms.Compose([
