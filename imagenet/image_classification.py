@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         output_dir = output_dir / "test_only" if args.output_dir is not None else None
     run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,
                   "adjust_lr": args.adjust_lr, "test_only": args.test_only}
-    log = setup_logging(None, env.rank, name="imagenet")
+    log = setup_logging(None, env.rank, name="imagenet", extra_log_file=args.log)
     if args.seed is not None:
         seed_everything(args.seed, env.rank)
     # what can fail on the user's inputs (data layout, teacher weights) fails before the run folder is written

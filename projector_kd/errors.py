@@ -1,12 +1,38 @@
 """User-facing errors: one clear line that names the file or value and what to do."""
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Callable, Sequence
 
 
 class UserError(Exception):
     """A problem the user can fix. ``str(error)`` is the single line printed to them."""
+
+
+class OutputError(UserError):
+    """A file or folder the run must write cannot be written (a file in the way, no permission, a full disk)."""
+
+
+_OUTPUT_HINTS = {
+    errno.ENOSPC: "free disk space or choose an output folder on another disk",
+    errno.EDQUOT: "free space within your disk quota or choose an output folder on another disk",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOTDIR: "a file is in the way of a folder on that path: remove it or choose another folder",
+    errno.EEXIST: "a file is in the way of a folder on that path: remove it or choose another folder",
+    errno.EISDIR: "a folder is in the way of a file on that path: name a file, not a folder",
+}
+
+
+def cannot_write(path: str | os.PathLike, error: OSError, kept: str = "") -> OutputError:
+    """The one-line :class:`OutputError` for an ``OSError`` raised while writing ``path``; ``kept`` says what is
+    intact (e.g. the previous checkpoint)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    hint = _OUTPUT_HINTS.get(error.errno, "check the path and the disk")
+    return OutputError(f"cannot write {os.fspath(path)}: {reason} — {hint}" + (f"; {kept}" if kept else ""))
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:

@@ -5,13 +5,14 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
 from .checkpoint import atomic_write
-from .errors import UserError
+from .errors import OutputError, UserError, cannot_write
 
 CONFIG_FILE = "config.yaml"
 
@@ -32,6 +33,20 @@ def run_folder(value: str | os.PathLike, flag: str) -> Path:
     return Path(value).expanduser()
 
 
+def make_writable_folder(path: Path) -> Path:
+    """Create ``path`` (and its parents) and check that a file can be created in it, before any work: an
+    :class:`OutputError` names the path when a file is in the way or the folder is not writable."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output folder {path} is a file — remove it or choose another output folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise cannot_write(path, error) from None
+    return path
+
+
 def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_name: str = "checkpoint.pth") -> Path:
     """Create the run folder and record ``config`` in ``config.yaml``.
 
@@ -39,8 +54,7 @@ def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_
     the differing keys) unless ``resume`` is True, in which case the new config replaces the recorded one. A recorded
     config without a checkpoint is a start that failed before saving anything: the corrected rerun takes its place.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_writable_folder(Path(path))
     recorded_file = path / CONFIG_FILE
     normalised = yaml.safe_load(yaml.safe_dump(config))
     if recorded_file.is_file() and (path / checkpoint_name).exists() and not resume:
@@ -83,8 +97,18 @@ def setup_logging(output_dir: str | Path | None, rank: int = 0, name: str = "pro
     if extra_log_file is not None:
         files.add(Path(extra_log_file).expanduser())
     for log_file in sorted({f.resolve() for f in files}) if rank == 0 else []:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        try:
+            if log_file.is_dir():
+                raise OutputError(f"log file {log_file} is a folder — name a file, e.g. {log_file / 'output.txt'}")
+            try:
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                handlers.append(logging.FileHandler(log_file))
+            except OSError as error:
+                raise cannot_write(log_file, error) from None
+        except OutputError:
+            for handler in handlers:
+                handler.close()
+            raise
     for handler in handlers:
         handler.setFormatter(formatter)
         handler._projector_kd = True  # type: ignore[attr-defined]
