@@ -26,12 +26,13 @@ from torch import nn
 
 from projector_kd import kd_loss, pool_features
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.data import checkpoint_on_data_error, raise_worker_errors_plainly
 from projector_kd.distributed import DistEnv, all_reduce_sum, barrier
 from projector_kd.errors import UserError
 from projector_kd.runs import progress
 
 from .config import scaled_lrs
-from .datasets import build_mixup, raise_worker_errors_plainly
+from .datasets import build_mixup
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 'projector_kd.deit/1'
@@ -300,7 +301,17 @@ class Trainer:
         count = 0
         started = time.perf_counter()
         log_freq = self.cfg['train']['log_freq']
-        batches = progress(raise_worker_errors_plainly(loader), rank=self.env.rank, desc=f'epoch {epoch}',
+        position = {'next_batch': start_batch}
+
+        def save_here() -> str | None:
+            """A resumable checkpoint before batch ``next_batch`` (not under DDP: the other ranks are mid-step)."""
+            if self.env.distributed or self.output_dir is None or epoch * self.steps_per_epoch + position[
+                    'next_batch'] == 0:
+                return None
+            self.save(epoch, position['next_batch'], ['checkpoint.pth'])
+            return f'{self.output_dir / "checkpoint.pth"} (epoch {epoch}, batch {position["next_batch"]})'
+
+        batches = progress(checkpoint_on_data_error(loader, save_here), rank=self.env.rank, desc=f'epoch {epoch}',
                            total=len(loader))
         for batch, (images, targets) in enumerate(batches, start=start_batch):
             self.global_step = epoch * self.steps_per_epoch + batch
@@ -318,6 +329,7 @@ class Trainer:
                     for key, value in values.items():
                         self.writer.add_scalar(f'train/{key}', value, self.global_step)
                     self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], self.global_step)
+            position['next_batch'] = batch + 1
             if self._stop_requested(stop):
                 self.save(epoch, batch + 1, ['checkpoint.pth'])
                 return None

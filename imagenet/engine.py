@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from imagenet.models import load_state_exactly
 from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.data import checkpoint_on_data_error
 from projector_kd.distributed import all_reduce_sum, barrier
 from projector_kd.errors import UserError
 from projector_kd.runs import progress
@@ -252,8 +253,16 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
     if resume_rng is not None:  # generators exactly as they were when the checkpoint was written
         restore_rng_state(resume_rng)
     total = len(box.train_data_loader)
-    for images, targets, supp_dict in progress(batches, rank=ctx.rank, total=total - run.step_in_epoch,
-                                              desc=f"epoch {run.epoch}"):
+
+    def save_here() -> str | None:
+        """A resumable checkpoint before the failed batch (not under DDP: the other ranks are mid-step)."""
+        if ctx.distributed or run.global_step == 0:
+            return None
+        save_checkpoint(ctx, run, best=False)
+        return f"{ctx.output_dir / LAST_CHECKPOINT} (epoch {run.epoch}, step {run.step_in_epoch})"
+
+    for images, targets, supp_dict in progress(checkpoint_on_data_error(batches, save_here), rank=ctx.rank,
+                                              total=total - run.step_in_epoch, desc=f"epoch {run.epoch}"):
         images, targets = _to_device(ctx, images, targets)
         where = f"epoch {run.epoch} step {run.step_in_epoch + 1}/{total} (global step {run.global_step + 1})"
         with _autocast(ctx):

@@ -111,15 +111,19 @@ def check_datasets(recipe: dict, ids: list[str], memo: dict) -> list[Path]:
     """Check each ImageFolder's train/val layout (missing folders, empty classes, differing classes): one clear line.
     Returns the split folders checked."""
     roots: dict[Path, list[str]] = {}
+    policies: dict[Path, str] = {}
     for dataset_id in ids:
         node = recipe["datasets"][dataset_id]
-        root = node.get("init", {}).get("kwargs", {}).get("root") if isinstance(node, dict) else None
-        if root is not None:
-            path = Path(str(recipes.resolve(root, memo))).expanduser()
+        kwargs = node.get("init", {}).get("kwargs", {}) if isinstance(node, dict) else {}
+        if kwargs.get("root") is not None:
+            path = Path(str(recipes.resolve(kwargs["root"], memo))).expanduser()
             roots.setdefault(path.parent, []).append(path.name)
+            if kwargs.get("on_bad_image", "fail") != "fail":
+                policies[path.parent] = kwargs["on_bad_image"]
     for parent, splits in roots.items():
         check_image_folder(parent, splits=tuple(dict.fromkeys(splits)), how_to_set="pass --data-root DIR (or set the "
-                           "recipe's environment variable, e.g. IMAGENET_ROOT)")
+                           "recipe's environment variable, e.g. IMAGENET_ROOT)",
+                           on_bad_image=policies.get(parent, "fail"))
     return [parent / split for parent, splits in roots.items() for split in dict.fromkeys(splits)]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -35,15 +35,30 @@ def check_num_classes(split_dir: str | Path, num_classes: int, setting: str, how
                         f"{how_to_fix.format(found=found)}")
 
 
-def _has_image(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMG_EXTENSIONS for p in folder.rglob("*") if p.is_file())
+def _images(folder: Path) -> Iterator[Path]:
+    return (p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def _check_images(folder: Path, on_bad_image: str) -> None:
+    """DataError when ``folder`` holds no image, or (``on_bad_image: fail``) an image file of 0 bytes."""
+    found = False
+    for image in _images(folder):
+        found = True
+        if on_bad_image != "fail":
+            return
+        if image.stat().st_size == 0:
+            raise DataError(f"image {image} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
+    if not found:
+        raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
+                        f"— add images or remove the folder")
 
 
 def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val"),
-                       how_to_set: str = "set the data path") -> None:
-    """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, and every
-    split has the same classes as the first. Raises :class:`DataError` naming the path and the fix (``how_to_set``
-    tells the user how to point the run at their data)."""
+                       how_to_set: str = "set the data path", on_bad_image: str = "fail") -> None:
+    """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, every
+    split has the same classes as the first, and (``on_bad_image: fail``) no image file is empty. Raises
+    :class:`DataError` naming the path and the fix (``how_to_set`` tells the user how to point the run at their
+    data)."""
     root = Path(root)
     expected = " and ".join(f"{root / s}/<class>/<image>" for s in splits)
     if not root.is_dir():
@@ -57,9 +72,7 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
         if not classes:
             raise DataError(f"{split_dir} has no class folders — expected {split_dir}/<class>/<image>")
         for folder in classes:
-            if not _has_image(folder):
-                raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
-                                f"— add images or remove the folder")
+            _check_images(folder, on_bad_image)
         names = [c.name for c in classes]
         if reference is None:
             reference = names
@@ -106,6 +119,33 @@ def load_rgb(path: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DataError(f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, "
                         f"or set on_bad_image: skip") from None
+
+
+def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
+    """Iterate ``batches``; a UserError raised in a loader worker (re-raised by PyTorch with the worker's traceback
+    in its message) is re-raised with just its own one-line message."""
+    try:
+        yield from batches
+    except UserError as err:
+        text = str(err)
+        if "Original Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
+def checkpoint_on_data_error(batches: Iterable, save: Callable[[], str | None]) -> Iterator:
+    """Iterate a training loader's ``batches``; a :class:`DataError` it raises (an image that turned out unreadable in
+    the middle of an epoch) first calls ``save()``, which writes a resumable checkpoint at the current position and
+    names it (or returns None when there is nothing to save), then is re-raised as one line saying so."""
+    try:
+        yield from raise_worker_errors_plainly(batches)
+    except DataError as error:
+        saved = save()
+        if saved is None:
+            raise
+        raise DataError(f"{error}. A resumable checkpoint was written first: {saved} — after fixing the file, run "
+                        f"the same command again to continue") from None
 
 
 class CheckedImageFolder(ImageFolder):
