@@ -28,8 +28,8 @@ from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: 
 from projector_kd.distributed import (DistEnv, barrier, cleanup, init_distributed, parse_device,  # noqa: E402
                                       seed_everything)
 from projector_kd.errors import UserError, run_cli  # noqa: E402
-from projector_kd.runs import (prepare_output_dir, run_folder, setup_logging, tensorboard_writer,  # noqa: E402
-                               write_json)
+from projector_kd.runs import (prepare_output_dir, release_output_dirs, run_folder, setup_logging,  # noqa: E402
+                               tensorboard_writer, write_json)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
 
 from deit.checkpoint import load_student_checkpoint  # noqa: E402
@@ -272,6 +272,7 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
             return train(cfg, args, env, signals)
     finally:
         cleanup()
+        release_output_dirs()
 
 
 if __name__ == '__main__':

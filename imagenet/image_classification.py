@@ -42,8 +42,8 @@ from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, seed_everything
 from projector_kd.errors import UserError, run_cli
-from projector_kd.runs import (close_logging, prepare_output_dir, run_folder, setup_logging, tensorboard_writer,
-                               write_json)
+from projector_kd.runs import (close_logging, prepare_output_dir, release_output_dirs, run_folder, setup_logging,
+                               tensorboard_writer, write_json)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
@@ -182,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         cleanup()
         close_logging()
+        release_output_dirs()
 
 
 def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:

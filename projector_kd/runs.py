@@ -1,11 +1,14 @@
 """Run folders: the config a run was started with, logs, TensorBoard events, final metrics, progress bars."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,6 +18,8 @@ from .checkpoint import atomic_write
 from .errors import OutputError, UserError, cannot_write
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
+_held_locks: dict[Path, int] = {}
 
 
 def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -47,14 +52,47 @@ def make_writable_folder(path: Path) -> Path:
     return path
 
 
+def lock_output_dir(path: Path) -> None:
+    """Hold ``path`` for this process: an exclusive ``flock`` on ``path/.lock``, which records who holds it. The OS
+    releases it when the process ends, also when it is killed, so a dead run never blocks the rerun. Another process
+    holding it is an :class:`OutputError` naming it (pid, host, start time)."""
+    path = path.resolve()
+    if path in _held_locks:
+        return
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise cannot_write(path / LOCK_FILE, error) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 500).decode(errors="replace").strip() or "a process that is starting"
+        os.close(fd)
+        raise OutputError(f"output folder {path} is in use by another run ({holder}) — wait for it to end, or choose "
+                          f"another output folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _held_locks[path] = fd
+
+
+def release_output_dirs() -> None:
+    """Release the run folders this process holds (:func:`lock_output_dir`), so a later run in the same process (a
+    test, a notebook) can use them."""
+    for fd in _held_locks.values():
+        os.close(fd)
+    _held_locks.clear()
+
+
 def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_name: str = "checkpoint.pth") -> Path:
-    """Create the run folder and record ``config`` in ``config.yaml``.
+    """Create the run folder, hold it for this process (:func:`lock_output_dir`) and record ``config`` in
+    ``config.yaml``.
 
     A folder holding another run — a different recorded config and that run's ``checkpoint_name`` — is refused (naming
     the differing keys) unless ``resume`` is True, in which case the new config replaces the recorded one. A recorded
     config without a checkpoint is a start that failed before saving anything: the corrected rerun takes its place.
     """
     path = make_writable_folder(Path(path))
+    lock_output_dir(path)
     recorded_file = path / CONFIG_FILE
     normalised = yaml.safe_load(yaml.safe_dump(config))
     if recorded_file.is_file() and (path / checkpoint_name).exists() and not resume:

@@ -69,3 +69,28 @@ def refuse_new_files(monkeypatch):
     """``refuse_new_files(folder)``: creating a file in ``folder`` fails with EACCES (root ignores permission bits,
     so a read-only folder is simulated)."""
     return lambda folder: _refuse_new_files_in(monkeypatch, folder)
+
+
+@pytest.fixture
+def hold_output_dir():
+    """``hold_output_dir(path)`` -> a child process holding run folder ``path`` as a running run does (killed at
+    teardown at the latest)."""
+    import subprocess
+    import sys
+
+    children = []
+
+    def hold(path: Path) -> subprocess.Popen:
+        path.mkdir(parents=True, exist_ok=True)
+        code = ("import sys, time; from pathlib import Path; from projector_kd.runs import lock_output_dir; "
+                "lock_output_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)")
+        child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        children.append(child)
+        assert child.stdout.readline() == "held\n"
+        return child
+
+    yield hold
+    for child in children:
+        child.kill()
+        child.wait()

@@ -125,8 +125,8 @@ def test_torchrun_two_gloo_ranks_train_and_evaluate(make_recipe, child_env, teac
     # only rank 0 writes: one log with one final line, one event file, no stray temporaries
     assert (run_dir / "log.txt").read_text().count("[student wide_resnet] top-1") == 1
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", "checkpoint.pth", "config.yaml", "log.txt",
-                                                         "metrics.json", "tensorboard"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "best.pth", "checkpoint.pth", "config.yaml",
+                                                         "log.txt", "metrics.json", "tensorboard"]
     assert result.stdout.count("top1 ") == 1
 
 
