@@ -166,6 +166,9 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     """Train (or continue) the run in ``cfg['output']``; returns the exit status."""
     started = time.perf_counter()
     output = Path(cfg['output'])
+    if cfg['distillation']['method'] == 'projector' and cfg['data']['batch_size'] < 2:
+        raise UserError(f'data.batch_size = {cfg["data"]["batch_size"]}: the projector\'s batch whitening needs at '
+                        'least 2 images per process in each (micro-)batch — set --batch-size 2 or more')
     check_data(cfg, splits=('train', 'val'))
     if env.is_main:
         prepare_output_dir(output, cfg, resume=args.resume is not None)

@@ -33,13 +33,13 @@ from torchdistill.datasets.util import build_data_loader
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from imagenet import config as recipes
-from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate,
+from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate, projector_of,
                              restore_training_state, student_of, train, unwrap)
 from imagenet.fast import apply_fast_path
 from imagenet.models import build_model, count_parameters, load_state_exactly, load_weights, num_outputs
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.config import apply_overrides
-from projector_kd.data import check_image_folder, check_num_classes
+from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, seed_everything
 from projector_kd.errors import UserError, run_cli
 from projector_kd.runs import (close_logging, prepare_output_dir, release_output_dirs, run_folder, setup_logging,
@@ -240,6 +240,10 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                                      env.distributed, lr_factor)
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(f"{recipe_path}: torchdistill could not set up training: {error}") from None
+        loader = box.train_data_loader
+        if projector_of(box) is not None and not loader.drop_last and loader.batch_size:
+            check_last_batch(len(loader.dataset), len(loader.sampler), loader.batch_size, env.world_size,
+                             str(recipe_path), "train.train_data_loader")
         if env.distributed:
             _ensure_ddp(box, env.device, env.local_rank)
         settings = apply_fast_path(box, teacher, env.device) if fast else None

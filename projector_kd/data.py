@@ -121,6 +121,18 @@ def load_rgb(path: str) -> Image.Image:
                         f"or set on_bad_image: skip") from None
 
 
+def check_last_batch(num_images: int, per_process: int, batch_size: int, world_size: int, source: str,
+                     key: str) -> None:
+    """Refuse, before training, a training loader whose last batch would hold 1 image per process: batch whitening
+    needs at least 2. ``per_process``: the images one process draws per epoch; ``key``: the loader's key in the recipe
+    file ``source``."""
+    if batch_size > 1 and per_process % batch_size == 1:
+        raise DataError(f"{source}: {key}: {num_images} training images over {world_size} process(es) give "
+                        f"{per_process} per process, so batches of {batch_size} leave a last batch of 1 image, which "
+                        f"batch whitening cannot train on — set drop_last: true in {key}.kwargs (or choose a batch "
+                        f"size that does not leave 1 image)")
+
+
 def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
     """Iterate ``batches``; a UserError raised in a loader worker (re-raised by PyTorch with the worker's traceback
     in its message) is re-raised with just its own one-line message."""
