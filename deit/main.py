@@ -191,8 +191,9 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     counts = log_parameters(student)
     steps = train_loader.sampler.batches_per_epoch
     trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
-    logger.info('method %s, %d processes x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, '
-                'fast path %s, device %s', cfg['distillation']['method'], env.world_size, cfg['data']['batch_size'],
+    logger.info('method %s, %d %s x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, '
+                'fast path %s, device %s', cfg['distillation']['method'], env.world_size,
+                'process' if env.world_size == 1 else 'processes', cfg['data']['batch_size'],
                 cfg['train']['accum_iter'], env.world_size * cfg['data']['batch_size'] * cfg['train']['accum_iter'],
                 trainer.lrs['lr'], steps, 'on' if cfg['fast'] else 'off', env.device)
     start_epoch, start_batch = 0, 0
