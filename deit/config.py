@@ -143,7 +143,7 @@ def load_config(model: str, config_file: str | None = None, flags: dict[str, Any
             for part in parents:
                 node = node[part]
             node[leaf] = value
-    cfg = apply_overrides(cfg, list(opts))
+    cfg = apply_overrides(cfg, list(opts), check_file=lambda merged: validate(merged, SCHEMA))
     validate(cfg, SCHEMA)
     if cfg['data']['path'] is None:
         cfg['data']['path'] = os.path.expanduser(os.environ.get('IMAGENET_ROOT', DEFAULT_IMAGENET_ROOT))

@@ -84,7 +84,7 @@ def prepare_recipe(args: argparse.Namespace) -> tuple[dict, Path]:
     recipe = recipes.load_recipe(path)
     import_dependencies(recipe.get("dependencies"))
     if args.opts:
-        recipe = apply_overrides(recipe, args.opts)
+        recipe = apply_overrides(recipe, args.opts, check_file=lambda raw: recipes.check_recipe(raw, str(path)))
     if args.data_root:
         recipes.set_data_root(recipe, args.data_root)
     if args.teacher_ckpt:
