@@ -67,6 +67,9 @@ class _RecordingWriter:
     def flush(self) -> None:
         self.handle.flush()
 
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
 
 def _umask() -> int:
     """The process umask (reading it means setting it: set it straight back)."""

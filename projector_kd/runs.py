@@ -53,9 +53,10 @@ def make_writable_folder(path: Path) -> Path:
 
 
 def lock_output_dir(path: Path) -> None:
-    """Hold ``path`` for this process: an exclusive ``flock`` on ``path/.lock``, which records who holds it. The OS
-    releases it when the process ends, also when it is killed, so a dead run never blocks the rerun. Another process
-    holding it is an :class:`OutputError` naming it (pid, host, start time)."""
+    """Hold ``path`` for this process: an exclusive POSIX lock (``lockf``) on ``path/.lock``, which records who holds
+    it. The lock belongs to this process alone (data-loader workers it forks do not inherit it) and the OS releases it
+    when the process ends, also when it is killed, so a dead run never blocks the rerun. Another process holding it is
+    an :class:`OutputError` naming it (pid, host, start time)."""
     path = path.resolve()
     if path in _held_locks:
         return
@@ -64,7 +65,7 @@ def lock_output_dir(path: Path) -> None:
     except OSError as error:
         raise cannot_write(path / LOCK_FILE, error) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.read(fd, 500).decode(errors="replace").strip() or "a process that is starting"
         os.close(fd)
