@@ -198,7 +198,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler('cuda') if self.autocast_dtype == torch.float16 else None
         self.global_step = 0
         self.max_accuracy = 0.0
-        self.wall_time = 0.0
+        self.wall_time = 0.0  # seconds spent by the processes before this one (from the checkpoint resumed)
+        self.clock = time.perf_counter()  # when this process started on the run
         self.epoch_sums: dict[str, float] = {}
         self.history: dict[str, list] = {'epoch': [], 'val_top1': [], 'val_top5': [], 'train_loss': []}
 
@@ -369,6 +370,10 @@ class Trainer:
         dist.all_gather_object(states, state)
         return states
 
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the run so far, over all the processes that trained it (resumes included)."""
+        return self.wall_time + time.perf_counter() - self.clock
+
     def state_dict(self, epoch: int, next_batch: int) -> dict[str, Any]:
         """Everything needed to continue exactly at batch ``next_batch`` of ``epoch``."""
         return {
@@ -383,7 +388,7 @@ class Trainer:
             'steps_per_epoch': self.steps_per_epoch,
             'world_size': self.env.world_size,
             'max_accuracy': self.max_accuracy,
-            'wall_time_s': self.wall_time,
+            'wall_time_s': self.elapsed(),
             'epoch_sums': self.epoch_sums,
             'history': self.history,
             'rng': self._gather_rng(),

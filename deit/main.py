@@ -191,6 +191,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     counts = log_parameters(student)
     steps = train_loader.sampler.batches_per_epoch
     trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
+    trainer.clock = started
     logger.info('method %s, %d %s x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, '
                 'fast path %s, device %s', cfg['distillation']['method'], env.world_size,
                 'process' if env.world_size == 1 else 'processes', cfg['data']['batch_size'],
@@ -209,7 +210,6 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         means = trainer.train_epoch(train_loader, epoch, start_batch, stop)
         start_batch = 0
         if means is None:
-            trainer.wall_time += time.perf_counter() - started
             message = (f'stopped by {getattr(stop, "signal_name", None) or "request"} during epoch {epoch}; '
                        f'resumable checkpoint {output / RESUME_FILE} written — run the same command to continue')
             logger.warning(message)
@@ -231,8 +231,6 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         names = [RESUME_FILE]
         if (epoch + 1) % cfg['train']['save_freq'] == 0 or last:
             names.append(f'ckpt_epoch_{epoch}.pth')
-        trainer.wall_time += time.perf_counter() - started
-        started = time.perf_counter()
         trainer.save(epoch + 1, 0, names)
     final = trainer.evaluate(val_loader) if start_epoch >= epochs else None
     history = trainer.history
@@ -248,7 +246,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         'student': cfg['model']['name'],
         'student_params': counts['student'],
         'params': counts,
-        'wall_time_s': trainer.wall_time,
+        'wall_time_s': trainer.elapsed(),
         'world_size': env.world_size,
     }
     if env.is_main:

@@ -4,13 +4,15 @@ Checkpoint layout (``torch.load(weights_only=True)``-loadable, written by :func:
 ``model`` (the student network's state dict — the torchdistill format ``-test_only`` reads), ``projector`` (the
 ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_scheduler``, ``epoch`` and
 ``step_in_epoch`` (where training continues), ``best_value`` (best val top-1), ``history`` (val top-1 per epoch),
-``global_step``, ``rng`` (generator states now) and ``epoch_rng`` (at the start of the epoch, to replay its batches);
+``global_step``, ``wall_time_s`` (seconds trained so far, over resumes), ``rng`` (generator states now) and
+``epoch_rng`` (at the start of the epoch, to replay its batches);
 in a distributed run also ``rng_per_rank`` (every rank's ``rng`` and ``epoch_rng``). Rank 0 writes; all ranks wait.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,12 @@ class RunState:
     history: list[float] = field(default_factory=list)
     epoch_rng: dict | None = None
     resume_rng: dict | None = None
+    wall_time_before: float = 0.0  # seconds spent by the processes that trained the run before this one
+    clock: float = field(default_factory=time.perf_counter)  # when this process started on the run
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the run so far, over all the processes that trained it (resumes included)."""
+        return self.wall_time_before + time.perf_counter() - self.clock
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -91,6 +99,7 @@ def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) ->
         "history": list(run.history),
         "rng": capture_rng_state(),
         "epoch_rng": run.epoch_rng,
+        "wall_time_s": run.elapsed(),
     }
     if rng_per_rank is not None:
         state["rng_per_rank"] = [{"rng": rng, "epoch_rng": epoch_rng} for rng, epoch_rng in rng_per_rank]
@@ -130,7 +139,7 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
     run = RunState(epoch=int(state["epoch"]), step_in_epoch=int(state.get("step_in_epoch", 0)),
                    global_step=int(state.get("global_step", 0)), best_value=float(state.get("best_value", 0.0)),
                    history=[float(v) for v in state.get("history", [])], epoch_rng=streams["epoch_rng"],
-                   resume_rng=streams["rng"])
+                   resume_rng=streams["rng"], wall_time_before=float(state.get("wall_time_s", 0.0)))
     if run.step_in_epoch > 0 and run.epoch_rng is None:
         raise UserError(f"checkpoint {path} stops mid-epoch but holds no epoch_rng to replay the epoch's batches — "
                         f"it was not written by this entry point; use another output folder")

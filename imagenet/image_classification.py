@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
-    started = time.time()
+    started = time.perf_counter()
     if args.world_size != 1 and args.world_size != env.world_size:
         raise UserError(f"--world_size {args.world_size} but torchrun started {env.world_size} process(es)")
     models_config = recipe["models"]
@@ -228,6 +228,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     log.info("student %s: %d parameters", student_config["key"], count_parameters(student))
     fast = bool(recipe.get("runtime", {}).get("fast", False))
     history: list[float] = []
+    trained: RunState | None = None  # the training's run state, which counts its wall time over resumes
     writer = tensorboard_writer(output_dir, env.rank) if output_dir is not None else None
     if not args.test_only:
         train_config = recipes.resolve(recipe["train"], memo)
@@ -263,6 +264,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                     run_state = restore_training_state(box, {**source, "epoch": args.start_epoch, "step_in_epoch": 0},
                                                        student_config["src_ckpt"], env.rank, env.world_size)
             run_state.epoch = args.start_epoch
+        run_state.clock = started
         ctx = LoopContext(box=box, teacher=teacher, device=env.device, output_dir=output_dir, best_path=best_path,
                           distributed=env.distributed, rank=env.rank, stop=None, writer=writer,
                           autocast_dtype=settings.autocast_dtype if settings else None,
@@ -276,6 +278,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)
             return EXIT_STATUS_STOPPED
         history = run_state.history
+        trained = run_state
     checkpoint = load_checkpoint(best_path, trusted=args.trust_checkpoint)
     load_weights_from = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     load_state_exactly(student, load_weights_from, best_path, f"models.student_model ({student_config['key']})")
@@ -295,7 +298,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                  metrics["teacher_top5"])
     metrics["top1"], metrics["top5"] = evaluate(student, test_loader, env.device, env.rank, title="student")
     log.info("[student %s] top-1 %.2f top-5 %.2f", student_config["key"], metrics["top1"], metrics["top5"])
-    metrics["wall_time_s"] = time.time() - started
+    metrics["wall_time_s"] = trained.elapsed() if trained is not None else time.perf_counter() - started
     if env.is_main:
         if output_dir is not None:
             write_json(output_dir / "metrics.json", metrics)
