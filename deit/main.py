@@ -25,7 +25,7 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from projector_kd.distributed import (DistEnv, barrier, cleanup, init_distributed, parse_device,  # noqa: E402
+from projector_kd.distributed import (DistEnv, cleanup, init_distributed, parse_device, run_on_main,  # noqa: E402
                                       seed_everything)
 from projector_kd.errors import UserError, run_cli  # noqa: E402
 from projector_kd.runs import (prepare_output_dir, release_output_dirs, run_folder, setup_logging,  # noqa: E402
@@ -170,11 +170,12 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         raise UserError(f'data.batch_size = {cfg["data"]["batch_size"]}: the projector\'s batch whitening needs at '
                         'least 2 images per process in each (micro-)batch — set --batch-size 2 or more')
     check_data(cfg, splits=('train', 'val'))
-    if env.is_main:
+    def prepare() -> None:
         prepare_output_dir(output, cfg, resume=args.resume is not None)
         for stale in output.glob('.*.pth.*.tmp'):
             stale.unlink()
-    barrier()
+
+    run_on_main(prepare)  # a refused folder ends every rank with rank 0's line
     setup_logging(output, env.rank, name='deit')
     seed_everything(cfg['seed'], env.rank)
     writer = tensorboard_writer(output, env.rank)

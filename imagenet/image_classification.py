@@ -40,7 +40,7 @@ from imagenet.models import build_model, count_parameters, load_state_exactly, l
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
-from projector_kd.distributed import cleanup, init_distributed, seed_everything
+from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
 from projector_kd.errors import UserError, run_cli
 from projector_kd.runs import (close_logging, prepare_output_dir, release_output_dirs, run_folder, setup_logging,
                                tensorboard_writer, write_json)
@@ -218,8 +218,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
     check_classes(split_dirs, {"student_model" if "student_model" in models_config else "model": student,
                                "teacher_model": teacher})
-    if env.is_main and output_dir is not None:
-        prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
+    if output_dir is not None:  # a refused folder ends every rank with rank 0's line
+        run_on_main(lambda: prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only))
     log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=args.log)
     log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
     if args.log_config:

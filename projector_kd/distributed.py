@@ -5,12 +5,17 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
+
+T = TypeVar("T")
+_shared: dict[str, Any] = {}  # the process group's store, kept to tell the other ranks about a user error
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
 
     ``device``: see :func:`parse_device`. Under torchrun each process uses ``cuda:LOCAL_RANK``.
     """
+    _shared.clear()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -89,6 +95,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
         backend = "nccl" if wants_cuda else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 device_id=torch_device if wants_cuda else None)
+        _shared["store"] = dist.distributed_c10d._get_default_store()
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
@@ -122,3 +129,55 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
+
+
+def run_on_main(work: Callable[[], T]) -> T | None:
+    """Run ``work`` on rank 0 while the other ranks wait; a :class:`UserError` it raises is raised on every rank, so
+    the whole run ends with that one line (instead of the other ranks failing in their next collective). Returns
+    ``work()``'s result on rank 0, None elsewhere."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return work()
+    result, message = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except UserError as error:
+            message = [str(error)]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UserError(message[0])
+    return result
+
+
+def _error_key() -> str:
+    return f"projector_kd/user_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def report_user_error(message: str) -> bool:
+    """Whether this process prints the user error ``message``. In a distributed run the first rank to report an error
+    prints it and shares it through the process group's store (other ranks then end quietly, see
+    :func:`peer_reported_error`); before the process group exists every rank hits the same configuration error and
+    rank 0 prints it."""
+    store = _shared.get("store")
+    if store is None:
+        return os.environ.get("RANK", "0") in ("0", "") or os.environ.get("WORLD_SIZE", "1") in ("1", "")
+    try:
+        first = store.add(_error_key() + "/count", 1) == 1
+        if first:
+            store.set(_error_key(), message)
+        return first
+    except Exception:  # noqa: BLE001 - the store is gone with its host: print here
+        return True
+
+
+def peer_reported_error(timeout_s: float = 10.0) -> str | None:
+    """In a distributed run whose collective just failed: the user error another rank reported (waiting up to
+    ``timeout_s`` for it to arrive), or None."""
+    store = _shared.get("store")
+    if store is None:
+        return None
+    try:
+        store.wait([_error_key()], timedelta(seconds=timeout_s))
+        return store.get(_error_key()).decode()
+    except Exception:  # noqa: BLE001 - no report in time, or the store is gone
+        return None

@@ -36,10 +36,20 @@ def cannot_write(path: str | os.PathLike, error: OSError, kept: str = "") -> Out
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2."""
+    """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2.
+
+    Under torchrun the run prints the line once: every rank exits 2, and a rank whose collective failed because
+    another rank stopped on a user error ends quietly instead of with the backend's traceback."""
+    from .distributed import peer_reported_error, report_user_error
+
     try:
         status = main(argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        if report_user_error(str(error)):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception:
+        if peer_reported_error() is None:
+            raise
         sys.exit(2)
     sys.exit(status or 0)
