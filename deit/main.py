@@ -264,7 +264,9 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
     args = get_args_parser().parse_args(argv)
     parse_device(args.device)  # the flag's own error line, before it reaches the config
     cfg = resolve_config(args)
-    run_folder(cfg['output'], '--output')
+    cfg['output'] = str(run_folder(cfg['output'], '--output'))
+    if args.output is not None:
+        args.output = cfg['output']
     env = init_distributed(cfg['device'])
     try:
         if not args.train_student or args.eval or args.throughput:

@@ -42,8 +42,8 @@ from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
 from projector_kd.errors import UserError, run_cli
-from projector_kd.runs import (close_logging, prepare_output_dir, release_output_dirs, run_folder, setup_logging,
-                               tensorboard_writer, write_json)
+from projector_kd.runs import (close_logging, output_path, prepare_output_dir, release_output_dirs, run_folder,
+                               setup_logging, tensorboard_writer, write_json)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
@@ -194,6 +194,9 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     if not student_config.get("dst_ckpt"):
         raise UserError(f"{recipe_path}: models.student_model.dst_ckpt is required (where the best checkpoint goes)")
     dst = Path(student_config["dst_ckpt"]).expanduser()
+    if not (args.test_only and dst.exists()):  # weights to evaluate are read where they are; what a run writes is not
+        dst = output_path(dst)                 # put into the source tree (see projector_kd.runs.output_path)
+    log_file = output_path(args.log) if args.log else None
     student_key = "student_model" if "student_model" in models_config else "model"
     dst_named = f"models.{student_key}.dst_ckpt" in args.opts[::2]
     output_dir = run_folder(args.output_dir, "--output_dir") if args.output_dir is not None else dst.parent
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         output_dir = output_dir / "test_only" if args.output_dir is not None else None
     run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,
                   "adjust_lr": args.adjust_lr, "test_only": args.test_only}
-    log = setup_logging(None, env.rank, name="imagenet", extra_log_file=args.log)
+    log = setup_logging(None, env.rank, name="imagenet", extra_log_file=log_file)
     if args.seed is not None:
         seed_everything(args.seed, env.rank)
     # what can fail on the user's inputs (data layout, teacher weights) fails before the run folder is written
@@ -220,7 +223,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                                "teacher_model": teacher})
     if output_dir is not None:  # a refused folder ends every rank with rank 0's line
         run_on_main(lambda: prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only))
-    log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=args.log)
+    log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=log_file)
     log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
     if args.log_config:
         log.info("recipe: %s", run_config["recipe"])

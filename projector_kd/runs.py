@@ -18,6 +18,8 @@ from .checkpoint import atomic_write
 from .errors import OutputError, UserError, cannot_write
 
 CONFIG_FILE = "config.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_FOLDERS = ("deit", "imagenet", "projector_kd")
 LOCK_FILE = ".lock"
 _held_locks: dict[Path, int] = {}
 
@@ -29,13 +31,28 @@ def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def output_path(path: str | os.PathLike) -> Path:
+    """Where a relative output path (run folder, checkpoint, log) goes: against the working directory, except inside
+    one of the repository's source folders (``deit/``, ``imagenet/``, ``projector_kd/``: the release's ``cd imagenet``
+    commands), where it goes against the repository root, so a run never writes into the source tree."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    cwd = Path.cwd().resolve()
+    for folder in SOURCE_FOLDERS:
+        source = REPO_ROOT / folder
+        if cwd == source or source in cwd.parents:
+            return REPO_ROOT / path
+    return path
+
+
 def run_folder(value: str | os.PathLike, flag: str) -> Path:
     """``value`` (a run folder the user named with ``flag``) as a Path; an empty name is refused, never read as the
     current folder."""
     if not str(value).strip():
         raise UserError(f"{flag} is empty — name the run folder, e.g. {flag} output/my_run (an empty path is never "
                         f"taken to mean the current folder)")
-    return Path(value).expanduser()
+    return output_path(value)
 
 
 def make_writable_folder(path: Path) -> Path:

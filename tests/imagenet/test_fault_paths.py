@@ -54,3 +54,23 @@ def test_test_only_without_output_dir_writes_nothing_beside_the_weights(make_rec
     assert sorted(os.listdir(weights.parent)) == ["x.pt"]
     assert out.splitlines()[-1].startswith("top1 ") and "metrics:" not in out.splitlines()[-1]
     assert "[student wide_resnet] top-1" in (tmp_path / "eval.log").read_text()
+
+
+def test_run_started_inside_imagenet_writes_under_the_repository_root(make_recipe, cli, tmp_path, monkeypatch):
+    from projector_kd import runs
+
+    repo = tmp_path / "repo"
+    (repo / "imagenet").mkdir(parents=True)
+    monkeypatch.setattr(runs, "REPO_ROOT", repo)
+    recipe = make_recipe("recipe", method="baseline", dst_ckpt="resource/ckpt/best.pth")
+    monkeypatch.chdir(repo / "imagenet")
+    status, _, err = cli("--config", recipe, "--log", "log/output.txt")
+    assert status == 0, err
+    assert (repo / "resource" / "ckpt" / "best.pth").is_file()
+    assert (repo / "resource" / "ckpt" / "metrics.json").is_file()
+    assert "[student wide_resnet] top-1" in (repo / "log" / "output.txt").read_text()
+    assert list((repo / "imagenet").iterdir()) == []
+    # evaluating reads the weights where the run wrote them, still writing nothing into the source tree
+    status, out, err = cli("--config", recipe, "-test_only")
+    assert status == 0, err
+    assert list((repo / "imagenet").iterdir()) == []
