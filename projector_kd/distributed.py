@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
@@ -170,12 +172,19 @@ def report_user_error(message: str) -> bool:
         return True
 
 
+def _exit_quietly(signum: int, frame: Any) -> None:
+    raise SystemExit(2)
+
+
 def peer_reported_error(timeout_s: float = 10.0) -> str | None:
     """In a distributed run whose collective just failed: the user error another rank reported (waiting up to
     ``timeout_s`` for it to arrive), or None."""
     store = _shared.get("store")
     if store is None:
         return None
+    if threading.current_thread() is threading.main_thread():
+        # the launcher stops the remaining workers with SIGTERM once one has failed: end quietly with status 2 then
+        signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         store.wait([_error_key()], timedelta(seconds=timeout_s))
         return store.get(_error_key()).decode()

@@ -30,4 +30,6 @@ def test_unreadable_image_on_one_rank_ends_both_ranks_with_one_line(tmp_path, tr
     assert re.search(rf'error: unreadable image {re.escape(str(bad))} \(UnidentifiedImageError', errors[0])
     assert 'gloo' not in result.stderr and '[rank0]: Traceback' not in result.stderr
     assert '[rank1]: Traceback' not in result.stderr
-    assert result.stderr.count('exitcode  : 2') == 2, result.stderr[-3000:]
+    # each worker exits 2, unless torchrun's SIGTERM to the workers still running reaches it first
+    codes = re.findall(r'exitcode  : (-?\d+)', result.stderr)
+    assert len(codes) == 2 and '2' in codes and set(codes) <= {'2', '-15'}, result.stderr[-3000:]

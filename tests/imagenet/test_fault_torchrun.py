@@ -2,6 +2,7 @@
 backend traceback from the ranks that were waiting for it."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,4 +20,6 @@ def test_output_folder_refused_on_rank_0_ends_both_ranks_with_one_line(make_reci
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: output folder {tmp_path / 'run'} is a file — remove it or choose another output folder"]
     assert "gloo" not in result.stderr and "[rank1]: Traceback" not in result.stderr
-    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]
+    # each worker exits 2, unless torchrun's SIGTERM to the workers still running reaches it first
+    codes = re.findall(r"exitcode  : (-?\d+)", result.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, result.stderr[-3000:]
