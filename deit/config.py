@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from projector_kd.config import apply_overrides, load_yaml, merge_configs, validate
+from projector_kd.distributed import DEVICE_NAMES, is_device_name
 from projector_kd.errors import UserError
 
 _CHECKOUT_RECIPES = Path(__file__).resolve().parents[1] / 'configs' / 'deit'
@@ -41,7 +42,7 @@ SCHEMA: dict[str, tuple] = {
     'seed': (int, NON_NEGATIVE),
     'fast': (bool, None),
     'output': (str, None),
-    'device': ((str, type(None)), _one_of('cpu', 'cuda')),
+    'device': ((str, type(None)), (is_device_name, DEVICE_NAMES)),
     'model.name': (str, _one_of('tiny', 'small', 'demo')),
     'model.num_classes': (int, POSITIVE),
     'model.img_size': (int, POSITIVE),
@@ -137,7 +138,7 @@ def load_config(model: str, config_file: str | None = None, flags: dict[str, Any
             for part in parents:
                 node = node[part]
             node[leaf] = value
-    cfg = apply_overrides(cfg, list(opts))
+    cfg = apply_overrides(cfg, list(opts), check_file=lambda merged: validate(merged, SCHEMA))
     validate(cfg, SCHEMA)
     if cfg['data']['path'] is None:
         cfg['data']['path'] = os.path.expanduser(os.environ.get('IMAGENET_ROOT', DEFAULT_IMAGENET_ROOT))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,8 +20,7 @@ from timm.data.auto_augment import RandAugment
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from projector_kd.data import CheckedImageFolder, DataError, check_image_folder
-from projector_kd.errors import UserError
+from projector_kd.data import CheckedImageFolder, DataError, check_image_folder, check_num_classes
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -170,34 +169,22 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
-    """Iterate ``batches``; a UserError raised in a loader worker (re-raised by PyTorch with the worker's traceback
-    in its message) is re-raised with just its own one-line message."""
-    try:
-        yield from batches
-    except UserError as err:
-        text = str(err)
-        if 'Original Traceback' not in text:
-            raise
-        last = text.rstrip().splitlines()[-1]
-        raise type(err)(last.split(': ', 1)[1] if ': ' in last else last) from None
-
-
 def build_dataset(split: str, cfg: dict) -> CheckedImageFolder:
     """``<data.path>/<split>`` as an ImageFolder with the recipe's transform for that split."""
     root = Path(cfg['data']['path']) / split
     dataset = CheckedImageFolder(root, transform=build_transform(split == 'train', cfg),
                                  on_bad_image=cfg['data']['on_bad_image'])
-    num_classes = cfg['model']['num_classes']
-    if len(dataset.classes) != num_classes:
-        raise DataError(f'{root} has {len(dataset.classes)} class folders but model.num_classes = {num_classes}; '
-                        f'set --opts model.num_classes {len(dataset.classes)} or point --data-path at the right folder')
     return dataset
 
 
 def check_data(cfg: dict, splits: tuple[str, ...]) -> None:
-    """Check the ImageFolder layout under ``data.path`` before any work (DataError naming the path)."""
-    check_image_folder(cfg['data']['path'], splits=splits, how_to_set='pass --data-path DIR or set IMAGENET_ROOT')
+    """Check the ImageFolder layout under ``data.path`` and its number of classes before any work (DataError naming
+    the path)."""
+    check_image_folder(cfg['data']['path'], splits=splits, how_to_set='pass --data-path DIR or set IMAGENET_ROOT',
+                       on_bad_image=cfg['data']['on_bad_image'])
+    for split in splits:
+        check_num_classes(Path(cfg['data']['path']) / split, cfg['model']['num_classes'], 'model.num_classes',
+                          'set --opts model.num_classes {found} or point --data-path at the right folder')
 
 
 def build_loaders(cfg: dict, rank: int, world_size: int, pin_memory: bool, train: bool = True

@@ -26,6 +26,7 @@ from torch import nn
 
 from projector_kd import kd_loss, pool_features
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.data import checkpoint_on_data_error, raise_worker_errors_plainly
 from projector_kd.distributed import DistEnv, all_reduce_sum, barrier
 from projector_kd.errors import UserError
 from projector_kd.fast import enable_fast_cuda_backends
@@ -33,7 +34,7 @@ from projector_kd.runs import progress
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device, step_unless
 
 from .config import scaled_lrs
-from .datasets import build_mixup, raise_worker_errors_plainly
+from .datasets import build_mixup
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 'projector_kd.deit/1'
@@ -209,7 +210,8 @@ class Trainer:
         self.stop_asked = False
         self.global_step = 0
         self.max_accuracy = 0.0
-        self.wall_time = 0.0
+        self.wall_time = 0.0  # seconds spent by the processes before this one (from the checkpoint resumed)
+        self.clock = time.perf_counter()  # when this process started on the run
         self.epoch_sums: dict[str, float] = {}
         self.history: dict[str, list] = {'epoch': [], 'val_top1': [], 'val_top5': [], 'train_loss': []}
 
@@ -359,7 +361,17 @@ class Trainer:
         count = 0
         started = time.perf_counter()
         log_freq = self.cfg['train']['log_freq']
-        batches = progress(raise_worker_errors_plainly(loader), rank=self.env.rank, desc=f'epoch {epoch}',
+        position = {'next_batch': start_batch}
+
+        def save_here() -> str | None:
+            """A resumable checkpoint before batch ``next_batch`` (not under DDP: the other ranks are mid-step)."""
+            if self.env.distributed or self.output_dir is None or epoch * self.steps_per_epoch + position[
+                    'next_batch'] == 0:
+                return None
+            self.save(epoch, position['next_batch'], ['checkpoint.pth'])
+            return f'{self.output_dir / "checkpoint.pth"} (epoch {epoch}, batch {position["next_batch"]})'
+
+        batches = progress(checkpoint_on_data_error(loader, save_here), rank=self.env.rank, desc=f'epoch {epoch}',
                            total=len(loader))
         for batch, (images, targets) in enumerate(batches, start=start_batch):
             self.global_step = epoch * self.steps_per_epoch + batch
@@ -376,6 +388,7 @@ class Trainer:
                     for key, value in values.items():
                         self.writer.add_scalar(f'train/{key}', value, self.global_step)
                     self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], self.global_step)
+            position['next_batch'] = batch + 1
             if self._stop_agreed():
                 self.save(epoch, batch + 1, ['checkpoint.pth'])
                 return None
@@ -417,6 +430,10 @@ class Trainer:
         dist.all_gather_object(states, state)
         return states
 
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the run so far, over all the processes that trained it (resumes included)."""
+        return self.wall_time + time.perf_counter() - self.clock
+
     def state_dict(self, epoch: int, next_batch: int) -> dict[str, Any]:
         """Everything needed to continue exactly at batch ``next_batch`` of ``epoch``."""
         return {
@@ -431,7 +448,7 @@ class Trainer:
             'steps_per_epoch': self.steps_per_epoch,
             'world_size': self.env.world_size,
             'max_accuracy': self.max_accuracy,
-            'wall_time_s': self.wall_time,
+            'wall_time_s': self.elapsed(),
             'epoch_sums': self.epoch_sums,
             'history': self.history,
             'rng': self._gather_rng(),

@@ -25,9 +25,11 @@ from typing import Any, Sequence  # noqa: E402
 import torch  # noqa: E402
 
 from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from projector_kd.distributed import DistEnv, barrier, cleanup, init_distributed, seed_everything  # noqa: E402
+from projector_kd.distributed import (DistEnv, cleanup, init_distributed, parse_device, run_on_main,  # noqa: E402
+                                      seed_everything)
 from projector_kd.errors import UserError, run_cli  # noqa: E402
-from projector_kd.runs import prepare_output_dir, setup_logging, tensorboard_writer, write_json  # noqa: E402
+from projector_kd.runs import (prepare_output_dir, release_output_dirs, run_folder, setup_logging,  # noqa: E402
+                               tensorboard_writer, write_json)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
 
 from deit.checkpoint import check_resume_model, load_student_checkpoint  # noqa: E402
@@ -66,7 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--throughput', action='store_true', help='measure student inference img/s and exit')
     parser.add_argument('--fast', action='store_true', default=None,
                         help='fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)')
-    parser.add_argument('--device', choices=['cpu', 'cuda'], help='default: cuda when available')
+    parser.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
     parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides, e.g. '
                         '--opts train.base_lr 1e-3 data.num_workers 4')
     return parser
@@ -163,12 +165,16 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     """Train (or continue) the run in ``cfg['output']``; returns the exit status."""
     started = time.perf_counter()
     output = Path(cfg['output'])
+    if cfg['distillation']['method'] == 'projector' and cfg['data']['batch_size'] < 2:
+        raise UserError(f'data.batch_size = {cfg["data"]["batch_size"]}: the projector\'s batch whitening needs at '
+                        'least 2 images per process in each (micro-)batch — set --batch-size 2 or more')
     check_data(cfg, splits=('train', 'val'))
-    if env.is_main:
+    def prepare() -> None:
         prepare_output_dir(output, cfg, resume=args.resume is not None)
         for stale in output.glob('.*.pth.*.tmp'):
             stale.unlink()
-    barrier()
+
+    run_on_main(prepare)  # a refused folder ends every rank with rank 0's line
     setup_logging(output, env.rank, name='deit')
     seed_everything(cfg['seed'], env.rank)
     writer = tensorboard_writer(output, env.rank)
@@ -185,8 +191,10 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     counts = log_parameters(student)
     steps = train_loader.sampler.batches_per_epoch
     trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
-    logger.info('method %s, %d processes x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, '
-                'fast path %s, device %s', cfg['distillation']['method'], env.world_size, cfg['data']['batch_size'],
+    trainer.clock = started
+    logger.info('method %s, %d %s x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, '
+                'fast path %s, device %s', cfg['distillation']['method'], env.world_size,
+                'process' if env.world_size == 1 else 'processes', cfg['data']['batch_size'],
                 cfg['train']['accum_iter'], env.world_size * cfg['data']['batch_size'] * cfg['train']['accum_iter'],
                 trainer.lrs['lr'], steps, 'on' if cfg['fast'] else 'off', env.device)
     start_epoch, start_batch = 0, 0
@@ -204,7 +212,6 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         means = trainer.train_epoch(train_loader, epoch, start_batch, stop)
         start_batch = 0
         if means is None:
-            trainer.wall_time += time.perf_counter() - started
             message = (f'stopped by {getattr(stop, "signal_name", None) or "request"} during epoch {epoch}; '
                        f'resumable checkpoint {output / RESUME_FILE} written — run the same command to continue')
             logger.warning(message)
@@ -226,8 +233,6 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         names = [RESUME_FILE]
         if (epoch + 1) % cfg['train']['save_freq'] == 0 or last:
             names.append(f'ckpt_epoch_{epoch}.pth')
-        trainer.wall_time += time.perf_counter() - started
-        started = time.perf_counter()
         trainer.save(epoch + 1, 0, names)
     final = trainer.evaluate(val_loader) if start_epoch >= epochs else None
     history = trainer.history
@@ -243,7 +248,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         'student': cfg['model']['name'],
         'student_params': counts['student'],
         'params': counts,
-        'wall_time_s': trainer.wall_time,
+        'wall_time_s': trainer.elapsed(),
         'world_size': env.world_size,
     }
     if env.is_main:
@@ -258,7 +263,11 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
 def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
     """Parse ``argv`` and run; ``stop`` (an object with ``.requested``) replaces the signal handler (tests)."""
     args = get_args_parser().parse_args(argv)
+    parse_device(args.device)  # the flag's own error line, before it reaches the config
     cfg = resolve_config(args)
+    cfg['output'] = str(run_folder(cfg['output'], '--output'))
+    if args.output is not None:
+        args.output = cfg['output']
     env = init_distributed(cfg['device'])
     try:
         if not args.train_student or args.eval or args.throughput:
@@ -269,6 +278,7 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
             return train(cfg, args, env, signals)
     finally:
         cleanup()
+        release_output_dirs()
 
 
 if __name__ == '__main__':

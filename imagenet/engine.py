@@ -4,13 +4,15 @@ Checkpoint layout (``torch.load(weights_only=True)``-loadable, written by :func:
 ``model`` (the student network's state dict — the torchdistill format ``-test_only`` reads), ``projector`` (the
 ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_scheduler``, ``epoch`` and
 ``step_in_epoch`` (where training continues), ``best_value`` (best val top-1), ``history`` (val top-1 per epoch),
-``global_step``, ``rng`` (generator states now) and ``epoch_rng`` (at the start of the epoch, to replay its batches);
+``global_step``, ``wall_time_s`` (seconds trained so far, over resumes), ``rng`` (generator states now) and
+``epoch_rng`` (at the start of the epoch, to replay its batches);
 in a distributed run also ``rng_per_rank`` (every rank's ``rng`` and ``epoch_rng``). Rank 0 writes; all ranks wait.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from imagenet.models import load_state_exactly
 from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.data import checkpoint_on_data_error
 from projector_kd.distributed import all_reduce_sum, barrier
 from projector_kd.errors import UserError
 from projector_kd.runs import progress
@@ -55,6 +58,12 @@ class RunState:
     epoch_rng: dict | None = None
     resume_rng: dict | None = None
     last_loss: float = math.nan
+    wall_time_before: float = 0.0  # seconds spent by the processes that trained the run before this one
+    clock: float = field(default_factory=time.perf_counter)  # when this process started on the run
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the run so far, over all the processes that trained it (resumes included)."""
+        return self.wall_time_before + time.perf_counter() - self.clock
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -92,6 +101,7 @@ def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) ->
         "history": list(run.history),
         "rng": capture_rng_state(),
         "epoch_rng": run.epoch_rng,
+        "wall_time_s": run.elapsed(),
     }
     if rng_per_rank is not None:
         state["rng_per_rank"] = [{"rng": rng, "epoch_rng": epoch_rng} for rng, epoch_rng in rng_per_rank]
@@ -131,7 +141,7 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
     run = RunState(epoch=int(state["epoch"]), step_in_epoch=int(state.get("step_in_epoch", 0)),
                    global_step=int(state.get("global_step", 0)), best_value=float(state.get("best_value", 0.0)),
                    history=[float(v) for v in state.get("history", [])], epoch_rng=streams["epoch_rng"],
-                   resume_rng=streams["rng"])
+                   resume_rng=streams["rng"], wall_time_before=float(state.get("wall_time_s", 0.0)))
     if run.step_in_epoch > 0 and run.epoch_rng is None:
         raise UserError(f"checkpoint {path} stops mid-epoch but holds no epoch_rng to replay the epoch's batches — "
                         f"it was not written by this entry point; use another output folder")
@@ -352,8 +362,17 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
     if resume_rng is not None:  # generators exactly as they were when the checkpoint was written
         restore_rng_state(resume_rng)
     total = len(box.train_data_loader)
-    for images, targets, supp_dict in progress(batches, rank=ctx.rank, total=total - run.step_in_epoch,
-                                              desc=f"epoch {run.epoch}"):
+
+    def save_here() -> str | None:
+        """A resumable checkpoint before the failed batch (not under DDP: the other ranks are mid-step)."""
+        if ctx.distributed or run.global_step == 0:
+            return None
+        _finish_pending(ctx, run)
+        save_checkpoint(ctx, run, best=False)
+        return f"{ctx.output_dir / LAST_CHECKPOINT} (epoch {run.epoch}, step {run.step_in_epoch})"
+
+    for images, targets, supp_dict in progress(checkpoint_on_data_error(batches, save_here), rank=ctx.rank,
+                                              total=total - run.step_in_epoch, desc=f"epoch {run.epoch}"):
         stop = train_step(ctx, run, recorder, images, targets, supp_dict, total)
         if run.global_step % ctx.log_freq == 0:
             stop = _finish_pending(ctx, run) or stop

@@ -6,7 +6,9 @@
 A recipe without ``models.teacher_model`` trains the student alone (torchdistill's TrainingBox). The run folder
 (``--output_dir``, default: the folder of ``models.student_model.dst_ckpt``) holds config.yaml, log.txt, TensorBoard
 events, ``checkpoint.pth`` (resumable, every epoch), the best checkpoint (``dst_ckpt``) and metrics.json. A run folder
-holding a checkpoint is resumed automatically and exactly.
+holding a checkpoint is resumed automatically and exactly. ``-test_only`` evaluates ``dst_ckpt`` (with
+``--output_dir``: the file of that name in it, unless ``--opts`` names ``dst_ckpt``) and writes nothing beside the
+weights: its log, config and metrics go to ``<output_dir>/test_only/`` only when ``--output_dir`` is given.
 """
 from __future__ import annotations
 
@@ -31,16 +33,18 @@ from torchdistill.datasets.util import build_data_loader
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from imagenet import config as recipes
-from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate,
+from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate, projector_of,
                              restore_training_state, student_of, train, unwrap)
 from imagenet.fast import apply_fast_path
-from imagenet.models import build_model, count_parameters, load_state_exactly, load_weights, read_checkpoint
+from imagenet.models import (build_model, count_parameters, load_state_exactly, load_weights, num_outputs,
+                             read_checkpoint)
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.config import apply_overrides
-from projector_kd.data import check_image_folder
-from projector_kd.distributed import cleanup, init_distributed, seed_everything
+from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
+from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
 from projector_kd.errors import UserError, run_cli
-from projector_kd.runs import close_logging, prepare_output_dir, setup_logging, tensorboard_writer, write_json
+from projector_kd.runs import (close_logging, output_path, prepare_output_dir, release_output_dirs, run_folder,
+                               setup_logging, tensorboard_writer, write_json)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
@@ -49,7 +53,7 @@ logger = logging.getLogger("imagenet")
 def get_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Projector knowledge distillation, ResNet track (torchdistill)")
     parser.add_argument("--config", required=True, help="torchdistill YAML recipe (relative to here or the repo root)")
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--log", help="extra log file path (the run folder always gets log.txt)")
     parser.add_argument("--start_epoch", default=0, type=int, help="first epoch when resuming from src_ckpt")
     parser.add_argument("--seed", type=int, help="seed for python, numpy and torch (plus the rank)")
@@ -85,7 +89,7 @@ def prepare_recipe(args: argparse.Namespace) -> tuple[dict, Path]:
     recipe = recipes.load_recipe(path)
     import_dependencies(recipe.get("dependencies"))
     if args.opts:
-        recipe = apply_overrides(recipe, args.opts)
+        recipe = apply_overrides(recipe, args.opts, check_file=lambda raw: recipes.check_recipe(raw, str(path)))
     if args.data_root:
         recipes.set_data_root(recipe, args.data_root)
     if args.teacher_ckpt:
@@ -114,18 +118,36 @@ def _loader_dataset_ids(recipe: dict, test_only: bool) -> list[str]:
     return list(dict.fromkeys(loader["dataset_id"] for loader in loaders if loader))
 
 
-def check_datasets(recipe: dict, ids: list[str], memo: dict) -> None:
-    """Check each ImageFolder's train/val layout (missing folders, empty classes, differing classes): one clear line."""
+def check_datasets(recipe: dict, ids: list[str], memo: dict) -> list[Path]:
+    """Check each ImageFolder's train/val layout (missing folders, empty classes, differing classes): one clear line.
+    Returns the split folders checked."""
     roots: dict[Path, list[str]] = {}
+    policies: dict[Path, str] = {}
     for dataset_id in ids:
         node = recipe["datasets"][dataset_id]
-        root = node.get("init", {}).get("kwargs", {}).get("root") if isinstance(node, dict) else None
-        if root is not None:
-            path = Path(str(recipes.resolve(root, memo))).expanduser()
+        kwargs = node.get("init", {}).get("kwargs", {}) if isinstance(node, dict) else {}
+        if kwargs.get("root") is not None:
+            path = Path(str(recipes.resolve(kwargs["root"], memo))).expanduser()
             roots.setdefault(path.parent, []).append(path.name)
+            if kwargs.get("on_bad_image", "fail") != "fail":
+                policies[path.parent] = kwargs["on_bad_image"]
     for parent, splits in roots.items():
         check_image_folder(parent, splits=tuple(dict.fromkeys(splits)), how_to_set="pass --data-root DIR (or set the "
-                           "recipe's environment variable, e.g. IMAGENET_ROOT)")
+                           "recipe's environment variable, e.g. IMAGENET_ROOT)",
+                           on_bad_image=policies.get(parent, "fail"))
+    return [parent / split for parent, splits in roots.items() for split in dict.fromkeys(splits)]
+
+
+def check_classes(split_dirs: list[Path], models: dict[str, torch.nn.Module | None]) -> None:
+    """Every network predicts as many classes as each split has class folders (``models``: recipe key -> network)."""
+    for key, model in models.items():
+        outputs = num_outputs(model) if model is not None else None
+        if outputs is None:
+            continue
+        for split_dir in split_dirs:
+            check_num_classes(split_dir, outputs, f"models.{key} num_classes",
+                              f"set --opts models.{key}.kwargs.num_classes {{found}} (a teacher checkpoint must match "
+                              f"too) or point --data-root at the right folder")
 
 
 def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
@@ -181,10 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         cleanup()
         close_logging()
+        release_output_dirs()
 
 
 def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
-    started = time.time()
+    started = time.perf_counter()
     if args.world_size != 1 and args.world_size != env.world_size:
         raise UserError(f"--world_size {args.world_size} but torchrun started {env.world_size} process(es)")
     models_config = recipe["models"]
@@ -192,23 +215,36 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     if not student_config.get("dst_ckpt"):
         raise UserError(f"{recipe_path}: models.student_model.dst_ckpt is required (where the best checkpoint goes)")
     dst = Path(student_config["dst_ckpt"]).expanduser()
-    output_dir = Path(args.output_dir).expanduser() if args.output_dir else dst.parent
-    best_path = output_dir / dst.name if args.output_dir else dst
+    if not (args.test_only and dst.exists()):  # weights to evaluate are read where they are; what a run writes is not
+        dst = output_path(dst)                 # put into the source tree (see projector_kd.runs.output_path)
+    log_file = output_path(args.log) if args.log else None
+    student_key = "student_model" if "student_model" in models_config else "model"
+    dst_named = f"models.{student_key}.dst_ckpt" in args.opts[::2]
+    output_dir = run_folder(args.output_dir, "--output_dir") if args.output_dir is not None else dst.parent
+    # --output_dir holds the run's best checkpoint under dst_ckpt's file name, unless --opts names dst_ckpt itself
+    best_path = output_dir / dst.name if args.output_dir is not None and not dst_named else dst
     if args.test_only:
-        output_dir = output_dir / "test_only"
+        if best_path != dst and not best_path.exists():
+            raise UserError(f"no checkpoint to evaluate at {best_path} (--output_dir {args.output_dir} with the file "
+                            f"name of models.{student_key}.dst_ckpt) — pass the run folder that holds it, or name the "
+                            f"file with --opts models.{student_key}.dst_ckpt PATH")
+        # evaluating writes nothing beside the weights: a run folder only where --output_dir names one
+        output_dir = output_dir / "test_only" if args.output_dir is not None else None
     run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,
                   "adjust_lr": args.adjust_lr, "test_only": args.test_only}
-    log = setup_logging(None, env.rank, name="imagenet")
+    log = setup_logging(None, env.rank, name="imagenet", extra_log_file=log_file)
     if args.seed is not None:
         seed_everything(args.seed, env.rank)
     # what can fail on the user's inputs (data layout, teacher weights) fails before the run folder is written
     memo: dict = {}
     dataset_ids = _loader_dataset_ids(recipe, args.test_only)
-    check_datasets(recipe, dataset_ids, memo)
+    split_dirs = check_datasets(recipe, dataset_ids, memo)
     teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
-    if env.is_main:
-        prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only)
-    log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=args.log)
+    check_classes(split_dirs, {"student_model" if "student_model" in models_config else "model": student,
+                               "teacher_model": teacher})
+    if output_dir is not None:  # a refused folder ends every rank with rank 0's line
+        run_on_main(lambda: prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only))
+    log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=log_file)
     log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
     if args.log_config:
         log.info("recipe: %s", run_config["recipe"])
@@ -216,7 +252,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     log.info("student %s: %d parameters", student_config["key"], count_parameters(student))
     fast = bool(recipe.get("runtime", {}).get("fast", False))
     history: list[float] = []
-    writer = tensorboard_writer(output_dir, env.rank)
+    trained: RunState | None = None  # the training's run state, which counts its wall time over resumes
+    writer = tensorboard_writer(output_dir, env.rank) if output_dir is not None else None
     if not args.test_only:
         train_config = recipes.resolve(recipe["train"], memo)
         lr_factor = env.world_size if env.distributed and args.adjust_lr else 1
@@ -228,6 +265,10 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                                      env.distributed, lr_factor)
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(f"{recipe_path}: torchdistill could not set up training: {error}") from None
+        loader = box.train_data_loader
+        if projector_of(box) is not None and not loader.drop_last and loader.batch_size:
+            check_last_batch(len(loader.dataset), len(loader.sampler), loader.batch_size, env.world_size,
+                             str(recipe_path), "train.train_data_loader")
         if env.distributed:
             _ensure_ddp(box, env.device, env.local_rank)
         settings = apply_fast_path(box, teacher, env.device) if fast else None
@@ -249,6 +290,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                     run_state = restore_training_state(box, {**source, "epoch": args.start_epoch, "step_in_epoch": 0},
                                                        student_config["src_ckpt"], env.rank, env.world_size)
             run_state.epoch = args.start_epoch
+        run_state.clock = started
         ctx = LoopContext(box=box, teacher=teacher, device=env.device, output_dir=output_dir, best_path=best_path,
                           distributed=env.distributed, rank=env.rank, stop=None, writer=writer,
                           autocast_dtype=settings.autocast_dtype if settings else None,
@@ -262,6 +304,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)
             return EXIT_STATUS_STOPPED
         history = run_state.history
+        trained = run_state
     checkpoint = read_checkpoint(best_path, trusted=args.trust_checkpoint)
     load_weights_from = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     load_state_exactly(student, load_weights_from, best_path, f"models.student_model ({student_config['key']})")
@@ -282,11 +325,12 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                  metrics["teacher_top5"])
     metrics["top1"], metrics["top5"] = evaluate(student, test_loader, env.device, env.rank, title="student")
     log.info("[student %s] top-1 %.2f top-5 %.2f", student_config["key"], metrics["top1"], metrics["top5"])
-    metrics["wall_time_s"] = time.time() - started
+    metrics["wall_time_s"] = trained.elapsed() if trained is not None else time.perf_counter() - started
     if env.is_main:
-        write_json(output_dir / "metrics.json", metrics)
-        print(f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} (metrics: {output_dir / 'metrics.json'})",
-              flush=True)
+        if output_dir is not None:
+            write_json(output_dir / "metrics.json", metrics)
+        print(f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
+              + (f" (metrics: {output_dir / 'metrics.json'})" if output_dir is not None else ""), flush=True)
     if writer is not None:
         writer.close()
     return 0

@@ -83,3 +83,9 @@ def build_model(config: dict, name: str, distributed: bool) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in model.parameters())
+
+
+def num_outputs(model: nn.Module) -> int | None:
+    """The number of classes ``model`` predicts: the width of its last ``nn.Linear`` (None without one)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    return linears[-1].out_features if linears else None

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, cannot_write
 
 
 class CheckpointError(UserError):
@@ -53,16 +53,61 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Call ``write(handle)`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``.
 
     A process killed at any point leaves either the previous file or the new one, never a partial file. Temporaries
-    left by a killed writer of the same file are removed first (one writer per file: rank 0).
+    left by a killed writer of the same file are removed first (one writer per file: rank 0). An ``OSError`` (no
+    permission, a full disk, a file in the way) removes the temporary and raises :class:`OutputError` naming ``path``.
     """
     path = Path(path)
+    try:
+        _replace_atomically(path, write)
+    except OSError as error:
+        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+        raise cannot_write(path, error, kept) from None
+
+
+class _RecordingWriter:
+    """Binary file wrapper that remembers the ``OSError`` a write raised: ``torch.save`` reports a failed write (a
+    full disk) as a bare ``RuntimeError``, which loses the reason."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private: use the umask, as open() does
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            writer = _RecordingWriter(handle)
+            try:
+                write(writer)  # type: ignore[arg-type]
+            except Exception:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

@@ -76,9 +76,21 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: dict, opts: Sequence[str]) -> dict:
+def apply_overrides(cfg: dict, opts: Sequence[str], check_file: Callable[[dict], None] | None = None) -> dict:
     """Return a copy of ``cfg`` with ``opts = [key, value, key, value, ...]`` applied; keys are dotted paths that must
-    already exist in ``cfg``; values are parsed as YAML (``1e-3`` -> float, ``[1,2]`` -> list, ``true`` -> bool)."""
+    already exist in ``cfg``; values are parsed as YAML (``1e-3`` -> float, ``[1,2]`` -> list, ``true`` -> bool).
+
+    A key missing from ``cfg`` is a UserError with the closest key as a hint; ``check_file(cfg)`` runs first, so a typo
+    in the file itself (a hint would then point at the misspelt key) is named in the file's own terms."""
+    try:
+        return _apply_overrides(cfg, opts)
+    except UserError:
+        if check_file is not None:
+            check_file(cfg)
+        raise
+
+
+def _apply_overrides(cfg: dict, opts: Sequence[str]) -> dict:
     if len(opts) % 2:
         raise UserError(f"--opts takes KEY VALUE pairs; got an odd number of items: {' '.join(opts)}")
     result = copy.deepcopy(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,18 +22,43 @@ class DataError(UserError):
 
 
 def _class_folders(split_dir: Path) -> list[Path]:
+    """The class folders of ``split_dir``, sorted; hidden folders (``.ipynb_checkpoints``, ...) are never classes."""
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _has_image(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMG_EXTENSIONS for p in folder.rglob("*") if p.is_file())
+def check_num_classes(split_dir: str | Path, num_classes: int, setting: str, how_to_fix: str) -> None:
+    """Raise :class:`DataError` when ``split_dir`` does not hold ``num_classes`` class folders (``setting`` names the
+    value, e.g. ``model.num_classes``; ``how_to_fix`` says how to set it or point at the right folder)."""
+    found = len(_class_folders(Path(split_dir)))
+    if found != num_classes:
+        raise DataError(f"{split_dir} has {found} class folders but {setting} = {num_classes}; "
+                        f"{how_to_fix.format(found=found)}")
+
+
+def _images(folder: Path) -> Iterator[Path]:
+    return (p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def _check_images(folder: Path, on_bad_image: str) -> None:
+    """DataError when ``folder`` holds no image, or (``on_bad_image: fail``) an image file of 0 bytes."""
+    found = False
+    for image in _images(folder):
+        found = True
+        if on_bad_image != "fail":
+            return
+        if image.stat().st_size == 0:
+            raise DataError(f"image {image} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
+    if not found:
+        raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
+                        f"— add images or remove the folder")
 
 
 def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val"),
-                       how_to_set: str = "set the data path") -> None:
-    """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, and every
-    split has the same classes as the first. Raises :class:`DataError` naming the path and the fix (``how_to_set``
-    tells the user how to point the run at their data)."""
+                       how_to_set: str = "set the data path", on_bad_image: str = "fail") -> None:
+    """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, every
+    split has the same classes as the first, and (``on_bad_image: fail``) no image file is empty. Raises
+    :class:`DataError` naming the path and the fix (``how_to_set`` tells the user how to point the run at their
+    data)."""
     root = Path(root)
     expected = " and ".join(f"{root / s}/<class>/<image>" for s in splits)
     if not root.is_dir():
@@ -47,9 +72,7 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
         if not classes:
             raise DataError(f"{split_dir} has no class folders — expected {split_dir}/<class>/<image>")
         for folder in classes:
-            if not _has_image(folder):
-                raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
-                                f"— add images or remove the folder")
+            _check_images(folder, on_bad_image)
         names = [c.name for c in classes]
         if reference is None:
             reference = names
@@ -69,14 +92,80 @@ def unreadable_image(path: str, error: BaseException) -> DataError:
                      f"or set on_bad_image: skip")
 
 
+WHITE = (255, 255, 255)
+ALPHA_MODES = ("LA", "PA", "RGBA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (any mode Pillow opens) as 8-bit RGB with the intensities it shows.
+
+    16-bit and 32-bit integer greyscale (``I;16*``, ``I``) is read on the 16-bit scale: ``round(v / 257)``, so 65535
+    is white (Pillow's own conversion clips every value above 255 to white). Float greyscale (``F``) is on the 0..255
+    scale, rounded and clipped. Transparency (``LA``, ``PA``, ``RGBA``, and palette, greyscale or RGB images with a
+    transparent colour) is composited over white. Every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``,
+    ``HSV``, ``RGB``) uses Pillow's conversion.
+    """
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode != "F":
+            values = values / 257.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; raises :class:`DataError` naming the file when it is unreadable."""
+    """Open an image as RGB (:func:`to_rgb`); raises :class:`DataError` naming the file when it is unreadable."""
     try:
         with open(path, "rb") as handle:
             image = Image.open(handle)
-            return image.convert("RGB")
+            image.load()
+            return to_rgb(image)
     except UNREADABLE_IMAGE_ERRORS as error:
         raise unreadable_image(path, error) from None
+
+
+def check_last_batch(num_images: int, per_process: int, batch_size: int, world_size: int, source: str,
+                     key: str) -> None:
+    """Refuse, before training, a training loader whose last batch would hold 1 image per process: batch whitening
+    needs at least 2. ``per_process``: the images one process draws per epoch; ``key``: the loader's key in the recipe
+    file ``source``."""
+    if batch_size > 1 and per_process % batch_size == 1:
+        raise DataError(f"{source}: {key}: {num_images} training images over {world_size} process(es) give "
+                        f"{per_process} per process, so batches of {batch_size} leave a last batch of 1 image, which "
+                        f"batch whitening cannot train on — set drop_last: true in {key}.kwargs (or choose a batch "
+                        f"size that does not leave 1 image)")
+
+
+def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
+    """Iterate ``batches``; a UserError raised in a loader worker (re-raised by PyTorch with the worker's traceback
+    in its message) is re-raised with just its own one-line message."""
+    try:
+        yield from batches
+    except UserError as err:
+        text = str(err)
+        if "Original Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
+def checkpoint_on_data_error(batches: Iterable, save: Callable[[], str | None]) -> Iterator:
+    """Iterate a training loader's ``batches``; a :class:`DataError` it raises (an image that turned out unreadable in
+    the middle of an epoch) first calls ``save()``, which writes a resumable checkpoint at the current position and
+    names it (or returns None when there is nothing to save), then is re-raised as one line saying so."""
+    try:
+        yield from raise_worker_errors_plainly(batches)
+    except DataError as error:
+        saved = save()
+        if saved is None:
+            raise
+        raise DataError(f"{error}. A resumable checkpoint was written first: {saved} — after fixing the file, run "
+                        f"the same command again to continue") from None
 
 
 class CheckedImageFolder(ImageFolder):
@@ -90,6 +179,13 @@ class CheckedImageFolder(ImageFolder):
         super().__init__(str(root), transform=transform, loader=load_rgb, **kwargs)
         self.on_bad_image = on_bad_image
         self.skipped: set[int] = set()
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        """Class folders as :func:`check_image_folder` sees them: hidden folders are not classes."""
+        classes = [folder.name for folder in _class_folders(Path(directory))]
+        if not classes:
+            raise DataError(f"{directory} has no class folders — expected {directory}/<class>/<image>")
+        return classes, {name: index for index, name in enumerate(classes)}
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if self.on_bad_image == "fail":

@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import signal
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
+
+T = TypeVar("T")
+_shared: dict[str, Any] = {}  # the process group's store, kept to tell the other ranks about a user error
 
 
 @dataclass(frozen=True)
@@ -40,19 +48,47 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
+DEVICE_NAMES = "cpu, cuda or cuda:N"
+_DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def is_device_name(name: str) -> bool:
+    """True for the device names both entry points accept: ``cpu``, ``cuda``, ``cuda:N``."""
+    return bool(_DEVICE_PATTERN.fullmatch(name))
+
+
+def parse_device(name: str | None) -> torch.device | None:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; None stays None (CUDA when available).
+
+    Anything else, CUDA on a machine without it, or an index past the visible GPUs is a :class:`UserError`.
+    """
+    if name is None:
+        return None
+    if not is_device_name(name):
+        raise UserError(f"--device {name!r} is not a device: use {DEVICE_NAMES}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} requested but CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+    return device
+
+
 def init_distributed(device: str | None = None) -> DistEnv:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a plain run gets world size 1.
 
-    ``device``: 'cpu', 'cuda' or None (CUDA when available). Under torchrun each process uses ``cuda:LOCAL_RANK``.
+    ``device``: see :func:`parse_device`. Under torchrun each process uses ``cuda:LOCAL_RANK``.
     """
+    _shared.clear()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    wants_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if wants_cuda and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    requested = parse_device(device)
+    wants_cuda = torch.cuda.is_available() if requested is None else requested.type == "cuda"
     if wants_cuda:
-        requested_index = torch.device(device).index if device else None
+        requested_index = requested.index if requested is not None else None
         torch_device = torch.device("cuda", local_rank if world_size > 1 else (requested_index or 0))
         torch.cuda.set_device(torch_device)
     else:
@@ -61,6 +97,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
         backend = "nccl" if wants_cuda else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 device_id=torch_device if wants_cuda else None)
+        _shared["store"] = dist.distributed_c10d._get_default_store()
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
@@ -94,3 +131,62 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
+
+
+def run_on_main(work: Callable[[], T]) -> T | None:
+    """Run ``work`` on rank 0 while the other ranks wait; a :class:`UserError` it raises is raised on every rank, so
+    the whole run ends with that one line (instead of the other ranks failing in their next collective). Returns
+    ``work()``'s result on rank 0, None elsewhere."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return work()
+    result, message = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except UserError as error:
+            message = [str(error)]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise UserError(message[0])
+    return result
+
+
+def _error_key() -> str:
+    return f"projector_kd/user_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def report_user_error(message: str) -> bool:
+    """Whether this process prints the user error ``message``. In a distributed run the first rank to report an error
+    prints it and shares it through the process group's store (other ranks then end quietly, see
+    :func:`peer_reported_error`); before the process group exists every rank hits the same configuration error and
+    rank 0 prints it."""
+    store = _shared.get("store")
+    if store is None:
+        return os.environ.get("RANK", "0") in ("0", "") or os.environ.get("WORLD_SIZE", "1") in ("1", "")
+    try:
+        first = store.add(_error_key() + "/count", 1) == 1
+        if first:
+            store.set(_error_key(), message)
+        return first
+    except Exception:  # noqa: BLE001 - the store is gone with its host: print here
+        return True
+
+
+def _exit_quietly(signum: int, frame: Any) -> None:
+    raise SystemExit(2)
+
+
+def peer_reported_error(timeout_s: float = 10.0) -> str | None:
+    """In a distributed run whose collective just failed: the user error another rank reported (waiting up to
+    ``timeout_s`` for it to arrive), or None."""
+    store = _shared.get("store")
+    if store is None:
+        return None
+    if threading.current_thread() is threading.main_thread():
+        # the launcher stops the remaining workers with SIGTERM once one has failed: end quietly with status 2 then
+        signal.signal(signal.SIGTERM, _exit_quietly)
+    try:
+        store.wait([_error_key()], timedelta(seconds=timeout_s))
+        return store.get(_error_key()).decode()
+    except Exception:  # noqa: BLE001 - no report in time, or the store is gone
+        return None

@@ -1,6 +1,8 @@
 """User-facing errors: one clear line that names the file or value and what to do."""
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -9,11 +11,45 @@ class UserError(Exception):
     """A problem the user can fix. ``str(error)`` is the single line printed to them."""
 
 
+class OutputError(UserError):
+    """A file or folder the run must write cannot be written (a file in the way, no permission, a full disk)."""
+
+
+_OUTPUT_HINTS = {
+    errno.ENOSPC: "free disk space or choose an output folder on another disk",
+    errno.EDQUOT: "free space within your disk quota or choose an output folder on another disk",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOTDIR: "a file is in the way of a folder on that path: remove it or choose another folder",
+    errno.EEXIST: "a file is in the way of a folder on that path: remove it or choose another folder",
+    errno.EISDIR: "a folder is in the way of a file on that path: name a file, not a folder",
+}
+
+
+def cannot_write(path: str | os.PathLike, error: OSError, kept: str = "") -> OutputError:
+    """The one-line :class:`OutputError` for an ``OSError`` raised while writing ``path``; ``kept`` says what is
+    intact (e.g. the previous checkpoint)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    hint = _OUTPUT_HINTS.get(error.errno, "check the path and the disk")
+    return OutputError(f"cannot write {os.fspath(path)}: {reason} — {hint}" + (f"; {kept}" if kept else ""))
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2."""
+    """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2.
+
+    Under torchrun the run prints the line once: every rank exits 2, and a rank whose collective failed because
+    another rank stopped on a user error ends quietly instead of with the backend's traceback."""
+    from .distributed import peer_reported_error, report_user_error
+
     try:
         status = main(argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        if report_user_error(str(error)):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception:
+        if peer_reported_error() is None:
+            raise
         sys.exit(2)
     sys.exit(status or 0)

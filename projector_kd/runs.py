@@ -1,18 +1,27 @@
 """Run folders: the config a run was started with, logs, TensorBoard events, final metrics, progress bars."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import socket
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
 from .checkpoint import atomic_write
-from .errors import UserError
+from .errors import OutputError, UserError, cannot_write
 
 CONFIG_FILE = "config.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_FOLDERS = ("deit", "imagenet", "projector_kd")
+LOCK_FILE = ".lock"
+_held_locks: dict[Path, int] = {}
 
 
 def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -22,17 +31,89 @@ def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def prepare_output_dir(path: str | Path, config: dict, resume: bool) -> Path:
-    """Create the run folder and record ``config`` in ``config.yaml``.
+def output_path(path: str | os.PathLike) -> Path:
+    """Where a relative output path (run folder, checkpoint, log) goes: against the working directory, except inside
+    one of the repository's source folders (``deit/``, ``imagenet/``, ``projector_kd/``: the release's ``cd imagenet``
+    commands), where it goes against the repository root, so a run never writes into the source tree."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    cwd = Path.cwd().resolve()
+    for folder in SOURCE_FOLDERS:
+        source = REPO_ROOT / folder
+        if cwd == source or source in cwd.parents:
+            return REPO_ROOT / path
+    return path
 
-    A folder that already holds a different run's config is refused (naming the differing keys) unless ``resume`` is
-    True, in which case the new config replaces the recorded one.
+
+def run_folder(value: str | os.PathLike, flag: str) -> Path:
+    """``value`` (a run folder the user named with ``flag``) as a Path; an empty name is refused, never read as the
+    current folder."""
+    if not str(value).strip():
+        raise UserError(f"{flag} is empty — name the run folder, e.g. {flag} output/my_run (an empty path is never "
+                        f"taken to mean the current folder)")
+    return output_path(value)
+
+
+def make_writable_folder(path: Path) -> Path:
+    """Create ``path`` (and its parents) and check that a file can be created in it, before any work: an
+    :class:`OutputError` names the path when a file is in the way or the folder is not writable."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output folder {path} is a file — remove it or choose another output folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise cannot_write(path, error) from None
+    return path
+
+
+def lock_output_dir(path: Path) -> None:
+    """Hold ``path`` for this process: an exclusive POSIX lock (``lockf``) on ``path/.lock``, which records who holds
+    it. The lock belongs to this process alone (data-loader workers it forks do not inherit it) and the OS releases it
+    when the process ends, also when it is killed, so a dead run never blocks the rerun. Another process holding it is
+    an :class:`OutputError` naming it (pid, host, start time)."""
+    path = path.resolve()
+    if path in _held_locks:
+        return
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise cannot_write(path / LOCK_FILE, error) from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 500).decode(errors="replace").strip() or "a process that is starting"
+        os.close(fd)
+        raise OutputError(f"output folder {path} is in use by another run ({holder}) — wait for it to end, or choose "
+                          f"another output folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _held_locks[path] = fd
+
+
+def release_output_dirs() -> None:
+    """Release the run folders this process holds (:func:`lock_output_dir`), so a later run in the same process (a
+    test, a notebook) can use them."""
+    for fd in _held_locks.values():
+        os.close(fd)
+    _held_locks.clear()
+
+
+def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_name: str = "checkpoint.pth") -> Path:
+    """Create the run folder, hold it for this process (:func:`lock_output_dir`) and record ``config`` in
+    ``config.yaml``.
+
+    A folder holding another run — a different recorded config and that run's ``checkpoint_name`` — is refused (naming
+    the differing keys) unless ``resume`` is True, in which case the new config replaces the recorded one. A recorded
+    config without a checkpoint is a start that failed before saving anything: the corrected rerun takes its place.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_writable_folder(Path(path))
+    lock_output_dir(path)
     recorded_file = path / CONFIG_FILE
     normalised = yaml.safe_load(yaml.safe_dump(config))
-    if recorded_file.is_file() and not resume:
+    if recorded_file.is_file() and (path / checkpoint_name).exists() and not resume:
         recorded = yaml.safe_load(recorded_file.read_text()) or {}
         differing = _differing_keys(recorded, normalised)
         if differing:
@@ -72,8 +153,18 @@ def setup_logging(output_dir: str | Path | None, rank: int = 0, name: str = "pro
     if extra_log_file is not None:
         files.add(Path(extra_log_file).expanduser())
     for log_file in sorted({f.resolve() for f in files}) if rank == 0 else []:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        try:
+            if log_file.is_dir():
+                raise OutputError(f"log file {log_file} is a folder — name a file, e.g. {log_file / 'output.txt'}")
+            try:
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                handlers.append(logging.FileHandler(log_file))
+            except OSError as error:
+                raise cannot_write(log_file, error) from None
+        except OutputError:
+            for handler in handlers:
+                handler.close()
+            raise
     for handler in handlers:
         handler.setFormatter(formatter)
         handler._projector_kd = True  # type: ignore[attr-defined]

@@ -96,3 +96,17 @@ def test_imagenet_path_comes_from_the_environment_like_the_resnet_track(monkeypa
     monkeypatch.delenv('IMAGENET_ROOT')
     assert load_config('tiny')['data']['path'] == os.path.expanduser('~/datasets/ilsvrc2012')
     assert load_config('demo')['data']['path'] == 'data/digits'  # a recipe's own path is kept
+
+
+def test_typo_in_a_preset_is_named_not_suggested_for_a_correct_opts_key(tmp_path, monkeypatch):
+    import deit.config as config_module
+
+    presets = tmp_path / 'presets'
+    presets.mkdir()
+    text = (config_module.CONFIG_DIR / 'demo.yaml').read_text()
+    assert '  epochs: ' in text
+    (presets / 'demo.yaml').write_text(text.replace('  epochs: ', '  epoch: ', 1))
+    monkeypatch.setattr(config_module, 'CONFIG_DIR', presets)
+    with pytest.raises(UserError) as error:
+        load_config('demo', opts=['train.epochs', '2'])
+    assert str(error.value) == "config: unknown key 'train.epoch' (did you mean 'train.epochs'?)"

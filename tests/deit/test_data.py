@@ -43,7 +43,7 @@ def test_empty_class_and_differing_classes_are_caught_before_training(tmp_path, 
 
 
 def test_num_classes_mismatch_is_named(tmp_path, train_argv, image_folder):
-    with pytest.raises(DataError, match=r'val has 3 class folders but model.num_classes = 5; '
+    with pytest.raises(DataError, match=r'train has 3 class folders but model.num_classes = 5; '
                                         r'set --opts model.num_classes 3'):
         main(train_argv(tmp_path / 'out', '--opts', 'model.num_classes', '5'))
 

@@ -19,8 +19,9 @@ def test_two_rank_training_and_evaluation(tmp_path, train_argv, python, child_en
     assert metrics['world_size'] == 2 and len(metrics['val_top1_per_epoch']) == 2
     log = (output / 'log.txt').read_text()
     assert '2 processes x batch 4 x 1 micro-batches (global batch 8), lr 0.002, 4 steps/epoch' in log  # lr x 8/4
-    assert sorted(p.name for p in output.iterdir()) == ['checkpoint.pth', 'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth',
-                                                       'config.yaml', 'log.txt', 'metrics.json', 'tensorboard']
+    assert sorted(p.name for p in output.iterdir()) == ['.lock', 'checkpoint.pth', 'ckpt_epoch_0.pth',
+                                                       'ckpt_epoch_1.pth', 'config.yaml', 'log.txt', 'metrics.json',
+                                                       'tensorboard']
     state = torch.load(output / 'checkpoint.pth', weights_only=True)
     assert state['world_size'] == 2 and len(state['rng']) == 2
     assert not torch.equal(state['rng'][0]['torch'], state['rng'][1]['torch'])

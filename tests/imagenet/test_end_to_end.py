@@ -79,7 +79,7 @@ def test_teacher_training_then_projector_distillation_then_test_only(make_recipe
 
     # 3. -test_only on the written checkpoint (in this process, through run_cli)
     status, out, err = cli("--config", tmp_path / "projector.yaml", "-test_only", "--teacher_ckpt",
-                           teacher_dir / "best.pth")
+                           teacher_dir / "best.pth", "--output_dir", student_dir)
     assert status == 0, err
     tested = _metrics(student_dir / "test_only")
     assert (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
@@ -88,7 +88,7 @@ def test_teacher_training_then_projector_distillation_then_test_only(make_recipe
 
     # 4. -student_only: the teacher is not evaluated
     status, _, err = cli("--config", tmp_path / "projector.yaml", "-test_only", "-student_only", "--teacher_ckpt",
-                         teacher_dir / "best.pth")
+                         teacher_dir / "best.pth", "--output_dir", student_dir)
     assert status == 0, err
     tested = _metrics(student_dir / "test_only")
     assert "teacher_top1" not in tested and (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
@@ -125,8 +125,8 @@ def test_torchrun_two_gloo_ranks_train_and_evaluate(make_recipe, child_env, teac
     # only rank 0 writes: one log with one final line, one event file, no stray temporaries
     assert (run_dir / "log.txt").read_text().count("[student wide_resnet] top-1") == 1
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", "checkpoint.pth", "config.yaml", "log.txt",
-                                                         "metrics.json", "tensorboard"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "best.pth", "checkpoint.pth", "config.yaml",
+                                                         "log.txt", "metrics.json", "tensorboard"]
     assert result.stdout.count("top1 ") == 1
 
 
@@ -136,11 +136,13 @@ def test_release_command_from_inside_imagenet_folder(run_entry, tmp_path, tiny_d
     out = tmp_path / "out"
     out.mkdir()
     torch.manual_seed(0)
-    model = resnet18(num_classes=1000)
+    model = resnet18(num_classes=3)
     torch.save({"model": model.state_dict()}, out / "ilsvrc2012-resnet18_from_resnet34.pt")
     result = run_entry("--config", "configs/ilsvrc2012/ours/res3418.yaml", "--log", tmp_path / "log/output.txt",
                        "--data-root", tiny_data, "--output_dir", out, "-test_only", "-student_only",
-                       "--opts", "models.teacher_model.kwargs.weights", "null", cwd=REPO / "imagenet")
+                       "--opts", "models.teacher_model.kwargs.weights", "null",
+                       "models.teacher_model.kwargs.num_classes", "3", "models.student_model.kwargs.num_classes", "3",
+                       cwd=REPO / "imagenet")
     assert result.returncode == 0, result.stderr
     metrics = _metrics(out / "test_only")
     val = ImageFolder(str(tiny_data / "val"), transform=transforms.Compose([
@@ -149,7 +151,7 @@ def test_release_command_from_inside_imagenet_folder(run_entry, tmp_path, tiny_d
     images = torch.stack([image for image, _ in val])
     labels = torch.tensor(val.targets)
     with torch.no_grad():
-        top = model.eval()(images).topk(5, dim=1).indices
+        top = model.eval()(images).topk(3, dim=1).indices  # top-5 of 3 classes: all of them
     assert metrics["top1"] == 100.0 * top[:, 0].eq(labels).sum().item() / len(labels)
     assert metrics["top5"] == 100.0 * top.eq(labels[:, None]).any(dim=1).sum().item() / len(labels)
     assert "top-1" in (tmp_path / "log/output.txt").read_text()

@@ -44,7 +44,7 @@ def test_fast_path_trains_on_cpu_and_falls_back_once(make_recipe, teacher_ckpt, 
     assert state["global_step"] == 3 and torch.isfinite(state["projector"]["embed.weight"]).all()
 
     # the checkpoint is the plain student: the reference path evaluates it to the same numbers
-    status, _, err = cli("--config", recipe, "-test_only", "-student_only")
+    status, _, err = cli("--config", recipe, "-test_only", "-student_only", "--output_dir", tmp_path / "fast")
     assert status == 0, err
     tested = json.loads((tmp_path / "fast" / "test_only" / "metrics.json").read_text())
     assert (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])

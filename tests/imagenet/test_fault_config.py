@@ -24,6 +24,16 @@ def test_unknown_key_in_the_file_is_named(make_recipe, cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_typo_in_the_file_is_named_not_suggested_for_a_correct_opts_key(make_recipe, cli, tmp_path):
+    recipe = make_recipe("run", method="baseline")
+    recipe.write_text(recipe.read_text().replace("  num_epochs: 1\n", "  num_epoch: 1\n"))
+    status, _, err = cli("--config", recipe, "--opts", "train.num_epochs", "2")
+    assert status == 2
+    assert _one_line(err) == (f"error: {recipe}: unknown key train.num_epoch (did you mean train.num_epochs?) — "
+                              f"torchdistill would silently ignore it")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("opts, message", [
     (["train.optimizer.kwargs.lrr", "0.1"],
      "--opts key 'train.optimizer.kwargs.lrr' is not in the config (did you mean train.optimizer.kwargs.lr?)"),

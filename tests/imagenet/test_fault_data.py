@@ -1,10 +1,13 @@
-"""Data faults: a corrupt image is named (on_bad_image: fail) or skipped and counted (skip); an empty class folder
-and val classes that differ from train are caught before any training, naming the folder."""
+"""Data faults: a corrupt image is named (on_bad_image: fail) after a resumable checkpoint, or skipped and counted
+(skip); an empty class folder, an empty image file and val classes that differ from train are caught before any
+training, naming the folder or file."""
 from __future__ import annotations
 
 import shutil
 
 import pytest
+
+from projector_kd.checkpoint import load_checkpoint
 
 
 @pytest.fixture
@@ -22,18 +25,18 @@ def _one_line(err: str) -> str:
 def test_corrupt_image_is_named_with_fail(make_recipe, data, cli, tmp_path):
     bad = data / "train" / "class1" / "03.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
+    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data), "--seed", "0")
     assert status == 2
     line = _one_line(err)
     assert line.startswith(f"error: unreadable image {bad} (UnidentifiedImageError: ")
-    assert line.endswith("— fix or delete the file, or set on_bad_image: skip")
-    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+    assert "— fix or delete the file, or set on_bad_image: skip. A resumable checkpoint was written first: " in line
 
 
 def test_corrupt_image_is_skipped_and_counted_with_skip(make_recipe, data, cli, tmp_path, caplog):
     bad = data / "train" / "class1" / "03.png"
     bad.write_bytes(b"")
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data, on_bad_image="skip"))
+    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data, on_bad_image="skip"),
+                         "--seed", "0")  # seeded: the image is not among those drop_last leaves out
     assert status == 0, err
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
     assert len(skips) == 1 and str(bad) in skips[0] and skips[0].endswith("(1 skipped so far in this process)")
@@ -60,3 +63,49 @@ def test_val_classes_differing_from_train_are_caught_before_training(make_recipe
     assert _one_line(err) == (f"error: classes of {data / 'val'} differ from {data / 'train'}: missing ['class2'], "
                               f"extra ['class9'] — both splits need the same class folders")
     assert not (tmp_path / "run").exists()
+
+
+def test_empty_image_is_caught_before_any_work(make_recipe, data, cli, tmp_path):
+    empty = data / "val" / "class0" / "02.png"
+    empty.write_bytes(b"")
+    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
+    assert status == 2
+    assert _one_line(err) == (f"error: image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: "
+                              f"skip")
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_unreadable_mid_epoch_costs_no_work(make_recipe, data, cli, tmp_path, monkeypatch):
+    """The 20th image read (in the 3rd batch of 8) turns out unreadable: a resumable checkpoint after the 2 trained
+    steps comes before the one error line; with the file fixed, the same command continues from there."""
+    from projector_kd import data as data_module
+
+    real_load = data_module.load_rgb
+    broken = {}
+
+    def load_rgb(path):
+        broken["calls"] = broken.get("calls", 0) + 1
+        if broken["calls"] == 20:
+            broken["path"], broken["bytes"] = path, open(path, "rb").read()
+            open(path, "wb").write(b"\x89PNG\r\n\x1a\n truncated")
+        return real_load(path)
+
+    monkeypatch.setattr(data_module, "load_rgb", load_rgb)
+    recipe = make_recipe("run", method="baseline", data_root=data)
+    status, _, err = cli("--config", recipe, "--seed", "0")
+    assert status == 2
+    line = _one_line(err)
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    assert line.startswith(f"error: unreadable image {broken['path']} (")
+    assert line.endswith(f"A resumable checkpoint was written first: {checkpoint} (epoch 0, step 2) — after fixing "
+                         f"the file, run the same command again to continue")
+    state = load_checkpoint(checkpoint)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
+
+    monkeypatch.setattr(data_module, "load_rgb", real_load)
+    open(broken["path"], "wb").write(broken["bytes"])
+    status, _, err = cli("--config", recipe, "--seed", "0")
+    assert status == 0, err
+    assert f"resuming from {checkpoint} at epoch 0 step 2" in (tmp_path / "run" / "log.txt").read_text()
+    state = load_checkpoint(checkpoint)
+    assert (state["epoch"], state["global_step"]) == (1, 3)

@@ -14,11 +14,18 @@ def test_same_config_reuses_folder_different_config_refused(tmp_path):
     prepare_output_dir(tmp_path / "run", config, resume=False)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == config
     prepare_output_dir(tmp_path / "run", config, resume=False)
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(b"saved")
     changed = {"train": {"lr": 0.2, "epochs": 3}, "model": "resnet34"}
     with pytest.raises(UserError, match=r"holds a different run \(config differs in: model, train.lr\).*--resume"):
         prepare_output_dir(tmp_path / "run", changed, resume=False)
     prepare_output_dir(tmp_path / "run", changed, resume=True)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == changed
+
+
+def test_config_without_checkpoint_is_a_failed_start_not_another_run(tmp_path):
+    prepare_output_dir(tmp_path / "run", {"lr": 0.1}, resume=False)
+    prepare_output_dir(tmp_path / "run", {"lr": 0.2}, resume=False)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == {"lr": 0.2}
 
 
 def test_write_json(tmp_path):
