@@ -5,4 +5,5 @@
 ``python deit/main.py``. Importing ``deit`` registers ``deit_conv_tiny``, ``deit_conv_small`` and ``deit_conv_demo``
 with timm (full timm models: ``timm.create_model('local-dir:FOLDER', pretrained=True)`` loads an exported folder).
 """
+
 from . import models  # noqa: F401  (registers the students with timm)

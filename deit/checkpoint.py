@@ -4,6 +4,7 @@ Both layouts are ``{'model': state_dict, ...}``: the release adds ``optimizer``,
 ``epoch`` and a pickled yacs ``config`` (read by :func:`projector_kd.checkpoint.load_checkpoint` with
 ``weights_only=True``); this project adds scaler, RNG and sampler position (see :mod:`deit.engine`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from torch import nn
 from projector_kd.checkpoint import CheckpointError, load_checkpoint
 from projector_kd.export import is_weights_export, load_weights_file
 
-PROJECTOR_PREFIX = 'distillation_loss.'
+PROJECTOR_PREFIX = "distillation_loss."
 logger = logging.getLogger(__name__)
 
 
@@ -28,25 +29,26 @@ class LoadReport:
     path: Path
     loaded: list[str]
     projector_skipped: list[str] = field(default_factory=list)
-    projector_note: str = ''
+    projector_note: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
 
 def model_state(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
     """The student state dict inside a checkpoint (``{'model': sd}`` or a raw state dict), without ``module.``."""
-    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f'{path} holds no model state dict (expected a dict of tensors or {{"model": ...}})')
-    return {k.removeprefix('module.'): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _shape_mismatches(own: dict, state: dict, keys: set[str]) -> list[str]:
-    return sorted(f'{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}' for k in keys
-                  if state[k].shape != own[k].shape)
+    return sorted(
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in keys if state[k].shape != own[k].shape
+    )
 
 
 def _listing(keys: list[str], limit: int = 6) -> str:
-    return ', '.join(keys[:limit]) + (f' (+{len(keys) - limit} more)' if len(keys) > limit else '')
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
@@ -67,17 +69,24 @@ def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool
     own = model.state_dict()
     body_ckpt = {k for k in state if not k.startswith(PROJECTOR_PREFIX)}
     body_own = {k for k in own if not k.startswith(PROJECTOR_PREFIX)}
-    if 'head.weight' in state and 'head.weight' in own and state['head.weight'].shape[0] != own['head.weight'].shape[0]:
-        raise CheckpointError(f'{path} was trained for {state["head.weight"].shape[0]} classes but the model has '
-                              f'{own["head.weight"].shape[0]} (model.num_classes); set model.num_classes to match')
+    if "head.weight" in state and "head.weight" in own and state["head.weight"].shape[0] != own["head.weight"].shape[0]:
+        raise CheckpointError(
+            f"{path} was trained for {state['head.weight'].shape[0]} classes but the model has "
+            f"{own['head.weight'].shape[0]} (model.num_classes); set model.num_classes to match"
+        )
     missing = sorted(body_own - body_ckpt)
     unexpected = sorted(body_ckpt - body_own)
     shapes = _shape_mismatches(own, state, body_own & body_ckpt)
     if missing or unexpected or shapes:
-        parts = [f'{label}: {_listing(keys)}' for label, keys in
-                 (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)) if keys]
-        raise CheckpointError(f'{path} does not match the model ({"; ".join(parts)}) — check --model, the width '
-                              f'(model.embed_dim/depth) and model.img_size')
+        parts = [
+            f"{label}: {_listing(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+            if keys
+        ]
+        raise CheckpointError(
+            f"{path} does not match the model ({'; '.join(parts)}) — check --model, the width "
+            f"(model.embed_dim/depth) and model.img_size"
+        )
     proj_ckpt = {k for k in state if k.startswith(PROJECTOR_PREFIX)}
     proj_own = {k for k in own if k.startswith(PROJECTOR_PREFIX)}
     report = LoadReport(path=path, loaded=sorted(body_own), meta=_meta(checkpoint))
@@ -85,8 +94,10 @@ def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool
         report.loaded += sorted(proj_own)
     elif proj_ckpt or proj_own:
         report.projector_skipped = sorted(proj_ckpt)
-        report.projector_note = (f'projector of {path} not loaded: checkpoint {_projector_shape(state)} vs model '
-                                 f'{_projector_shape(own)}; predictions do not use it, but training would restart it')
+        report.projector_note = (
+            f"projector of {path} not loaded: checkpoint {_projector_shape(state)} vs model "
+            f"{_projector_shape(own)}; predictions do not use it, but training would restart it"
+        )
         logger.warning(report.projector_note)
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
@@ -97,34 +108,41 @@ def check_resume_model(model: nn.Module, checkpoint: Any, path: str | Path) -> N
     the projector included (unlike evaluation, training would silently restart a projector it cannot load).
     Raises CheckpointError naming the file and what differs; a checkpoint without a ``model`` dict is left to the
     resume code."""
-    state = checkpoint.get('model') if isinstance(checkpoint, dict) else None
+    state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         return
     own = model.state_dict()
     proj_ckpt = {k for k in state if k.startswith(PROJECTOR_PREFIX)}
     proj_own = {k for k in own if k.startswith(PROJECTOR_PREFIX)}
     if proj_ckpt != proj_own or _shape_mismatches(own, state, proj_own):
-        raise CheckpointError(f'{path} cannot be resumed: its projector ({_projector_shape(state)}) differs from '
-                              f'this run\'s ({_projector_shape(own)}); resume with the distillation settings and '
-                              'teacher it was trained with, or start a new --output')
+        raise CheckpointError(
+            f"{path} cannot be resumed: its projector ({_projector_shape(state)}) differs from "
+            f"this run's ({_projector_shape(own)}); resume with the distillation settings and "
+            "teacher it was trained with, or start a new --output"
+        )
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = _shape_mismatches(own, state, set(own) & set(state))
     if missing or unexpected or shapes:
-        parts = [f'{label}: {_listing(keys)}' for label, keys in
-                 (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)) if keys]
-        raise CheckpointError(f'{path} cannot be resumed: it does not match this run\'s student ({"; ".join(parts)});'
-                              ' use the same config or a new --output')
+        parts = [
+            f"{label}: {_listing(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+            if keys
+        ]
+        raise CheckpointError(
+            f"{path} cannot be resumed: it does not match this run's student ({'; '.join(parts)});"
+            " use the same config or a new --output"
+        )
 
 
 def _projector_shape(state: dict) -> str:
-    weight = state.get(PROJECTOR_PREFIX + 'embed.weight')
+    weight = state.get(PROJECTOR_PREFIX + "embed.weight")
     if weight is None:
-        return 'none' if not any(k.startswith(PROJECTOR_PREFIX) for k in state) else 'non-linear projector'
-    return f'Linear({weight.shape[1]}, {weight.shape[0]})'
+        return "none" if not any(k.startswith(PROJECTOR_PREFIX) for k in state) else "non-linear projector"
+    return f"Linear({weight.shape[1]}, {weight.shape[0]})"
 
 
 def _meta(checkpoint: Any) -> dict[str, Any]:
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         return {}
-    return {k: checkpoint[k] for k in ('epoch', 'max_accuracy') if isinstance(checkpoint.get(k), (int, float))}
+    return {k: checkpoint[k] for k in ("epoch", "max_accuracy") if isinstance(checkpoint.get(k), (int, float))}

@@ -5,12 +5,14 @@ Exact resume: the training sampler yields ``(epoch, index)`` pairs in an order t
 ``(seed, epoch, index)``. So a run resumed at batch k of an epoch sees exactly the batches an uninterrupted run sees,
 whatever the number of loader workers.
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,10 +45,10 @@ def guard_posterize(transform: Any) -> int:
     Returns the number of ops replaced.
     """
     replaced = 0
-    for step in getattr(transform, 'transforms', [transform]):
+    for step in getattr(transform, "transforms", [transform]):
         if isinstance(step, RandAugment):
             for op in step.ops:
-                if op.name.startswith('Posterize'):
+                if op.name.startswith("Posterize"):
                     op.aug_fn = safe_posterize
                     replaced += 1
     return replaced
@@ -58,23 +60,34 @@ def build_transform(is_train: bool, cfg: dict) -> transforms.Compose:
     Training: RandomResizedCrop with ``data.interpolation`` (bicubic), flip, RandAugment, colour jitter, random erasing
     (posterize guarded). Evaluation: resize the shorter side to ``floor(img_size / crop_pct)`` with
     ``data.eval_interpolation`` (bilinear as the release's code, bicubic as the DeiT recipe), then center crop."""
-    img_size = cfg['model']['img_size']
-    data, aug = cfg['data'], cfg['aug']
+    img_size = cfg["model"]["img_size"]
+    data, aug = cfg["data"], cfg["aug"]
     if is_train:
         transform = create_transform(
-            img_size, is_training=True, scale=tuple(aug['scale']), hflip=aug['hflip'],
-            color_jitter=aug['color_jitter'], auto_augment=aug['rand_augment'], interpolation=data['interpolation'],
-            re_prob=aug['reprob'], re_mode=aug['remode'], re_count=aug['recount'], mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD)
+            img_size,
+            is_training=True,
+            scale=tuple(aug["scale"]),
+            hflip=aug["hflip"],
+            color_jitter=aug["color_jitter"],
+            auto_augment=aug["rand_augment"],
+            interpolation=data["interpolation"],
+            re_prob=aug["reprob"],
+            re_mode=aug["remode"],
+            re_count=aug["recount"],
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        )
         guard_posterize(transform)
         return transform
-    interpolation = transforms.InterpolationMode(data['eval_interpolation'])
-    return transforms.Compose([
-        transforms.Resize(int(math.floor(img_size / data['crop_pct'])), interpolation=interpolation),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+    interpolation = transforms.InterpolationMode(data["eval_interpolation"])
+    return transforms.Compose(
+        [
+            transforms.Resize(int(math.floor(img_size / data["crop_pct"])), interpolation=interpolation),
+            transforms.CenterCrop(img_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -104,7 +117,7 @@ class SeededSamples(Dataset):
         try:
             with torch.random.fork_rng(devices=[]):
                 random.seed(value)
-                np.random.seed(value % 2 ** 32)
+                np.random.seed(value % 2**32)
                 torch.manual_seed(value)
                 return self.dataset[index]
         finally:
@@ -145,11 +158,11 @@ class ResumableSampler(Sampler):
         generator.manual_seed(self.seed + epoch)
         order = torch.randperm(self.num_items, generator=generator).tolist()
         total = self.per_rank * self.world_size
-        order += (order * math.ceil(total / self.num_items))[:total - self.num_items]
-        return order[self.rank:total:self.world_size]
+        order += (order * math.ceil(total / self.num_items))[: total - self.num_items]
+        return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size:]
+        indices = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size :]
         return iter([(self.epoch, index) for index in indices])
 
     def __len__(self) -> int:
@@ -171,52 +184,81 @@ class ShardSampler(Sampler):
 
 def build_dataset(split: str, cfg: dict) -> CheckedImageFolder:
     """``<data.path>/<split>`` as an ImageFolder with the recipe's transform for that split."""
-    root = Path(cfg['data']['path']) / split
-    dataset = CheckedImageFolder(root, transform=build_transform(split == 'train', cfg),
-                                 on_bad_image=cfg['data']['on_bad_image'])
+    root = Path(cfg["data"]["path"]) / split
+    dataset = CheckedImageFolder(
+        root, transform=build_transform(split == "train", cfg), on_bad_image=cfg["data"]["on_bad_image"]
+    )
     return dataset
 
 
 def check_data(cfg: dict, splits: tuple[str, ...]) -> None:
     """Check the ImageFolder layout under ``data.path`` and its number of classes before any work (DataError naming
     the path)."""
-    check_image_folder(cfg['data']['path'], splits=splits, how_to_set='pass --data-path DIR or set IMAGENET_ROOT',
-                       on_bad_image=cfg['data']['on_bad_image'])
+    check_image_folder(
+        cfg["data"]["path"],
+        splits=splits,
+        how_to_set="pass --data-path DIR or set IMAGENET_ROOT",
+        on_bad_image=cfg["data"]["on_bad_image"],
+    )
     for split in splits:
-        check_num_classes(Path(cfg['data']['path']) / split, cfg['model']['num_classes'], 'model.num_classes',
-                          'set --opts model.num_classes {found} or point --data-path at the right folder')
+        check_num_classes(
+            Path(cfg["data"]["path"]) / split,
+            cfg["model"]["num_classes"],
+            "model.num_classes",
+            "set --opts model.num_classes {found} or point --data-path at the right folder",
+        )
 
 
-def build_loaders(cfg: dict, rank: int, world_size: int, pin_memory: bool, train: bool = True
-                  ) -> tuple[DataLoader | None, DataLoader]:
+def build_loaders(
+    cfg: dict, rank: int, world_size: int, pin_memory: bool, train: bool = True
+) -> tuple[DataLoader | None, DataLoader]:
     """(train loader or None, val loader). The train loader's sampler is a :class:`ResumableSampler`; loader RNG draws
     come from a private generator so they never touch the global RNG state that is checkpointed."""
-    data = cfg['data']
-    workers = data['num_workers']
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0 and cfg['fast'])
-    val_set = build_dataset('val', cfg)
-    val_loader = DataLoader(val_set, batch_size=data['eval_batch_size'] or data['batch_size'],
-                            sampler=ShardSampler(len(val_set), rank, world_size), **common)
+    data = cfg["data"]
+    workers = data["num_workers"]
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0 and cfg["fast"])
+    val_set = build_dataset("val", cfg)
+    val_loader = DataLoader(
+        val_set,
+        batch_size=data["eval_batch_size"] or data["batch_size"],
+        sampler=ShardSampler(len(val_set), rank, world_size),
+        **common,
+    )
     if not train:
         return None, val_loader
-    train_set = build_dataset('train', cfg)
-    step_batch = data['batch_size'] * cfg['train']['accum_iter']  # one optimizer step's images on this rank
-    sampler = ResumableSampler(len(train_set), step_batch, cfg['seed'], rank, world_size)
+    train_set = build_dataset("train", cfg)
+    step_batch = data["batch_size"] * cfg["train"]["accum_iter"]  # one optimizer step's images on this rank
+    sampler = ResumableSampler(len(train_set), step_batch, cfg["seed"], rank, world_size)
     if sampler.batches_per_epoch == 0:
-        raise DataError(f'{Path(data["path"]) / "train"} has {len(train_set)} images: fewer than one batch of '
-                        f'{step_batch} per rank (data.batch_size x train.accum_iter); lower data.batch_size')
+        raise DataError(
+            f"{Path(data['path']) / 'train'} has {len(train_set)} images: fewer than one batch of "
+            f"{step_batch} per rank (data.batch_size x train.accum_iter); lower data.batch_size"
+        )
     generator = torch.Generator()
-    generator.manual_seed(cfg['seed'])
-    train_loader = DataLoader(SeededSamples(train_set, cfg['seed']), batch_size=step_batch, sampler=sampler,
-                              drop_last=True, generator=generator, **common)
+    generator.manual_seed(cfg["seed"])
+    train_loader = DataLoader(
+        SeededSamples(train_set, cfg["seed"]),
+        batch_size=step_batch,
+        sampler=sampler,
+        drop_last=True,
+        generator=generator,
+        **common,
+    )
     return train_loader, val_loader
 
 
 def build_mixup(cfg: dict) -> Mixup | None:
     """timm Mixup/CutMix producing label-smoothed soft targets, or None when both are off."""
-    aug = cfg['aug']
-    if aug['mixup'] <= 0 and aug['cutmix'] <= 0 and aug['cutmix_minmax'] is None:
+    aug = cfg["aug"]
+    if aug["mixup"] <= 0 and aug["cutmix"] <= 0 and aug["cutmix_minmax"] is None:
         return None
-    return Mixup(mixup_alpha=aug['mixup'], cutmix_alpha=aug['cutmix'], cutmix_minmax=aug['cutmix_minmax'],
-                 prob=aug['mixup_prob'], switch_prob=aug['mixup_switch_prob'], mode=aug['mixup_mode'],
-                 label_smoothing=aug['smoothing'], num_classes=cfg['model']['num_classes'])
+    return Mixup(
+        mixup_alpha=aug["mixup"],
+        cutmix_alpha=aug["cutmix"],
+        cutmix_minmax=aug["cutmix_minmax"],
+        prob=aug["mixup_prob"],
+        switch_prob=aug["mixup_switch_prob"],
+        mode=aug["mixup_mode"],
+        label_smoothing=aug["smoothing"],
+        num_classes=cfg["model"]["num_classes"],
+    )

@@ -9,14 +9,16 @@ One training step (SPEC §4), with y the mixup/cutmix soft targets and x the mix
 With ``method: none`` there is no teacher and ``head_conv`` is trained on the labels like ``head`` ('ce_dist').
 Evaluation predicts with the mean of both heads' logits; counts are summed over ranks.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ from .config import scaled_lrs
 from .datasets import build_mixup
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 'projector_kd.deit/1'
+CHECKPOINT_FORMAT = "projector_kd.deit/1"
 
 
 class NonFiniteLossError(UserError):
@@ -67,11 +69,19 @@ class DistillationObjective(nn.Module):
     ``forward(images, targets, teacher_features, teacher_logits)`` returns ``{term name: scalar}`` (see module doc).
     """
 
-    def __init__(self, student: nn.Module, method: str, soft_targets: bool, smoothing: float,
-                 kd_weight: float = 1.0, proj_weight: float = 1.0, kd_temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        method: str,
+        soft_targets: bool,
+        smoothing: float,
+        kd_weight: float = 1.0,
+        proj_weight: float = 1.0,
+        kd_temperature: float = 1.0,
+    ) -> None:
         super().__init__()
-        if method == 'projector' and student.distillation_loss is None:
-            raise UserError('distillation.method = projector needs a student built with a projector (teacher_dim)')
+        if method == "projector" and student.distillation_loss is None:
+            raise UserError("distillation.method = projector needs a student built with a projector (teacher_dim)")
         self.student = student
         self.method = method
         if soft_targets:
@@ -84,30 +94,35 @@ class DistillationObjective(nn.Module):
         self.proj_weight = proj_weight
         self.kd_temperature = kd_temperature
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, teacher_features: torch.Tensor | None = None,
-                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_features: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         tokens = self.student.forward_features(images)
         cls_logits, dist_logits = self.student.forward_heads(tokens)
         cls_logits, dist_logits = _at_least_fp32(cls_logits), _at_least_fp32(dist_logits)
-        terms = {'ce': self.criterion(cls_logits, targets)}
-        if self.method == 'none':
-            terms['ce_dist'] = self.criterion(dist_logits, targets)
+        terms = {"ce": self.criterion(cls_logits, targets)}
+        if self.method == "none":
+            terms["ce_dist"] = self.criterion(dist_logits, targets)
             return terms
-        terms['kd'] = self.kd_weight * kd_loss(dist_logits, _at_least_fp32(teacher_logits), self.kd_temperature)
-        if self.method == 'projector':
-            terms['proj'] = self.proj_weight * self.student.distillation_loss(tokens[:, 2:], teacher_features)
+        terms["kd"] = self.kd_weight * kd_loss(dist_logits, _at_least_fp32(teacher_logits), self.kd_temperature)
+        if self.method == "projector":
+            terms["proj"] = self.proj_weight * self.student.distillation_loss(tokens[:, 2:], teacher_features)
         return terms
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: decay for >= 2-D weights; none for 1-D params, biases and ``model.no_weight_decay()``."""
-    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith('.bias') or name in skip else decay).append(param)
-    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class CompiledOrEager:
@@ -129,8 +144,12 @@ class CompiledOrEager:
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - compile backends fail in many ways; eager is always correct
-            logger.warning('torch.compile of the %s is unavailable here (%s: %s); running it eagerly', self.name,
-                           type(err).__name__, str(err).splitlines()[0] if str(err) else '')
+            logger.warning(
+                "torch.compile of the %s is unavailable here (%s: %s); running it eagerly",
+                self.name,
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
             self.compiled = None
             return self.eager(*args)
         self.checked = True
@@ -146,63 +165,87 @@ class Trainer:
     on CUDA when ``train.amp``, eager, foreach AdamW. On CPU both paths compute in float32.
     """
 
-    def __init__(self, cfg: dict, env: DistEnv, student: nn.Module, teacher: nn.Module | None,
-                 steps_per_epoch: int, output_dir: Path | None = None, writer: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: dict,
+        env: DistEnv,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        steps_per_epoch: int,
+        output_dir: Path | None = None,
+        writer: Any = None,
+    ) -> None:
         self.cfg = cfg
         self.env = env
         self.device = env.device
-        self.fast = cfg['fast']
+        self.fast = cfg["fast"]
         self.output_dir = output_dir
         self.writer = writer
         self.steps_per_epoch = steps_per_epoch
-        self.accum_iter = cfg['train']['accum_iter']
-        self.method = cfg['distillation']['method']
-        cuda = self.device.type == 'cuda'
+        self.accum_iter = cfg["train"]["accum_iter"]
+        self.method = cfg["distillation"]["method"]
+        cuda = self.device.type == "cuda"
         if self.fast:
             enable_fast_cuda_backends(self.device)
-        self.autocast_dtype = (torch.bfloat16 if self.fast else torch.float16) if cuda and (
-            self.fast or cfg['train']['amp']) else None
+        self.autocast_dtype = (
+            (torch.bfloat16 if self.fast else torch.float16) if cuda and (self.fast or cfg["train"]["amp"]) else None
+        )
         self.channels_last = self.fast and cuda
         self.student = student.to(self.device)
         if self.channels_last:
             self.student.conv_embed.to(memory_format=torch.channels_last)
         self.teacher = None
-        if self.method != 'none':
+        if self.method != "none":
             if teacher is None:
-                raise UserError(f'distillation.method = {self.method} needs a teacher (teacher.name, --teacher-ckpt)')
+                raise UserError(f"distillation.method = {self.method} needs a teacher (teacher.name, --teacher-ckpt)")
             teacher = teacher.to(self.device).eval()
             if self.channels_last:
                 teacher.to(memory_format=torch.channels_last)
             self.teacher = TeacherOutputs(teacher)
         self.mixup = build_mixup(cfg)
         objective = DistillationObjective(
-            self.student, self.method, soft_targets=self.mixup is not None, smoothing=cfg['aug']['smoothing'],
-            kd_weight=cfg['distillation']['kd_weight'], proj_weight=cfg['distillation']['proj_weight'],
-            kd_temperature=cfg['distillation']['kd_temperature']).to(self.device)
+            self.student,
+            self.method,
+            soft_targets=self.mixup is not None,
+            smoothing=cfg["aug"]["smoothing"],
+            kd_weight=cfg["distillation"]["kd_weight"],
+            proj_weight=cfg["distillation"]["proj_weight"],
+            kd_temperature=cfg["distillation"]["kd_temperature"],
+        ).to(self.device)
         if self.fast and self.student.distillation_loss is not None:
             self.student.distillation_loss.check_inputs = False
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if env.distributed:
             objective = self.ddp = nn.parallel.DistributedDataParallel(
-                objective, device_ids=[self.device.index] if cuda else None)
+                objective, device_ids=[self.device.index] if cuda else None
+            )
         self.objective: Callable = objective
         self.teacher_forward: Callable | None = self.teacher
         if self.fast:
-            self.objective = CompiledOrEager(objective, 'student objective')
+            self.objective = CompiledOrEager(objective, "student objective")
             if self.teacher is not None:
-                self.teacher_forward = CompiledOrEager(self.teacher, 'teacher')
+                self.teacher_forward = CompiledOrEager(self.teacher, "teacher")
         self.lrs = scaled_lrs(cfg, env.world_size)
-        train = cfg['train']
+        train = cfg["train"]
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.student, train['weight_decay']), lr=self.lrs['lr'], betas=tuple(train['betas']),
-            eps=train['opt_eps'], **({'fused': True} if self.fast else {}))
+            param_groups(self.student, train["weight_decay"]),
+            lr=self.lrs["lr"],
+            betas=tuple(train["betas"]),
+            eps=train["opt_eps"],
+            **({"fused": True} if self.fast else {}),
+        )
         self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=train['epochs'] * steps_per_epoch, lr_min=self.lrs['min_lr'],
-            warmup_lr_init=self.lrs['warmup_lr'], warmup_t=int(train['warmup_epochs'] * steps_per_epoch),
-            cycle_limit=1, t_in_epochs=False)
-        self.scaler = torch.amp.GradScaler('cuda') if self.autocast_dtype == torch.float16 else None
-        self.clip_scaled_grads = train['clip_scaled_grads']
-        self.lr_after_step = train['lr_after_step']
+            self.optimizer,
+            t_initial=train["epochs"] * steps_per_epoch,
+            lr_min=self.lrs["min_lr"],
+            warmup_lr_init=self.lrs["warmup_lr"],
+            warmup_t=int(train["warmup_epochs"] * steps_per_epoch),
+            cycle_limit=1,
+            t_in_epochs=False,
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.clip_scaled_grads = train["clip_scaled_grads"]
+        self.lr_after_step = train["lr_after_step"]
         self.monitor = StepMonitor(self.device, env.distributed)
         self.stop_voted = False
         self.last_record: StepRecord | None = None
@@ -213,7 +256,7 @@ class Trainer:
         self.wall_time = 0.0  # seconds spent by the processes before this one (from the checkpoint resumed)
         self.clock = time.perf_counter()  # when this process started on the run
         self.epoch_sums: dict[str, float] = {}
-        self.history: dict[str, list] = {'epoch': [], 'val_top1': [], 'val_top5': [], 'train_loss': []}
+        self.history: dict[str, list] = {"epoch": [], "val_top1": [], "val_top5": [], "train_loss": []}
 
     # -- one step -------------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -240,11 +283,13 @@ class Trainer:
             try:
                 return self.objective(images, targets, teacher_features, teacher_logits)
             except ValueError as err:
-                raise NonFiniteLossError(f'training stopped at {self._where(self.global_step)}: loss term \'proj\' '
-                                         f'rejected its input: {err}; no checkpoint written') from None
+                raise NonFiniteLossError(
+                    f"training stopped at {self._where(self.global_step)}: loss term 'proj' "
+                    f"rejected its input: {err}; no checkpoint written"
+                ) from None
 
     def _where(self, step: int) -> str:
-        return f'step {step} (epoch {step // self.steps_per_epoch}, batch {step % self.steps_per_epoch})'
+        return f"step {step} (epoch {step // self.steps_per_epoch}, batch {step % self.steps_per_epoch})"
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimisation step at ``self.global_step``; returns the loss terms (mean over micro-batches) and their
@@ -284,7 +329,7 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             means = values / len(micro_batches) if means is None else means + values / len(micro_batches)
         assert means is not None
-        clip = self.cfg['train']['clip_grad']
+        clip = self.cfg["train"]["clip_grad"]
         parameters = list(self.student.parameters())
         if self.scaler is not None:
             found_inf = torch.zeros((), device=self.device)  # the GradScaler's own found_inf decides
@@ -308,25 +353,29 @@ class Trainer:
         if self.lr_after_step:
             self.scheduler.step_update(self.global_step)
         self.stop_asked = bool(self.stop is not None and self.stop.requested)  # polled once per step
-        self.monitor.push(self.global_step, [*names, 'loss'], torch.cat([means, means.sum().reshape(1)]), found_inf,
-                          self.stop_asked)
+        self.monitor.push(
+            self.global_step, [*names, "loss"], torch.cat([means, means.sum().reshape(1)]), found_inf, self.stop_asked
+        )
         self.global_step += 1
         result = dict(zip(names, means.unbind()))
-        result['loss'] = means.sum()
+        result["loss"] = means.sum()
         return result
 
     def _raise_if_bad(self, record: StepRecord) -> None:
         """NonFiniteLossError naming the step and the first non-finite term (or the gradient norm)."""
         bad = [name for name, value in record.terms.items() if not math.isfinite(value)]
-        listed = ', '.join(f'{k}={v:.4g}' for k, v in record.terms.items() if k != 'loss')
+        listed = ", ".join(f"{k}={v:.4g}" for k, v in record.terms.items() if k != "loss")
         if bad:
             raise NonFiniteLossError(
-                f'non-finite loss at {self._where(record.step)}: term {bad[0]!r} = {record.terms[bad[0]]} ({listed}); '
-                f'stopped without applying this step\'s update or writing a checkpoint — resume from the last good '
-                f'one with a lower lr or train.amp off')
+                f"non-finite loss at {self._where(record.step)}: term {bad[0]!r} = {record.terms[bad[0]]} ({listed}); "
+                f"stopped without applying this step's update or writing a checkpoint — resume from the last good "
+                f"one with a lower lr or train.amp off"
+            )
         if record.bad:
-            raise NonFiniteLossError(f'non-finite gradient norm at {self._where(record.step)} (loss terms {listed}); '
-                                     f'stopped without applying this step\'s update or writing a checkpoint')
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at {self._where(record.step)} (loss terms {listed}); "
+                f"stopped without applying this step's update or writing a checkpoint"
+            )
 
     def _finish(self, record: StepRecord | None) -> None:
         """Account a step whose values reached the host: raise if it was bad, else add it to the epoch sums."""
@@ -335,7 +384,7 @@ class Trainer:
         self._raise_if_bad(record)
         for key, value in record.terms.items():
             self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
-        self.epoch_sums['steps'] = self.epoch_sums.get('steps', 0) + 1
+        self.epoch_sums["steps"] = self.epoch_sums.get("steps", 0) + 1
         self.stop_voted = self.stop_voted or record.stop
         self.last_record = record
 
@@ -360,19 +409,23 @@ class Trainer:
             self.epoch_sums = {}
         count = 0
         started = time.perf_counter()
-        log_freq = self.cfg['train']['log_freq']
-        position = {'next_batch': start_batch}
+        log_freq = self.cfg["train"]["log_freq"]
+        position = {"next_batch": start_batch}
 
         def save_here() -> str | None:
             """A resumable checkpoint before batch ``next_batch`` (not under DDP: the other ranks are mid-step)."""
-            if self.env.distributed or self.output_dir is None or epoch * self.steps_per_epoch + position[
-                    'next_batch'] == 0:
+            if (
+                self.env.distributed
+                or self.output_dir is None
+                or epoch * self.steps_per_epoch + position["next_batch"] == 0
+            ):
                 return None
-            self.save(epoch, position['next_batch'], ['checkpoint.pth'])
-            return f'{self.output_dir / "checkpoint.pth"} (epoch {epoch}, batch {position["next_batch"]})'
+            self.save(epoch, position["next_batch"], ["checkpoint.pth"])
+            return f"{self.output_dir / 'checkpoint.pth'} (epoch {epoch}, batch {position['next_batch']})"
 
-        batches = progress(checkpoint_on_data_error(loader, save_here), rank=self.env.rank, desc=f'epoch {epoch}',
-                           total=len(loader))
+        batches = progress(
+            checkpoint_on_data_error(loader, save_here), rank=self.env.rank, desc=f"epoch {epoch}", total=len(loader)
+        )
         for batch, (images, targets) in enumerate(batches, start=start_batch):
             self.global_step = epoch * self.steps_per_epoch + batch
             self.train_step(images, targets)
@@ -381,20 +434,26 @@ class Trainer:
                 self.finish_pending()
                 values = self.last_record.terms
                 rate = count * images.shape[0] * self.env.world_size / (time.perf_counter() - started)
-                logger.info('train epoch %d step %d/%d lr %.3g %s (%.0f img/s)', epoch, batch + 1,
-                            self.steps_per_epoch, self.optimizer.param_groups[0]['lr'],
-                            ' '.join(f'{k} {v:.4f}' for k, v in values.items()), rate)
+                logger.info(
+                    "train epoch %d step %d/%d lr %.3g %s (%.0f img/s)",
+                    epoch,
+                    batch + 1,
+                    self.steps_per_epoch,
+                    self.optimizer.param_groups[0]["lr"],
+                    " ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                    rate,
+                )
                 if self.writer is not None:
                     for key, value in values.items():
-                        self.writer.add_scalar(f'train/{key}', value, self.global_step)
-                    self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], self.global_step)
-            position['next_batch'] = batch + 1
+                        self.writer.add_scalar(f"train/{key}", value, self.global_step)
+                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
+            position["next_batch"] = batch + 1
             if self._stop_agreed():
-                self.save(epoch, batch + 1, ['checkpoint.pth'])
+                self.save(epoch, batch + 1, ["checkpoint.pth"])
                 return None
         self.finish_pending()
         totals = dict(self.epoch_sums)
-        steps = totals.pop('steps', 1)
+        steps = totals.pop("steps", 1)
         return {key: value / steps for key, value in totals.items()}
 
     @torch.no_grad()
@@ -402,9 +461,10 @@ class Trainer:
         """Top-1/top-5 (%) and CE loss of the mean of both heads over the whole val set, summed over ranks."""
         self.student.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        criterion = nn.CrossEntropyLoss(reduction='sum')
-        for images, targets in progress(raise_worker_errors_plainly(loader), rank=self.env.rank, desc='eval',
-                                        total=len(loader)):
+        criterion = nn.CrossEntropyLoss(reduction="sum")
+        for images, targets in progress(
+            raise_worker_errors_plainly(loader), rank=self.env.rank, desc="eval", total=len(loader)
+        ):
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -413,13 +473,23 @@ class Trainer:
                 logits = self.student(images).float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5.eq(targets[:, None])
-            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), criterion(logits, targets),
-                                 torch.tensor(targets.numel(), device=self.device)]).double()
+            sums += torch.stack(
+                [
+                    hits[:, 0].sum(),
+                    hits.any(dim=1).sum(),
+                    criterion(logits, targets),
+                    torch.tensor(targets.numel(), device=self.device),
+                ]
+            ).double()
         all_reduce_sum(sums)
         correct1, correct5, loss_sum, total = sums.tolist()
         self.student.train()
-        return {'top1': 100.0 * correct1 / total, 'top5': 100.0 * correct5 / total, 'loss': loss_sum / total,
-                'num_images': int(total)}
+        return {
+            "top1": 100.0 * correct1 / total,
+            "top5": 100.0 * correct5 / total,
+            "loss": loss_sum / total,
+            "num_images": int(total),
+        }
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _gather_rng(self) -> list[dict]:
@@ -437,22 +507,22 @@ class Trainer:
     def state_dict(self, epoch: int, next_batch: int) -> dict[str, Any]:
         """Everything needed to continue exactly at batch ``next_batch`` of ``epoch``."""
         return {
-            'format': CHECKPOINT_FORMAT,
-            'model': self.student.state_dict(),
-            'optimizer': self.optimizer.state_dict(),
-            'lr_scheduler': self.scheduler.state_dict(),
-            'scaler': self.scaler.state_dict() if self.scaler is not None else None,
-            'epoch': epoch,
-            'next_batch': next_batch,
-            'global_step': epoch * self.steps_per_epoch + next_batch,
-            'steps_per_epoch': self.steps_per_epoch,
-            'world_size': self.env.world_size,
-            'max_accuracy': self.max_accuracy,
-            'wall_time_s': self.elapsed(),
-            'epoch_sums': self.epoch_sums,
-            'history': self.history,
-            'rng': self._gather_rng(),
-            'config': self.cfg,
+            "format": CHECKPOINT_FORMAT,
+            "model": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": epoch,
+            "next_batch": next_batch,
+            "global_step": epoch * self.steps_per_epoch + next_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.env.world_size,
+            "max_accuracy": self.max_accuracy,
+            "wall_time_s": self.elapsed(),
+            "epoch_sums": self.epoch_sums,
+            "history": self.history,
+            "rng": self._gather_rng(),
+            "config": self.cfg,
         }
 
     def save(self, epoch: int, next_batch: int, names: list[str]) -> None:
@@ -461,52 +531,73 @@ class Trainer:
         self.finish_pending()
         state = self.state_dict(epoch, next_batch)
         if self.env.is_main and self.output_dir is not None:
-            broken = [n for n, p in self.student.state_dict().items() if p.is_floating_point() and
-                      not bool(torch.isfinite(p).all())]
+            broken = [
+                n
+                for n, p in self.student.state_dict().items()
+                if p.is_floating_point() and not bool(torch.isfinite(p).all())
+            ]
             if broken:
-                raise NonFiniteLossError(f'weights became non-finite ({", ".join(broken[:4])}); not writing a '
-                                         f'checkpoint over {self.output_dir / names[0]}')
+                raise NonFiniteLossError(
+                    f"weights became non-finite ({', '.join(broken[:4])}); not writing a "
+                    f"checkpoint over {self.output_dir / names[0]}"
+                )
             for name in names:
                 atomic_save(state, self.output_dir / name)
-            logger.info('saved %s (epoch %d, next batch %d)', ', '.join(names), epoch, next_batch)
+            logger.info("saved %s (epoch %d, next batch %d)", ", ".join(names), epoch, next_batch)
         barrier()
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> tuple[int, int]:
         """Restore a checkpoint written by :meth:`state_dict`; returns ``(epoch, next_batch)`` to resume at."""
-        if state.get('format') != CHECKPOINT_FORMAT:
-            raise UserError(f'{path} is not a resumable checkpoint of this project (no {CHECKPOINT_FORMAT!r} '
-                            'format tag); to start from released weights use --ckpt with --eval, or a new --output')
-        if state['steps_per_epoch'] != self.steps_per_epoch:
-            raise UserError(f'{path} was written with {state["steps_per_epoch"]} steps per epoch, this run has '
-                            f'{self.steps_per_epoch} (batch size, world size or dataset changed); resume with the '
-                            'same data.batch_size and number of processes, or use a new --output')
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(
+                f"{path} is not a resumable checkpoint of this project (no {CHECKPOINT_FORMAT!r} "
+                "format tag); to start from released weights use --ckpt with --eval, or a new --output"
+            )
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise UserError(
+                f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
+                f"{self.steps_per_epoch} (batch size, world size or dataset changed); resume with the "
+                "same data.batch_size and number of processes, or use a new --output"
+            )
         try:
-            self.student.load_state_dict(state['model'])
-            self.optimizer.load_state_dict(state['optimizer'])
+            self.student.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f'{path} does not match this run\'s model/optimizer '
-                            f'({str(err).splitlines()[0]}); use the same config or a new --output') from None
-        self.scheduler.load_state_dict(state['lr_scheduler'])
-        if self.scaler is not None and state['scaler'] is not None:
-            self.scaler.load_state_dict(state['scaler'])
-        self.max_accuracy = state['max_accuracy']
-        self.wall_time = state['wall_time_s']
-        self.epoch_sums = state['epoch_sums']
-        self.history = state['history']
-        rng = state['rng']
+            raise UserError(
+                f"{path} does not match this run's model/optimizer "
+                f"({str(err).splitlines()[0]}); use the same config or a new --output"
+            ) from None
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.max_accuracy = state["max_accuracy"]
+        self.wall_time = state["wall_time_s"]
+        self.epoch_sums = state["epoch_sums"]
+        self.history = state["history"]
+        rng = state["rng"]
         if len(rng) == self.env.world_size:
             restore_rng_state(rng[self.env.rank])
         else:
-            logger.warning('%s holds RNG states for %d ranks, this run has %d: RNG not restored (resume is not '
-                           'bit-exact)', path, len(rng), self.env.world_size)
-        self.global_step = state['global_step']
-        return state['epoch'], state['next_batch']
+            logger.warning(
+                "%s holds RNG states for %d ranks, this run has %d: RNG not restored (resume is not bit-exact)",
+                path,
+                len(rng),
+                self.env.world_size,
+            )
+        self.global_step = state["global_step"]
+        return state["epoch"], state["next_batch"]
 
 
-def build_train_step(recipe: str = 'release', model: str = 'tiny', batch_size: int = 256, img_size: int | None = None,
-                     device: str | torch.device = 'cuda', teacher: str = 'regnety_160', num_classes: int = 1000,
-                     **model_overrides: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
-                                                       Trainer]:
+def build_train_step(
+    recipe: str = "release",
+    model: str = "tiny",
+    batch_size: int = 256,
+    img_size: int | None = None,
+    device: str | torch.device = "cuda",
+    teacher: str = "regnety_160",
+    num_classes: int = 1000,
+    **model_overrides: Any,
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], Trainer]:
     """One training step of the DeiT recipe for benchmarks, with randomly initialised networks.
 
     ``recipe``: ``'release'`` (fp16 autocast + GradScaler on CUDA, eager, foreach AdamW) or ``'fast'`` (bf16,
@@ -520,14 +611,21 @@ def build_train_step(recipe: str = 'release', model: str = 'tiny', batch_size: i
     from .config import load_config
     from .models import build_student
 
-    if recipe not in ('release', 'fast'):
+    if recipe not in ("release", "fast"):
         raise UserError(f"recipe must be 'release' or 'fast', got {recipe!r}")
-    cfg = load_config(model, flags={'fast': recipe == 'fast', 'data.batch_size': batch_size,
-                                    'model.img_size': img_size, 'teacher.name': teacher,
-                                    'model.num_classes': num_classes,
-                                    **{f'model.{k}': v for k, v in model_overrides.items()}})
+    cfg = load_config(
+        model,
+        flags={
+            "fast": recipe == "fast",
+            "data.batch_size": batch_size,
+            "model.img_size": img_size,
+            "teacher.name": teacher,
+            "model.num_classes": num_classes,
+            **{f"model.{k}": v for k, v in model_overrides.items()},
+        },
+    )
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    teacher_net = timm.create_model(cfg['teacher']['name'], num_classes=num_classes, pretrained=False).eval()
+    teacher_net = timm.create_model(cfg["teacher"]["name"], num_classes=num_classes, pretrained=False).eval()
     for param in teacher_net.parameters():
         param.requires_grad_(False)
     student = build_student(cfg, teacher_dim=teacher_net.num_features)

@@ -7,77 +7,122 @@
 Exit status: 0 done, 2 a user error (one line on stderr), 3 stopped by SIGTERM/SIGINT after writing a resumable
 checkpoint (run the same command again to continue).
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or '.').resolve() != _HERE]  # deit/datasets.py must not shadow `datasets`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # deit/datasets.py must not shadow `datasets`
 if str(_HERE.parent) not in sys.path:
     sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any
 
 import torch  # noqa: E402
-
-from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from projector_kd.distributed import (DistEnv, cleanup, init_distributed, parse_device, run_on_main,  # noqa: E402
-                                      seed_everything)
-from projector_kd.errors import UserError, run_cli  # noqa: E402
-from projector_kd.runs import (prepare_output_dir, release_output_dirs, run_folder, setup_logging,  # noqa: E402
-                               tensorboard_writer, write_json)
-from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
 
 from deit.checkpoint import check_resume_model, load_student_checkpoint  # noqa: E402
 from deit.config import load_config  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
 from deit.engine import CHECKPOINT_FORMAT, Trainer  # noqa: E402
 from deit.models import build_student, count_parameters, create_teacher  # noqa: E402
+from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from projector_kd.distributed import (
+    DistEnv,
+    cleanup,
+    init_distributed,
+    parse_device,
+    run_on_main,  # noqa: E402
+    seed_everything,
+)
+from projector_kd.errors import UserError, run_cli  # noqa: E402
+from projector_kd.runs import (
+    prepare_output_dir,
+    release_output_dirs,
+    run_folder,
+    setup_logging,  # noqa: E402
+    tensorboard_writer,
+    write_json,
+)
+from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
 
 REPO_ROOT = _HERE.parent
-RESUME_FILE = 'checkpoint.pth'
-logger = logging.getLogger('deit')
+RESUME_FILE = "checkpoint.pth"
+logger = logging.getLogger("deit")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('deit/main.py', description=__doc__.split('\n')[0])
-    parser.add_argument('--model', default='tiny', help='student preset: tiny | small | demo (default tiny)')
-    parser.add_argument('--train_student', '--train-student', action='store_true',
-                        help='train (default: evaluate a checkpoint)')
-    parser.add_argument('--eval', action='store_true', help='evaluate only (the default without --train_student)')
-    parser.add_argument('--config', help='YAML merged over configs/deit/<model>.yaml')
-    parser.add_argument('--data-path', help='ImageFolder root holding train/ and val/ (data.path)')
-    parser.add_argument('--output', help='run folder: logs, TensorBoard, checkpoints, metrics.json (output)')
-    parser.add_argument('--batch-size', type=int, help='per-process batch size (data.batch_size)')
-    parser.add_argument('--epochs', type=int, help='train.epochs')
-    parser.add_argument('--accum-iter', type=int,
-                        help='micro-batches per optimizer step (train.accum_iter): global batch = batch size x '
-                             'accum-iter x GPUs, so fewer GPUs can keep the recipe\'s global batch')
-    parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
-                        help='continue a run even if its config changed; with a path, resume from that checkpoint '
-                             '(auto-resume from <output>/checkpoint.pth happens anyway when the config matches)')
-    parser.add_argument('--ckpt', help='checkpoint to evaluate (release or project layout), or an exported folder / '
-                        '.safetensors file (scripts/export.py)')
-    parser.add_argument('--teacher-ckpt', help='teacher weights: {"model": state_dict} or a raw state dict')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='allow full (unsafe) unpickling of --ckpt / --resume files you trust')
-    parser.add_argument('--throughput', action='store_true', help='measure student inference img/s and exit')
-    parser.add_argument('--fast', action='store_true', default=None,
-                        help='fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)')
-    parser.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
-    parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides, e.g. '
-                        '--opts train.base_lr 1e-3 data.num_workers 4')
+    parser = argparse.ArgumentParser("deit/main.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help="student preset: tiny | small | demo (default tiny)")
+    parser.add_argument(
+        "--train_student", "--train-student", action="store_true", help="train (default: evaluate a checkpoint)"
+    )
+    parser.add_argument("--eval", action="store_true", help="evaluate only (the default without --train_student)")
+    parser.add_argument("--config", help="YAML merged over configs/deit/<model>.yaml")
+    parser.add_argument("--data-path", help="ImageFolder root holding train/ and val/ (data.path)")
+    parser.add_argument("--output", help="run folder: logs, TensorBoard, checkpoints, metrics.json (output)")
+    parser.add_argument("--batch-size", type=int, help="per-process batch size (data.batch_size)")
+    parser.add_argument("--epochs", type=int, help="train.epochs")
+    parser.add_argument(
+        "--accum-iter",
+        type=int,
+        help="micro-batches per optimizer step (train.accum_iter): global batch = batch size x "
+        "accum-iter x GPUs, so fewer GPUs can keep the recipe's global batch",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CKPT",
+        help="continue a run even if its config changed; with a path, resume from that checkpoint "
+        "(auto-resume from <output>/checkpoint.pth happens anyway when the config matches)",
+    )
+    parser.add_argument(
+        "--ckpt",
+        help="checkpoint to evaluate (release or project layout), or an exported folder / "
+        ".safetensors file (scripts/export.py)",
+    )
+    parser.add_argument("--teacher-ckpt", help='teacher weights: {"model": state_dict} or a raw state dict')
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow full (unsafe) unpickling of --ckpt / --resume files you trust",
+    )
+    parser.add_argument("--throughput", action="store_true", help="measure student inference img/s and exit")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        default=None,
+        help="fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)",
+    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides, e.g. --opts train.base_lr 1e-3 data.num_workers 4",
+    )
     return parser
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
-    flags = {'data.path': args.data_path, 'output': args.output, 'data.batch_size': args.batch_size,
-             'train.epochs': args.epochs, 'train.accum_iter': args.accum_iter, 'teacher.ckpt': args.teacher_ckpt,
-             'fast': args.fast, 'device': args.device}
+    flags = {
+        "data.path": args.data_path,
+        "output": args.output,
+        "data.batch_size": args.batch_size,
+        "train.epochs": args.epochs,
+        "train.accum_iter": args.accum_iter,
+        "teacher.ckpt": args.teacher_ckpt,
+        "fast": args.fast,
+        "device": args.device,
+    }
     return load_config(args.model, args.config, flags, args.opts)
 
 
@@ -92,12 +137,14 @@ def find_file(path: str | Path) -> Path:
 
 def release_checkpoint(model: str) -> Path:
     """The released checkpoint for ``model``: ckpts/deit_<model>/ckpt_epoch_299.pth, then ckpts/ckpt_epoch_299.pth."""
-    candidates = [Path('ckpts') / f'deit_{model}' / 'ckpt_epoch_299.pth', Path('ckpts') / 'ckpt_epoch_299.pth']
+    candidates = [Path("ckpts") / f"deit_{model}" / "ckpt_epoch_299.pth", Path("ckpts") / "ckpt_epoch_299.pth"]
     for candidate in candidates:
         if find_file(candidate).is_file():
             return find_file(candidate)
-    raise UserError(f'no checkpoint to evaluate: looked for {" and ".join(str(REPO_ROOT / c) for c in candidates)}; '
-                    'download the released weights there (see ckpts/README.md) or pass --ckpt PATH')
+    raise UserError(
+        f"no checkpoint to evaluate: looked for {' and '.join(str(REPO_ROOT / c) for c in candidates)}; "
+        "download the released weights there (see ckpts/README.md) or pass --ckpt PATH"
+    )
 
 
 def teacher_width(cfg: dict) -> int:
@@ -105,16 +152,21 @@ def teacher_width(cfg: dict) -> int:
     import timm
 
     try:
-        return timm.create_model(cfg['teacher']['name'], num_classes=cfg['model']['num_classes'],
-                                 pretrained=False).num_features
+        return timm.create_model(
+            cfg["teacher"]["name"], num_classes=cfg["model"]["num_classes"], pretrained=False
+        ).num_features
     except RuntimeError as err:
-        raise UserError(f'unknown teacher model {cfg["teacher"]["name"]!r} (teacher.name): {err}') from None
+        raise UserError(f"unknown teacher model {cfg['teacher']['name']!r} (teacher.name): {err}") from None
 
 
 def log_parameters(student: torch.nn.Module) -> dict[str, int]:
     counts = count_parameters(student)
-    logger.info('student parameters: %.2fM (+%.2fM projector, %.2fM total)', counts['student'] / 1e6,
-                counts['projector'] / 1e6, counts['total'] / 1e6)
+    logger.info(
+        "student parameters: %.2fM (+%.2fM projector, %.2fM total)",
+        counts["student"] / 1e6,
+        counts["projector"] / 1e6,
+        counts["total"] / 1e6,
+    )
     return counts
 
 
@@ -122,139 +174,178 @@ def log_parameters(student: torch.nn.Module) -> dict[str, int]:
 def throughput(student: torch.nn.Module, cfg: dict, device: torch.device) -> float:
     """Student inference img/s on random batches of ``data.batch_size`` (30 timed after 10 warm-up)."""
     student.eval().to(device)
-    size = cfg['model']['img_size']
-    images = torch.randn(cfg['data']['batch_size'], 3, size, size, device=device)
+    size = cfg["model"]["img_size"]
+    images = torch.randn(cfg["data"]["batch_size"], 3, size, size, device=device)
     for _ in range(10):
         student(images)
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(30):
         student(images)
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize()
     rate = 30 * images.shape[0] / (time.perf_counter() - started)
-    logger.info('throughput: %.1f img/s at batch %d, %d px on %s', rate, images.shape[0], size, device)
+    logger.info("throughput: %.1f img/s at batch %d, %d px on %s", rate, images.shape[0], size, device)
     return rate
 
 
 def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
-    setup_logging(args.output, env.rank, name='deit')
+    setup_logging(args.output, env.rank, name="deit")
     student = build_student(cfg, teacher_width(cfg))  # with the projector, as released checkpoints hold one
     counts = log_parameters(student)
     if args.throughput:
         throughput(student, cfg, env.device)
         return 0
-    path = find_file(args.ckpt) if args.ckpt else release_checkpoint(cfg['model']['name'])
+    path = find_file(args.ckpt) if args.ckpt else release_checkpoint(cfg["model"]["name"])
     report = load_student_checkpoint(student, path, trusted=args.trust_checkpoint)
-    logger.info('loaded %d tensors from %s %s', len(report.loaded), path, report.meta or '')
-    check_data(cfg, splits=('val',))
-    _, val_loader = build_loaders(cfg, env.rank, env.world_size, pin_memory=env.device.type == 'cuda', train=False)
-    trainer = Trainer({**cfg, 'distillation': {**cfg['distillation'], 'method': 'none'}}, env, student, None,
-                      steps_per_epoch=1)
+    logger.info("loaded %d tensors from %s %s", len(report.loaded), path, report.meta or "")
+    check_data(cfg, splits=("val",))
+    _, val_loader = build_loaders(cfg, env.rank, env.world_size, pin_memory=env.device.type == "cuda", train=False)
+    trainer = Trainer(
+        {**cfg, "distillation": {**cfg["distillation"], "method": "none"}}, env, student, None, steps_per_epoch=1
+    )
     stats = trainer.evaluate(val_loader)
-    logger.info('%s on %d val images: top-1 %.2f top-5 %.2f loss %.4f', path, stats['num_images'], stats['top1'],
-                stats['top5'], stats['loss'])
+    logger.info(
+        "%s on %d val images: top-1 %.2f top-5 %.2f loss %.4f",
+        path,
+        stats["num_images"],
+        stats["top1"],
+        stats["top5"],
+        stats["loss"],
+    )
     if args.output and env.is_main:
-        write_json(Path(args.output) / 'eval_metrics.json',
-                   {**stats, 'checkpoint': str(path), 'params': counts, 'projector_note': report.projector_note})
+        write_json(
+            Path(args.output) / "eval_metrics.json",
+            {**stats, "checkpoint": str(path), "params": counts, "projector_note": report.projector_note},
+        )
     return 0
 
 
 def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     """Train (or continue) the run in ``cfg['output']``; returns the exit status."""
     started = time.perf_counter()
-    output = Path(cfg['output'])
-    if cfg['distillation']['method'] == 'projector' and cfg['data']['batch_size'] < 2:
-        raise UserError(f'data.batch_size = {cfg["data"]["batch_size"]}: the projector\'s batch whitening needs at '
-                        'least 2 images per process in each (micro-)batch — set --batch-size 2 or more')
-    check_data(cfg, splits=('train', 'val'))
+    output = Path(cfg["output"])
+    if cfg["distillation"]["method"] == "projector" and cfg["data"]["batch_size"] < 2:
+        raise UserError(
+            f"data.batch_size = {cfg['data']['batch_size']}: the projector's batch whitening needs at "
+            "least 2 images per process in each (micro-)batch — set --batch-size 2 or more"
+        )
+    check_data(cfg, splits=("train", "val"))
+
     def prepare() -> None:
         prepare_output_dir(output, cfg, resume=args.resume is not None)
-        for stale in output.glob('.*.pth.*.tmp'):
+        for stale in output.glob(".*.pth.*.tmp"):
             stale.unlink()
 
     run_on_main(prepare)  # a refused folder ends every rank with rank 0's line
-    setup_logging(output, env.rank, name='deit')
-    seed_everything(cfg['seed'], env.rank)
+    setup_logging(output, env.rank, name="deit")
+    seed_everything(cfg["seed"], env.rank)
     writer = tensorboard_writer(output, env.rank)
-    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size,
-                                             pin_memory=cfg['data']['pin_memory'] and env.device.type == 'cuda')
+    train_loader, val_loader = build_loaders(
+        cfg, env.rank, env.world_size, pin_memory=cfg["data"]["pin_memory"] and env.device.type == "cuda"
+    )
     teacher = None
-    if cfg['distillation']['method'] != 'none':
-        tcfg = cfg['teacher']
-        teacher, source = create_teacher(tcfg['name'], cfg['model']['num_classes'],
-                                         find_file(tcfg['ckpt']) if tcfg['ckpt'] else None, tcfg['hub_tag'],
-                                         trusted=tcfg['trusted'])
-        logger.info('teacher %s loaded from %s', tcfg['name'], source)
-    student = build_student(cfg, teacher.num_features if cfg['distillation']['method'] == 'projector' else None)
+    if cfg["distillation"]["method"] != "none":
+        tcfg = cfg["teacher"]
+        teacher, source = create_teacher(
+            tcfg["name"],
+            cfg["model"]["num_classes"],
+            find_file(tcfg["ckpt"]) if tcfg["ckpt"] else None,
+            tcfg["hub_tag"],
+            trusted=tcfg["trusted"],
+        )
+        logger.info("teacher %s loaded from %s", tcfg["name"], source)
+    student = build_student(cfg, teacher.num_features if cfg["distillation"]["method"] == "projector" else None)
     counts = log_parameters(student)
     steps = train_loader.sampler.batches_per_epoch
     trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
     trainer.clock = started
-    logger.info('method %s, %d %s x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, '
-                'fast path %s, device %s', cfg['distillation']['method'], env.world_size,
-                'process' if env.world_size == 1 else 'processes', cfg['data']['batch_size'],
-                cfg['train']['accum_iter'], env.world_size * cfg['data']['batch_size'] * cfg['train']['accum_iter'],
-                trainer.lrs['lr'], steps, 'on' if cfg['fast'] else 'off', env.device)
+    logger.info(
+        "method %s, %d %s x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, "
+        "fast path %s, device %s",
+        cfg["distillation"]["method"],
+        env.world_size,
+        "process" if env.world_size == 1 else "processes",
+        cfg["data"]["batch_size"],
+        cfg["train"]["accum_iter"],
+        env.world_size * cfg["data"]["batch_size"] * cfg["train"]["accum_iter"],
+        trainer.lrs["lr"],
+        steps,
+        "on" if cfg["fast"] else "off",
+        env.device,
+    )
     start_epoch, start_batch = 0, 0
-    explicit = args.resume not in (None, 'auto')
+    explicit = args.resume not in (None, "auto")
     resume_path = find_file(args.resume) if explicit else latest_checkpoint(output, RESUME_FILE)
     if resume_path is not None:
         state = load_checkpoint(resume_path, trusted=args.trust_checkpoint)
-        if isinstance(state, dict) and state.get('format') == CHECKPOINT_FORMAT:  # others: the trainer names the format
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:  # others: the trainer names the format
             check_resume_model(student, state, resume_path)
         start_epoch, start_batch = trainer.load_state_dict(state, resume_path)
-        logger.info('resumed from %s at epoch %d, batch %d', resume_path, start_epoch, start_batch)
-    epochs = cfg['train']['epochs']
+        logger.info("resumed from %s at epoch %d, batch %d", resume_path, start_epoch, start_batch)
+    epochs = cfg["train"]["epochs"]
     for epoch in range(start_epoch, epochs):
         epoch_started = time.perf_counter()
         means = trainer.train_epoch(train_loader, epoch, start_batch, stop)
         start_batch = 0
         if means is None:
-            message = (f'stopped by {getattr(stop, "signal_name", None) or "request"} during epoch {epoch}; '
-                       f'resumable checkpoint {output / RESUME_FILE} written — run the same command to continue')
+            message = (
+                f"stopped by {getattr(stop, 'signal_name', None) or 'request'} during epoch {epoch}; "
+                f"resumable checkpoint {output / RESUME_FILE} written — run the same command to continue"
+            )
             logger.warning(message)
-            print(f'stopped: {message}', file=sys.stderr, flush=True)
+            print(f"stopped: {message}", file=sys.stderr, flush=True)
             return EXIT_STATUS_STOPPED
         last = epoch == epochs - 1
-        trainer.history['epoch'].append(epoch)
-        trainer.history['train_loss'].append(means.get('loss', float('nan')))
-        if (epoch + 1) % cfg['train']['eval_freq'] == 0 or last:
+        trainer.history["epoch"].append(epoch)
+        trainer.history["train_loss"].append(means.get("loss", float("nan")))
+        if (epoch + 1) % cfg["train"]["eval_freq"] == 0 or last:
             stats = trainer.evaluate(val_loader)
-            trainer.max_accuracy = max(trainer.max_accuracy, stats['top1'])
-            trainer.history['val_top1'].append(stats['top1'])
-            trainer.history['val_top5'].append(stats['top5'])
-            logger.info('epoch %d: val top-1 %.2f top-5 %.2f (best %.2f), %.1fs', epoch, stats['top1'],
-                        stats['top5'], trainer.max_accuracy, time.perf_counter() - epoch_started)
+            trainer.max_accuracy = max(trainer.max_accuracy, stats["top1"])
+            trainer.history["val_top1"].append(stats["top1"])
+            trainer.history["val_top5"].append(stats["top5"])
+            logger.info(
+                "epoch %d: val top-1 %.2f top-5 %.2f (best %.2f), %.1fs",
+                epoch,
+                stats["top1"],
+                stats["top5"],
+                trainer.max_accuracy,
+                time.perf_counter() - epoch_started,
+            )
             if writer is not None:
-                writer.add_scalar('val/top1', stats['top1'], epoch)
-                writer.add_scalar('val/top5', stats['top5'], epoch)
+                writer.add_scalar("val/top1", stats["top1"], epoch)
+                writer.add_scalar("val/top5", stats["top5"], epoch)
         names = [RESUME_FILE]
-        if (epoch + 1) % cfg['train']['save_freq'] == 0 or last:
-            names.append(f'ckpt_epoch_{epoch}.pth')
+        if (epoch + 1) % cfg["train"]["save_freq"] == 0 or last:
+            names.append(f"ckpt_epoch_{epoch}.pth")
         trainer.save(epoch + 1, 0, names)
     final = trainer.evaluate(val_loader) if start_epoch >= epochs else None
     history = trainer.history
     metrics = {
-        'top1': final['top1'] if final else history['val_top1'][-1],
-        'top5': final['top5'] if final else history['val_top5'][-1],
-        'max_top1': trainer.max_accuracy,
-        'val_top1_per_epoch': history['val_top1'],
-        'val_top5_per_epoch': history['val_top5'],
-        'train_loss': history['train_loss'],
-        'epochs': epochs,
-        'method': cfg['distillation']['method'],
-        'student': cfg['model']['name'],
-        'student_params': counts['student'],
-        'params': counts,
-        'wall_time_s': trainer.elapsed(),
-        'world_size': env.world_size,
+        "top1": final["top1"] if final else history["val_top1"][-1],
+        "top5": final["top5"] if final else history["val_top5"][-1],
+        "max_top1": trainer.max_accuracy,
+        "val_top1_per_epoch": history["val_top1"],
+        "val_top5_per_epoch": history["val_top5"],
+        "train_loss": history["train_loss"],
+        "epochs": epochs,
+        "method": cfg["distillation"]["method"],
+        "student": cfg["model"]["name"],
+        "student_params": counts["student"],
+        "params": counts,
+        "wall_time_s": trainer.elapsed(),
+        "world_size": env.world_size,
     }
     if env.is_main:
-        write_json(output / 'metrics.json', metrics)
-        logger.info('done: top-1 %.2f top-5 %.2f, %.1fs; metrics in %s', metrics['top1'], metrics['top5'],
-                    metrics['wall_time_s'], output / 'metrics.json')
+        write_json(output / "metrics.json", metrics)
+        logger.info(
+            "done: top-1 %.2f top-5 %.2f, %.1fs; metrics in %s",
+            metrics["top1"],
+            metrics["top5"],
+            metrics["wall_time_s"],
+            output / "metrics.json",
+        )
     if writer is not None:
         writer.close()
     return 0
@@ -265,10 +356,10 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
     args = get_args_parser().parse_args(argv)
     parse_device(args.device)  # the flag's own error line, before it reaches the config
     cfg = resolve_config(args)
-    cfg['output'] = str(run_folder(cfg['output'], '--output'))
+    cfg["output"] = str(run_folder(cfg["output"], "--output"))
     if args.output is not None:
-        args.output = cfg['output']
-    env = init_distributed(cfg['device'])
+        args.output = cfg["output"]
+    env = init_distributed(cfg["device"])
     try:
         if not args.train_student or args.eval or args.throughput:
             return evaluate(cfg, args, env)
@@ -281,5 +372,5 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
         release_output_dirs()
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     run_cli(main)

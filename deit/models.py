@@ -27,13 +27,21 @@ from projector_kd import ProjectorDistillLoss
 from projector_kd.errors import UserError
 
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
-    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
-    'small': dict(embed_dim=384, depth=12, num_heads=6),
-    'demo': dict(embed_dim=64, depth=4, num_heads=2, drop_path_rate=0.0, stem_channels=32, stem_stride=2, patch_size=2,
-                 img_size=32),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "demo": dict(
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        drop_path_rate=0.0,
+        stem_channels=32,
+        stem_stride=2,
+        patch_size=2,
+        img_size=32,
+    ),
 }
-TIMM_NAMES = {'tiny': 'deit_conv_tiny', 'small': 'deit_conv_small', 'demo': 'deit_conv_demo'}
-INIT_SCHEMES = ('release', 'deit')
+TIMM_NAMES = {"tiny": "deit_conv_tiny", "small": "deit_conv_small", "demo": "deit_conv_demo"}
+INIT_SCHEMES = ("release", "deit")
 
 
 class ConvStem(nn.Module):
@@ -43,14 +51,21 @@ class ConvStem(nn.Module):
     strides (2, 8) the output grid is 14 x 14.
     """
 
-    def __init__(self, embed_dim: int, stem_channels: int = 64, stem_stride: int = 2, patch_size: int = 8,
-                 in_chans: int = 3) -> None:
+    def __init__(
+        self, embed_dim: int, stem_channels: int = 64, stem_stride: int = 2, patch_size: int = 8, in_chans: int = 3
+    ) -> None:
         super().__init__()
         c = stem_channels
         self.conv = nn.Sequential(
-            nn.Conv2d(in_chans, c, 7, stride=stem_stride, padding=3, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
-            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
-            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True),
+            nn.Conv2d(in_chans, c, 7, stride=stem_stride, padding=3, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(True),
         )
         self.proj = nn.Conv2d(c, embed_dim, patch_size, stride=patch_size)
         self.reduction = stem_stride * patch_size
@@ -69,20 +84,37 @@ class ConvStemDeiT(nn.Module):
     the blocks' outputs; ``img_size`` may be an int or a square (h, w).
     """
 
-    def __init__(self, img_size: int = 224, num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
-                 num_heads: int = 3, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, stem_channels: int = 64,
-                 stem_stride: int = 2, patch_size: int = 8, teacher_dim: int | None = None,
-                 distance: str = 'log_corr', exponent: float = 4.0, projector_eps: float = 0.0,
-                 projector: str = 'linear', init: str = 'release', in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        img_size: int = 224,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        stem_channels: int = 64,
+        stem_stride: int = 2,
+        patch_size: int = 8,
+        teacher_dim: int | None = None,
+        distance: str = "log_corr",
+        exponent: float = 4.0,
+        projector_eps: float = 0.0,
+        projector: str = "linear",
+        init: str = "release",
+        in_chans: int = 3,
+    ) -> None:
         super().__init__()
         if init not in INIT_SCHEMES:
-            raise UserError(f'model.init={init!r} is not one of {", ".join(INIT_SCHEMES)}')
+            raise UserError(f"model.init={init!r} is not one of {', '.join(INIT_SCHEMES)}")
         img_size = _square_size(img_size)
         if img_size % (stem_stride * patch_size):
-            raise UserError(f'model.img_size={img_size} is not divisible by stem_stride*patch_size='
-                            f'{stem_stride * patch_size}; pick an img_size that is a multiple of it')
+            raise UserError(
+                f"model.img_size={img_size} is not divisible by stem_stride*patch_size="
+                f"{stem_stride * patch_size}; pick an img_size that is a multiple of it"
+            )
         if embed_dim % num_heads:
-            raise UserError(f'model.embed_dim={embed_dim} is not divisible by model.num_heads={num_heads}')
+            raise UserError(f"model.embed_dim={embed_dim} is not divisible by model.num_heads={num_heads}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
@@ -92,31 +124,36 @@ class ConvStemDeiT(nn.Module):
         self.num_patches = (img_size // self.conv_embed.reduction) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 2, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm_layer)
-            for r in rates])
-        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=self.conv_embed.reduction)
-                             for i in range(depth)]
+        self.blocks = nn.Sequential(
+            *[
+                Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm_layer)
+                for r in rates
+            ]
+        )
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.conv_embed.reduction) for i in range(depth)
+        ]
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head_conv = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.distillation_loss = None
         if teacher_dim:
-            self.distillation_loss = ProjectorDistillLoss(embed_dim, teacher_dim, distance=distance,
-                                                          exponent=exponent, eps=projector_eps, projector=projector)
+            self.distillation_loss = ProjectorDistillLoss(
+                embed_dim, teacher_dim, distance=distance, exponent=exponent, eps=projector_eps, projector=projector
+            )
         init_weights(self, init)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides 1-D tensors and biases."""
-        return {'pos_embed', 'cls_token'}
+        return {"pos_embed", "cls_token"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's layer groups (layer-wise lr decay): the stem and tokens, then one group per block."""
-        return dict(stem=r'^cls_token|pos_embed|conv_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+        return dict(stem=r"^cls_token|pos_embed|conv_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -133,8 +170,8 @@ class ConvStemDeiT(nn.Module):
 
         Only the token pooling exists (``global_pool`` None, '' or 'token').
         """
-        if global_pool not in (None, '', 'token'):
-            raise ValueError(f'global_pool={global_pool!r}: the conv-stem DeiT reads the cls and conv tokens')
+        if global_pool not in (None, "", "token"):
+            raise ValueError(f"global_pool={global_pool!r}: the conv-stem DeiT reads the cls and conv tokens")
         factory = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes, **factory) if num_classes > 0 else nn.Identity()
@@ -158,9 +195,16 @@ class ConvStemDeiT(nn.Module):
             x = self.blocks(x)
         return self.norm(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
-                              return_prefix_tokens: bool = False) -> Any:
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ) -> Any:
         """``forward_features`` that also returns the outputs of the blocks selected by ``indices``.
 
         ``indices``: the last n blocks (int), the listed blocks (negative counts from the end), or all (None).
@@ -168,12 +212,12 @@ class ConvStemDeiT(nn.Module):
         final norm when ``norm``; ``return_prefix_tokens`` pairs each with its (B, 2, D) cls and conv tokens.
         Returns ``(final normed tokens, intermediates)``, or only the intermediates when ``intermediates_only``.
         """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f'output_fmt={output_fmt!r}: use NCHW or NLC')
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: use NCHW or NLC")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
         x = self._tokens(x)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
         intermediates = []
         for i, block in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -182,24 +226,26 @@ class ConvStemDeiT(nn.Module):
                 x = block(x)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
-        prefix = [y[:, :self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if output_fmt == 'NCHW':
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
             grid = (height // self.conv_embed.reduction, width // self.conv_embed.reduction)
-            intermediates = [y.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
+            intermediates = [
+                y.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """Drop the blocks after the last one ``indices`` selects (and the final norm / the heads); returns the
         kept indices."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
+        self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -230,30 +276,43 @@ def _square_size(img_size: int | tuple[int, int] | list[int]) -> int:
         return img_size
     height, width = img_size
     if height != width:
-        raise UserError(f'model.img_size={tuple(img_size)}: the conv-stem DeiT takes square images')
+        raise UserError(f"model.img_size={tuple(img_size)}: the conv-stem DeiT takes square images")
     return int(height)
 
 
-EVAL_INTERPOLATION = 'bilinear'
+EVAL_INTERPOLATION = "bilinear"
 
 
 def _cfg(**overrides: Any) -> dict[str, Any]:
     """timm pretrained config: this project's evaluation transform (resize to img_size / crop_pct, bilinear, center
     crop, ImageNet mean/std) and the layer names timm adapts (first conv, the two heads)."""
-    return {'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.875,
-            'interpolation': EVAL_INTERPOLATION, 'fixed_input_size': True, 'mean': IMAGENET_DEFAULT_MEAN,
-            'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv_embed.conv.0', 'classifier': ('head', 'head_conv'),
-            'license': 'mit', **overrides}
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": EVAL_INTERPOLATION,
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv_embed.conv.0",
+        "classifier": ("head", "head_conv"),
+        "license": "mit",
+        **overrides,
+    }
 
 
-default_cfgs = generate_default_cfgs({
-    'deit_conv_tiny': _cfg(),
-    'deit_conv_small': _cfg(),
-    'deit_conv_demo': _cfg(input_size=(3, 32, 32), crop_pct=1.0),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "deit_conv_tiny": _cfg(),
+        "deit_conv_small": _cfg(),
+        "deit_conv_demo": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    }
+)
 
 
-def init_weights(model: ConvStemDeiT, scheme: str = 'release') -> None:
+def init_weights(model: ConvStemDeiT, scheme: str = "release") -> None:
     """Initialise a student's weights; the projector (``distillation_loss``) keeps PyTorch's defaults.
 
     Both schemes: pos_embed and every Linear weight ``trunc_normal_(std=0.02)`` (timm's, cut at +-2 absolute, so in
@@ -263,7 +322,7 @@ def init_weights(model: ConvStemDeiT, scheme: str = 'release') -> None:
     cls_token ``trunc_normal_(std=0.02)``, convs PyTorch's default (kaiming_uniform_, a = sqrt(5)).
     """
     trunc_normal_(model.pos_embed, std=0.02)
-    if scheme == 'release':
+    if scheme == "release":
         nn.init.normal_(model.cls_token, std=1e-6)
         for module in model.conv_embed.modules():
             if isinstance(module, nn.Conv2d):
@@ -271,48 +330,53 @@ def init_weights(model: ConvStemDeiT, scheme: str = 'release') -> None:
     else:
         trunc_normal_(model.cls_token, std=0.02)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not name.startswith('distillation_loss'):
+        if isinstance(module, nn.Linear) and not name.startswith("distillation_loss"):
             trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
 
 def _build(preset: str, pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
     variant = TIMM_NAMES[preset]
-    pretrained_cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
-                                            kwargs.pop('pretrained_cfg_overlay', None))
-    if pretrained and not any((pretrained_cfg.file, pretrained_cfg.url, pretrained_cfg.hf_hub_id,
-                               pretrained_cfg.state_dict)):
-        raise UserError(f'no downloadable weights for {variant}; export a checkpoint with scripts/export.py and load '
-                        f"it with timm.create_model('local-dir:FOLDER', pretrained=True), or load a checkpoint with "
-                        'deit.checkpoint.load_student_checkpoint')
-    for key in ('drop_rate', 'attn_drop_rate'):
+    pretrained_cfg = resolve_pretrained_cfg(
+        variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
+    )
+    if pretrained and not any(
+        (pretrained_cfg.file, pretrained_cfg.url, pretrained_cfg.hf_hub_id, pretrained_cfg.state_dict)
+    ):
+        raise UserError(
+            f"no downloadable weights for {variant}; export a checkpoint with scripts/export.py and load "
+            f"it with timm.create_model('local-dir:FOLDER', pretrained=True), or load a checkpoint with "
+            "deit.checkpoint.load_student_checkpoint"
+        )
+    for key in ("drop_rate", "attn_drop_rate"):
         if kwargs.pop(key, 0.0):
-            raise UserError(f'{key} is not supported by the conv-stem DeiT (the recipe uses none)')
-    device, dtype = kwargs.pop('device', None), kwargs.pop('dtype', None)
+            raise UserError(f"{key} is not supported by the conv-stem DeiT (the recipe uses none)")
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     params = {**STUDENT_PRESETS[preset], **{k: v for k, v in kwargs.items() if v is not None}}
-    features = dict(out_indices=params.pop('out_indices', 3), feature_cls='getter')
+    features = dict(out_indices=params.pop("out_indices", 3), feature_cls="getter")
     with torch.device(device) if device is not None else nullcontext():
-        model = build_model_with_cfg(ConvStemDeiT, variant, pretrained, pretrained_cfg=pretrained_cfg.to_dict(),
-                                     feature_cfg=features, **params)
+        model = build_model_with_cfg(
+            ConvStemDeiT, variant, pretrained, pretrained_cfg=pretrained_cfg.to_dict(), feature_cfg=features, **params
+        )
     return model.to(dtype=dtype) if dtype is not None else model
 
 
 @register_model
 def deit_conv_tiny(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
     """Conv-stem DeiT-Ti (dim 192, 3 heads, depth 12)."""
-    return _build('tiny', pretrained, **kwargs)
+    return _build("tiny", pretrained, **kwargs)
 
 
 @register_model
 def deit_conv_small(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
     """Conv-stem DeiT-S (dim 384, 6 heads, depth 12)."""
-    return _build('small', pretrained, **kwargs)
+    return _build("small", pretrained, **kwargs)
 
 
 @register_model
 def deit_conv_demo(pretrained: bool = False, **kwargs: Any) -> ConvStemDeiT:
     """A laptop-sized conv-stem DeiT for 32 px images (dim 64, 2 heads, depth 4, 32-channel stem, 8x8 tokens)."""
-    return _build('demo', pretrained, **kwargs)
+    return _build("demo", pretrained, **kwargs)
 
 
 def create_student(name: str, num_classes: int = 1000, img_size: int | None = None, **kwargs: Any) -> ConvStemDeiT:
@@ -325,29 +389,38 @@ def create_student(name: str, num_classes: int = 1000, img_size: int | None = No
     """
     timm_name = TIMM_NAMES.get(name, name)
     if timm_name not in TIMM_NAMES.values():
-        raise UserError(f'unknown student model {name!r}; choose one of {sorted(STUDENT_PRESETS)}')
+        raise UserError(f"unknown student model {name!r}; choose one of {sorted(STUDENT_PRESETS)}")
     return timm.create_model(timm_name, num_classes=num_classes, img_size=img_size, **kwargs)
 
 
 def build_student(cfg: dict, teacher_dim: int | None) -> ConvStemDeiT:
     """The student described by ``cfg['model']`` with a projector to ``teacher_dim`` (None: no projector)."""
-    model, distill = cfg['model'], cfg['distillation']
+    model, distill = cfg["model"], cfg["distillation"]
     return create_student(
-        model['name'], num_classes=model['num_classes'], img_size=model['img_size'],
-        drop_path_rate=model['drop_path'], teacher_dim=teacher_dim, distance=distill['distance'],
-        exponent=distill['exponent'], projector_eps=distill['eps'], projector=distill['projector'], init=model['init'],
-        **{k: model[k] for k in ('embed_dim', 'depth', 'num_heads', 'stem_channels', 'stem_stride', 'patch_size')})
+        model["name"],
+        num_classes=model["num_classes"],
+        img_size=model["img_size"],
+        drop_path_rate=model["drop_path"],
+        teacher_dim=teacher_dim,
+        distance=distill["distance"],
+        exponent=distill["exponent"],
+        projector_eps=distill["eps"],
+        projector=distill["projector"],
+        init=model["init"],
+        **{k: model[k] for k in ("embed_dim", "depth", "num_heads", "stem_channels", "stem_stride", "patch_size")},
+    )
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts: ``student`` (without the projector), ``projector`` and ``total``."""
     total = sum(p.numel() for p in model.parameters())
-    projector = sum(p.numel() for n, p in model.named_parameters() if n.startswith('distillation_loss.'))
-    return {'student': total - projector, 'projector': projector, 'total': total}
+    projector = sum(p.numel() for n, p in model.named_parameters() if n.startswith("distillation_loss."))
+    return {"student": total - projector, "projector": projector, "total": total}
 
 
-def create_teacher(name: str, num_classes: int, ckpt: str | Path | None = None, hub_tag: str | None = None,
-                   trusted: bool = False) -> tuple[nn.Module, str]:
+def create_teacher(
+    name: str, num_classes: int, ckpt: str | Path | None = None, hub_tag: str | None = None, trusted: bool = False
+) -> tuple[nn.Module, str]:
     """Build a frozen timm classifier in eval mode and load its weights; returns ``(teacher, source description)``.
 
     Weights come from ``ckpt`` (a raw state dict or ``{'model': state_dict}``) when that file exists, else from timm's
@@ -358,22 +431,24 @@ def create_teacher(name: str, num_classes: int, ckpt: str | Path | None = None, 
     try:
         teacher = timm.create_model(name, num_classes=num_classes, pretrained=False)
     except RuntimeError as err:
-        raise UserError(f'unknown teacher model {name!r} (teacher.name): {err}') from None
+        raise UserError(f"unknown teacher model {name!r} (teacher.name): {err}") from None
     if ckpt is not None and Path(ckpt).is_file():
         state = load_checkpoint(ckpt, trusted=trusted)
-        state = state.get('model', state)
-        state = {k.removeprefix('module.'): v for k, v in state.items()}
-        _load_exact(teacher, state, ckpt, what=f'teacher {name}')
-        source = f'file {ckpt}'
+        state = state.get("model", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        _load_exact(teacher, state, ckpt, what=f"teacher {name}")
+        source = f"file {ckpt}"
     elif hub_tag:
         try:
             teacher = timm.create_model(hub_tag, num_classes=num_classes, pretrained=True)
         except Exception as err:  # noqa: BLE001 - any hub failure ends in the same instruction
-            raise UserError(f'teacher weights not found at {ckpt} and the hub download of {hub_tag!r} failed '
-                            f'({type(err).__name__}); put the weights at {ckpt} or pass --teacher-ckpt') from None
-        source = f'timm hub tag {hub_tag}'
+            raise UserError(
+                f"teacher weights not found at {ckpt} and the hub download of {hub_tag!r} failed "
+                f"({type(err).__name__}); put the weights at {ckpt} or pass --teacher-ckpt"
+            ) from None
+        source = f"timm hub tag {hub_tag}"
     else:
-        raise UserError(f'teacher weights not found at {ckpt}; train or download them there, or pass --teacher-ckpt')
+        raise UserError(f"teacher weights not found at {ckpt}; train or download them there, or pass --teacher-ckpt")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -385,11 +460,18 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], path: str | Pa
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in set(own) & set(state)
-                    if hasattr(state[k], 'shape') and state[k].shape != own[k].shape)
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    )
     if missing or unexpected or shapes:
-        parts = [f'{label}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
-                 for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape', shapes)) if keys]
-        raise UserError(f'{path} does not match {what} ({"; ".join(parts)}); check the model name, width and '
-                        'num_classes')
+        parts = [
+            f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if keys
+        ]
+        raise UserError(
+            f"{path} does not match {what} ({'; '.join(parts)}); check the model name, width and num_classes"
+        )
     model.load_state_dict(state)

@@ -8,6 +8,7 @@ without importing data or building anything. Phase 2 (:func:`resolve`) evaluates
 Data root: the recipes read it as ``!import_call {key: os.getenv, init: {args: [<VAR>, <default>]}}``, so plain
 torchdistill honours the environment variable too; ``--data-root`` replaces every such node's value.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,16 +18,22 @@ import inspect
 import math
 import os
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torchdistill
 import yaml
 from torchdistill.common import main_util
 from torchdistill.core import distillation, training  # noqa: F401  (fills torchdistill's registries)
-from torchdistill.losses.registry import (HIGH_LEVEL_LOSS_DICT, LOSS_DICT, LOSS_WRAPPER_DICT, LOW_LEVEL_LOSS_DICT,
-                                          MIDDLE_LEVEL_LOSS_DICT)
+from torchdistill.losses.registry import (
+    HIGH_LEVEL_LOSS_DICT,
+    LOSS_DICT,
+    LOSS_WRAPPER_DICT,
+    LOW_LEVEL_LOSS_DICT,
+    MIDDLE_LEVEL_LOSS_DICT,
+)
 from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT
 from torchdistill.optim.registry import OPTIM_DICT, SCHEDULER_DICT
 
@@ -60,7 +67,7 @@ class TaggedSeq(list, Tagged):
 
 
 class TaggedStr(str, Tagged):
-    def __new__(cls, tag: str, value: str) -> "TaggedStr":
+    def __new__(cls, tag: str, value: str) -> TaggedStr:
         obj = super().__new__(cls, value)
         obj.tag = tag
         return obj
@@ -80,7 +87,9 @@ def _construct(loader: _RecipeLoader, node: yaml.Node) -> Tagged:
         return TaggedSeq(node.tag, loader.construct_sequence(node, deep=True))
     if isinstance(node, yaml.ScalarNode) and node.tag in SCALAR_TAGS:
         return TaggedStr(node.tag, loader.construct_scalar(node))
-    raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag} is not allowed on a {node.id}", node.start_mark)
+    raise yaml.constructor.ConstructorError(
+        None, None, f"tag {node.tag} is not allowed on a {node.id}", node.start_mark
+    )
 
 
 for _tag in MAPPING_TAGS + SEQUENCE_TAGS + SCALAR_TAGS:
@@ -105,8 +114,11 @@ def load_recipe(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     anything else replaces). YAML anchors do not cross files: an overlay names the values it changes in full.
     """
     path = Path(path)
-    recipe = load_yaml(path, loader=_RecipeLoader, missing_hint=" — pass --config with a path relative to the working "
-                                                                "directory or to the repository root")
+    recipe = load_yaml(
+        path,
+        loader=_RecipeLoader,
+        missing_hint=" — pass --config with a path relative to the working directory or to the repository root",
+    )
     base_name = recipe.pop(BASE_KEY, None)
     if base_name is None:
         return recipe
@@ -114,8 +126,9 @@ def load_recipe(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
         raise UserError(f"{path}: {BASE_KEY} must name a recipe file relative to {path.parent}, got {base_name!r}")
     base_path = (path.parent / base_name).resolve()
     if base_path in _seen or base_path == path.resolve():
-        raise UserError(f"{path}: {BASE_KEY} {base_name} leads back to {base_path} — recipes cannot include each other "
-                        f"in a cycle")
+        raise UserError(
+            f"{path}: {BASE_KEY} {base_name} leads back to {base_path} — recipes cannot include each other in a cycle"
+        )
     if not base_path.is_file():
         raise UserError(f"{path}: {BASE_KEY} file not found: {base_path} — the path is relative to {path.parent}")
     return merge_configs(load_recipe(base_path, (*_seen, path.resolve())), recipe)
@@ -133,16 +146,21 @@ def _walk(node: Any) -> Iterator[Any]:
 
 def env_lookups(recipe: dict) -> list[TaggedMap]:
     """The ``!import_call os.getenv`` nodes of the recipe (the data-root lookups)."""
-    return [node for node in _walk(recipe) if isinstance(node, TaggedMap) and node.tag == "!import_call"
-            and node.get("key") == ENV_LOOKUP_KEY]
+    return [
+        node
+        for node in _walk(recipe)
+        if isinstance(node, TaggedMap) and node.tag == "!import_call" and node.get("key") == ENV_LOOKUP_KEY
+    ]
 
 
 def set_data_root(recipe: dict, root: str) -> None:
     """Point every ``os.getenv`` data-root lookup of the recipe at ``root`` (the ``--data-root`` flag)."""
     lookups = env_lookups(recipe)
     if not lookups:
-        raise UserError("--data-root: this config has no `!import_call {key: os.getenv, ...}` data-root entry; "
-                        "edit its dataset paths instead")
+        raise UserError(
+            "--data-root: this config has no `!import_call {key: os.getenv, ...}` data-root entry; "
+            "edit its dataset paths instead"
+        )
     for node in lookups:
         args = list(node.get("init", {}).get("args", []))
         node["init"] = {"args": [args[0] if args else "DATA_ROOT", str(root)]}
@@ -241,11 +259,20 @@ def keys_read(function: Callable, name: str) -> frozenset[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Subscript) and is_mapping(node.value):
             key = literal(node.slice)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_mapping(node.func.value) \
-                and node.func.attr in ("get", "pop", "setdefault") and node.args:
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and is_mapping(node.func.value)
+            and node.func.attr in ("get", "pop", "setdefault")
+            and node.args
+        ):
             key = literal(node.args[0])
-        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)) \
-                and is_mapping(node.comparators[0]):
+        elif (
+            isinstance(node, ast.Compare)
+            and len(node.ops) == 1
+            and isinstance(node.ops[0], (ast.In, ast.NotIn))
+            and is_mapping(node.comparators[0])
+        ):
             key = literal(node.left)
         else:
             continue
@@ -271,27 +298,43 @@ def torchdistill_keys() -> dict[str, frozenset[str]]:
 
     readers = {
         "model": [(get_image_classification_model, "model_config"), (build_model, "config")],
-        "train": [(DistillationBox.__init__, "train_config"), (DistillationBox.setup, "train_config"),
-                  (DistillationBox.setup_data_loaders, "train_config"), (DistillationBox.setup_loss, "train_config"),
-                  (DistillationBox.setup_pre_post_processes, "train_config"), (TrainingBox.__init__, "train_config"),
-                  (TrainingBox.setup, "train_config")],
-        "side": [(DistillationBox.setup_teacher_student_models, "teacher_config"),
-                 (DistillationBox.setup_teacher_student_models, "student_config"),
-                 (DistillationBox.setup, "teacher_config"), (DistillationBox.setup, "student_config"),
-                 (TrainingBox.setup_model, "model_config"), (TrainingBox.setup, "model_config"),
-                 (model_util.redesign_model, "model_config"),
-                 (model_wrapper.build_auxiliary_model_wrapper, "model_config"),
-                 (core_util.set_hooks, "model_config"), (core_util.wrap_model, "model_config")],
+        "train": [
+            (DistillationBox.__init__, "train_config"),
+            (DistillationBox.setup, "train_config"),
+            (DistillationBox.setup_data_loaders, "train_config"),
+            (DistillationBox.setup_loss, "train_config"),
+            (DistillationBox.setup_pre_post_processes, "train_config"),
+            (TrainingBox.__init__, "train_config"),
+            (TrainingBox.setup, "train_config"),
+        ],
+        "side": [
+            (DistillationBox.setup_teacher_student_models, "teacher_config"),
+            (DistillationBox.setup_teacher_student_models, "student_config"),
+            (DistillationBox.setup, "teacher_config"),
+            (DistillationBox.setup, "student_config"),
+            (TrainingBox.setup_model, "model_config"),
+            (TrainingBox.setup, "model_config"),
+            (model_util.redesign_model, "model_config"),
+            (model_wrapper.build_auxiliary_model_wrapper, "model_config"),
+            (core_util.set_hooks, "model_config"),
+            (core_util.wrap_model, "model_config"),
+        ],
         "forward_hook": [(core_util.set_hooks, "forward_hook_config")],
-        "auxiliary_model_wrapper": [(model_wrapper.build_auxiliary_model_wrapper, "auxiliary_model_wrapper_config"),
-                                    (model_util.redesign_model, "model_config")],
-        "data_loader": [(data_util.build_data_loader, "data_loader_config"),
-                        (data_util.build_data_loaders, "data_loader_config")],
+        "auxiliary_model_wrapper": [
+            (model_wrapper.build_auxiliary_model_wrapper, "auxiliary_model_wrapper_config"),
+            (model_util.redesign_model, "model_config"),
+        ],
+        "data_loader": [
+            (data_util.build_data_loader, "data_loader_config"),
+            (data_util.build_data_loaders, "data_loader_config"),
+        ],
         "sampler": [(data_util.build_data_loader, "sampler_config")],
         "optimizer": [(DistillationBox.setup, "optim_config"), (TrainingBox.setup, "optim_config")],
         "scheduler": [(DistillationBox.setup, "scheduler_config"), (TrainingBox.setup, "scheduler_config")],
-        "criterion": [(DistillationBox.setup_loss, "criterion_config"),
-                      (loss_registry.get_high_level_loss, "criterion_config")],
+        "criterion": [
+            (DistillationBox.setup_loss, "criterion_config"),
+            (loss_registry.get_high_level_loss, "criterion_config"),
+        ],
         "sub_term": [(high_level.AbstractLoss.__init__, "loss_config")],
         "sub_criterion": [(loss_registry.get_mid_level_loss, "mid_level_criterion_config")],
         "criterion_wrapper": [(loss_registry.get_loss_wrapper, "criterion_wrapper_config")],
@@ -303,8 +346,10 @@ def torchdistill_keys() -> dict[str, frozenset[str]]:
     for section, functions in readers.items():
         keys = frozenset().union(*(keys_read(function, name) for function, name in functions))
         if not keys:
-            raise RuntimeError(f"torchdistill {getattr(torchdistill, '__version__', '?')} no longer reads the recipe's "
-                               f"{section} section where this project looks for it; update imagenet/config.py")
+            raise RuntimeError(
+                f"torchdistill {getattr(torchdistill, '__version__', '?')} no longer reads the recipe's "
+                f"{section} section where this project looks for it; update imagenet/config.py"
+            )
         sections[section] = keys
     return sections
 
@@ -333,8 +378,10 @@ def _keys(node: Any, allowed: set[str], where: str, source: str) -> dict:
         if key not in allowed:
             hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             suggestion = f" (did you mean {where + '.' if where else ''}{hint[0]}?)" if hint else ""
-            raise UserError(f"{source}: unknown key {where + '.' if where else ''}{key}{suggestion} — torchdistill "
-                            f"would silently ignore it")
+            raise UserError(
+                f"{source}: unknown key {where + '.' if where else ''}{key}{suggestion} — torchdistill "
+                f"would silently ignore it"
+            )
     return node
 
 
@@ -370,8 +417,9 @@ def _check_kwargs(target: Callable, kwargs: Any, where: str, source: str, suppli
         if key not in accepted or key in supplied:
             hint = difflib.get_close_matches(str(key), sorted(accepted - set(supplied)), n=1)
             suggestion = f" (did you mean {where}.{hint[0]}?)" if hint else ""
-            raise UserError(f"{source}: {where}.{key} is not an argument of {getattr(target, '__name__', target)}"
-                            f"{suggestion}")
+            raise UserError(
+                f"{source}: {where}.{key} is not an argument of {getattr(target, '__name__', target)}{suggestion}"
+            )
 
 
 def _registered(registry: dict, key: Any, where: str, source: str, *more: dict) -> Callable:
@@ -390,8 +438,12 @@ def _number(value: Any, where: str, source: str, check: Callable[[float], bool],
 
 def _check_imports(recipe: dict, source: str) -> None:
     for node in _walk(recipe):
-        if isinstance(node, TaggedMap) and node.tag == "!import_call" and isinstance(node.get("key"), str) \
-                and node.get("key") != ENV_LOOKUP_KEY:
+        if (
+            isinstance(node, TaggedMap)
+            and node.tag == "!import_call"
+            and isinstance(node.get("key"), str)
+            and node.get("key") != ENV_LOOKUP_KEY
+        ):
             _keys(node, {"key", "package", "init"}, f"!import_call {node['key']}", source)
             try:
                 target = main_util.import_get(node["key"], node.get("package"))
@@ -406,32 +458,45 @@ def _check_loader(loader: Any, where: str, source: str, datasets: dict, train: b
     if not loader:
         return
     if loader.get("dataset_id") not in datasets:
-        raise UserError(f"{source}: {where}.dataset_id = {loader.get('dataset_id')!r} is not one of the datasets "
-                        f"{sorted(datasets)}")
+        raise UserError(
+            f"{source}: {where}.dataset_id = {loader.get('dataset_id')!r} is not one of the datasets {sorted(datasets)}"
+        )
     _keys(loader.get("sampler"), torchdistill_keys()["sampler"], f"{where}.sampler", source)
     kwargs = loader.get("kwargs") or {}
-    _check_kwargs(torch.utils.data.DataLoader, kwargs, f"{where}.kwargs", source,
-                  supplied={"dataset", "sampler", "batch_sampler", "collate_fn"})
+    _check_kwargs(
+        torch.utils.data.DataLoader,
+        kwargs,
+        f"{where}.kwargs",
+        source,
+        supplied={"dataset", "sampler", "batch_sampler", "collate_fn"},
+    )
     validate({k: v for k, v in kwargs.items() if k in LOADER_VALUES}, LOADER_VALUES, source=f"{source}: {where}.kwargs")
     if train and kwargs.get("batch_size", 1) < 2:
-        raise UserError(f"{source}: {where}.kwargs.batch_size = {kwargs.get('batch_size', 1)} — training needs at "
-                        f"least 2 images per batch per process (BatchNorm and the whitening use batch statistics)")
+        raise UserError(
+            f"{source}: {where}.kwargs.batch_size = {kwargs.get('batch_size', 1)} — training needs at "
+            f"least 2 images per batch per process (BatchNorm and the whitening use batch statistics)"
+        )
 
 
 def _check_side(side: Any, where: str, source: str) -> None:
     if isinstance(side, dict) and "src_ckpt" in side:
-        raise UserError(f"{source}: {where}.src_ckpt would be loaded by torchdistill with unsafe unpickling — set "
-                        f"models.<teacher_model|student_model>.src_ckpt instead (loaded safely)")
+        raise UserError(
+            f"{source}: {where}.src_ckpt would be loaded by torchdistill with unsafe unpickling — set "
+            f"models.<teacher_model|student_model>.src_ckpt instead (loaded safely)"
+        )
     keys = torchdistill_keys()
     side = _keys(side, keys["side"], where, source)
     _keys(side.get("forward_hook"), keys["forward_hook"], f"{where}.forward_hook", source)
-    wrapper = _keys(side.get("auxiliary_model_wrapper"), keys["auxiliary_model_wrapper"],
-                    f"{where}.auxiliary_model_wrapper", source)
+    wrapper = _keys(
+        side.get("auxiliary_model_wrapper"), keys["auxiliary_model_wrapper"], f"{where}.auxiliary_model_wrapper", source
+    )
     if wrapper:
-        target = _registered(AUXILIARY_MODEL_WRAPPER_DICT, wrapper.get("key"), f"{where}.auxiliary_model_wrapper.key",
-                             source)
-        _check_kwargs(target, wrapper.get("kwargs"), f"{where}.auxiliary_model_wrapper.kwargs", source,
-                      supplied=WRAPPER_SUPPLIED)
+        target = _registered(
+            AUXILIARY_MODEL_WRAPPER_DICT, wrapper.get("key"), f"{where}.auxiliary_model_wrapper.key", source
+        )
+        _check_kwargs(
+            target, wrapper.get("kwargs"), f"{where}.auxiliary_model_wrapper.kwargs", source, supplied=WRAPPER_SUPPLIED
+        )
 
 
 def _check_criterion(criterion: Any, where: str, source: str) -> None:
@@ -448,19 +513,35 @@ def _check_criterion(criterion: Any, where: str, source: str) -> None:
         term = _keys(term, keys["sub_term"], term_where, source)
         _number(term.get("weight"), f"{term_where}.weight", source, lambda v: True, "a finite number")
         sub = _keys(term.get("criterion"), keys["sub_criterion"], f"{term_where}.criterion", source)
-        sub_cls = _registered(MIDDLE_LEVEL_LOSS_DICT, sub.get("key"), f"{term_where}.criterion.key", source,
-                              LOSS_DICT, LOW_LEVEL_LOSS_DICT)
+        sub_cls = _registered(
+            MIDDLE_LEVEL_LOSS_DICT,
+            sub.get("key"),
+            f"{term_where}.criterion.key",
+            source,
+            LOSS_DICT,
+            LOW_LEVEL_LOSS_DICT,
+        )
         _check_kwargs(sub_cls, sub.get("kwargs"), f"{term_where}.criterion.kwargs", source)
-        wrapper = _keys(term.get("criterion_wrapper"), keys["criterion_wrapper"], f"{term_where}.criterion_wrapper",
-                        source)
+        wrapper = _keys(
+            term.get("criterion_wrapper"), keys["criterion_wrapper"], f"{term_where}.criterion_wrapper", source
+        )
         if wrapper:
             _registered(LOSS_WRAPPER_DICT, wrapper.get("key"), f"{term_where}.criterion_wrapper.key", source)
-            wrapper_kwargs = _keys(wrapper.get("kwargs"), keys["simple_wrapper"],
-                                   f"{term_where}.criterion_wrapper.kwargs", source)
-            _keys(wrapper_kwargs.get("input"), keys["simple_wrapper_input"],
-                  f"{term_where}.criterion_wrapper.kwargs.input", source)
-            _keys(wrapper_kwargs.get("target"), keys["simple_wrapper_target"],
-                  f"{term_where}.criterion_wrapper.kwargs.target", source)
+            wrapper_kwargs = _keys(
+                wrapper.get("kwargs"), keys["simple_wrapper"], f"{term_where}.criterion_wrapper.kwargs", source
+            )
+            _keys(
+                wrapper_kwargs.get("input"),
+                keys["simple_wrapper_input"],
+                f"{term_where}.criterion_wrapper.kwargs.input",
+                source,
+            )
+            _keys(
+                wrapper_kwargs.get("target"),
+                keys["simple_wrapper_target"],
+                f"{term_where}.criterion_wrapper.kwargs.target",
+                source,
+            )
 
 
 def check_recipe(recipe: dict, source: str) -> None:
@@ -482,8 +563,9 @@ def check_recipe(recipe: dict, source: str) -> None:
     keys = torchdistill_keys()
     train = _keys(recipe.get("train"), keys["train"] | OWN_TRAIN_KEYS, "train", source)
     if train:
-        _number(train.get("num_epochs"), "train.num_epochs", source, lambda v: v >= 1 and v == int(v),
-                "an integer >= 1")
+        _number(
+            train.get("num_epochs"), "train.num_epochs", source, lambda v: v >= 1 and v == int(v), "an integer >= 1"
+        )
         _number(train.get("log_freq", 1), "train.log_freq", source, lambda v: v >= 1, ">= 1")
         _check_loader(train.get("train_data_loader"), "train.train_data_loader", source, datasets, train=True)
         _check_loader(train.get("val_data_loader"), "train.val_data_loader", source, datasets, train=False)
@@ -492,22 +574,35 @@ def check_recipe(recipe: dict, source: str) -> None:
         _check_side(train.get("model"), "train.model", source)
         optimizer = _keys(train.get("optimizer"), keys["optimizer"], "train.optimizer", source)
         optim_cls = _registered(OPTIM_DICT, optimizer.get("key"), "train.optimizer.key", source)
-        _number(optimizer.get("grad_accum_step", 1), "train.optimizer.grad_accum_step", source,
-                lambda v: v >= 1 and v == int(v), "an integer >= 1")
+        _number(
+            optimizer.get("grad_accum_step", 1),
+            "train.optimizer.grad_accum_step",
+            source,
+            lambda v: v >= 1 and v == int(v),
+            "an integer >= 1",
+        )
         optim_kwargs = optimizer.get("kwargs") or {}
         _check_kwargs(optim_cls, optim_kwargs, "train.optimizer.kwargs", source, supplied={"params"})
-        validate({k: v for k, v in optim_kwargs.items() if k in OPTIMIZER_VALUES}, OPTIMIZER_VALUES,
-                 source=f"{source}: train.optimizer.kwargs")
+        validate(
+            {k: v for k, v in optim_kwargs.items() if k in OPTIMIZER_VALUES},
+            OPTIMIZER_VALUES,
+            source=f"{source}: train.optimizer.kwargs",
+        )
         scheduler = _keys(train.get("scheduler"), keys["scheduler"], "train.scheduler", source)
         if scheduler:
             sched_cls = _registered(SCHEDULER_DICT, scheduler.get("key"), "train.scheduler.key", source)
             sched_kwargs = scheduler.get("kwargs") or {}
             _check_kwargs(sched_cls, sched_kwargs, "train.scheduler.kwargs", source, supplied={"optimizer"})
             milestones = sched_kwargs.get("milestones")
-            if milestones is not None and (not isinstance(milestones, list) or not all(
-                    isinstance(m, int) and m > 0 for m in milestones) or milestones != sorted(set(milestones))):
-                raise UserError(f"{source}: train.scheduler.kwargs.milestones = {milestones!r} must be increasing "
-                                f"positive epoch numbers")
+            if milestones is not None and (
+                not isinstance(milestones, list)
+                or not all(isinstance(m, int) and m > 0 for m in milestones)
+                or milestones != sorted(set(milestones))
+            ):
+                raise UserError(
+                    f"{source}: train.scheduler.kwargs.milestones = {milestones!r} must be increasing "
+                    f"positive epoch numbers"
+                )
             if "gamma" in sched_kwargs:
                 _number(sched_kwargs["gamma"], "train.scheduler.kwargs.gamma", source, lambda v: v > 0, "> 0")
         _check_criterion(train.get("criterion"), "train.criterion", source)

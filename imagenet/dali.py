@@ -20,6 +20,7 @@ handled before decoding as ``on_bad_image`` says (``fail``: one line naming the 
 counted), and a decode error inside DALI is traced to its file the same way. docs/dali.md lists what differs from the
 torchvision loader.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,12 +56,15 @@ def require_dali() -> Any:
     try:
         import nvidia.dali as dali
     except ImportError:
-        raise UserError(f"--loader dali needs NVIDIA DALI: pip install '.[dali]' (or {DALI_REQUIREMENT}), or use "
-                        f"--loader torchvision") from None
+        raise UserError(
+            f"--loader dali needs NVIDIA DALI: pip install '.[dali]' (or {DALI_REQUIREMENT}), or use "
+            f"--loader torchvision"
+        ) from None
     return dali
 
 
 # ------------------------------------------------------------------------------------------ the transform, planned
+
 
 @dataclass(frozen=True)
 class TransformPlan:
@@ -78,8 +82,10 @@ class TransformPlan:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
 
-SUPPORTED = ("RandomResizedCrop or Resize, then CenterCrop, RandomHorizontalFlip, ToTensor and Normalize, in that "
-             "order, with bilinear interpolation")
+SUPPORTED = (
+    "RandomResizedCrop or Resize, then CenterCrop, RandomHorizontalFlip, ToTensor and Normalize, in that "
+    "order, with bilinear interpolation"
+)
 
 
 def _pair(size: Any) -> tuple[int, int]:
@@ -97,12 +103,17 @@ def plan_transform(transform: Any, where: str) -> TransformPlan:
         kind = next((i for i, cls in enumerate(order) if type(stage) is cls), None)
         bilinear = getattr(stage, "interpolation", T.InterpolationMode.BILINEAR) == T.InterpolationMode.BILINEAR
         if kind is None or kind <= position or (kind == 1 and position == 0) or not bilinear:
-            raise UserError(f"{where}: --loader dali cannot run the transform {stage!r} here; it runs {SUPPORTED} — "
-                            f"use --loader torchvision for this recipe")
+            raise UserError(
+                f"{where}: --loader dali cannot run the transform {stage!r} here; it runs {SUPPORTED} — "
+                f"use --loader torchvision for this recipe"
+            )
         position = kind
         if isinstance(stage, T.RandomResizedCrop):
-            plan.update(random_crop_size=_pair(stage.size), random_crop_scale=tuple(map(float, stage.scale)),
-                        random_crop_ratio=tuple(map(float, stage.ratio)))
+            plan.update(
+                random_crop_size=_pair(stage.size),
+                random_crop_scale=tuple(map(float, stage.scale)),
+                random_crop_ratio=tuple(map(float, stage.ratio)),
+            )
         elif isinstance(stage, T.Resize):
             size = (stage.size,) if isinstance(stage.size, int) else tuple(stage.size)
             plan.update(resize=size, resize_max_size=stage.max_size)
@@ -113,15 +124,23 @@ def plan_transform(transform: Any, where: str) -> TransformPlan:
         elif isinstance(stage, T.Normalize):
             plan.update(mean=tuple(map(float, stage.mean)), std=tuple(map(float, stage.std)))
     if position < order.index(T.ToTensor):
-        raise UserError(f"{where}: --loader dali needs a transform ending in ToTensor (optionally Normalize); it runs "
-                        f"{SUPPORTED} — use --loader torchvision for this recipe")
+        raise UserError(
+            f"{where}: --loader dali needs a transform ending in ToTensor (optionally Normalize); it runs "
+            f"{SUPPORTED} — use --loader torchvision for this recipe"
+        )
     return TransformPlan(**plan)
 
 
 # --------------------------------------------------------------------------------------------- per-sample geometry
 
-def random_resized_crop_windows(heights: np.ndarray, widths: np.ndarray, scale: tuple[float, float],
-                                ratio: tuple[float, float], uniforms: np.ndarray) -> np.ndarray:
+
+def random_resized_crop_windows(
+    heights: np.ndarray,
+    widths: np.ndarray,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    uniforms: np.ndarray,
+) -> np.ndarray:
     """torchvision's ``RandomResizedCrop.get_params`` for a batch: rows ``(top, left, height, width)``. ``uniforms``
     (B, 2 * CROP_ATTEMPTS + 2) in [0, 1) stand for its random draws: per attempt the area fraction (uniform in
     ``scale``) and the log aspect ratio (uniform in log ``ratio``); a window fits when ``0 < w <= W`` and
@@ -133,7 +152,7 @@ def random_resized_crop_windows(heights: np.ndarray, widths: np.ndarray, scale: 
     area = (heights * widths).astype(np.float64)[:, None]
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     target = area * (scale[0] + (scale[1] - scale[0]) * uniforms[:, :CROP_ATTEMPTS])
-    aspect = np.exp(log_low + (log_high - log_low) * uniforms[:, CROP_ATTEMPTS:2 * CROP_ATTEMPTS])
+    aspect = np.exp(log_low + (log_high - log_low) * uniforms[:, CROP_ATTEMPTS : 2 * CROP_ATTEMPTS])
     w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
     h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
     fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
@@ -180,32 +199,38 @@ def sample_parameters(plan: TransformPlan, sizes: np.ndarray, uniforms: np.ndarr
     count = len(sizes)
     heights, widths = sizes[:, 0].astype(np.int64), sizes[:, 1].astype(np.int64)
     if plan.random_crop_size is not None:
-        window = random_resized_crop_windows(heights, widths, plan.random_crop_scale, plan.random_crop_ratio,
-                                             uniforms)
+        window = random_resized_crop_windows(heights, widths, plan.random_crop_scale, plan.random_crop_ratio, uniforms)
         resized = np.tile(np.array(plan.random_crop_size, dtype=np.int64), (count, 1))
     else:
         window = np.stack([np.zeros(count, np.int64), np.zeros(count, np.int64), heights, widths], axis=1)
         resized = window[:, 2:].copy()
         if plan.resize is not None:
-            resized = np.array([resized_size(h, w, plan.resize, plan.resize_max_size) for h, w in resized],
-                               dtype=np.int64).reshape(count, 2)
+            resized = np.array(
+                [resized_size(h, w, plan.resize, plan.resize_max_size) for h, w in resized], dtype=np.int64
+            ).reshape(count, 2)
     crop = np.zeros((count, 4), dtype=np.int64)
     if plan.center_crop is not None:
         crop[:, 2:] = plan.center_crop
         crop[:, :2] = [center_crop_window(h, w, plan.center_crop) for h, w in resized]
-    return {"window_anchor": window[:, :2].astype(np.int32), "window_shape": window[:, 2:].astype(np.int32),
-            "resize_h": resized[:, 0].astype(np.float32), "resize_w": resized[:, 1].astype(np.float32),
-            "crop_anchor": crop[:, :2].astype(np.int32), "crop_shape": crop[:, 2:].astype(np.int32),
-            "flip": (uniforms[:, -1] < plan.flip_probability).astype(np.int32)}
+    return {
+        "window_anchor": window[:, :2].astype(np.int32),
+        "window_shape": window[:, 2:].astype(np.int32),
+        "resize_h": resized[:, 0].astype(np.float32),
+        "resize_w": resized[:, 1].astype(np.float32),
+        "crop_anchor": crop[:, :2].astype(np.int32),
+        "crop_shape": crop[:, 2:].astype(np.int32),
+        "flip": (uniforms[:, -1] < plan.flip_probability).astype(np.int32),
+    }
 
 
 def batch_uniforms(epoch_seed: int, batch_number: int, count: int) -> np.ndarray:
     """The (count, UNIFORMS_PER_SAMPLE) uniforms of batch ``batch_number`` of the epoch seeded ``epoch_seed``."""
-    key = np.array([epoch_seed % 2 ** 64, batch_number], dtype=np.uint64)
+    key = np.array([epoch_seed % 2**64, batch_number], dtype=np.uint64)
     return np.random.Generator(np.random.Philox(key=key)).random((count, UNIFORMS_PER_SAMPLE))
 
 
 # ------------------------------------------------------------------------------------------------ reading images
+
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a JPEG's start-of-frame header, or None when ``data`` is not a JPEG this parser reads."""
@@ -225,10 +250,10 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             if position + 9 > end:
                 return None
-            height = int.from_bytes(data[position + 5:position + 7], "big")
-            width = int.from_bytes(data[position + 7:position + 9], "big")
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
             return (height, width) if height and width else None
-        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
     return None
 
 
@@ -262,13 +287,16 @@ class PreparedBatch:
 
 # ------------------------------------------------------------------------------------------------------ the loader
 
+
 def _unwrapped_dataset(loader: DataLoader) -> Any:
     dataset = loader.dataset
     while hasattr(dataset, "org_dataset"):  # torchdistill's supplementary-data wrapper
         dataset = dataset.org_dataset
     if not hasattr(dataset, "samples") or not hasattr(dataset, "transform"):
-        raise UserError(f"--loader dali reads ImageFolder datasets (files and labels), not {type(dataset).__name__} "
-                        f"— use --loader torchvision")
+        raise UserError(
+            f"--loader dali reads ImageFolder datasets (files and labels), not {type(dataset).__name__} "
+            f"— use --loader torchvision"
+        )
     return dataset
 
 
@@ -277,8 +305,9 @@ class DaliLoader:
     (see the module docstring). ``device``: a CUDA device (nvJPEG decoding) or the CPU; ``threads``: DALI's CPU
     threads and the file readers (default: the loader's ``num_workers``, at least 1)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, train: bool, name: str = "dataset",
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, loader: DataLoader, device: torch.device, train: bool, name: str = "dataset", threads: int | None = None
+    ) -> None:
         require_dali()
         self.dataset = _unwrapped_dataset(loader)
         self.plan = plan_transform(self.dataset.transform, name)
@@ -288,8 +317,11 @@ class DaliLoader:
         if not train and isinstance(sampler, DistributedSampler):  # evaluation counts every image exactly once
             from imagenet.engine import ShardSampler
 
-            self.batch_sampler = BatchSampler(ShardSampler(len(self.dataset), sampler.rank, sampler.num_replicas),
-                                              self.batch_sampler.batch_size, drop_last=False)
+            self.batch_sampler = BatchSampler(
+                ShardSampler(len(self.dataset), sampler.rank, sampler.num_replicas),
+                self.batch_sampler.batch_size,
+                drop_last=False,
+            )
         self.batch_size = self.batch_sampler.batch_size
         self.input_names = ["encoded", "flip"]
         if self.plan.random_crop_size is not None:
@@ -306,13 +338,19 @@ class DaliLoader:
         self.pipeline: Any = None
         self.pipeline_clean = False
         self.epoch: DaliEpoch | None = None
-        logger.info("%s: DALI loader, %s decoding, %d threads, %d batches of %d", name,
-                    "GPU (nvJPEG)" if device.type == "cuda" else "CPU", self.threads, len(self), self.batch_size)
+        logger.info(
+            "%s: DALI loader, %s decoding, %d threads, %d batches of %d",
+            name,
+            "GPU (nvJPEG)" if device.type == "cuda" else "CPU",
+            self.threads,
+            len(self),
+            self.batch_size,
+        )
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def __iter__(self) -> "DaliEpoch":
+    def __iter__(self) -> DaliEpoch:
         if self.epoch is not None:
             self.epoch.active = False
         self.epoch = DaliEpoch(self)
@@ -327,33 +365,66 @@ class DaliLoader:
         from nvidia.dali.pipeline import Pipeline
 
         gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
-            else None
-        pipeline = Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
-                            prefetch_queue_depth=PREFETCH_DEPTH, seed=0)
+        device_id = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+        )
+        pipeline = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=device_id,
+            prefetch_queue_depth=PREFETCH_DEPTH,
+            seed=0,
+        )
         plan = self.plan
         names = self.input_names
         dtypes = {"encoded": types.UINT8, "resize_h": types.FLOAT, "resize_w": types.FLOAT}
         with pipeline:
-            inputs = dict(zip(names, fn.external_source(source=self._next_inputs, num_outputs=len(names), batch=True,
-                                                        dtype=[dtypes.get(n, types.INT32) for n in names])))
+            inputs = dict(
+                zip(
+                    names,
+                    fn.external_source(
+                        source=self._next_inputs,
+                        num_outputs=len(names),
+                        batch=True,
+                        dtype=[dtypes.get(n, types.INT32) for n in names],
+                    ),
+                )
+            )
             encoded = inputs["encoded"]
             decoder = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB, "adjust_orientation": False}
             if gpu:
                 decoder["jpeg_fancy_upsampling"] = True  # libjpeg-turbo's (and so PIL's) chroma upsampling
             if plan.random_crop_size is not None:
-                images = fn.decoders.image_slice(encoded, inputs["window_anchor"], inputs["window_shape"], axes=[0, 1],
-                                                 **decoder)
+                images = fn.decoders.image_slice(
+                    encoded, inputs["window_anchor"], inputs["window_shape"], axes=[0, 1], **decoder
+                )
             else:
                 images = fn.decoders.image(encoded, **decoder)
             if plan.random_crop_size is not None or plan.resize is not None:
-                images = fn.resize(images, resize_y=inputs["resize_h"], resize_x=inputs["resize_w"],
-                                   interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.resize(
+                    images,
+                    resize_y=inputs["resize_h"],
+                    resize_x=inputs["resize_w"],
+                    interp_type=types.INTERP_LINEAR,
+                    antialias=True,
+                )
             if plan.center_crop is not None:
-                images = fn.slice(images, inputs["crop_anchor"], inputs["crop_shape"], axes=[0, 1],
-                                  out_of_bounds_policy="pad", fill_values=0)
-            images = fn.crop_mirror_normalize(images, mirror=inputs["flip"], dtype=types.FLOAT, output_layout="CHW",
-                                              mean=[255.0 * m for m in plan.mean], std=[255.0 * s for s in plan.std])
+                images = fn.slice(
+                    images,
+                    inputs["crop_anchor"],
+                    inputs["crop_shape"],
+                    axes=[0, 1],
+                    out_of_bounds_policy="pad",
+                    fill_values=0,
+                )
+            images = fn.crop_mirror_normalize(
+                images,
+                mirror=inputs["flip"],
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[255.0 * m for m in plan.mean],
+                std=[255.0 * s for s in plan.std],
+            )
             pipeline.set_outputs(images)
         pipeline.build()
         return pipeline
@@ -396,11 +467,14 @@ class DaliLoader:
     def start_reading(self, indices: list[int]) -> list[Future]:
         """Read the files of ``indices`` in the thread pool, one slice per thread (:meth:`read` on each)."""
         step = math.ceil(len(indices) / self.threads)
-        return [self.readers.submit(lambda part: [self.read(i) for i in part], indices[start:start + step])
-                for start in range(0, len(indices), step)]
+        return [
+            self.readers.submit(lambda part: [self.read(i) for i in part], indices[start : start + step])
+            for start in range(0, len(indices), step)
+        ]
 
-    def prepare(self, number: int, indices: list[int], epoch_seed: int,
-                reading: list[Future] | None = None) -> PreparedBatch:
+    def prepare(
+        self, number: int, indices: list[int], epoch_seed: int, reading: list[Future] | None = None
+    ) -> PreparedBatch:
         """Batch ``number`` of the epoch: its files (``reading``: already being read, see :meth:`start_reading`) and
         its random parameters, from (epoch seed, number)."""
         reading = self.start_reading(indices) if reading is None else reading
@@ -426,11 +500,19 @@ class DaliLoader:
                         raise
                     self.skip_sample(sample, bad)
                     return
-        reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()
-                       and "no longer valid" not in line), type(error).__name__)
+        reason = next(
+            (
+                line.strip()
+                for line in reversed(str(error).splitlines())
+                if line.strip() and "no longer valid" not in line
+            ),
+            type(error).__name__,
+        )
         first = self.dataset.samples[batches[0].samples[0]][0]
-        raise UserError(f"DALI could not decode images that PIL reads (a batch starting with {first}): {reason} — "
-                        f"use --loader torchvision")
+        raise UserError(
+            f"DALI could not decode images that PIL reads (a batch starting with {first}): {reason} — "
+            f"use --loader torchvision"
+        )
 
     def to_torch(self, output: Any) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -438,8 +520,10 @@ class DaliLoader:
         try:
             tensor = output.as_tensor()
         except RuntimeError:
-            raise UserError("--loader dali: the images of a batch differ in size after the transform — add a "
-                            "RandomResizedCrop or Resize + CenterCrop to the recipe's transform") from None
+            raise UserError(
+                "--loader dali: the images of a batch differ in size after the transform — add a "
+                "RandomResizedCrop or Resize + CenterCrop to the recipe's transform"
+            ) from None
         if self.device.type == "cuda":
             images = torch.empty(tensor.shape(), dtype=torch.float32, device=self.device)
             feed_ndarray(tensor, images, cuda_stream=torch.cuda.current_stream(self.device))

@@ -8,15 +8,17 @@ ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_sc
 ``epoch_rng`` (at the start of the epoch, to replay its batches);
 in a distributed run also ``rng_per_rank`` (every rank's ``rng`` and ``epoch_rng``). Rank 0 writes; all ranks wait.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -115,36 +117,53 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
     """Load :func:`training_state` output into ``box``; one clear line when the file belongs to another setup."""
     missing = [key for key in ("model", "optimizer", "epoch") if not isinstance(state, dict) or key not in state]
     if missing:
-        raise UserError(f"checkpoint {path} is not a resumable training checkpoint (no {', '.join(missing)}) — "
-                        f"use another output folder")
+        raise UserError(
+            f"checkpoint {path} is not a resumable training checkpoint (no {', '.join(missing)}) — "
+            f"use another output folder"
+        )
     load_state_exactly(unwrap(student_of(box)), state.get("model"), path, "the student")
     projector = projector_of(box)
     if projector is not None:
         if "projector" not in state:
-            raise UserError(f"checkpoint {path} has no projector state but this config trains one — it was written "
-                            f"by a run without projector distillation; use another output folder")
+            raise UserError(
+                f"checkpoint {path} has no projector state but this config trains one — it was written "
+                f"by a run without projector distillation; use another output folder"
+            )
         load_state_exactly(projector, state["projector"], path, "the projector")
     try:
         box.optimizer.load_state_dict(state["optimizer"])
         if box.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             box.lr_scheduler.load_state_dict(state["lr_scheduler"])
     except (KeyError, ValueError) as error:
-        raise UserError(f"checkpoint {path}: optimizer/scheduler state does not match this config ({error}) — "
-                        f"use another output folder") from None
+        raise UserError(
+            f"checkpoint {path}: optimizer/scheduler state does not match this config ({error}) — "
+            f"use another output folder"
+        ) from None
     streams = {"rng": state.get("rng"), "epoch_rng": state.get("epoch_rng")}
     per_rank = state.get("rng_per_rank")
     if per_rank is not None and len(per_rank) == world_size:
         streams = per_rank[rank]
     elif world_size > 1:
-        logger.warning("checkpoint %s was written by a run with another number of processes: every rank resumes "
-                       "rank 0's random streams (training continues, but not bit for bit)", path)
-    run = RunState(epoch=int(state["epoch"]), step_in_epoch=int(state.get("step_in_epoch", 0)),
-                   global_step=int(state.get("global_step", 0)), best_value=float(state.get("best_value", 0.0)),
-                   history=[float(v) for v in state.get("history", [])], epoch_rng=streams["epoch_rng"],
-                   resume_rng=streams["rng"], wall_time_before=float(state.get("wall_time_s", 0.0)))
+        logger.warning(
+            "checkpoint %s was written by a run with another number of processes: every rank resumes "
+            "rank 0's random streams (training continues, but not bit for bit)",
+            path,
+        )
+    run = RunState(
+        epoch=int(state["epoch"]),
+        step_in_epoch=int(state.get("step_in_epoch", 0)),
+        global_step=int(state.get("global_step", 0)),
+        best_value=float(state.get("best_value", 0.0)),
+        history=[float(v) for v in state.get("history", [])],
+        epoch_rng=streams["epoch_rng"],
+        resume_rng=streams["rng"],
+        wall_time_before=float(state.get("wall_time_s", 0.0)),
+    )
     if run.step_in_epoch > 0 and run.epoch_rng is None:
-        raise UserError(f"checkpoint {path} stops mid-epoch but holds no epoch_rng to replay the epoch's batches — "
-                        f"it was not written by this entry point; use another output folder")
+        raise UserError(
+            f"checkpoint {path} stops mid-epoch but holds no epoch_rng to replay the epoch's batches — "
+            f"it was not written by this entry point; use another output folder"
+        )
     box.stage_grad_count = run.global_step  # torchdistill's step counter (gradient accumulation, step-wise schedules)
     if run.global_step > 0:  # the optimizer stepped before the save: no "scheduler before optimizer" warning on resume
         box.optimizer._opt_called = True
@@ -170,6 +189,7 @@ class TermRecorder:
     def _hook(self, name: str) -> Callable:
         def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             self.values[name] = output.detach()
+
         return record
 
     def snapshot(self, loss: torch.Tensor) -> tuple[list[str], torch.Tensor]:
@@ -277,10 +297,12 @@ def _finish(ctx: LoopContext, run: RunState, record: StepRecord | None) -> bool:
     if record is None:
         return False
     if record.bad:
-        raise NonFiniteLoss(f"non-finite loss at {record.step}: term(s) "
-                            f"{', '.join(TermRecorder.non_finite_terms(record.terms))} went non-finite "
-                            f"[{TermRecorder.describe(record.terms)}]; {_kept_checkpoint(ctx)}; lower the learning "
-                            f"rate or check the data")
+        raise NonFiniteLoss(
+            f"non-finite loss at {record.step}: term(s) "
+            f"{', '.join(TermRecorder.non_finite_terms(record.terms))} went non-finite "
+            f"[{TermRecorder.describe(record.terms)}]; {_kept_checkpoint(ctx)}; lower the learning "
+            f"rate or check the data"
+        )
     run.last_loss = record.terms[TOTAL]
     return record.stop
 
@@ -293,8 +315,15 @@ def _finish_pending(ctx: LoopContext, run: RunState) -> bool:
     return stop
 
 
-def train_step(ctx: LoopContext, run: RunState, recorder: TermRecorder, images: torch.Tensor, targets: torch.Tensor,
-               supp_dict: Any, total: int) -> bool:
+def train_step(
+    ctx: LoopContext,
+    run: RunState,
+    recorder: TermRecorder,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    supp_dict: Any,
+    total: int,
+) -> bool:
     """One step of the box on a host batch; returns True when training should stop after it (a stop request, read
     at once alone and up to a step late from the ranks' vote in a distributed run).
 
@@ -310,12 +339,15 @@ def train_step(ctx: LoopContext, run: RunState, recorder: TermRecorder, images: 
             loss = box.forward_process(images, targets, supp_dict)
         except ValueError as error:
             if "batch size 1" in str(error):
-                raise UserError(f"{where}: a training batch holds 1 image per process, but the whitening needs "
-                                f"at least 2 — set drop_last: true in train.train_data_loader.kwargs") from None
+                raise UserError(
+                    f"{where}: a training batch holds 1 image per process, but the whitening needs "
+                    f"at least 2 — set drop_last: true in train.train_data_loader.kwargs"
+                ) from None
             if "non-finite" not in str(error):
                 raise
-            raise NonFiniteLoss(f"non-finite loss at {where}: the projector feature term got {error}; "
-                                f"{_kept_checkpoint(ctx)}") from None
+            raise NonFiniteLoss(
+                f"non-finite loss at {where}: the projector feature term got {error}; {_kept_checkpoint(ctx)}"
+            ) from None
     names, values = recorder.snapshot(loss)
     found_inf = non_finite_flag(values)
     requested = bool(ctx.stop.requested)  # polled once per step
@@ -371,22 +403,33 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
         save_checkpoint(ctx, run, best=False)
         return f"{ctx.output_dir / LAST_CHECKPOINT} (epoch {run.epoch}, step {run.step_in_epoch})"
 
-    for images, targets, supp_dict in progress(checkpoint_on_data_error(batches, save_here), rank=ctx.rank,
-                                              total=total - run.step_in_epoch, desc=f"epoch {run.epoch}"):
+    for images, targets, supp_dict in progress(
+        checkpoint_on_data_error(batches, save_here),
+        rank=ctx.rank,
+        total=total - run.step_in_epoch,
+        desc=f"epoch {run.epoch}",
+    ):
         stop = train_step(ctx, run, recorder, images, targets, supp_dict, total)
         if run.global_step % ctx.log_freq == 0:
             stop = _finish_pending(ctx, run) or stop
             if ctx.writer is not None:
                 ctx.writer.add_scalar("train/loss", run.last_loss, run.global_step)
                 ctx.writer.add_scalar("train/lr", box.optimizer.param_groups[0]["lr"], run.global_step)
-            logger.info("epoch %d step %d/%d loss %.4f lr %.4g", run.epoch, run.step_in_epoch, total, run.last_loss,
-                        box.optimizer.param_groups[0]["lr"])
+            logger.info(
+                "epoch %d step %d/%d loss %.4f lr %.4g",
+                run.epoch,
+                run.step_in_epoch,
+                total,
+                run.last_loss,
+                box.optimizer.param_groups[0]["lr"],
+            )
         if stop:
             _finish_pending(ctx, run)
             save_checkpoint(ctx, run, best=False)
             raise TrainingStopped(
                 f"stopped by {ctx.stop.signal_name or 'a signal'} at epoch {run.epoch} step {run.step_in_epoch}; "
-                f"resumable checkpoint {ctx.output_dir / LAST_CHECKPOINT} — rerun the same command to continue")
+                f"resumable checkpoint {ctx.output_dir / LAST_CHECKPOINT} — rerun the same command to continue"
+            )
     _finish_pending(ctx, run)
 
 
@@ -412,14 +455,21 @@ def unpadded_eval_loader(loader: Any) -> Any:
     if not isinstance(sampler, DistributedSampler):
         return loader
     batch_size = getattr(batch_sampler, "batch_size", None) or loader.batch_size
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False,
-                      sampler=ShardSampler(len(loader.dataset), sampler.rank, sampler.num_replicas),
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=ShardSampler(len(loader.dataset), sampler.rank, sampler.num_replicas),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Any, device: torch.device, rank: int = 0, title: str = "eval",
-             channels_last: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader: Any, device: torch.device, rank: int = 0, title: str = "eval", channels_last: bool = False
+) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over all ranks."""
     was_training = model.training
     model.eval()
@@ -445,8 +495,14 @@ def train(ctx: LoopContext, run: RunState) -> RunState:
     student = unwrap(student_of(box))
     while run.epoch < box.num_epochs:
         train_one_epoch(ctx, run, recorder)
-        top1, top5 = evaluate(student, box.val_data_loader, ctx.device, ctx.rank, title=f"val {run.epoch}",
-                              channels_last=ctx.channels_last)
+        top1, top5 = evaluate(
+            student,
+            box.val_data_loader,
+            ctx.device,
+            ctx.rank,
+            title=f"val {run.epoch}",
+            channels_last=ctx.channels_last,
+        )
         logger.info("epoch %d: val top-1 %.2f top-5 %.2f", run.epoch, top1, top5)
         if ctx.writer is not None:
             ctx.writer.add_scalar("val/top1", top1, run.epoch)

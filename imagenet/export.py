@@ -5,11 +5,13 @@ Sources: a run folder's ``checkpoint.pth`` or best checkpoint (``dst_ckpt``; the
 'config', 'args'}``). The student is a torchvision ResNet; it is written as the timm ResNet of the same depth
 (``model.safetensors``, ``config.json``) and as a torchvision state dict (``torchvision_state_dict.safetensors``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import timm
 import torch
@@ -46,10 +48,14 @@ def torchvision_to_timm(state: dict[str, torch.Tensor], model: nn.Module, path: 
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
-        parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
-        raise CheckpointError(f"{path} does not map onto timm's {model.pretrained_cfg['architecture']} "
-                              f"({'; '.join(parts)})")
+        parts = [
+            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if keys
+        ]
+        raise CheckpointError(
+            f"{path} does not map onto timm's {model.pretrained_cfg['architecture']} ({'; '.join(parts)})"
+        )
     return {k: state[k] for k in own}
 
 
@@ -114,8 +120,10 @@ def _architecture(recipe: dict | None, state: dict[str, torch.Tensor], path: Pat
             own = timm.create_model(candidate, num_classes=num_classes).state_dict()
         if set(own) == set(state) and all(own[k].shape == state[k].shape for k in own):
             return candidate
-    raise UserError(f"{path}: the student{f' {name!r}' if name else ''} is not a torchvision ResNet timm has "
-                    f"({', '.join(RESNETS)}); only those export to timm")
+    raise UserError(
+        f"{path}: the student{f' {name!r}' if name else ''} is not a torchvision ResNet timm has "
+        f"({', '.join(RESNETS)}); only those export to timm"
+    )
 
 
 def read_student(path: str | Path, trusted: bool = False, checkpoint: Any = None) -> ResNetSource:
@@ -138,14 +146,23 @@ def read_student(path: str | Path, trusted: bool = False, checkpoint: Any = None
             recorded = {}
         recipe = recorded.get("recipe", recipe) if isinstance(recorded, dict) else recipe
     meta = {k: checkpoint[k] for k in ("epoch", "best_value") if isinstance(checkpoint.get(k), (int, float))}
-    return ResNetSource(architecture=_architecture(recipe, state, path), state=state, transform=eval_transform(recipe),
-                        recipe=recipe, meta=meta, release="args" in checkpoint)
+    return ResNetSource(
+        architecture=_architecture(recipe, state, path),
+        state=state,
+        transform=eval_transform(recipe),
+        recipe=recipe,
+        meta=meta,
+        release="args" in checkpoint,
+    )
 
 
 def build_timm_student(source: ResNetSource, path: Path) -> nn.Module:
     """timm's ResNet with ``source``'s weights (exactly) and its evaluation transform as pretrained config."""
-    model = timm.create_model(source.architecture, num_classes=source.state["fc.weight"].shape[0],
-                              pretrained_cfg_overlay=source.transform.pretrained_cfg())
+    model = timm.create_model(
+        source.architecture,
+        num_classes=source.state["fc.weight"].shape[0],
+        pretrained_cfg_overlay=source.transform.pretrained_cfg(),
+    )
     load_state_exactly(model, torchvision_to_timm(source.state, model, path), path, f"timm {source.architecture}")
     return model.eval()
 
@@ -168,37 +185,57 @@ def model_card(source: ResNetSource, path: Path, params: int) -> ModelCard:
     train = recipe.get("train") if isinstance(recipe.get("train"), dict) else {}
     criterion = train.get("criterion") if isinstance(train.get("criterion"), dict) else {}
     terms = (criterion.get("kwargs") or {}).get("sub_terms") or {}
-    summary = {"epochs": train.get("num_epochs"), "optimizer": _component(train.get("optimizer")),
-               "scheduler": _component(train.get("scheduler")), "loss terms": ", ".join(terms) or None}
+    summary = {
+        "epochs": train.get("num_epochs"),
+        "optimizer": _component(train.get("optimizer")),
+        "scheduler": _component(train.get("scheduler")),
+        "loss terms": ", ".join(terms) or None,
+    }
     metrics: dict[str, Any] = {}
     run_metrics = read_metrics(path)
     if run_metrics.get("checkpoint") and Path(run_metrics["checkpoint"]).name == path.name:
-        metrics = {"val top-1 (%)": run_metrics.get("top1"), "val top-5 (%)": run_metrics.get("top5"),
-                   "teacher val top-1 (%)": run_metrics.get("teacher_top1")}
+        metrics = {
+            "val top-1 (%)": run_metrics.get("top1"),
+            "val top-5 (%)": run_metrics.get("top5"),
+            "teacher val top-1 (%)": run_metrics.get("teacher_top1"),
+        }
     if not any(v is not None for v in metrics.values()) and "best_value" in source.meta:
         metrics = {"best val top-1 (%) recorded in the checkpoint": source.meta["best_value"]}
     if "epoch" in source.meta:
         metrics["checkpoint epoch"] = source.meta["epoch"]
     return ModelCard(
-        title=f"{source.architecture} ({method})", architecture=source.architecture,
-        description=(f"ResNet student `{source.architecture}` ({source.state['fc.weight'].shape[0]} classes) from "
-                     f"the ResNet track of the paper's reference implementation, trained with {method} (the method: "
-                     "a linear projector, whitening and a soft-maximum distance on the last stage's pooled features, "
-                     f"plus logit KD). `{TORCHVISION_FILE}` holds the same weights for "
-                     f"`torchvision.models.{source.architecture}`."),
-        transform=source.transform, source=path.name, teacher=teacher,
+        title=f"{source.architecture} ({method})",
+        architecture=source.architecture,
+        description=(
+            f"ResNet student `{source.architecture}` ({source.state['fc.weight'].shape[0]} classes) from "
+            f"the ResNet track of the paper's reference implementation, trained with {method} (the method: "
+            "a linear projector, whitening and a soft-maximum distance on the last stage's pooled features, "
+            f"plus logit KD). `{TORCHVISION_FILE}` holds the same weights for "
+            f"`torchvision.models.{source.architecture}`."
+        ),
+        transform=source.transform,
+        source=path.name,
+        teacher=teacher,
         metrics={k: v for k, v in metrics.items() if v is not None},
-        recipe={k: v for k, v in summary.items() if v is not None}, params=params)
+        recipe={k: v for k, v in summary.items() if v is not None},
+        params=params,
+    )
 
 
-def export_student(path: str | Path, output: str | Path, trusted: bool = False, force: bool = False,
-                   checkpoint: Any = None) -> Path:
+def export_student(
+    path: str | Path, output: str | Path, trusted: bool = False, force: bool = False, checkpoint: Any = None
+) -> Path:
     """Write the student in checkpoint ``path`` to the folder ``output`` (timm + torchvision weights, config, card)."""
     path = Path(path)
     source = read_student(path, trusted, checkpoint)
     model = build_timm_student(source, path)
     card = model_card(source, path, sum(p.numel() for p in model.parameters()))
     with staged_output_dir(output, force, path) as staging:
-        write_model_folder(model, staging, card, model_args={"num_classes": model.num_classes},
-                           extra_weights={TORCHVISION_FILE: source.state})
+        write_model_folder(
+            model,
+            staging,
+            card,
+            model_args={"num_classes": model.num_classes},
+            extra_weights={TORCHVISION_FILE: source.state},
+        )
     return Path(output)

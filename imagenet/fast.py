@@ -13,12 +13,14 @@ Benchmark entry points (same synthetic batch, one process): :func:`build_referen
 wrapper with the fast path) and :func:`build_teacher_step` (teacher inference alone, the floor). Each returns a
 :class:`TrainStep`; calling it runs one step and returns the loss.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +48,11 @@ class FallbackNotice:
             logger.debug("fast path: running the %s eagerly too (%s)", label, reason)
             return
         self.given = True
-        logger.warning("fast path: torch.compile is unavailable here (%s); running the networks eagerly — bf16, "
-                       "channels_last and the fused optimizer stay on", reason)
+        logger.warning(
+            "fast path: torch.compile is unavailable here (%s); running the networks eagerly — bf16, "
+            "channels_last and the fused optimizer stay on",
+            reason,
+        )
 
 
 class CompiledWithFallback(nn.Module):
@@ -107,9 +112,16 @@ def _fast_loader(loader: DataLoader | None, pin_memory: bool) -> DataLoader | No
     if loader is None:
         return None
     workers = loader.num_workers
-    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, num_workers=workers,
-                      collate_fn=loader.collate_fn, pin_memory=pin_memory, worker_init_fn=loader.worker_init_fn,
-                      persistent_workers=workers > 0, prefetch_factor=loader.prefetch_factor if workers > 0 else None)
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=loader.batch_sampler,
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=workers > 0,
+        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+    )
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -119,8 +131,9 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def apply_fast_path(box: Any, teacher: nn.Module | None, device: torch.device,
-                    compile_models: bool = True) -> FastSettings:
+def apply_fast_path(
+    box: Any, teacher: nn.Module | None, device: torch.device, compile_models: bool = True
+) -> FastSettings:
     """Switch an already-built torchdistill box onto the fast path (see the module docstring)."""
     enable_fast_cuda_backends(device)
     student_holder = box.student_model if hasattr(box, "student_model") else box.model
@@ -144,18 +157,30 @@ def apply_fast_path(box: Any, teacher: nn.Module | None, device: torch.device,
     pin = device.type == "cuda"
     box.train_data_loader = _fast_loader(box.train_data_loader, pin)
     box.val_data_loader = _fast_loader(box.val_data_loader, pin)
-    return FastSettings(autocast_dtype=torch.bfloat16 if bf16_supported(device) else None, channels_last=True,
-                        compiled=compile_models, fused_optimizer=fused, pinned_memory=pin)
+    return FastSettings(
+        autocast_dtype=torch.bfloat16 if bf16_supported(device) else None,
+        channels_last=True,
+        compiled=compile_models,
+        fused_optimizer=fused,
+        pinned_memory=pin,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ benchmark steps
 
+
 def _ce_term() -> dict:
-    return {"criterion": {"key": "CrossEntropyLoss", "kwargs": {"reduction": "mean"}},
-            "criterion_wrapper": {"key": "SimpleLossWrapper", "kwargs": {
+    return {
+        "criterion": {"key": "CrossEntropyLoss", "kwargs": {"reduction": "mean"}},
+        "criterion_wrapper": {
+            "key": "SimpleLossWrapper",
+            "kwargs": {
                 "input": {"is_from_teacher": False, "module_path": ".", "io": "output"},
-                "target": {"uses_label": True}}},
-            "weight": 1.0}
+                "target": {"uses_label": True},
+            },
+        },
+        "weight": 1.0,
+    }
 
 
 def _optimizer() -> dict:
@@ -167,23 +192,56 @@ def srd_box_config(teacher_dim: int, student_dim: int) -> dict:
     norm = {"num_features": teacher_dim, "eps": 1e-4, "affine": False}
     return {
         "num_epochs": 1,
-        "teacher": {"forward_proc": "forward_batch_only", "requires_grad": False,
-                    "auxiliary_model_wrapper": {"key": "SRDModelWrapper", "kwargs": {
-                        "input_module": {"path": "model.layer4", "io": "output"}, "norm_kwargs": norm}},
-                    "forward_hook": {"output": ["model.layer4", "norm_layer"]}},
-        "student": {"forward_proc": "forward_batch_only", "requires_grad": True,
-                    "auxiliary_model_wrapper": {"key": "SRDModelWrapper", "kwargs": {
-                        "input_module": {"path": "model.layer4", "io": "output"}, "norm_kwargs": norm,
-                        "linear_kwargs": {"in_features": student_dim, "out_features": teacher_dim}}},
-                    "forward_hook": {"output": ["model.layer4", "norm_layer"]}},
+        "teacher": {
+            "forward_proc": "forward_batch_only",
+            "requires_grad": False,
+            "auxiliary_model_wrapper": {
+                "key": "SRDModelWrapper",
+                "kwargs": {"input_module": {"path": "model.layer4", "io": "output"}, "norm_kwargs": norm},
+            },
+            "forward_hook": {"output": ["model.layer4", "norm_layer"]},
+        },
+        "student": {
+            "forward_proc": "forward_batch_only",
+            "requires_grad": True,
+            "auxiliary_model_wrapper": {
+                "key": "SRDModelWrapper",
+                "kwargs": {
+                    "input_module": {"path": "model.layer4", "io": "output"},
+                    "norm_kwargs": norm,
+                    "linear_kwargs": {"in_features": student_dim, "out_features": teacher_dim},
+                },
+            },
+            "forward_hook": {"output": ["model.layer4", "norm_layer"]},
+        },
         "optimizer": _optimizer(),
-        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": _ce_term(), "srd": {
-            "criterion": {"key": "SRDLoss", "kwargs": {
-                "student_feature_module_path": "norm_layer", "student_feature_module_io": "output",
-                "teacher_feature_module_path": "norm_layer", "teacher_feature_module_io": "output",
-                "student_linear_module_path": ".", "student_linear_module_io": "output",
-                "teacher_linear_module_path": ".", "teacher_linear_module_io": "output",
-                "exponent": 4.0, "temperature": 1.0, "reduction": "batchmean"}}, "weight": 1.0}}}},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {
+                "sub_terms": {
+                    "ce": _ce_term(),
+                    "srd": {
+                        "criterion": {
+                            "key": "SRDLoss",
+                            "kwargs": {
+                                "student_feature_module_path": "norm_layer",
+                                "student_feature_module_io": "output",
+                                "teacher_feature_module_path": "norm_layer",
+                                "teacher_feature_module_io": "output",
+                                "student_linear_module_path": ".",
+                                "student_linear_module_io": "output",
+                                "teacher_linear_module_path": ".",
+                                "teacher_linear_module_io": "output",
+                                "exponent": 4.0,
+                                "temperature": 1.0,
+                                "reduction": "batchmean",
+                            },
+                        },
+                        "weight": 1.0,
+                    },
+                }
+            },
+        },
     }
 
 
@@ -191,18 +249,48 @@ def projector_box_config(teacher_dim: int, student_dim: int) -> dict:
     """This project's ResNet recipe (docs/method.md): ProjectorKDModelWrapper on the student, ProjectorKDLoss, CE."""
     return {
         "num_epochs": 1,
-        "teacher": {"forward_proc": "forward_batch_only", "requires_grad": False,
-                    "forward_hook": {"output": ["layer4"]}},
-        "student": {"forward_proc": "forward_batch_only", "requires_grad": True,
-                    "auxiliary_model_wrapper": {"key": "ProjectorKDModelWrapper", "kwargs": {
-                        "input_module": {"path": "model.layer4", "io": "output"}, "student_dim": student_dim,
-                        "teacher_dim": teacher_dim, "distance": "log_diff", "exponent": 4.0, "eps": 1e-4}},
-                    "forward_hook": {"output": ["model.layer4"]}},
+        "teacher": {
+            "forward_proc": "forward_batch_only",
+            "requires_grad": False,
+            "forward_hook": {"output": ["layer4"]},
+        },
+        "student": {
+            "forward_proc": "forward_batch_only",
+            "requires_grad": True,
+            "auxiliary_model_wrapper": {
+                "key": "ProjectorKDModelWrapper",
+                "kwargs": {
+                    "input_module": {"path": "model.layer4", "io": "output"},
+                    "student_dim": student_dim,
+                    "teacher_dim": teacher_dim,
+                    "distance": "log_diff",
+                    "exponent": 4.0,
+                    "eps": 1e-4,
+                },
+            },
+            "forward_hook": {"output": ["model.layer4"]},
+        },
         "optimizer": _optimizer(),
-        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": _ce_term(), "projector_kd": {
-            "criterion": {"key": "ProjectorKDLoss", "kwargs": {
-                "teacher_feature": {"path": "layer4", "io": "output"}, "feature_weight": 2.0, "kd_weight": 1.0,
-                "temperature": 1.0}}, "weight": 1.0}}}},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {
+                "sub_terms": {
+                    "ce": _ce_term(),
+                    "projector_kd": {
+                        "criterion": {
+                            "key": "ProjectorKDLoss",
+                            "kwargs": {
+                                "teacher_feature": {"path": "layer4", "io": "output"},
+                                "feature_weight": 2.0,
+                                "kd_weight": 1.0,
+                                "temperature": 1.0,
+                            },
+                        },
+                        "weight": 1.0,
+                    },
+                }
+            },
+        },
     }
 
 
@@ -219,25 +307,33 @@ class TrainStep:
         return self._run()
 
 
-def _synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _synthetic_batch(
+    batch_size: int, image_size: int, num_classes: int, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
     return images.to(device), labels.to(device)
 
 
-def _networks(teacher_arch: str, student_arch: str, num_classes: int, device: torch.device,
-              seed: int) -> tuple[nn.Module, nn.Module, int, int]:
+def _networks(
+    teacher_arch: str, student_arch: str, num_classes: int, device: torch.device, seed: int
+) -> tuple[nn.Module, nn.Module, int, int]:
     torch.manual_seed(seed)
     teacher = tv_models.__dict__[teacher_arch](num_classes=num_classes).to(device).eval()
     student = tv_models.__dict__[student_arch](num_classes=num_classes).to(device)
     return teacher, student, teacher.fc.in_features, student.fc.in_features
 
 
-def build_reference_step(teacher_arch: str = "resnet34", student_arch: str = "resnet18", batch_size: int = 256,
-                         image_size: int = 224, num_classes: int = 1000, device: str | torch.device = "cuda",
-                         seed: int = 0) -> TrainStep:
+def build_reference_step(
+    teacher_arch: str = "resnet34",
+    student_arch: str = "resnet18",
+    batch_size: int = 256,
+    image_size: int = 224,
+    num_classes: int = 1000,
+    device: str | torch.device = "cuda",
+    seed: int = 0,
+) -> TrainStep:
     """torchdistill's ``SRDLoss`` + ``SRDModelWrapper`` box, fp32, eager: the release recipe's training step.
     Teacher network in eval mode; the teacher wrapper's whitening in training mode (batch statistics)."""
     device = torch.device(device)
@@ -256,9 +352,16 @@ def build_reference_step(teacher_arch: str = "resnet34", student_arch: str = "re
     return TrainStep(run, batch_size, f"{student_arch} <- {teacher_arch}, torchdistill SRD box, fp32", box)
 
 
-def build_fast_step(teacher_arch: str = "resnet34", student_arch: str = "resnet18", batch_size: int = 256,
-                    image_size: int = 224, num_classes: int = 1000, device: str | torch.device = "cuda",
-                    seed: int = 0, compile_models: bool = True) -> TrainStep:
+def build_fast_step(
+    teacher_arch: str = "resnet34",
+    student_arch: str = "resnet18",
+    batch_size: int = 256,
+    image_size: int = 224,
+    num_classes: int = 1000,
+    device: str | torch.device = "cuda",
+    seed: int = 0,
+    compile_models: bool = True,
+) -> TrainStep:
     """This project's ProjectorKD box on the fast path (bf16 autocast, channels_last, compile, fused SGD)."""
     device = torch.device(device)
     teacher, student, t_dim, s_dim = _networks(teacher_arch, student_arch, num_classes, device, seed)
@@ -267,8 +370,11 @@ def build_fast_step(teacher_arch: str = "resnet34", student_arch: str = "resnet1
     settings = apply_fast_path(box, teacher, device, compile_models=compile_models)
     images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, seed)
     images = images.contiguous(memory_format=torch.channels_last)
-    autocast = (torch.autocast(device_type=device.type, dtype=settings.autocast_dtype)
-                if settings.autocast_dtype is not None else nullcontext())
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=settings.autocast_dtype)
+        if settings.autocast_dtype is not None
+        else nullcontext()
+    )
 
     def run() -> torch.Tensor:
         with autocast:
@@ -279,9 +385,15 @@ def build_fast_step(teacher_arch: str = "resnet34", student_arch: str = "resnet1
     return TrainStep(run, batch_size, f"{student_arch} <- {teacher_arch}, ProjectorKD box, fast path", box)
 
 
-def build_teacher_step(teacher_arch: str = "resnet34", batch_size: int = 256, image_size: int = 224,
-                       num_classes: int = 1000, device: str | torch.device = "cuda", seed: int = 0,
-                       fast: bool = True) -> TrainStep:
+def build_teacher_step(
+    teacher_arch: str = "resnet34",
+    batch_size: int = 256,
+    image_size: int = 224,
+    num_classes: int = 1000,
+    device: str | torch.device = "cuda",
+    seed: int = 0,
+    fast: bool = True,
+) -> TrainStep:
     """Teacher inference alone (the floor of any design that runs the teacher every step)."""
     device = torch.device(device)
     torch.manual_seed(seed)

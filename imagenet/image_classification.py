@@ -10,14 +10,15 @@ holding a checkpoint is resumed automatically and exactly. ``-test_only`` evalua
 ``--output_dir``: the file of that name in it, unless ``--opts`` names ``dst_ckpt``) and writes nothing beside the
 weights: its log, config and metrics go to ``<output_dir>/test_only/`` only when ``--output_dir`` is given.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):  # run as a script: import this repository's packages, not the script's folder
     _here = Path(__file__).resolve().parent
@@ -33,18 +34,42 @@ from torchdistill.datasets.util import build_data_loader
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from imagenet import config as recipes
-from imagenet.engine import (LAST_CHECKPOINT, LoopContext, RunState, TrainingStopped, evaluate, projector_of,
-                             restore_training_state, student_of, train, unwrap)
+from imagenet.engine import (
+    LAST_CHECKPOINT,
+    LoopContext,
+    RunState,
+    TrainingStopped,
+    evaluate,
+    projector_of,
+    restore_training_state,
+    student_of,
+    train,
+    unwrap,
+)
 from imagenet.fast import apply_fast_path
-from imagenet.models import (build_model, count_parameters, load_state_exactly, load_weights, num_outputs,
-                             read_checkpoint)
+from imagenet.models import (
+    build_model,
+    count_parameters,
+    load_state_exactly,
+    load_weights,
+    num_outputs,
+    read_checkpoint,
+)
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
 from projector_kd.errors import UserError, run_cli
-from projector_kd.runs import (close_logging, output_path, prepare_output_dir, release_output_dirs, run_folder,
-                               setup_logging, tensorboard_writer, write_json)
+from projector_kd.runs import (
+    close_logging,
+    output_path,
+    prepare_output_dir,
+    release_output_dirs,
+    run_folder,
+    setup_logging,
+    tensorboard_writer,
+    write_json,
+)
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
@@ -57,29 +82,55 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--log", help="extra log file path (the run folder always gets log.txt)")
     parser.add_argument("--start_epoch", default=0, type=int, help="first epoch when resuming from src_ckpt")
     parser.add_argument("--seed", type=int, help="seed for python, numpy and torch (plus the rank)")
-    parser.add_argument("-test_only", action="store_true",
-                        help="only evaluate the checkpoint at dst_ckpt (a checkpoint, exported folder or .safetensors)")
+    parser.add_argument(
+        "-test_only",
+        action="store_true",
+        help="only evaluate the checkpoint at dst_ckpt (a checkpoint, exported folder or .safetensors)",
+    )
     parser.add_argument("-student_only", action="store_true", help="do not evaluate the teacher")
     parser.add_argument("-log_config", action="store_true", help="log the recipe")
     parser.add_argument("--world_size", default=1, type=int, help="number of processes (torchrun sets it too)")
     parser.add_argument("--dist_url", default="env://", help="only env:// (torchrun) is supported")
     parser.add_argument("-adjust_lr", action="store_true", help="multiply the learning rate by the world size")
-    parser.add_argument("--data-root", "--data_root", dest="data_root",
-                        help="dataset folder holding train/ and val/ (replaces the recipe's os.getenv data root)")
-    parser.add_argument("--output_dir", "--output-dir", "--run-dir", dest="output_dir",
-                        help="run folder (default: dst_ckpt's)")
-    parser.add_argument("--teacher_ckpt", "--teacher-ckpt", dest="teacher_ckpt",
-                        help="teacher weights {'model': state_dict} (sets models.teacher_model.src_ckpt)")
+    parser.add_argument(
+        "--data-root",
+        "--data_root",
+        dest="data_root",
+        help="dataset folder holding train/ and val/ (replaces the recipe's os.getenv data root)",
+    )
+    parser.add_argument(
+        "--output_dir", "--output-dir", "--run-dir", dest="output_dir", help="run folder (default: dst_ckpt's)"
+    )
+    parser.add_argument(
+        "--teacher_ckpt",
+        "--teacher-ckpt",
+        dest="teacher_ckpt",
+        help="teacher weights {'model': state_dict} (sets models.teacher_model.src_ckpt)",
+    )
     parser.add_argument("--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD")
-    parser.add_argument("--loader", choices=recipes.LOADERS,
-                        help="data loader (sets runtime.loader; default torchvision): dali decodes and augments on the "
-                             "GPU with NVIDIA DALI (pip install '.[dali]'), see docs/dali.md")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue in an output folder whose recorded config differs from this one")
-    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", dest="trust_checkpoint", action="store_true",
-                        help="allow full (unsafe) unpickling of the checkpoints this run loads")
-    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
-                        help="override recipe values, e.g. --opts train.num_epochs 2 train.optimizer.kwargs.lr 0.05")
+    parser.add_argument(
+        "--loader",
+        choices=recipes.LOADERS,
+        help="data loader (sets runtime.loader; default torchvision): dali decodes and augments on the "
+        "GPU with NVIDIA DALI (pip install '.[dali]'), see docs/dali.md",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue in an output folder whose recorded config differs from this one"
+    )
+    parser.add_argument(
+        "--trust_checkpoint",
+        "--trust-checkpoint",
+        dest="trust_checkpoint",
+        action="store_true",
+        help="allow full (unsafe) unpickling of the checkpoints this run loads",
+    )
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="override recipe values, e.g. --opts train.num_epochs 2 train.optimizer.kwargs.lr 0.05",
+    )
     return parser
 
 
@@ -132,9 +183,12 @@ def check_datasets(recipe: dict, ids: list[str], memo: dict) -> list[Path]:
             if kwargs.get("on_bad_image", "fail") != "fail":
                 policies[path.parent] = kwargs["on_bad_image"]
     for parent, splits in roots.items():
-        check_image_folder(parent, splits=tuple(dict.fromkeys(splits)), how_to_set="pass --data-root DIR (or set the "
-                           "recipe's environment variable, e.g. IMAGENET_ROOT)",
-                           on_bad_image=policies.get(parent, "fail"))
+        check_image_folder(
+            parent,
+            splits=tuple(dict.fromkeys(splits)),
+            how_to_set="pass --data-root DIR (or set the recipe's environment variable, e.g. IMAGENET_ROOT)",
+            on_bad_image=policies.get(parent, "fail"),
+        )
     return [parent / split for parent, splits in roots.items() for split in dict.fromkeys(splits)]
 
 
@@ -145,9 +199,13 @@ def check_classes(split_dirs: list[Path], models: dict[str, torch.nn.Module | No
         if outputs is None:
             continue
         for split_dir in split_dirs:
-            check_num_classes(split_dir, outputs, f"models.{key} num_classes",
-                              f"set --opts models.{key}.kwargs.num_classes {{found}} (a teacher checkpoint must match "
-                              f"too) or point --data-root at the right folder")
+            check_num_classes(
+                split_dir,
+                outputs,
+                f"models.{key} num_classes",
+                f"set --opts models.{key}.kwargs.num_classes {{found}} (a teacher checkpoint must match "
+                f"too) or point --data-root at the right folder",
+            )
 
 
 def build_datasets(recipe: dict, ids: list[str], memo: dict) -> dict:
@@ -216,7 +274,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         raise UserError(f"{recipe_path}: models.student_model.dst_ckpt is required (where the best checkpoint goes)")
     dst = Path(student_config["dst_ckpt"]).expanduser()
     if not (args.test_only and dst.exists()):  # weights to evaluate are read where they are; what a run writes is not
-        dst = output_path(dst)                 # put into the source tree (see projector_kd.runs.output_path)
+        dst = output_path(dst)  # put into the source tree (see projector_kd.runs.output_path)
     log_file = output_path(args.log) if args.log else None
     student_key = "student_model" if "student_model" in models_config else "model"
     dst_named = f"models.{student_key}.dst_ckpt" in args.opts[::2]
@@ -225,13 +283,20 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     best_path = output_dir / dst.name if args.output_dir is not None and not dst_named else dst
     if args.test_only:
         if best_path != dst and not best_path.exists():
-            raise UserError(f"no checkpoint to evaluate at {best_path} (--output_dir {args.output_dir} with the file "
-                            f"name of models.{student_key}.dst_ckpt) — pass the run folder that holds it, or name the "
-                            f"file with --opts models.{student_key}.dst_ckpt PATH")
+            raise UserError(
+                f"no checkpoint to evaluate at {best_path} (--output_dir {args.output_dir} with the file "
+                f"name of models.{student_key}.dst_ckpt) — pass the run folder that holds it, or name the "
+                f"file with --opts models.{student_key}.dst_ckpt PATH"
+            )
         # evaluating writes nothing beside the weights: a run folder only where --output_dir names one
         output_dir = output_dir / "test_only" if args.output_dir is not None else None
-    run_config = {"recipe": recipes.to_plain(recipe), "seed": args.seed, "world_size": env.world_size,
-                  "adjust_lr": args.adjust_lr, "test_only": args.test_only}
+    run_config = {
+        "recipe": recipes.to_plain(recipe),
+        "seed": args.seed,
+        "world_size": env.world_size,
+        "adjust_lr": args.adjust_lr,
+        "test_only": args.test_only,
+    }
     log = setup_logging(None, env.rank, name="imagenet", extra_log_file=log_file)
     if args.seed is not None:
         seed_everything(args.seed, env.rank)
@@ -240,8 +305,10 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     dataset_ids = _loader_dataset_ids(recipe, args.test_only)
     split_dirs = check_datasets(recipe, dataset_ids, memo)
     teacher, student, student_config, teacher_config = build_models(recipe, args, env.distributed, env.device)
-    check_classes(split_dirs, {"student_model" if "student_model" in models_config else "model": student,
-                               "teacher_model": teacher})
+    check_classes(
+        split_dirs,
+        {"student_model" if "student_model" in models_config else "model": student, "teacher_model": teacher},
+    )
     if output_dir is not None:  # a refused folder ends every rank with rank 0's line
         run_on_main(lambda: prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only))
     log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=log_file)
@@ -259,16 +326,27 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         lr_factor = env.world_size if env.distributed and args.adjust_lr else 1
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         try:
-            box = get_training_box(student, dataset_dict, train_config, env.device, device_ids, env.distributed,
-                                   lr_factor) if teacher is None else \
-                get_distillation_box(teacher, student, dataset_dict, train_config, env.device, device_ids,
-                                     env.distributed, lr_factor)
+            box = (
+                get_training_box(
+                    student, dataset_dict, train_config, env.device, device_ids, env.distributed, lr_factor
+                )
+                if teacher is None
+                else get_distillation_box(
+                    teacher, student, dataset_dict, train_config, env.device, device_ids, env.distributed, lr_factor
+                )
+            )
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(f"{recipe_path}: torchdistill could not set up training: {error}") from None
         loader = box.train_data_loader
         if projector_of(box) is not None and not loader.drop_last and loader.batch_size:
-            check_last_batch(len(loader.dataset), len(loader.sampler), loader.batch_size, env.world_size,
-                             str(recipe_path), "train.train_data_loader")
+            check_last_batch(
+                len(loader.dataset),
+                len(loader.sampler),
+                loader.batch_size,
+                env.world_size,
+                str(recipe_path),
+                "train.train_data_loader",
+            )
         if env.distributed:
             _ensure_ddp(box, env.device, env.local_rank)
         settings = apply_fast_path(box, teacher, env.device) if fast else None
@@ -279,22 +357,39 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         run_state = RunState()
         last = output_dir / LAST_CHECKPOINT
         if last.is_file():
-            run_state = restore_training_state(box, load_checkpoint(last, trusted=args.trust_checkpoint), last,
-                                               env.rank, env.world_size)
+            run_state = restore_training_state(
+                box, load_checkpoint(last, trusted=args.trust_checkpoint), last, env.rank, env.world_size
+            )
             log.info("resuming from %s at epoch %d step %d", last, run_state.epoch, run_state.step_in_epoch)
         else:
             if student_config.get("src_ckpt"):
-                source = load_weights(unwrap(student_of(box)), student_config["src_ckpt"], "models.student_model",
-                                      args.trust_checkpoint)
+                source = load_weights(
+                    unwrap(student_of(box)), student_config["src_ckpt"], "models.student_model", args.trust_checkpoint
+                )
                 if "optimizer" in source:
-                    run_state = restore_training_state(box, {**source, "epoch": args.start_epoch, "step_in_epoch": 0},
-                                                       student_config["src_ckpt"], env.rank, env.world_size)
+                    run_state = restore_training_state(
+                        box,
+                        {**source, "epoch": args.start_epoch, "step_in_epoch": 0},
+                        student_config["src_ckpt"],
+                        env.rank,
+                        env.world_size,
+                    )
             run_state.epoch = args.start_epoch
         run_state.clock = started
-        ctx = LoopContext(box=box, teacher=teacher, device=env.device, output_dir=output_dir, best_path=best_path,
-                          distributed=env.distributed, rank=env.rank, stop=None, writer=writer,
-                          autocast_dtype=settings.autocast_dtype if settings else None,
-                          channels_last=bool(settings), log_freq=int(train_config.get("log_freq", 100)))
+        ctx = LoopContext(
+            box=box,
+            teacher=teacher,
+            device=env.device,
+            output_dir=output_dir,
+            best_path=best_path,
+            distributed=env.distributed,
+            rank=env.rank,
+            stop=None,
+            writer=writer,
+            autocast_dtype=settings.autocast_dtype if settings else None,
+            channels_last=bool(settings),
+            log_freq=int(train_config.get("log_freq", 100)),
+        )
         try:
             with GracefulStop() as stop:
                 ctx.stop = stop
@@ -311,26 +406,45 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     test_config = recipe.get("test", {}).get("test_data_loader")
     if test_config is None:
         raise UserError(f"{recipe_path}: test.test_data_loader is required for the final evaluation")
-    test_loader = swap_loader(build_data_loader(dataset_dict[test_config["dataset_id"]],
-                                                recipes.resolve(test_config, memo), env.distributed),
-                              recipe, env.device, False, "test.test_data_loader")
-    metrics: dict = {"val_top1_per_epoch": history, "best_val_top1": max(history) if history else None,
-                     "student_params": count_parameters(student), "student": student_config["key"],
-                     "checkpoint": str(best_path), "world_size": env.world_size, "seed": args.seed, "fast": fast}
+    test_loader = swap_loader(
+        build_data_loader(dataset_dict[test_config["dataset_id"]], recipes.resolve(test_config, memo), env.distributed),
+        recipe,
+        env.device,
+        False,
+        "test.test_data_loader",
+    )
+    metrics: dict = {
+        "val_top1_per_epoch": history,
+        "best_val_top1": max(history) if history else None,
+        "student_params": count_parameters(student),
+        "student": student_config["key"],
+        "checkpoint": str(best_path),
+        "world_size": env.world_size,
+        "seed": args.seed,
+        "fast": fast,
+    }
     if teacher is not None and not args.student_only:
-        metrics["teacher_top1"], metrics["teacher_top5"] = evaluate(teacher, test_loader, env.device, env.rank,
-                                                                    title="teacher")
+        metrics["teacher_top1"], metrics["teacher_top5"] = evaluate(
+            teacher, test_loader, env.device, env.rank, title="teacher"
+        )
         metrics["teacher_params"] = count_parameters(teacher)
-        log.info("[teacher %s] top-1 %.2f top-5 %.2f", teacher_config["key"], metrics["teacher_top1"],
-                 metrics["teacher_top5"])
+        log.info(
+            "[teacher %s] top-1 %.2f top-5 %.2f",
+            teacher_config["key"],
+            metrics["teacher_top1"],
+            metrics["teacher_top5"],
+        )
     metrics["top1"], metrics["top5"] = evaluate(student, test_loader, env.device, env.rank, title="student")
     log.info("[student %s] top-1 %.2f top-5 %.2f", student_config["key"], metrics["top1"], metrics["top5"])
     metrics["wall_time_s"] = trained.elapsed() if trained is not None else time.perf_counter() - started
     if env.is_main:
         if output_dir is not None:
             write_json(output_dir / "metrics.json", metrics)
-        print(f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
-              + (f" (metrics: {output_dir / 'metrics.json'})" if output_dir is not None else ""), flush=True)
+        print(
+            f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
+            + (f" (metrics: {output_dir / 'metrics.json'})" if output_dir is not None else ""),
+            flush=True,
+        )
     if writer is not None:
         writer.close()
     return 0

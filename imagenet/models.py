@@ -1,4 +1,5 @@
 """Teacher and student networks from a recipe's ``models`` section, with weights loaded safely and exactly."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,27 +21,35 @@ def _mismatch(model: nn.Module, state: dict) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
     parts = []
     if shapes:
         parts.append(f"shape mismatch {', '.join(shapes[:3])}" + (" ..." if len(shapes) > 3 else ""))
     if missing:
         parts.append(f"missing keys {missing[:3]}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
     if unexpected:
-        parts.append(f"unexpected keys {unexpected[:3]}"
-                     + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""))
+        parts.append(
+            f"unexpected keys {unexpected[:3]}" + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
+        )
     return "; ".join(parts)
 
 
 def load_state_exactly(model: nn.Module, state: Any, path: str | Path, what: str) -> None:
     """``model.load_state_dict(state, strict=True)``, or one line naming the file and every kind of mismatch."""
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError(f"checkpoint {path} holds no state dict for {what} — expected {{'model': state_dict, ...}}")
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict for {what} — expected {{'model': state_dict, ...}}"
+        )
     problem = _mismatch(model, state)
     if problem:
-        raise CheckpointError(f"checkpoint {path} does not match {what} ({type(model).__name__}): {problem} — "
-                              f"it was written for another model, width or num_classes")
+        raise CheckpointError(
+            f"checkpoint {path} does not match {what} ({type(model).__name__}): {problem} — "
+            f"it was written for another model, width or num_classes"
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -74,9 +83,11 @@ def build_model(config: dict, name: str, distributed: bool) -> nn.Module:
         raise UserError(f"models.{name}.key = {config['key']!r}: {error}") from None
     except (OSError, RuntimeError) as error:
         weights = kwargs.get("weights")
-        raise UserError(f"models.{name}: could not get the pretrained weights {weights!r} for {config['key']} "
-                        f"({str(error).splitlines()[0] if str(error) else type(error).__name__}) — put the file in "
-                        f"{torch.hub.get_dir()}/checkpoints or set models.{name}.src_ckpt (--teacher_ckpt)") from None
+        raise UserError(
+            f"models.{name}: could not get the pretrained weights {weights!r} for {config['key']} "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__}) — put the file in "
+            f"{torch.hub.get_dir()}/checkpoints or set models.{name}.src_ckpt (--teacher_ckpt)"
+        ) from None
     return model
 
 

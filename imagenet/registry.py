@@ -3,7 +3,8 @@
 Importing this module (directly, through ``import imagenet``, or from a torchdistill config's ``dependencies``) adds:
 
 - ``ProjectorKDModelWrapper`` (auxiliary model wrapper, student side): the student plus a
-  :class:`projector_kd.ProjectorDistillLoss` (projector ``embed``, whitening ``bn_s``/``bn_t``). Because the wrapper *is*
+  :class:`projector_kd.ProjectorDistillLoss` (projector ``embed``, whitening ``bn_s``/``bn_t``). Because the wrapper
+*is*
   the student model torchdistill optimises, the projector's parameters land in the student's optimizer.
 - ``ProjectorKDLoss`` (mid-level loss): ``feature_weight * L_feat(z_s, z_t) + kd_weight * KD(y_s, y_t; T)`` with
   ``L_feat`` the wrapper's ProjectorDistillLoss (log_diff by default) and ``KD`` :func:`projector_kd.kd_loss`.
@@ -14,6 +15,7 @@ The wrapper publishes its student features and its ProjectorDistillLoss in the s
 statistics on both sides while the student wrapper is in training mode (what torchdistill's pre-epoch step sets),
 whatever mode the teacher network is in.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -40,15 +42,27 @@ class ProjectorKDModelWrapper(AuxiliaryModelWrapper):
     """Student wrapper holding the projector and the whitening (``self.feature_loss``; docs/method.md).
 
     ``input_module``: ``{'path': <student module path>, 'io': 'input'|'output'}`` — the feature the projector reads
-    (e.g. ``layer4`` output, pooled over H, W). The remaining arguments go to :class:`projector_kd.ProjectorDistillLoss`.
+    (e.g. ``layer4`` output, pooled over H, W). The remaining arguments go to
+    :class:`projector_kd.ProjectorDistillLoss`.
     ``forward(x)`` is the student's forward; the student's own state dict is :attr:`model`'s.
     """
 
-    def __init__(self, input_module: dict, student_dim: int, teacher_dim: int, device: torch.device,
-                 device_ids: list[int] | None, distributed: bool, distance: str = "log_diff",
-                 exponent: float = 4.0, eps: float = 1e-4, projector: str = "linear",
-                 student_model: nn.Module | None = None, teacher_model: nn.Module | None = None,
-                 find_unused_parameters: bool | None = None) -> None:
+    def __init__(
+        self,
+        input_module: dict,
+        student_dim: int,
+        teacher_dim: int,
+        device: torch.device,
+        device_ids: list[int] | None,
+        distributed: bool,
+        distance: str = "log_diff",
+        exponent: float = 4.0,
+        eps: float = 1e-4,
+        projector: str = "linear",
+        student_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+        find_unused_parameters: bool | None = None,
+    ) -> None:
         super().__init__()
         if student_model is None or teacher_model is not None:
             raise ValueError("ProjectorKDModelWrapper wraps the student: put it under train.student, not train.teacher")
@@ -58,8 +72,13 @@ class ProjectorKDModelWrapper(AuxiliaryModelWrapper):
         self.input_module_io = input_module["io"]
         self.model = wrap_if_distributed(student_model, device, device_ids, distributed, find_unused_parameters)
         self.feature_loss = wrap_if_distributed(
-            ProjectorDistillLoss(student_dim, teacher_dim, distance=distance, exponent=exponent, eps=eps,
-                                 projector=projector), device, device_ids, distributed)
+            ProjectorDistillLoss(
+                student_dim, teacher_dim, distance=distance, exponent=exponent, eps=eps, projector=projector
+            ),
+            device,
+            device_ids,
+            distributed,
+        )
 
     @property
     def student(self) -> nn.Module:
@@ -83,8 +102,10 @@ def _lookup(io_dict: dict, path: str, io: str, side: str) -> torch.Tensor:
     try:
         return io_dict[path][io]
     except KeyError:
-        raise KeyError(f"{side} I/O dict has no {path!r} {io!r}: add the module path to train.{side}.forward_hook."
-                       f"{io} (the model's own output is path '.')") from None
+        raise KeyError(
+            f"{side} I/O dict has no {path!r} {io!r}: add the module path to train.{side}.forward_hook."
+            f"{io} (the model's own output is path '.')"
+        ) from None
 
 
 @register_mid_level_loss
@@ -96,9 +117,15 @@ class ProjectorKDLoss(nn.Module):
     After each call :attr:`last_terms` holds the detached unweighted terms ``{'feature', 'kd'}``.
     """
 
-    def __init__(self, teacher_feature: dict, feature_weight: float = 2.0, kd_weight: float = 1.0,
-                 temperature: float = 1.0, student_logits: dict | None = None,
-                 teacher_logits: dict | None = None) -> None:
+    def __init__(
+        self,
+        teacher_feature: dict,
+        feature_weight: float = 2.0,
+        kd_weight: float = 1.0,
+        temperature: float = 1.0,
+        student_logits: dict | None = None,
+        teacher_logits: dict | None = None,
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -113,12 +140,17 @@ class ProjectorKDLoss(nn.Module):
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
         entry = student_io_dict.get(IO_KEY)
         if entry is None:
-            raise KeyError("ProjectorKDLoss needs the student wrapped in ProjectorKDModelWrapper "
-                           "(train.student.auxiliary_model_wrapper.key)")
+            raise KeyError(
+                "ProjectorKDLoss needs the student wrapped in ProjectorKDModelWrapper "
+                "(train.student.auxiliary_model_wrapper.key)"
+            )
         teacher_features = _lookup(teacher_io_dict, *self.teacher_feature, side="teacher")
         feature = entry["feature_loss"](entry["student_features"], teacher_features)
-        kd = kd_loss(_lookup(student_io_dict, *self.student_logits, side="student"),
-                     _lookup(teacher_io_dict, *self.teacher_logits, side="teacher"), self.temperature)
+        kd = kd_loss(
+            _lookup(student_io_dict, *self.student_logits, side="student"),
+            _lookup(teacher_io_dict, *self.teacher_logits, side="teacher"),
+            self.temperature,
+        )
         self.last_terms = {"feature": feature.detach(), "kd": kd.detach()}
         return self.feature_weight * feature + self.kd_weight * kd
 
@@ -127,8 +159,9 @@ class ProjectorKDLoss(nn.Module):
 class LogitKDLoss(nn.Module):
     """``KD(y_s, y_t; T)`` = KL(softmax(y_t/T) || softmax(y_s/T)) * T^2, batchmean (logit distillation alone)."""
 
-    def __init__(self, temperature: float = 1.0, student_logits: dict | None = None,
-                 teacher_logits: dict | None = None) -> None:
+    def __init__(
+        self, temperature: float = 1.0, student_logits: dict | None = None, teacher_logits: dict | None = None
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -138,8 +171,11 @@ class LogitKDLoss(nn.Module):
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, *args: Any, **kwargs: Any) -> torch.Tensor:
-        kd = kd_loss(_lookup(student_io_dict, *self.student_logits, side="student"),
-                     _lookup(teacher_io_dict, *self.teacher_logits, side="teacher"), self.temperature)
+        kd = kd_loss(
+            _lookup(student_io_dict, *self.student_logits, side="student"),
+            _lookup(teacher_io_dict, *self.teacher_logits, side="teacher"),
+            self.temperature,
+        )
         self.last_terms = {"kd": kd.detach()}
         return kd
 

@@ -4,6 +4,7 @@ Public API: :class:`ProjectorDistillLoss`, :func:`kd_loss`, :func:`pool_features
 Infrastructure shared by the tracks lives in the submodules ``checkpoint``, ``config``, ``data``, ``distributed``,
 ``errors``, ``runs`` and ``signals``.
 """
+
 from .losses import DISTANCES, PROJECTORS, ProjectorDistillLoss, Whitening, kd_loss, pool_features
 
 __all__ = ["DISTANCES", "PROJECTORS", "ProjectorDistillLoss", "Whitening", "kd_loss", "pool_features"]

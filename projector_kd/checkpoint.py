@@ -1,4 +1,5 @@
 """Checkpoint I/O: atomic writes, safe loads with one-line errors, RNG state capture for exact resume."""
+
 from __future__ import annotations
 
 import glob
@@ -8,8 +9,9 @@ import random
 import re
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -22,7 +24,8 @@ class CheckpointError(UserError):
 
 
 class PickledConfig:
-    """Inert stand-in for a pickled ``yacs.config.CfgNode``: unpickles as a plain ``OrderedDict`` of its keys and values.
+    """Inert stand-in for a pickled ``yacs.config.CfgNode``: unpickles as a plain ``OrderedDict`` of its keys and
+    values.
 
     ``torch.load(weights_only=True)`` only fills ``dict``/``OrderedDict`` objects, so construction returns one.
     """
@@ -138,7 +141,9 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} — check the path (or download the weights, see README)")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes) — the file is truncated; re-download or re-create it")
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes) — the file is truncated; re-download or re-create it"
+        )
     try:
         if trusted:
             return torch.load(path, map_location=map_location, weights_only=False)
@@ -149,13 +154,17 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
         if found:
             raise CheckpointError(
                 f"checkpoint {path} needs unsafe unpickling (it pickles {found.group(1)}); refused. If you trust this "
-                f"file, pass the trust flag (--trust-checkpoint) to load it with full unpickling") from None
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (corrupt or not a checkpoint) "
-                              f"— re-download or re-create it") from None
+                f"file, pass the trust flag (--trust-checkpoint) to load it with full unpickling"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint (corrupt or not a checkpoint) "
+            f"— re-download or re-create it"
+        ) from None
     except Exception as error:  # the unpickler fails on damaged bytes in many ways (IndexError, KeyError, ...)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({reason}) — re-download or re-create it") from None
+            f"checkpoint {path} is truncated or corrupt ({reason}) — re-download or re-create it"
+        ) from None
 
 
 def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint*.pth") -> Path | None:
@@ -168,7 +177,8 @@ def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint*.pth
 
 
 def capture_rng_state() -> dict:
-    """The python, numpy, torch CPU and CUDA generator states as tensors and plain values (``weights_only``-loadable)."""
+    """The python, numpy, torch CPU and CUDA generator states as tensors and plain values (``weights_only``
+    loadable)."""
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),

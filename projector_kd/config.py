@@ -5,13 +5,15 @@ accepted where a float is expected; a bool never counts as a number), ``check`` 
 satisfy, optionally with a description: ``(float, (lambda v: v > 0, "> 0"))``. A key whose type is ``dict`` is a leaf:
 its contents are not checked.
 """
+
 from __future__ import annotations
 
 import copy
 import difflib
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 

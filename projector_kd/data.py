@@ -1,10 +1,12 @@
 """ImageFolder data: layout checks before training, images that fail with the file's name, the bundled digits set."""
+
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,8 +33,9 @@ def check_num_classes(split_dir: str | Path, num_classes: int, setting: str, how
     value, e.g. ``model.num_classes``; ``how_to_fix`` says how to set it or point at the right folder)."""
     found = len(_class_folders(Path(split_dir)))
     if found != num_classes:
-        raise DataError(f"{split_dir} has {found} class folders but {setting} = {num_classes}; "
-                        f"{how_to_fix.format(found=found)}")
+        raise DataError(
+            f"{split_dir} has {found} class folders but {setting} = {num_classes}; {how_to_fix.format(found=found)}"
+        )
 
 
 def _images(folder: Path) -> Iterator[Path]:
@@ -49,12 +52,18 @@ def _check_images(folder: Path, on_bad_image: str) -> None:
         if image.stat().st_size == 0:
             raise DataError(f"image {image} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
     if not found:
-        raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
-                        f"— add images or remove the folder")
+        raise DataError(
+            f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
+            f"— add images or remove the folder"
+        )
 
 
-def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "val"),
-                       how_to_set: str = "set the data path", on_bad_image: str = "fail") -> None:
+def check_image_folder(
+    root: str | Path,
+    splits: tuple[str, ...] = ("train", "val"),
+    how_to_set: str = "set the data path",
+    on_bad_image: str = "fail",
+) -> None:
     """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, every
     split has the same classes as the first, and (``on_bad_image: fail``) no image file is empty. Raises
     :class:`DataError` naming the path and the fix (``how_to_set`` tells the user how to point the run at their
@@ -79,8 +88,10 @@ def check_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "va
         elif names != reference:
             missing = sorted(set(reference) - set(names))
             extra = sorted(set(names) - set(reference))
-            raise DataError(f"classes of {split_dir} differ from {root / splits[0]}: missing {missing[:5]}, "
-                            f"extra {extra[:5]} — both splits need the same class folders")
+            raise DataError(
+                f"classes of {split_dir} differ from {root / splits[0]}: missing {missing[:5]}, "
+                f"extra {extra[:5]} — both splits need the same class folders"
+            )
 
 
 UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
@@ -88,8 +99,9 @@ UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueEr
 
 def unreadable_image(path: str, error: BaseException) -> DataError:
     """The one-line error for an image that cannot be read (``error``: why), naming the file and the fixes."""
-    return DataError(f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, "
-                     f"or set on_bad_image: skip")
+    return DataError(
+        f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, or set on_bad_image: skip"
+    )
 
 
 WHITE = (255, 255, 255)
@@ -129,16 +141,19 @@ def load_rgb(path: str) -> Image.Image:
         raise unreadable_image(path, error) from None
 
 
-def check_last_batch(num_images: int, per_process: int, batch_size: int, world_size: int, source: str,
-                     key: str) -> None:
+def check_last_batch(
+    num_images: int, per_process: int, batch_size: int, world_size: int, source: str, key: str
+) -> None:
     """Refuse, before training, a training loader whose last batch would hold 1 image per process: batch whitening
     needs at least 2. ``per_process``: the images one process draws per epoch; ``key``: the loader's key in the recipe
     file ``source``."""
     if batch_size > 1 and per_process % batch_size == 1:
-        raise DataError(f"{source}: {key}: {num_images} training images over {world_size} process(es) give "
-                        f"{per_process} per process, so batches of {batch_size} leave a last batch of 1 image, which "
-                        f"batch whitening cannot train on — set drop_last: true in {key}.kwargs (or choose a batch "
-                        f"size that does not leave 1 image)")
+        raise DataError(
+            f"{source}: {key}: {num_images} training images over {world_size} process(es) give "
+            f"{per_process} per process, so batches of {batch_size} leave a last batch of 1 image, which "
+            f"batch whitening cannot train on — set drop_last: true in {key}.kwargs (or choose a batch "
+            f"size that does not leave 1 image)"
+        )
 
 
 def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
@@ -164,16 +179,19 @@ def checkpoint_on_data_error(batches: Iterable, save: Callable[[], str | None]) 
         saved = save()
         if saved is None:
             raise
-        raise DataError(f"{error}. A resumable checkpoint was written first: {saved} — after fixing the file, run "
-                        f"the same command again to continue") from None
+        raise DataError(
+            f"{error}. A resumable checkpoint was written first: {saved} — after fixing the file, run "
+            f"the same command again to continue"
+        ) from None
 
 
 class CheckedImageFolder(ImageFolder):
     """``torchvision`` ImageFolder whose unreadable images either stop the run naming the file (``fail``) or are
     replaced by the next readable sample and counted (``skip``, a warning names each file once)."""
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, on_bad_image: str = "fail",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, root: str | Path, transform: Callable | None = None, on_bad_image: str = "fail", **kwargs: Any
+    ) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise UserError(f"on_bad_image={on_bad_image!r} is not one of {', '.join(BAD_IMAGE_POLICIES)}")
         super().__init__(str(root), transform=transform, loader=load_rgb, **kwargs)
@@ -202,9 +220,15 @@ class CheckedImageFolder(ImageFolder):
         raise DataError(f"no readable image left in {self.root}")
 
 
-def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
-                             train_per_class: int | None = None, holdout_per_class: int = 0,
-                             holdout: bool = False) -> Path:
+def write_digits_imagefolder(
+    root: str | Path,
+    image_size: int = 32,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    train_per_class: int | None = None,
+    holdout_per_class: int = 0,
+    holdout: bool = False,
+) -> Path:
     """Write scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes) as an RGB ImageFolder tree
     ``root/{train,val}/<digit>/<index>.png``, upsampled to ``image_size`` with bicubic resampling, with a fixed
     stratified split of each class into val (``val_fraction``), held out (``holdout_per_class`` images, in no training
@@ -217,8 +241,10 @@ def write_digits_imagefolder(root: str | Path, image_size: int = 32, val_fractio
 
     root = Path(root)
     stamp = root / ".digits-imagefolder"
-    settings = (f"image_size={image_size} val_fraction={val_fraction} seed={seed} train_per_class={train_per_class} "
-                f"holdout_per_class={holdout_per_class} holdout={holdout}\n")
+    settings = (
+        f"image_size={image_size} val_fraction={val_fraction} seed={seed} train_per_class={train_per_class} "
+        f"holdout_per_class={holdout_per_class} holdout={holdout}\n"
+    )
     if stamp.is_file() and stamp.read_text() == settings:
         return root
     for split in ("train", "val"):

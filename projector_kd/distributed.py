@@ -1,4 +1,5 @@
 """torch.distributed set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+
 from __future__ import annotations
 
 import os
@@ -6,9 +7,10 @@ import random
 import re
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -95,8 +97,9 @@ def init_distributed(device: str | None = None) -> DistEnv:
         torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if wants_cuda else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                device_id=torch_device if wants_cuda else None)
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, device_id=torch_device if wants_cuda else None
+        )
         _shared["store"] = dist.distributed_c10d._get_default_store()
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 

@@ -1,10 +1,11 @@
 """User-facing errors: one clear line that names the file or value and what to do."""
+
 from __future__ import annotations
 
 import errno
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):

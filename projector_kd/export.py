@@ -4,16 +4,18 @@ A folder written by :func:`write_model_folder` loads with ``timm.create_model('l
 (once the architecture is registered with timm) and can be pushed to the Hugging Face Hub as is. Both tracks use it;
 their own modules turn a training checkpoint into a timm model first (:mod:`deit.export`, :mod:`imagenet.export`).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,8 +27,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
-PAPER = ("Understanding the Role of the Projector in Knowledge Distillation (Roy Miles, Krystian Mikolajczyk, "
-         "AAAI 2024)")
+PAPER = "Understanding the Role of the Projector in Knowledge Distillation (Roy Miles, Krystian Mikolajczyk, AAAI 2024)"
 PAPER_URL = "https://arxiv.org/abs/2303.11098"
 CITATION = """@inproceedings{miles2024understanding,
   title     = {Understanding the Role of the Projector in Knowledge Distillation},
@@ -51,8 +52,13 @@ class EvalTransform:
 
     def pretrained_cfg(self) -> dict[str, Any]:
         """The timm ``pretrained_cfg`` entries (an overlay for ``timm.create_model``)."""
-        return {"input_size": (3, self.img_size, self.img_size), "crop_pct": self.crop_pct,
-                "interpolation": self.interpolation, "mean": tuple(self.mean), "std": tuple(self.std)}
+        return {
+            "input_size": (3, self.img_size, self.img_size),
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+        }
 
     @property
     def resize(self) -> int:
@@ -85,8 +91,9 @@ def staged_output_dir(path: str | Path, force: bool, source: str | Path) -> Iter
         raise UserError(f"output {path} exists and is not a folder; choose a folder path")
     if path.is_dir() and any(path.iterdir()):
         if not force:
-            raise UserError(f"output folder {path} is not empty; choose a new folder or pass --force to replace its "
-                            "contents")
+            raise UserError(
+                f"output folder {path} is not empty; choose a new folder or pass --force to replace its contents"
+            )
         if source.resolve().is_relative_to(path.resolve()):
             raise UserError(f"output folder {path} holds the source {source}; choose another output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +108,13 @@ def staged_output_dir(path: str | Path, force: bool, source: str | Path) -> Iter
             shutil.rmtree(staging)
 
 
-def write_model_folder(model: nn.Module, folder: Path, card: ModelCard, model_args: dict[str, Any],
-                       extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> list[Path]:
+def write_model_folder(
+    model: nn.Module,
+    folder: Path,
+    card: ModelCard,
+    model_args: dict[str, Any],
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> list[Path]:
     """Write ``model`` (a timm model in eval mode, with ``pretrained_cfg`` set to the evaluation transform) as
     ``model.safetensors`` + ``config.json`` with timm's own :func:`timm.models.save_for_hf`, then the model card and
     each ``extra_weights`` file (name -> state dict, saved as safetensors). ``model_args``: the arguments that
@@ -140,17 +152,37 @@ def render_model_card(card: ModelCard) -> str:
     """The README.md of an exported folder: Hub metadata (YAML front matter), what the model is, how it was trained
     and evaluated, how to load it, license and citation."""
     transform = card.transform
-    lines = ["---", "license: mit", "library_name: timm", "pipeline_tag: image-classification", "tags:",
-             "- image-classification", "- timm", "- knowledge-distillation", "---", "", f"# {card.title}", "",
-             card.description, "", f"Trained with the method of *{PAPER}* ([arXiv:2303.11098]({PAPER_URL})).", "",
-             "## Model details", "", f"- **Architecture (timm):** `{card.architecture}`"]
+    lines = [
+        "---",
+        "license: mit",
+        "library_name: timm",
+        "pipeline_tag: image-classification",
+        "tags:",
+        "- image-classification",
+        "- timm",
+        "- knowledge-distillation",
+        "---",
+        "",
+        f"# {card.title}",
+        "",
+        card.description,
+        "",
+        f"Trained with the method of *{PAPER}* ([arXiv:2303.11098]({PAPER_URL})).",
+        "",
+        "## Model details",
+        "",
+        f"- **Architecture (timm):** `{card.architecture}`",
+    ]
     if card.params:
         lines.append(f"- **Parameters:** {card.params / 1e6:.2f}M (the projector used in training is not included)")
     if card.teacher:
         lines.append(f"- **Teacher:** {card.teacher}")
-    lines += [f"- **Exported from:** `{card.source}`",
-              f"- **Evaluation transform:** resize to {transform.resize} ({transform.interpolation}), center crop "
-              f"{transform.img_size}, mean {list(transform.mean)}, std {list(transform.std)}", ""]
+    lines += [
+        f"- **Exported from:** `{card.source}`",
+        f"- **Evaluation transform:** resize to {transform.resize} ({transform.interpolation}), center crop "
+        f"{transform.img_size}, mean {list(transform.mean)}, std {list(transform.std)}",
+        "",
+    ]
     if card.metrics:
         lines += ["## Results", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {name} | {_format(value)} |" for name, value in card.metrics.items()]
@@ -160,14 +192,23 @@ def render_model_card(card: ModelCard) -> str:
         lines += [f"- **{name}:** {_format(value)}" for name, value in card.recipe.items()]
         lines.append("")
     needs_deit = card.architecture.startswith("deit_conv_")
-    lines += ["## Usage", "", "```python", "import timm"] + (["import deit  # registers the conv-stem DeiT with timm"]
-                                                           if needs_deit else [])
-    lines += ["", "model = timm.create_model('local-dir:PATH/TO/THIS/FOLDER', pretrained=True).eval()",
-              "# or timm.create_model('hf-hub:OWNER/NAME', pretrained=True) once pushed to the Hub",
-              "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))", "```", ""]
+    lines += ["## Usage", "", "```python", "import timm"] + (
+        ["import deit  # registers the conv-stem DeiT with timm"] if needs_deit else []
+    )
+    lines += [
+        "",
+        "model = timm.create_model('local-dir:PATH/TO/THIS/FOLDER', pretrained=True).eval()",
+        "# or timm.create_model('hf-hub:OWNER/NAME', pretrained=True) once pushed to the Hub",
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))",
+        "```",
+        "",
+    ]
     if needs_deit:
-        lines += ["`deit` is this model's package in the reference implementation of the paper (install it with "
-                  "`pip install -e .` from its repository).", ""]
+        lines += [
+            "`deit` is this model's package in the reference implementation of the paper (install it with "
+            "`pip install -e .` from its repository).",
+            "",
+        ]
     lines += ["## License", "", "MIT.", "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 
@@ -189,8 +230,9 @@ def load_weights_file(path: str | Path, preferred: tuple[str, ...] = (WEIGHTS_FI
     if path.is_dir():
         found = [path / name for name in preferred if (path / name).is_file()]
         if not found:
-            raise CheckpointError(f"exported folder {path} holds no {' or '.join(preferred)} — export it again with "
-                                  "scripts/export.py")
+            raise CheckpointError(
+                f"exported folder {path} holds no {' or '.join(preferred)} — export it again with scripts/export.py"
+            )
         path = found[0]
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path} — check the path")

@@ -1,4 +1,5 @@
 """Backend switches shared by both tracks' fast paths."""
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ Distances (alpha = ``exponent``):
     bn_mse:    L = mean_{b,d} (s_bd - t_bd)^2
     mse:       L = mean_{b,d} (p_bd - z_t,bd)^2           (no whitening)
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,7 +85,9 @@ def _build_projector(kind: str, student_dim: int, teacher_dim: int) -> nn.Module
         return parametrizations.orthogonal(nn.Linear(student_dim, teacher_dim, bias=False))
     if kind == "identity":
         if student_dim != teacher_dim:
-            raise ValueError(f"projector='identity' needs student_dim == teacher_dim, got {student_dim} != {teacher_dim}")
+            raise ValueError(
+                f"projector='identity' needs student_dim == teacher_dim, got {student_dim} != {teacher_dim}"
+            )
         return nn.Identity()
     raise ValueError(f"unknown projector {kind!r}; choose one of {', '.join(PROJECTORS)}")
 
@@ -93,12 +96,14 @@ class ProjectorDistillLoss(nn.Module):
     """Feature distillation through a trainable projector and batch whitening (see the module docstring).
 
     ``forward(student_features, teacher_features)`` takes (B,D), (B,N,D) or (B,C,H,W) tensors on either side, pools them
-    with :func:`pool_features` and returns a scalar (whitening and distance run in at least float32, also under autocast). Teacher features are detached. Training mode whitens with batch
-    statistics on both sides (whatever mode the teacher network is in); eval mode uses the running statistics.
+    with :func:`pool_features` and returns a scalar (whitening and distance run in at least float32, also under
+    autocast). Teacher features are detached. Training mode whitens with batch statistics on both sides (whatever mode
+    the teacher network is in); eval mode uses the running statistics.
 
     State-dict names: ``embed.weight``/``embed.bias`` (``linear``), ``embed.parametrizations.weight.original`` and
-    ``embed.parametrizations.weight.0.base`` (``orthogonal``), nothing for ``identity``; ``bn_s.*`` and ``bn_t.*`` hold ``running_mean``, ``running_var``,
-    ``num_batches_tracked``. The released DeiT checkpoints name the same tensors ``distillation_loss.<name>``.
+    ``embed.parametrizations.weight.0.base`` (``orthogonal``), nothing for ``identity``; ``bn_s.*`` and ``bn_t.*``
+    hold ``running_mean``, ``running_var``, ``num_batches_tracked``. The released DeiT checkpoints name the same
+    tensors ``distillation_loss.<name>``.
     """
 
     def __init__(
@@ -159,12 +164,15 @@ class ProjectorDistillLoss(nn.Module):
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL( softmax(y_t/T) || softmax(y_s/T) ) * T^2, averaged over the batch (``batchmean``); no gradient to the teacher."""
+    """KL( softmax(y_t/T) || softmax(y_s/T) ) * T^2, averaged over the batch (``batchmean``); no gradient to the
+    teacher."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} "
-                         f"vs {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} "
+            f"vs {tuple(teacher_logits.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.detach().to(log_p_s.dtype) / temperature, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2

@@ -1,4 +1,5 @@
 """Run folders: the config a run was started with, logs, TensorBoard events, final metrics, progress bars."""
+
 from __future__ import annotations
 
 import fcntl
@@ -9,8 +10,9 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -50,8 +52,10 @@ def run_folder(value: str | os.PathLike, flag: str) -> Path:
     """``value`` (a run folder the user named with ``flag``) as a Path; an empty name is refused, never read as the
     current folder."""
     if not str(value).strip():
-        raise UserError(f"{flag} is empty — name the run folder, e.g. {flag} output/my_run (an empty path is never "
-                        f"taken to mean the current folder)")
+        raise UserError(
+            f"{flag} is empty — name the run folder, e.g. {flag} output/my_run (an empty path is never "
+            f"taken to mean the current folder)"
+        )
     return output_path(value)
 
 
@@ -86,8 +90,10 @@ def lock_output_dir(path: Path) -> None:
     except OSError:
         holder = os.read(fd, 500).decode(errors="replace").strip() or "a process that is starting"
         os.close(fd)
-        raise OutputError(f"output folder {path} is in use by another run ({holder}) — wait for it to end, or choose "
-                          f"another output folder") from None
+        raise OutputError(
+            f"output folder {path} is in use by another run ({holder}) — wait for it to end, or choose "
+            f"another output folder"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
     _held_locks[path] = fd
@@ -117,9 +123,11 @@ def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_
         recorded = yaml.safe_load(recorded_file.read_text()) or {}
         differing = _differing_keys(recorded, normalised)
         if differing:
-            raise UserError(f"output folder {path} holds a different run (config differs in: "
-                            f"{', '.join(differing[:6])}) — choose a new output folder, or pass --resume to continue "
-                            f"that run with the new settings")
+            raise UserError(
+                f"output folder {path} holds a different run (config differs in: "
+                f"{', '.join(differing[:6])}) — choose a new output folder, or pass --resume to continue "
+                f"that run with the new settings"
+            )
     atomic_write(recorded_file, lambda handle: handle.write(yaml.safe_dump(normalised, sort_keys=False).encode()))
     return path
 
@@ -141,8 +149,9 @@ def close_logging() -> None:
             handler.close()
 
 
-def setup_logging(output_dir: str | Path | None, rank: int = 0, name: str = "projector_kd",
-                  extra_log_file: str | Path | None = None) -> logging.Logger:
+def setup_logging(
+    output_dir: str | Path | None, rank: int = 0, name: str = "projector_kd", extra_log_file: str | Path | None = None
+) -> logging.Logger:
     """Log INFO to stdout and to ``output_dir/log.txt`` (and ``extra_log_file``, e.g. the release's ``--log``) on
     rank 0; only warnings elsewhere. Replaces the handlers of an earlier call."""
     close_logging()

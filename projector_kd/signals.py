@@ -1,4 +1,5 @@
 """Graceful stop on SIGTERM / SIGINT (what schedulers and Ctrl-C send): finish the step, checkpoint, exit non-zero."""
+
 from __future__ import annotations
 
 import signal
@@ -30,7 +31,7 @@ class GracefulStop:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         for signum in STOP_SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)

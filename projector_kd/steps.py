@@ -13,11 +13,13 @@ release recipes' foreach/for-loop kernels) take no ``found_inf`` (their step fun
 ``GradScaler.step`` itself reads ``found_inf`` to the host (``.item()``) for them: there :func:`skips_on_device` is
 false and the caller checks the step's values on the host before applying it, one host read per step.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,8 +80,9 @@ class StepMonitor:
         self._next_buffer = 1 - self._next_buffer
         return buffer
 
-    def push(self, step: Any, names: Sequence[str], values: torch.Tensor, found_inf: torch.Tensor,
-             stop_requested: bool) -> None:
+    def push(
+        self, step: Any, names: Sequence[str], values: torch.Tensor, found_inf: torch.Tensor, stop_requested: bool
+    ) -> None:
         """Queue step ``step``: ``values`` (1-D, one per name) and ``found_inf`` (one element) are device tensors."""
         parts = [values.detach().double().reshape(-1), found_inf.detach().double().reshape(-1)]
         if self.distributed:

@@ -22,6 +22,7 @@ small images so CI can smoke-test the script on a CPU; CPU figures are not perfo
     python scripts/benchmark.py --json benchmark.json                 # full sizes (GPU)
     python scripts/benchmark.py --tiny --no-compile --json out.json   # CPU smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,10 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,9 +50,9 @@ from projector_kd.distributed import seed_everything
 from projector_kd.errors import UserError, run_cli
 from projector_kd.runs import write_json
 
-TRACKS = ('deit', 'resnet')
-RESNET_RECIPE = 'configs/ilsvrc2012/ours/res3418.yaml'
-CLAIM_NOTE = 'CPU run: these figures exercise the script; they are not performance claims (run it on a GPU).'
+TRACKS = ("deit", "resnet")
+RESNET_RECIPE = "configs/ilsvrc2012/ours/res3418.yaml"
+CLAIM_NOTE = "CPU run: these figures exercise the script; they are not performance claims (run it on a GPU)."
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,38 @@ class Sizes:
     loader_batches: int
 
 
-FULL = Sizes(batch_size=256, deit_img_size=224, resnet_img_size=224, num_classes=1000, deit_model='tiny',
-             deit_overrides={}, deit_teacher='regnety_160', resnet_teacher='resnet34', resnet_student='resnet18',
-             matmul_size=8192,
-             jpeg_sizes=((500, 375), (500, 333), (375, 500), (500, 500), (640, 480), (800, 600)),
-             unique_jpegs=64, transform_images=300, loader_batches=8)
-TINY = Sizes(batch_size=8, deit_img_size=16, resnet_img_size=32, num_classes=10, deit_model='tiny',
-             deit_overrides={'embed_dim': 48, 'depth': 2, 'num_heads': 2, 'patch_size': 4},
-             deit_teacher='regnety_002', resnet_teacher='resnet34', resnet_student='resnet18',
-             matmul_size=512, jpeg_sizes=((80, 60), (60, 80), (96, 72)), unique_jpegs=8, transform_images=32,
-             loader_batches=2)
+FULL = Sizes(
+    batch_size=256,
+    deit_img_size=224,
+    resnet_img_size=224,
+    num_classes=1000,
+    deit_model="tiny",
+    deit_overrides={},
+    deit_teacher="regnety_160",
+    resnet_teacher="resnet34",
+    resnet_student="resnet18",
+    matmul_size=8192,
+    jpeg_sizes=((500, 375), (500, 333), (375, 500), (500, 500), (640, 480), (800, 600)),
+    unique_jpegs=64,
+    transform_images=300,
+    loader_batches=8,
+)
+TINY = Sizes(
+    batch_size=8,
+    deit_img_size=16,
+    resnet_img_size=32,
+    num_classes=10,
+    deit_model="tiny",
+    deit_overrides={"embed_dim": 48, "depth": 2, "num_heads": 2, "patch_size": 4},
+    deit_teacher="regnety_002",
+    resnet_teacher="resnet34",
+    resnet_student="resnet18",
+    matmul_size=512,
+    jpeg_sizes=((80, 60), (60, 80), (96, 72)),
+    unique_jpegs=8,
+    transform_images=32,
+    loader_batches=2,
+)
 
 
 @dataclass
@@ -105,24 +129,25 @@ class Row:
 
 # ------------------------------------------------------------------------------------------------------ timing
 
+
 def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def reset_memory(device: torch.device) -> None:
     """Free cached blocks and start a new peak-memory window."""
     gc.collect()
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mib(device: torch.device) -> float | None:
     """Peak allocated memory since the last :func:`reset_memory` (CUDA only; None on the CPU)."""
-    if device.type != 'cuda':
+    if device.type != "cuda":
         return None
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
@@ -131,7 +156,7 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
     for _ in range(warmup):
         step()
     synchronize(device)
-    if device.type == 'cuda':
+    if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for start, end in events:
             start.record()
@@ -161,19 +186,36 @@ def matmul_peak_flops(device: torch.device, size: int, repeats: int = 10) -> flo
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=generator)
     times = time_steps(lambda: a @ b, steps=repeats, warmup=3, device=device)
-    return 2 * size ** 3 / (statistics.mean(times) / 1e3)
+    return 2 * size**3 / (statistics.mean(times) / 1e3)
 
 
-def make_row(track: str, case: str, description: str, batch_size: int, times: list[float],
-             device: torch.device, flops_per_img: float | None, peak_flops: float) -> Row:
+def make_row(
+    track: str,
+    case: str,
+    description: str,
+    batch_size: int,
+    times: list[float],
+    device: torch.device,
+    flops_per_img: float | None,
+    peak_flops: float,
+) -> Row:
     mean_ms = statistics.mean(times)
     img_s = batch_size / (mean_ms / 1e3)
-    return Row(track=track, case=case, description=description, batch_size=batch_size, step_ms_mean=mean_ms,
-               step_ms_median=statistics.median(times), img_per_s=img_s, peak_memory_mib=peak_memory_mib(device),
-               gflops_per_img=flops_per_img / 1e9 if flops_per_img else None,
-               mfu=flops_per_img * img_s / peak_flops if flops_per_img else None,
-               extra={'tf32_matmul': torch.backends.cuda.matmul.allow_tf32,
-                      'tf32_cudnn': torch.backends.cudnn.allow_tf32} if device.type == 'cuda' else {})
+    return Row(
+        track=track,
+        case=case,
+        description=description,
+        batch_size=batch_size,
+        step_ms_mean=mean_ms,
+        step_ms_median=statistics.median(times),
+        img_per_s=img_s,
+        peak_memory_mib=peak_memory_mib(device),
+        gflops_per_img=flops_per_img / 1e9 if flops_per_img else None,
+        mfu=flops_per_img * img_s / peak_flops if flops_per_img else None,
+        extra={"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+        if device.type == "cuda"
+        else {},
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ parity
@@ -189,7 +231,7 @@ def make_row(track: str, case: str, description: str, batch_size: int, times: li
 
 FP32_LOSS_RTOL, FP32_LOSS_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-5, 5e-3
 ROUNDING_FACTOR = 2.0
-LOW_PRECISION_LOSS_RTOL = 2 ** -7  # two bf16 units in the last place: one sample's rounding shift can be near 0
+LOW_PRECISION_LOSS_RTOL = 2**-7  # two bf16 units in the last place: one sample's rounding shift can be near 0
 Result = tuple[float, dict[str, torch.Tensor]]
 
 
@@ -209,48 +251,67 @@ def gradient_difference(reference: dict[str, torch.Tensor], candidate: dict[str,
     difference among tensors holding at least 1e-4 of the reference norm (the projector bias, whose gradient is zero
     up to rounding because whitening removes it, is left out that way)."""
     if reference.keys() != candidate.keys():
-        raise ValueError(f'gradient sets differ: {sorted(set(reference) ^ set(candidate))[:4]}')
+        raise ValueError(f"gradient sets differ: {sorted(set(reference) ^ set(candidate))[:4]}")
     ref = torch.cat([reference[k].double().flatten().cpu() for k in reference])
     cand = torch.cat([candidate[k].double().flatten().cpu() for k in reference])
     total = ref.norm().item()
-    worst_name, worst = '', 0.0
+    worst_name, worst = "", 0.0
     for name in reference:
         r, c = reference[name].double(), candidate[name].double()
         norm = r.norm().item()
         if norm >= 1e-4 * total and (c - r).norm().item() / norm > worst:
             worst_name, worst = name, (c - r).norm().item() / norm
-    return {'grad_rel_diff': ((cand - ref).norm() / total).item(),
-            'grad_cosine': torch.nn.functional.cosine_similarity(ref, cand, dim=0).item(),
-            'worst_tensor': worst_name, 'worst_tensor_rel_diff': worst}
+    return {
+        "grad_rel_diff": ((cand - ref).norm() / total).item(),
+        "grad_cosine": torch.nn.functional.cosine_similarity(ref, cand, dim=0).item(),
+        "worst_tensor": worst_name,
+        "worst_tensor_rel_diff": worst,
+    }
 
 
-def judge_parity(reference: Result, rounded: Result, fast: Result, fast_fp32: Result,
-                 low_dtype: torch.dtype | None) -> dict[str, Any]:
+def judge_parity(
+    reference: Result, rounded: Result, fast: Result, fast_fp32: Result, low_dtype: torch.dtype | None
+) -> dict[str, Any]:
     """Verdict of the two checks described above. ``rounded``: the reference under the fast path's autocast dtype
     (the reference itself when the fast path has none)."""
     loss_ref = reference[0]
     fp32_loss_tol = FP32_LOSS_ATOL + FP32_LOSS_RTOL * abs(loss_ref)
     math_grads = gradient_difference(reference[1], fast_fp32[1])
-    math_ok = abs(fast_fp32[0] - loss_ref) <= fp32_loss_tol and math_grads['grad_rel_diff'] <= FP32_GRAD_RTOL
+    math_ok = abs(fast_fp32[0] - loss_ref) <= fp32_loss_tol and math_grads["grad_rel_diff"] <= FP32_GRAD_RTOL
     rounding = gradient_difference(reference[1], rounded[1])
     actual = gradient_difference(reference[1], fast[1])
-    loss_budget = max(ROUNDING_FACTOR * abs(rounded[0] - loss_ref),
-                      LOW_PRECISION_LOSS_RTOL * abs(loss_ref) if low_dtype else 0.0) + fp32_loss_tol
-    grad_budget = ROUNDING_FACTOR * rounding['grad_rel_diff'] + FP32_GRAD_RTOL
-    precision_ok = abs(fast[0] - loss_ref) <= loss_budget and actual['grad_rel_diff'] <= grad_budget
+    loss_budget = (
+        max(ROUNDING_FACTOR * abs(rounded[0] - loss_ref), LOW_PRECISION_LOSS_RTOL * abs(loss_ref) if low_dtype else 0.0)
+        + fp32_loss_tol
+    )
+    grad_budget = ROUNDING_FACTOR * rounding["grad_rel_diff"] + FP32_GRAD_RTOL
+    precision_ok = abs(fast[0] - loss_ref) <= loss_budget and actual["grad_rel_diff"] <= grad_budget
     return {
-        'ok': bool(math_ok and precision_ok and math.isfinite(fast[0])),
-        'fast_dtype': str(low_dtype).removeprefix('torch.') if low_dtype else 'float32',
-        'loss_reference_fp32': loss_ref,
-        'math': {'ok': bool(math_ok), 'loss_fast_fp32': fast_fp32[0], 'loss_abs_diff': abs(fast_fp32[0] - loss_ref),
-                 'loss_tolerance': fp32_loss_tol, 'grad_tolerance': FP32_GRAD_RTOL, **math_grads},
-        'precision': {'ok': bool(precision_ok), 'loss_fast': fast[0], 'loss_abs_diff': abs(fast[0] - loss_ref),
-                      'loss_tolerance': loss_budget, 'grad_tolerance': grad_budget, **actual,
-                      'reference_rounded': {'loss_abs_diff': abs(rounded[0] - loss_ref), **rounding}},
+        "ok": bool(math_ok and precision_ok and math.isfinite(fast[0])),
+        "fast_dtype": str(low_dtype).removeprefix("torch.") if low_dtype else "float32",
+        "loss_reference_fp32": loss_ref,
+        "math": {
+            "ok": bool(math_ok),
+            "loss_fast_fp32": fast_fp32[0],
+            "loss_abs_diff": abs(fast_fp32[0] - loss_ref),
+            "loss_tolerance": fp32_loss_tol,
+            "grad_tolerance": FP32_GRAD_RTOL,
+            **math_grads,
+        },
+        "precision": {
+            "ok": bool(precision_ok),
+            "loss_fast": fast[0],
+            "loss_abs_diff": abs(fast[0] - loss_ref),
+            "loss_tolerance": loss_budget,
+            "grad_tolerance": grad_budget,
+            **actual,
+            "reference_rounded": {"loss_abs_diff": abs(rounded[0] - loss_ref), **rounding},
+        },
     }
 
 
 # ---------------------------------------------------------------------------------------------------- DeiT track
+
 
 def deit_batch(sizes: Sizes, batch_size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A synthetic batch; steps get a copy each time because the track's mixup mixes its input in place."""
@@ -264,14 +325,22 @@ def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device,
     """The DeiT track's trainer for ``recipe`` ('release' | 'fast') with random weights (its ``build_train_step``)."""
     from deit.engine import build_train_step
 
-    _, trainer = build_train_step(recipe, model=sizes.deit_model, batch_size=batch_size,
-                                  img_size=sizes.deit_img_size, device=device, teacher=sizes.deit_teacher,
-                                  num_classes=sizes.num_classes, **{**sizes.deit_overrides, **overrides})
+    _, trainer = build_train_step(
+        recipe,
+        model=sizes.deit_model,
+        batch_size=batch_size,
+        img_size=sizes.deit_img_size,
+        device=device,
+        teacher=sizes.deit_teacher,
+        num_classes=sizes.num_classes,
+        **{**sizes.deit_overrides, **overrides},
+    )
     return trainer
 
 
-def deit_gradients(trainer: Any, images: torch.Tensor, labels: torch.Tensor,
-                   autocast_dtype: torch.dtype | None) -> Result:
+def deit_gradients(
+    trainer: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> Result:
     """Loss and student gradients of one forward/backward (no optimizer step, no loss scaling) on ``trainer`` with
     ``autocast_dtype`` (None: float32); mixup/cutmix seeded identically every call."""
     saved = trainer.autocast_dtype
@@ -284,21 +353,21 @@ def deit_gradients(trainer: Any, images: torch.Tensor, labels: torch.Tensor,
         loss.backward()
     finally:
         trainer.autocast_dtype = saved
-    return loss.item(), {n: p.grad.detach().float() for n, p in trainer.student.named_parameters()
-                         if p.grad is not None}
+    return loss.item(), {
+        n: p.grad.detach().float() for n, p in trainer.student.named_parameters() if p.grad is not None
+    }
 
 
 def deit_parity_pair(sizes: Sizes, batch_size: int, device: torch.device) -> tuple[Any, Any]:
     """Release and fast DeiT trainers with the same weights, drop path off (its random masks differ under compile)."""
-    release = build_deit('release', sizes, batch_size, device, drop_path=0.0)
-    fast = build_deit('fast', sizes, batch_size, device, drop_path=0.0)
+    release = build_deit("release", sizes, batch_size, device, drop_path=0.0)
+    fast = build_deit("fast", sizes, batch_size, device, drop_path=0.0)
     fast.student.load_state_dict(release.student.state_dict())
     fast.teacher.load_state_dict(release.teacher.state_dict())
     return release, fast
 
 
-def deit_parity_check(release: Any, fast: Any, sizes: Sizes, batch_size: int, device: torch.device
-                      ) -> dict[str, Any]:
+def deit_parity_check(release: Any, fast: Any, sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
     """Parity verdict of a :func:`deit_parity_pair` on one batch; the release trainer computes the references."""
     images, labels = deit_batch(sizes, batch_size, device, seed=1)
     low = fast.autocast_dtype
@@ -315,19 +384,40 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
     images, labels = deit_batch(sizes, args.batch_size, device)
     rows = []
     reset_memory(device)
-    release = build_deit('release', sizes, args.batch_size, device)
+    release = build_deit("release", sizes, args.batch_size, device)
     flops = count_flops(lambda: release.train_step(images.clone(), labels)) / args.batch_size
-    times = time_steps(lambda: release.train_step(images.clone(), labels), args.steps, max(args.warmup - 1, 0),
-                       device)  # the counted step was the first warm-up step
-    rows.append(make_row('deit', 'release', f'DeiT-{sizes.deit_model} <- {sizes.deit_teacher}, release recipe '
-                         '(fp16 autocast + GradScaler on CUDA, eager, AdamW)', args.batch_size, times, device, flops,
-                         peak))
+    times = time_steps(
+        lambda: release.train_step(images.clone(), labels), args.steps, max(args.warmup - 1, 0), device
+    )  # the counted step was the first warm-up step
+    rows.append(
+        make_row(
+            "deit",
+            "release",
+            f"DeiT-{sizes.deit_model} <- {sizes.deit_teacher}, release recipe "
+            "(fp16 autocast + GradScaler on CUDA, eager, AdamW)",
+            args.batch_size,
+            times,
+            device,
+            flops,
+            peak,
+        )
+    )
     release = None  # frees the trainer (the timed lambdas hold only its name)
     reset_memory(device)
-    fast = build_deit('fast', sizes, args.batch_size, device)
+    fast = build_deit("fast", sizes, args.batch_size, device)
     times = time_steps(lambda: fast.train_step(images.clone(), labels), args.steps, args.warmup, device)
-    rows.append(make_row('deit', 'fast', 'same math, fast path (bf16 + channels_last + torch.compile + fused AdamW '
-                         'on CUDA)', args.batch_size, times, device, flops, peak))
+    rows.append(
+        make_row(
+            "deit",
+            "fast",
+            "same math, fast path (bf16 + channels_last + torch.compile + fused AdamW on CUDA)",
+            args.batch_size,
+            times,
+            device,
+            flops,
+            peak,
+        )
+    )
     reset_memory(device)
     teacher_images = images.contiguous(memory_format=torch.channels_last) if fast.channels_last else images
     teacher_flops = count_flops(lambda: fast.teacher(teacher_images)) / args.batch_size
@@ -337,31 +427,52 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
             fast.teacher_forward(teacher_images)
 
     times = time_steps(teacher_step, args.steps, args.warmup, device)
-    rows.append(make_row('deit', 'teacher', f'{sizes.deit_teacher} inference alone, fast-path settings (floor)',
-                         args.batch_size, times, device, teacher_flops, peak))
+    rows.append(
+        make_row(
+            "deit",
+            "teacher",
+            f"{sizes.deit_teacher} inference alone, fast-path settings (floor)",
+            args.batch_size,
+            times,
+            device,
+            teacher_flops,
+            peak,
+        )
+    )
     return rows, fast
 
 
 # -------------------------------------------------------------------------------------------------- ResNet track
 
+
 def resnet_kwargs(sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
-    return dict(teacher_arch=sizes.resnet_teacher, student_arch=sizes.resnet_student, batch_size=batch_size,
-                image_size=sizes.resnet_img_size, num_classes=sizes.num_classes, device=device)
+    return dict(
+        teacher_arch=sizes.resnet_teacher,
+        student_arch=sizes.resnet_student,
+        batch_size=batch_size,
+        image_size=sizes.resnet_img_size,
+        num_classes=sizes.num_classes,
+        device=device,
+    )
 
 
-def resnet_gradients(box: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None,
-                     projector: torch.nn.Linear) -> Result:
+def resnet_gradients(
+    box: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None, projector: torch.nn.Linear
+) -> Result:
     """Loss and gradients (student network + projector) of one forward/backward of a torchdistill box, no step."""
     from imagenet.engine import student_of, unwrap
 
-    context = (torch.autocast(device_type=images.device.type, dtype=autocast_dtype) if autocast_dtype
-               else contextlib.nullcontext())
+    context = (
+        torch.autocast(device_type=images.device.type, dtype=autocast_dtype)
+        if autocast_dtype
+        else contextlib.nullcontext()
+    )
     box.optimizer.zero_grad(set_to_none=True)
     with context:
         loss = box.forward_process(images, labels)
     loss.backward()
-    named = [(f'student.{n}', p) for n, p in unwrap(student_of(box)).named_parameters()]
-    named += [(f'projector.{n}', p) for n, p in projector.named_parameters()]
+    named = [(f"student.{n}", p) for n, p in unwrap(student_of(box)).named_parameters()]
+    named += [(f"projector.{n}", p) for n, p in projector.named_parameters()]
     return loss.item(), {n: p.grad.detach().float() for n, p in named if p.grad is not None}
 
 
@@ -377,14 +488,14 @@ def resnet_parity_pair(sizes: Sizes, batch_size: int, device: torch.device) -> t
     return reference_box, fast_box
 
 
-def resnet_parity_check(reference_box: Any, fast_box: Any, sizes: Sizes, batch_size: int, device: torch.device
-                        ) -> dict[str, Any]:
+def resnet_parity_check(
+    reference_box: Any, fast_box: Any, sizes: Sizes, batch_size: int, device: torch.device
+) -> dict[str, Any]:
     """Parity verdict of a :func:`resnet_parity_pair` on one batch (the fast box autocasts as the fast path does)."""
     from imagenet.fast import bf16_supported
 
     generator = torch.Generator().manual_seed(1)
-    images = torch.randn(batch_size, 3, sizes.resnet_img_size, sizes.resnet_img_size,
-                         generator=generator).to(device)
+    images = torch.randn(batch_size, 3, sizes.resnet_img_size, sizes.resnet_img_size, generator=generator).to(device)
     labels = torch.randint(0, sizes.num_classes, (batch_size,), generator=generator).to(device)
     fast_images = images.contiguous(memory_format=torch.channels_last)
     srd_linear = reference_box.student_model.linear
@@ -407,54 +518,95 @@ def bench_resnet(sizes: Sizes, args: argparse.Namespace, device: torch.device, p
     reference = build_reference_step(**kwargs)
     flops = count_flops(reference) / args.batch_size
     times = time_steps(reference, args.steps, max(args.warmup - 1, 0), device)  # counted step = first warm-up
-    rows.append(make_row('resnet', 'release', f'{sizes.resnet_student} <- {sizes.resnet_teacher}, torchdistill '
-                         'SRDLoss + SRDModelWrapper box, fp32, eager, SGD', args.batch_size, times, device, flops,
-                         peak))
+    rows.append(
+        make_row(
+            "resnet",
+            "release",
+            f"{sizes.resnet_student} <- {sizes.resnet_teacher}, torchdistill "
+            "SRDLoss + SRDModelWrapper box, fp32, eager, SGD",
+            args.batch_size,
+            times,
+            device,
+            flops,
+            peak,
+        )
+    )
     del reference
     reset_memory(device)
     fast = build_fast_step(**kwargs)
     times = time_steps(fast, args.steps, args.warmup, device)
-    rows.append(make_row('resnet', 'fast', 'same math, ProjectorKD box on the fast path (bf16 + channels_last + '
-                         'torch.compile + fused SGD)', args.batch_size, times, device, flops, peak))
+    rows.append(
+        make_row(
+            "resnet",
+            "fast",
+            "same math, ProjectorKD box on the fast path (bf16 + channels_last + torch.compile + fused SGD)",
+            args.batch_size,
+            times,
+            device,
+            flops,
+            peak,
+        )
+    )
     del fast
     reset_memory(device)
-    teacher_flops = count_flops(build_teacher_step(sizes.resnet_teacher, fast=False, **{
-        k: kwargs[k] for k in ('batch_size', 'image_size', 'num_classes', 'device')})) / args.batch_size
+    teacher_flops = (
+        count_flops(
+            build_teacher_step(
+                sizes.resnet_teacher,
+                fast=False,
+                **{k: kwargs[k] for k in ("batch_size", "image_size", "num_classes", "device")},
+            )
+        )
+        / args.batch_size
+    )
     reset_memory(device)
-    teacher = build_teacher_step(sizes.resnet_teacher, fast=True, **{
-        k: kwargs[k] for k in ('batch_size', 'image_size', 'num_classes', 'device')})
+    teacher = build_teacher_step(
+        sizes.resnet_teacher, fast=True, **{k: kwargs[k] for k in ("batch_size", "image_size", "num_classes", "device")}
+    )
     times = time_steps(teacher, args.steps, args.warmup, device)
-    rows.append(make_row('resnet', 'teacher', f'{sizes.resnet_teacher} inference alone, fast-path settings (floor)',
-                         args.batch_size, times, device, teacher_flops, peak))
+    rows.append(
+        make_row(
+            "resnet",
+            "teacher",
+            f"{sizes.resnet_teacher} inference alone, fast-path settings (floor)",
+            args.batch_size,
+            times,
+            device,
+            teacher_flops,
+            peak,
+        )
+    )
     return rows
 
 
 # ------------------------------------------------------------------------------------------------------- data
 
-def write_jpeg_imagefolder(root: Path, sizes: Sizes, batches: int, batch_size: int, num_classes: int = 10,
-                           seed: int = 0) -> list[Path]:
+
+def write_jpeg_imagefolder(
+    root: Path, sizes: Sizes, batches: int, batch_size: int, num_classes: int = 10, seed: int = 0
+) -> list[Path]:
     """An ImageFolder tree ``root/{train,val}/<class>/*.jpg`` of synthetic photo-like JPEGs (smooth colour fields plus
     grain, quality 90) in ImageNet-typical sizes. ``unique_jpegs`` files are written once and hard-linked so that the
     train split holds at least ``batches * batch_size`` images. Returns the unique files."""
     rng = np.random.default_rng(seed)
     unique = []
-    source = root / 'unique'
+    source = root / "unique"
     source.mkdir(parents=True, exist_ok=True)
     for index in range(sizes.unique_jpegs):
         width, height = sizes.jpeg_sizes[index % len(sizes.jpeg_sizes)]
         field_ = rng.uniform(0, 255, size=(max(height // 32, 2), max(width // 32, 2), 3)).astype(np.uint8)
         smooth = np.asarray(Image.fromarray(field_).resize((width, height), Image.BICUBIC), dtype=np.float32)
         grain = rng.normal(0, 12, size=smooth.shape)
-        path = source / f'{index:04d}.jpg'
+        path = source / f"{index:04d}.jpg"
         Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(path, quality=90)
         unique.append(path)
     per_class = math.ceil(batches * batch_size / num_classes)
-    for split, count in (('train', per_class), ('val', 1)):
+    for split, count in (("train", per_class), ("val", 1)):
         for label in range(num_classes):
-            folder = root / split / f'class{label:02d}'
+            folder = root / split / f"class{label:02d}"
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                link = folder / f'{index:05d}.jpg'
+                link = folder / f"{index:05d}.jpg"
                 if not link.exists():
                     os.link(unique[(label * count + index) % len(unique)], link)
     return unique
@@ -463,9 +615,17 @@ def write_jpeg_imagefolder(root: Path, sizes: Sizes, batches: int, batch_size: i
 def deit_data_config(sizes: Sizes, root: Path, batch_size: int, workers: int) -> dict:
     from deit.config import load_config
 
-    return load_config(sizes.deit_model, flags={
-        'data.path': str(root), 'data.batch_size': batch_size, 'data.num_workers': workers, 'fast': True,
-        'model.img_size': sizes.deit_img_size, 'model.num_classes': 10})
+    return load_config(
+        sizes.deit_model,
+        flags={
+            "data.path": str(root),
+            "data.batch_size": batch_size,
+            "data.num_workers": workers,
+            "fast": True,
+            "model.img_size": sizes.deit_img_size,
+            "model.num_classes": 10,
+        },
+    )
 
 
 def resnet_train_dataset(root: Path) -> Any:
@@ -475,7 +635,7 @@ def resnet_train_dataset(root: Path) -> Any:
 
     recipe = load_recipe(find_recipe(RESNET_RECIPE))
     set_data_root(recipe, str(root))
-    return resolve(recipe['datasets'][recipe['train']['train_data_loader']['dataset_id']])
+    return resolve(recipe["datasets"][recipe["train"]["train_data_loader"]["dataset_id"]])
 
 
 def time_transform(load_and_transform: Callable[[str], Any], files: list[Path], images: int) -> dict[str, float]:
@@ -491,7 +651,7 @@ def time_transform(load_and_transform: Callable[[str], Any], files: list[Path], 
         elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    return {'img_per_s_per_core': images / elapsed, 'images': images}
+    return {"img_per_s_per_core": images / elapsed, "images": images}
 
 
 def loader_batches_needed(workers: int, batches: int) -> int:
@@ -499,8 +659,13 @@ def loader_batches_needed(workers: int, batches: int) -> int:
     return 2 * max(workers, 1) + max(batches, workers)
 
 
-def time_loader(loader: Any, batches: int, device: torch.device,
-                step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None, workers: int | None = None) -> float:
+def time_loader(
+    loader: Any,
+    batches: int,
+    device: torch.device,
+    step: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    workers: int | None = None,
+) -> float:
     """img/s over ``max(batches, workers)`` batches of ``loader``, copied to ``device`` (non-blocking), after an untimed
     first round of ``2 * workers`` batches: worker start-up and the batches prefetched meanwhile (``prefetch_factor``
     2 per worker) would otherwise count as free. With ``step``, each batch also trains one step (end-to-end)."""
@@ -524,7 +689,7 @@ def time_loader(loader: Any, batches: int, device: torch.device,
             break
     synchronize(device)
     if count == 0:
-        raise RuntimeError(f'the loader ended after {index + 1} batches, before any timed one')
+        raise RuntimeError(f"the loader ended after {index + 1} batches, before any timed one")
     return count / (time.perf_counter() - started)
 
 
@@ -533,14 +698,21 @@ def deit_loader(sizes: Sizes, root: Path, batch_size: int, workers: int, device:
     CUDA, persistent workers) over ``root``."""
     from deit.datasets import build_loaders
 
-    loader, _ = build_loaders(deit_data_config(sizes, root, batch_size, workers), rank=0, world_size=1,
-                              pin_memory=device.type == 'cuda')
+    loader, _ = build_loaders(
+        deit_data_config(sizes, root, batch_size, workers), rank=0, world_size=1, pin_memory=device.type == "cuda"
+    )
     loader.sampler.set_epoch(0)
     return loader
 
 
-def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tracks: list[str], fast_deit: Any,
-               fast_deit_img_s: float | None) -> dict[str, Any]:
+def bench_data(
+    sizes: Sizes,
+    args: argparse.Namespace,
+    device: torch.device,
+    tracks: list[str],
+    fast_deit: Any,
+    fast_deit_img_s: float | None,
+) -> dict[str, Any]:
     """Per track: the training transform on one core, the loader's ceiling with each worker count, and for DeiT the
     loader feeding the fast step (end-to-end)."""
     from torch.utils.data import DataLoader
@@ -549,36 +721,49 @@ def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tra
     from projector_kd.data import load_rgb
 
     result: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix='benchmark-jpegs-') as tmp:
+    with tempfile.TemporaryDirectory(prefix="benchmark-jpegs-") as tmp:
         root = Path(tmp)
-        files = write_jpeg_imagefolder(root, sizes, loader_batches_needed(max(args.workers), sizes.loader_batches) + 1,
-                                       args.batch_size)
-        common = {'jpeg_sizes': [list(s) for s in sizes.jpeg_sizes], 'loader': []}
-        if 'deit' in tracks:
+        files = write_jpeg_imagefolder(
+            root, sizes, loader_batches_needed(max(args.workers), sizes.loader_batches) + 1, args.batch_size
+        )
+        common = {"jpeg_sizes": [list(s) for s in sizes.jpeg_sizes], "loader": []}
+        if "deit" in tracks:
             transform = build_transform(True, deit_data_config(sizes, root, 2, 0))
-            entry = result['deit'] = {'transform': time_transform(lambda p: transform(load_rgb(p)), files,
-                                                                  sizes.transform_images), **copy.deepcopy(common)}
+            entry = result["deit"] = {
+                "transform": time_transform(lambda p: transform(load_rgb(p)), files, sizes.transform_images),
+                **copy.deepcopy(common),
+            }
             for workers in args.workers:
                 loader = deit_loader(sizes, root, args.batch_size, workers, device)
-                entry['loader'].append({'workers': workers,
-                                        'img_per_s': time_loader(loader, sizes.loader_batches, device)})
+                entry["loader"].append(
+                    {"workers": workers, "img_per_s": time_loader(loader, sizes.loader_batches, device)}
+                )
                 del loader
             if fast_deit is not None:
                 workers = max(args.workers)
                 loader = deit_loader(sizes, root, args.batch_size, workers, device)
                 img_s = time_loader(loader, sizes.loader_batches, device, step=fast_deit.train_step)
-                entry['end_to_end'] = {'workers': workers, 'img_per_s': img_s, 'step_only_img_per_s': fast_deit_img_s}
+                entry["end_to_end"] = {"workers": workers, "img_per_s": img_s, "step_only_img_per_s": fast_deit_img_s}
                 del loader
-        if 'resnet' in tracks:
+        if "resnet" in tracks:
             dataset = resnet_train_dataset(root)
-            entry = result['resnet'] = {'transform': time_transform(lambda p: dataset.transform(load_rgb(p)), files,
-                                                                    sizes.transform_images), **copy.deepcopy(common)}
+            entry = result["resnet"] = {
+                "transform": time_transform(lambda p: dataset.transform(load_rgb(p)), files, sizes.transform_images),
+                **copy.deepcopy(common),
+            }
             for workers in args.workers:
-                loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                                    pin_memory=device.type == 'cuda', drop_last=True,
-                                    generator=torch.Generator().manual_seed(0))
-                entry['loader'].append({'workers': workers,
-                                        'img_per_s': time_loader(loader, sizes.loader_batches, device)})
+                loader = DataLoader(
+                    dataset,
+                    batch_size=args.batch_size,
+                    shuffle=True,
+                    num_workers=workers,
+                    pin_memory=device.type == "cuda",
+                    drop_last=True,
+                    generator=torch.Generator().manual_seed(0),
+                )
+                entry["loader"].append(
+                    {"workers": workers, "img_per_s": time_loader(loader, sizes.loader_batches, device)}
+                )
                 del loader
     return result
 
@@ -591,6 +776,7 @@ def bench_data(sizes: Sizes, args: argparse.Namespace, device: torch.device, tra
 # threads. img/s over the batches after the first (worker / pipeline start-up), each batch also training one step;
 # the main process runs torch on one thread meanwhile (the cores go to the loaders).
 
+
 def resnet_loader(kind: str, sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device) -> Any:
     """The ResNet recipe's training loader over ``root`` ('torchvision' or 'dali'), its crop at the benchmark's
     ResNet image size, yielding ``(images, labels)``."""
@@ -598,13 +784,20 @@ def resnet_loader(kind: str, sizes: Sizes, root: Path, batch_size: int, workers:
 
     dataset = resnet_train_dataset(root)
     dataset.transform.transforms[0].size = (sizes.resnet_img_size, sizes.resnet_img_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset), num_workers=workers,
-                        pin_memory=device.type == 'cuda', drop_last=True, persistent_workers=workers > 0)
-    if kind == 'torchvision':
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+    if kind == "torchvision":
         return loader
     from imagenet.dali import DaliLoader
 
-    dali_loader = DaliLoader(loader, device, train=True, name='benchmark', threads=workers)
+    dali_loader = DaliLoader(loader, device, train=True, name="benchmark", threads=workers)
     return ((images, labels) for images, labels, _ in dali_loader)
 
 
@@ -616,14 +809,18 @@ def dali_installed() -> bool:
     return True
 
 
-def time_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.device, workers: int, batches: int,
-                        step_only_img_s: float) -> list[dict[str, Any]]:
+def time_resnet_loaders(
+    sizes: Sizes, args: argparse.Namespace, device: torch.device, workers: int, batches: int, step_only_img_s: float
+) -> list[dict[str, Any]]:
     """One row per loader for :func:`bench_resnet_loaders`."""
     from imagenet.fast import bf16_supported, build_fast_step
 
     box = build_fast_step(**resnet_kwargs(sizes, args.batch_size, device)).box
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16_supported(device)
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if bf16_supported(device)
+        else contextlib.nullcontext()
+    )
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         with autocast:
@@ -632,25 +829,48 @@ def time_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.de
 
     rows = []
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix='benchmark-loaders-') as tmp:
+    with tempfile.TemporaryDirectory(prefix="benchmark-loaders-") as tmp:
         root = Path(tmp)
         write_jpeg_imagefolder(root, sizes, loader_batches_needed(workers, batches) + 1, args.batch_size)
-        for kind in ('torchvision', 'dali'):
-            if kind == 'dali' and not dali_installed():
-                rows.append({'loader': kind, 'decoding': None, 'img_per_s': None, 'vs_step_only': None,
-                             'note': 'DALI not installed'})
+        for kind in ("torchvision", "dali"):
+            if kind == "dali" and not dali_installed():
+                rows.append(
+                    {
+                        "loader": kind,
+                        "decoding": None,
+                        "img_per_s": None,
+                        "vs_step_only": None,
+                        "note": "DALI not installed",
+                    }
+                )
                 continue
-            decoding = (f'PIL, {workers} worker processes' if kind == 'torchvision' else
-                        f'{"nvJPEG on the GPU" if device.type == "cuda" else "DALI CPU"}, {workers} threads')
-            img_s = time_loader(resnet_loader(kind, sizes, root, args.batch_size, workers, device), batches, device,
-                                step=step, workers=workers)
-            rows.append({'loader': kind, 'decoding': decoding, 'img_per_s': img_s,
-                         'vs_step_only': img_s / step_only_img_s, 'note': None})
+            decoding = (
+                f"PIL, {workers} worker processes"
+                if kind == "torchvision"
+                else f"{'nvJPEG on the GPU' if device.type == 'cuda' else 'DALI CPU'}, {workers} threads"
+            )
+            img_s = time_loader(
+                resnet_loader(kind, sizes, root, args.batch_size, workers, device),
+                batches,
+                device,
+                step=step,
+                workers=workers,
+            )
+            rows.append(
+                {
+                    "loader": kind,
+                    "decoding": decoding,
+                    "img_per_s": img_s,
+                    "vs_step_only": img_s / step_only_img_s,
+                    "note": None,
+                }
+            )
     return rows
 
 
-def bench_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.device,
-                         step_only_img_s: float) -> dict[str, Any]:
+def bench_resnet_loaders(
+    sizes: Sizes, args: argparse.Namespace, device: torch.device, step_only_img_s: float
+) -> dict[str, Any]:
     """img/s of the torchvision and the DALI loader each feeding the ResNet fast step, with the same worker / thread
     count (the largest of ``--workers``); the DALI row says 'DALI not installed' where it is missing."""
     workers = max(args.workers)
@@ -662,125 +882,152 @@ def bench_resnet_loaders(sizes: Sizes, args: argparse.Namespace, device: torch.d
     finally:
         torch.set_num_threads(threads)
     reset_memory(device)
-    return {'workers': workers, 'batches': batches, 'step_only_img_per_s': step_only_img_s, 'rows': rows}
+    return {"workers": workers, "batches": batches, "step_only_img_per_s": step_only_img_s, "rows": rows}
 
 
 def format_resnet_loaders(result: dict[str, Any]) -> str:
     lines = []
-    for row in result['rows']:
-        figure = (f'{row["img_per_s"]:.1f} img/s ({100 * row["vs_step_only"]:.0f}% of the fast step alone, '
-                  f'{result["step_only_img_per_s"]:.1f})' if row['img_per_s'] is not None else row['note'])
-        lines.append(f'end-to-end resnet: {row["loader"]} loader ({row["decoding"] or "-"}) feeding the fast step: '
-                     f'{figure}')
-    return '\n'.join(lines)
+    for row in result["rows"]:
+        figure = (
+            f"{row['img_per_s']:.1f} img/s ({100 * row['vs_step_only']:.0f}% of the fast step alone, "
+            f"{result['step_only_img_per_s']:.1f})"
+            if row["img_per_s"] is not None
+            else row["note"]
+        )
+        lines.append(
+            f"end-to-end resnet: {row['loader']} loader ({row['decoding'] or '-'}) feeding the fast step: {figure}"
+        )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------ report
 
+
 def environment(device: torch.device, compile_enabled: bool) -> dict[str, Any]:
     versions = {}
-    for package in ('torch', 'torchvision', 'timm', 'torchdistill', 'pillow'):
+    for package in ("torch", "torchvision", "timm", "torchdistill", "pillow"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     cpu_name = platform.processor() or platform.machine()
-    return {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({cpu_name})',
-            'cuda': torch.version.cuda if device.type == 'cuda' else None,
-            'cpu_cores': os.cpu_count(), 'python': platform.python_version(), 'versions': versions,
-            'torch_compile': compile_enabled}
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name})",
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "torch_compile": compile_enabled,
+    }
 
 
 def format_rows(rows: list[Row]) -> str:
-    header = f'{"track":<7} {"case":<8} {"img/s":>9} {"step ms":>9} {"median":>9} {"peak MiB":>9} ' \
-             f'{"GFLOP/img":>9} {"MFU":>6} {"vs rel.":>7}  description'
-    lines = [header, '-' * len(header)]
+    header = (
+        f"{'track':<7} {'case':<8} {'img/s':>9} {'step ms':>9} {'median':>9} {'peak MiB':>9} "
+        f"{'GFLOP/img':>9} {'MFU':>6} {'vs rel.':>7}  description"
+    )
+    lines = [header, "-" * len(header)]
     for r in rows:
-        peak = f'{r.peak_memory_mib:9.0f}' if r.peak_memory_mib is not None else f'{"n/a":>9}'
-        gflops = f'{r.gflops_per_img:9.2f}' if r.gflops_per_img is not None else f'{"n/a":>9}'
-        mfu = f'{100 * r.mfu:5.1f}%' if r.mfu is not None else f'{"n/a":>6}'
-        ratio = f'{r.vs_release:6.2f}x' if r.vs_release is not None else f'{"":>7}'
-        lines.append(f'{r.track:<7} {r.case:<8} {r.img_per_s:9.1f} {r.step_ms_mean:9.2f} {r.step_ms_median:9.2f} '
-                     f'{peak} {gflops} {mfu} {ratio}  {r.description}')
-    return '\n'.join(lines)
+        peak = f"{r.peak_memory_mib:9.0f}" if r.peak_memory_mib is not None else f"{'n/a':>9}"
+        gflops = f"{r.gflops_per_img:9.2f}" if r.gflops_per_img is not None else f"{'n/a':>9}"
+        mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else f"{'n/a':>6}"
+        ratio = f"{r.vs_release:6.2f}x" if r.vs_release is not None else f"{'':>7}"
+        lines.append(
+            f"{r.track:<7} {r.case:<8} {r.img_per_s:9.1f} {r.step_ms_mean:9.2f} {r.step_ms_median:9.2f} "
+            f"{peak} {gflops} {mfu} {ratio}  {r.description}"
+        )
+    return "\n".join(lines)
 
 
 def format_data(track: str, entry: dict[str, Any], cores: int | None, fast_img_s: float) -> str:
-    name = {'deit': 'DeiT (RandAugment etc.)', 'resnet': 'ResNet (RandomResizedCrop + flip)'}[track]
-    lines = [f'data {track}: {name} train transform with PIL decode: '
-             f'{entry["transform"]["img_per_s_per_core"]:.1f} img/s on one core ({cores} cores here)']
-    for loader in entry['loader']:
-        bound = 'loader-bound' if loader['img_per_s'] < fast_img_s else 'step-bound'
-        lines.append(f'data {track}: loader ceiling with {loader["workers"]} workers: {loader["img_per_s"]:.1f} img/s '
-                     f'vs fast step {fast_img_s:.1f} img/s -> {bound}')
-    if entry.get('end_to_end'):
-        e2e = entry['end_to_end']
-        lines.append(f'data {track}: end-to-end, the loader ({e2e["workers"]} workers) feeding the fast step: '
-                     f'{e2e["img_per_s"]:.1f} img/s')
-    return '\n'.join(lines)
+    name = {"deit": "DeiT (RandAugment etc.)", "resnet": "ResNet (RandomResizedCrop + flip)"}[track]
+    lines = [
+        f"data {track}: {name} train transform with PIL decode: "
+        f"{entry['transform']['img_per_s_per_core']:.1f} img/s on one core ({cores} cores here)"
+    ]
+    for loader in entry["loader"]:
+        bound = "loader-bound" if loader["img_per_s"] < fast_img_s else "step-bound"
+        lines.append(
+            f"data {track}: loader ceiling with {loader['workers']} workers: {loader['img_per_s']:.1f} img/s "
+            f"vs fast step {fast_img_s:.1f} img/s -> {bound}"
+        )
+    if entry.get("end_to_end"):
+        e2e = entry["end_to_end"]
+        lines.append(
+            f"data {track}: end-to-end, the loader ({e2e['workers']} workers) feeding the fast step: "
+            f"{e2e['img_per_s']:.1f} img/s"
+        )
+    return "\n".join(lines)
 
 
 def format_parity(track: str, result: dict[str, Any]) -> str:
-    math_, prec = result['math'], result['precision']
-    return (f'parity {track}: {"ok" if result["ok"] else "FAILED"} | fp32 reference loss '
-            f'{result["loss_reference_fp32"]:.6g} | fast path, autocast off: loss diff {math_["loss_abs_diff"]:.2g} '
-            f'(tol {math_["loss_tolerance"]:.2g}), grad rel diff {math_["grad_rel_diff"]:.2g} '
-            f'(tol {math_["grad_tolerance"]:.2g}) | fast path as run ({result["fast_dtype"]}): loss diff '
-            f'{prec["loss_abs_diff"]:.2g} (tol {prec["loss_tolerance"]:.2g}), grad rel diff '
-            f'{prec["grad_rel_diff"]:.2g} (tol {prec["grad_tolerance"]:.2g}, cosine {prec["grad_cosine"]:.4f})')
+    math_, prec = result["math"], result["precision"]
+    return (
+        f"parity {track}: {'ok' if result['ok'] else 'FAILED'} | fp32 reference loss "
+        f"{result['loss_reference_fp32']:.6g} | fast path, autocast off: loss diff {math_['loss_abs_diff']:.2g} "
+        f"(tol {math_['loss_tolerance']:.2g}), grad rel diff {math_['grad_rel_diff']:.2g} "
+        f"(tol {math_['grad_tolerance']:.2g}) | fast path as run ({result['fast_dtype']}): loss diff "
+        f"{prec['loss_abs_diff']:.2g} (tol {prec['loss_tolerance']:.2g}), grad rel diff "
+        f"{prec['grad_rel_diff']:.2g} (tol {prec['grad_tolerance']:.2g}, cosine {prec['grad_cosine']:.4f})"
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Release recipe vs fast path, both tracks, one process.')
-    parser.add_argument('--tiny', action='store_true', help='small models and images (CPU smoke test; no claims)')
-    parser.add_argument('--only', choices=TRACKS, help='benchmark one track (deit includes the data section)')
-    parser.add_argument('--batch-size', type=int, help='images per step (default 256, --tiny 8)')
-    parser.add_argument('--steps', type=int, help='timed steps per case (default 30, --tiny 2)')
-    parser.add_argument('--warmup', type=int, help='untimed steps before timing; they absorb torch.compile '
-                        '(default 10, --tiny 1)')
-    parser.add_argument('--workers', type=int, nargs='+', help='loader worker counts to time (default 8 and '
-                        'cores-1, --tiny 2)')
-    parser.add_argument('--device', choices=['cuda', 'cpu'], help='default: cuda when available')
-    parser.add_argument('--no-compile', action='store_true', help='disable torch.compile (the fast path runs eager)')
-    parser.add_argument('--no-data', action='store_true', help='skip the transform / loader / end-to-end section')
-    parser.add_argument('--no-parity', action='store_true', help='skip the release-vs-fast parity check')
-    parser.add_argument('--json', type=Path, help='also write the results to this JSON file')
+    parser = argparse.ArgumentParser(description="Release recipe vs fast path, both tracks, one process.")
+    parser.add_argument("--tiny", action="store_true", help="small models and images (CPU smoke test; no claims)")
+    parser.add_argument("--only", choices=TRACKS, help="benchmark one track (deit includes the data section)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default 256, --tiny 8)")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default 30, --tiny 2)")
+    parser.add_argument(
+        "--warmup", type=int, help="untimed steps before timing; they absorb torch.compile (default 10, --tiny 1)"
+    )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", help="loader worker counts to time (default 8 and cores-1, --tiny 2)"
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("--no-compile", action="store_true", help="disable torch.compile (the fast path runs eager)")
+    parser.add_argument("--no-data", action="store_true", help="skip the transform / loader / end-to-end section")
+    parser.add_argument("--no-parity", action="store_true", help="skip the release-vs-fast parity check")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else FULL
     args.batch_size = sizes.batch_size if args.batch_size is None else args.batch_size
     args.steps = (2 if args.tiny else 30) if args.steps is None else args.steps
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 10)
     args.workers = args.workers or ([2] if args.tiny else sorted({8, max((os.cpu_count() or 2) - 1, 1)}))
-    for name in ('batch_size', 'steps'):
+    for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
-            raise UserError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_size < 2 or args.batch_size % 2:
-        raise UserError(f'--batch-size must be even and >= 2 (batch whitening and mixup), got {args.batch_size}')
+        raise UserError(f"--batch-size must be even and >= 2 (batch whitening and mixup), got {args.batch_size}")
     if args.warmup < 0 or any(w < 0 for w in args.workers):
-        raise UserError('--warmup and --workers must be >= 0')
+        raise UserError("--warmup and --workers must be >= 0")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = TINY if args.tiny else FULL
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError('--device cuda requested but CUDA is not available; use --device cpu')
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
     if args.json is not None and not args.json.parent.is_dir():
-        raise UserError(f'--json {args.json}: folder {args.json.parent} does not exist; create it or pick another path')
+        raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist; create it or pick another path")
     if args.no_compile:
         torch._dynamo.config.disable = True
     tracks = [args.only] if args.only else list(TRACKS)
     env = environment(device, not args.no_compile)
-    claims = device.type == 'cuda' and not args.tiny
-    print(f'benchmark on {env["device"]} | torch {env["versions"]["torch"]} | timm {env["versions"]["timm"]} | '
-          f'torchdistill {env["versions"]["torchdistill"]} | batch {args.batch_size} | {args.steps} timed steps after '
-          f'{args.warmup} warm-up | compile {"on" if env["torch_compile"] else "off"}', flush=True)
+    claims = device.type == "cuda" and not args.tiny
+    print(
+        f"benchmark on {env['device']} | torch {env['versions']['torch']} | timm {env['versions']['timm']} | "
+        f"torchdistill {env['versions']['torchdistill']} | batch {args.batch_size} | {args.steps} timed steps after "
+        f"{args.warmup} warm-up | compile {'on' if env['torch_compile'] else 'off'}",
+        flush=True,
+    )
     if not claims:
         print(CLAIM_NOTE, flush=True)
     peak = matmul_peak_flops(device, sizes.matmul_size)
-    print(f'bf16 matmul peak ({sizes.matmul_size}^3): {peak / 1e12:.2f} TFLOP/s', flush=True)
+    print(f"bf16 matmul peak ({sizes.matmul_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
     rows: list[Row] = []
     parity: dict[str, Any] = {}
     data: dict[str, Any] = {}
@@ -788,17 +1035,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def write_report(complete: bool) -> None:
         """The JSON report; written after each track too, so a run cut short keeps the tracks it finished."""
-        write_json(args.json, {
-            'environment': env, 'claims': claims, 'note': None if claims else CLAIM_NOTE, 'complete': complete,
-            'settings': {'tiny': args.tiny, 'batch_size': args.batch_size, 'steps': args.steps, 'warmup': args.warmup,
-                         'tracks': tracks, 'sizes': asdict(sizes)},
-            'matmul_peak_tflops': peak / 1e12, 'rows': [asdict(r) for r in rows], 'data': data or None,
-            'parity': parity, 'seconds_per_phase': seconds})
+        write_json(
+            args.json,
+            {
+                "environment": env,
+                "claims": claims,
+                "note": None if claims else CLAIM_NOTE,
+                "complete": complete,
+                "settings": {
+                    "tiny": args.tiny,
+                    "batch_size": args.batch_size,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "tracks": tracks,
+                    "sizes": asdict(sizes),
+                },
+                "matmul_peak_tflops": peak / 1e12,
+                "rows": [asdict(r) for r in rows],
+                "data": data or None,
+                "parity": parity,
+                "seconds_per_phase": seconds,
+            },
+        )
 
     for track in tracks:
-        print(f'[{track}] timing release, fast, teacher ...', flush=True)
+        print(f"[{track}] timing release, fast, teacher ...", flush=True)
         started = time.perf_counter()
-        if track == 'deit':
+        if track == "deit":
             track_rows, fast_deit = bench_deit(sizes, args, device, peak)
         else:
             track_rows, fast_deit = bench_resnet(sizes, args, device, peak), None
@@ -809,27 +1072,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_rows(track_rows), flush=True)
         seconds[track] = time.perf_counter() - started
         if not args.no_data:
-            print(f'[{track}] data: train transform, loader ceiling{", end-to-end" * (fast_deit is not None)} ...',
-                  flush=True)
+            print(
+                f"[{track}] data: train transform, loader ceiling{', end-to-end' * (fast_deit is not None)} ...",
+                flush=True,
+            )
             started = time.perf_counter()
             data.update(bench_data(sizes, args, device, [track], fast_deit, track_rows[1].img_per_s))
-            if track == 'resnet':
-                loaders = data['resnet']['end_to_end_loaders'] = bench_resnet_loaders(sizes, args, device,
-                                                                                      track_rows[1].img_per_s)
+            if track == "resnet":
+                loaders = data["resnet"]["end_to_end_loaders"] = bench_resnet_loaders(
+                    sizes, args, device, track_rows[1].img_per_s
+                )
                 print(format_resnet_loaders(loaders), flush=True)
-            seconds[f'{track}_data'] = time.perf_counter() - started
+            seconds[f"{track}_data"] = time.perf_counter() - started
         del fast_deit
         reset_memory(device)
         if not args.no_parity:
-            print(f'[{track}] parity ...', flush=True)
+            print(f"[{track}] parity ...", flush=True)
             started = time.perf_counter()
-            if track == 'deit':
+            if track == "deit":
                 pair = deit_parity_pair(sizes, args.batch_size, device)
                 parity[track] = deit_parity_check(*pair, sizes, args.batch_size, device)
             else:
                 pair = resnet_parity_pair(sizes, args.batch_size, device)
                 parity[track] = resnet_parity_check(*pair, sizes, args.batch_size, device)
-            seconds[f'{track}_parity'] = time.perf_counter() - started
+            seconds[f"{track}_parity"] = time.perf_counter() - started
             print(format_parity(track, parity[track]), flush=True)
             reset_memory(device)
         if args.json is not None:
@@ -837,20 +1103,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_rows(rows))
     for track, entry in data.items():
-        print(format_data(track, entry, env['cpu_cores'],
-                          next(r.img_per_s for r in rows if (r.track, r.case) == (track, 'fast'))))
-        if 'end_to_end_loaders' in entry:
-            print(format_resnet_loaders(entry['end_to_end_loaders']))
+        print(
+            format_data(
+                track, entry, env["cpu_cores"], next(r.img_per_s for r in rows if (r.track, r.case) == (track, "fast"))
+            )
+        )
+        if "end_to_end_loaders" in entry:
+            print(format_resnet_loaders(entry["end_to_end_loaders"]))
     for track, result in parity.items():
         print(format_parity(track, result))
-    print('seconds per phase: ' + ', '.join(f'{k} {v:.1f}' for k, v in seconds.items()))
+    print("seconds per phase: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     if not claims:
         print(CLAIM_NOTE)
     if args.json is not None:
         write_report(complete=True)
-        print(f'wrote {args.json}')
-    return 0 if all(result['ok'] for result in parity.values()) else 1
+        print(f"wrote {args.json}")
+    return 0 if all(result["ok"] for result in parity.values()) else 1
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     run_cli(main)

@@ -6,6 +6,7 @@ track's real entry point with a config from ``configs/demo/``; its output folder
 ``metrics.json``. A stage whose ``metrics.json`` exists is reused (``--fresh`` starts over). The report
 (``report.md``, ``curves.png``, ``summary.json``) is written to the output folder and the table printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,13 +57,21 @@ class Stage:
         return self.output / METRICS
 
 
-def resnet_stage(method: str, seed: int | None, data: Path, out: Path, teacher_ckpt: Path,
-                 opts: Sequence[str] = ()) -> Stage:
+def resnet_stage(
+    method: str, seed: int | None, data: Path, out: Path, teacher_ckpt: Path, opts: Sequence[str] = ()
+) -> Stage:
     name = "teacher" if method == "teacher" else f"{method}_seed{seed}"
     output = out / "resnet" / name
-    command = [sys.executable, str(ROOT / "imagenet" / "image_classification.py"),
-               "--config", str(CONFIGS / f"resnet_{method}.yaml"), "--data-root", str(data),
-               "--output_dir", str(output)]
+    command = [
+        sys.executable,
+        str(ROOT / "imagenet" / "image_classification.py"),
+        "--config",
+        str(CONFIGS / f"resnet_{method}.yaml"),
+        "--data-root",
+        str(data),
+        "--output_dir",
+        str(output),
+    ]
     command += ["--seed", str(0 if seed is None else seed)]
     if method not in ("teacher", "baseline"):
         command += ["--teacher_ckpt", str(teacher_ckpt)]
@@ -72,12 +81,27 @@ def resnet_stage(method: str, seed: int | None, data: Path, out: Path, teacher_c
     return Stage(track, method if method != "teacher" else "teacher (ResNet18)", seed, command, output)
 
 
-def deit_stage(method: str, seed: int, data: Path, out: Path, teacher_ckpt: Path,
-               opts: Sequence[str] = ()) -> Stage:
+def deit_stage(method: str, seed: int, data: Path, out: Path, teacher_ckpt: Path, opts: Sequence[str] = ()) -> Stage:
     output = out / "deit" / f"{method}_seed{seed}"
-    command = [sys.executable, str(ROOT / "deit" / "main.py"), "--model", "demo", "--train_student",
-               "--config", str(CONFIGS / f"deit_{method}.yaml"), "--data-path", str(data),
-               "--output", str(output), "--teacher-ckpt", str(teacher_ckpt), "--opts", "seed", str(seed), *opts]
+    command = [
+        sys.executable,
+        str(ROOT / "deit" / "main.py"),
+        "--model",
+        "demo",
+        "--train_student",
+        "--config",
+        str(CONFIGS / f"deit_{method}.yaml"),
+        "--data-path",
+        str(data),
+        "--output",
+        str(output),
+        "--teacher-ckpt",
+        str(teacher_ckpt),
+        "--opts",
+        "seed",
+        str(seed),
+        *opts,
+    ]
     return Stage("DeiT track", method, seed, command, output)
 
 
@@ -88,8 +112,10 @@ def run_stage(stage: Stage, index: int, total: int, threads: int) -> dict:
     arguments = stage.command[1:]  # without the interpreter, so a moved .venv still reuses
     if stage.metrics_file.is_file():
         if not stamp.is_file() or json.loads(stamp.read_text()) != arguments:
-            raise UserError(f"{stage.output} holds a finished run with other settings than this call's; "
-                            f"rerun with --fresh, or pick another --output")
+            raise UserError(
+                f"{stage.output} holds a finished run with other settings than this call's; "
+                f"rerun with --fresh, or pick another --output"
+            )
         metrics = json.loads(stage.metrics_file.read_text())
         print(f"{prefix}: reused ({stage.output}) top-1 {metrics['top1']:.2f}", flush=True)
         return metrics
@@ -104,8 +130,10 @@ def run_stage(stage: Stage, index: int, total: int, threads: int) -> dict:
     if status != 0 or not stage.metrics_file.is_file():
         tail = console.read_text().strip().splitlines()[-15:]
         print("\n".join("    " + line for line in tail), file=sys.stderr)
-        raise UserError(f"demo stage '{stage.title}' failed (exit {status}); full output in {console}; command: "
-                        f"{' '.join(stage.command)}")
+        raise UserError(
+            f"demo stage '{stage.title}' failed (exit {status}); full output in {console}; command: "
+            f"{' '.join(stage.command)}"
+        )
     metrics = json.loads(stage.metrics_file.read_text())
     print(f"{prefix}: top-1 {metrics['top1']:.2f} in {time.time() - start:.0f}s", flush=True)
     return metrics
@@ -118,8 +146,9 @@ def run_all(teacher: Stage, students: list[Stage], jobs: int, threads: int) -> l
     The first failure cancels the stages not yet started."""
     total = len(students) + 1
     # baselines before distilled students, DeiT before ResNet within each (sorted is stable: seeds stay in order)
-    order = sorted(range(len(students)),
-                   key=lambda i: (students[i].method != "baseline", students[i].track != "DeiT track"))
+    order = sorted(
+        range(len(students)), key=lambda i: (students[i].method != "baseline", students[i].track != "DeiT track")
+    )
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         teacher_future = pool.submit(run_stage, teacher, 1, total, threads)
 
@@ -130,8 +159,9 @@ def run_all(teacher: Stage, students: list[Stage], jobs: int, threads: int) -> l
 
         futures = {i: pool.submit(run_student, i) for i in order}
         try:
-            return [(teacher, teacher_future.result())] + [(stage, futures[i].result())
-                                                           for i, stage in enumerate(students)]
+            return [(teacher, teacher_future.result())] + [
+                (stage, futures[i].result()) for i, stage in enumerate(students)
+            ]
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -141,9 +171,18 @@ def summarise(results: list[tuple[Stage, dict]]) -> list[dict]:
     """Group runs by (track, method): mean and std of top-1 over seeds, params, mean wall time, per-epoch curves."""
     rows: dict[tuple[str, str], dict] = {}
     for stage, metrics in results:
-        row = rows.setdefault((stage.track, stage.method), {
-            "track": stage.track, "method": stage.method, "model": metrics["student"],
-            "params": metrics["student_params"], "top1": [], "wall_time_s": [], "curves": []})
+        row = rows.setdefault(
+            (stage.track, stage.method),
+            {
+                "track": stage.track,
+                "method": stage.method,
+                "model": metrics["student"],
+                "params": metrics["student_params"],
+                "top1": [],
+                "wall_time_s": [],
+                "curves": [],
+            },
+        )
         row["top1"].append(float(metrics["top1"]))
         row["wall_time_s"].append(float(metrics["wall_time_s"]))
         row["curves"].append([float(v) for v in metrics["val_top1_per_epoch"]])
@@ -155,14 +194,18 @@ def summarise(results: list[tuple[Stage, dict]]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| track | model | method | top-1 (mean ± std) | last epoch | seeds | params | wall time / run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| track | model | method | top-1 (mean ± std) | last epoch | seeds | params | wall time / run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         params = f"{row['params'] / 1e6:.2f}M" if row.get("params") else "-"
-        lines.append(f"| {row['track']} | {row['model']} | {METHOD_LABELS.get(row['method'], row['method'])} | "
-                     f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {row['last_mean']:.2f} | {len(row['top1'])} | "
-                     f"{params} | "
-                     f"{statistics.fmean(row['wall_time_s']):.0f}s |")
+        lines.append(
+            f"| {row['track']} | {row['model']} | {METHOD_LABELS.get(row['method'], row['method'])} | "
+            f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {row['last_mean']:.2f} | {len(row['top1'])} | "
+            f"{params} | "
+            f"{statistics.fmean(row['wall_time_s']):.0f}s |"
+        )
     return "\n".join(lines)
 
 
@@ -184,12 +227,18 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             if curves.size == 0:
                 continue
             epochs = np.arange(1, curves.shape[1] + 1)
-            axis.plot(epochs, curves.mean(0), marker="o", ms=3,
-                      label=f"{METHOD_LABELS.get(row['method'], row['method'])} ({row['top1_mean']:.1f})")
+            axis.plot(
+                epochs,
+                curves.mean(0),
+                marker="o",
+                ms=3,
+                label=f"{METHOD_LABELS.get(row['method'], row['method'])} ({row['top1_mean']:.1f})",
+            )
             axis.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)
         if teacher is not None:
-            axis.axhline(teacher["top1_mean"], color="grey", ls="--", lw=1,
-                         label=f"teacher ({teacher['top1_mean']:.1f})")
+            axis.axhline(
+                teacher["top1_mean"], color="grey", ls="--", lw=1, label=f"teacher ({teacher['top1_mean']:.1f})"
+            )
         axis.set(title=track, xlabel="epoch", ylabel="val top-1 (%)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
@@ -200,8 +249,16 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(rows: list[dict], out: Path, seeds: list[int], train_per_class: int, wall_time: float,
-                 holdout: bool = False, overrides: Sequence[str] = (), jobs: int = 2) -> str:
+def write_report(
+    rows: list[dict],
+    out: Path,
+    seeds: list[int],
+    train_per_class: int,
+    wall_time: float,
+    holdout: bool = False,
+    overrides: Sequence[str] = (),
+    jobs: int = 2,
+) -> str:
     table = format_table(rows)
     runs_time = sum(sum(row["wall_time_s"]) for row in rows)
     verdicts = []
@@ -213,22 +270,38 @@ def write_report(rows: list[dict], out: Path, seeds: list[int], train_per_class:
             if "kd" in by_method:
                 kd_gain = by_method["kd"]["top1_mean"] - by_method["baseline"]["top1_mean"]
                 versus_kd = f"; logit KD alone: {kd_gain:+.2f}"
-            verdicts.append(f"- {track}: projector KD {'beats' if gain > 0 else 'does NOT beat'} no distillation by "
-                            f"{gain:+.2f} top-1 points (mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
-                            f"{versus_kd}).")
-    report = "\n".join([
-        "# Digits demo report", "",
-        f"scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes) as a 32 px ImageFolder; teacher on the "
-        f"training split less {HOLDOUT_PER_CLASS} held-out images per class, students on {train_per_class} of its "
-        f"images per class; seeds {seeds}; {os.cpu_count()} CPU cores. "
-        f"The runs took {runs_time:.0f}s of wall time in all ({jobs} at a time); this call took "
-        f"{wall_time:.0f}s (finished runs are reused).",
-        "Runs are scored on the " + (f"**{HOLDOUT_PER_CLASS} held-out images per class** (`--holdout`: in no training "
-                                     "split, the split the demo's settings were chosen on), not on val"
-                                     if holdout else "val split") +
-        "; top-1 is the best epoch's (both tracks' convention), the last epoch's is beside it.",
-        *([f"Overrides: `{'; '.join(overrides)}`."] if overrides else []), "",
-        table, "", *verdicts, "", "![validation top-1 per epoch](curves.png)", ""])
+            verdicts.append(
+                f"- {track}: projector KD {'beats' if gain > 0 else 'does NOT beat'} no distillation by "
+                f"{gain:+.2f} top-1 points (mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+                f"{versus_kd})."
+            )
+    report = "\n".join(
+        [
+            "# Digits demo report",
+            "",
+            f"scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes) as a 32 px ImageFolder; teacher on the "
+            f"training split less {HOLDOUT_PER_CLASS} held-out images per class, students on {train_per_class} of its "
+            f"images per class; seeds {seeds}; {os.cpu_count()} CPU cores. "
+            f"The runs took {runs_time:.0f}s of wall time in all ({jobs} at a time); this call took "
+            f"{wall_time:.0f}s (finished runs are reused).",
+            "Runs are scored on the "
+            + (
+                f"**{HOLDOUT_PER_CLASS} held-out images per class** (`--holdout`: in no training "
+                "split, the split the demo's settings were chosen on), not on val"
+                if holdout
+                else "val split"
+            )
+            + "; top-1 is the best epoch's (both tracks' convention), the last epoch's is beside it.",
+            *([f"Overrides: `{'; '.join(overrides)}`."] if overrides else []),
+            "",
+            table,
+            "",
+            *verdicts,
+            "",
+            "![validation top-1 per epoch](curves.png)",
+            "",
+        ]
+    )
     (out / "report.md").write_text(report)
     (out / "summary.json").write_text(json.dumps({"rows": rows, "seeds": seeds, "wall_time_s": wall_time}, indent=2))
     return table + "\n" + "\n".join(verdicts)
@@ -236,28 +309,59 @@ def write_report(rows: list[dict], out: Path, seeds: list[int], train_per_class:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path,
-                        help="demo folder (default: outputs/demo, with --holdout outputs/demo_holdout)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                        help="student seeds (default: 0 1; each seed adds about 3 min on 2 cores)")
+    parser.add_argument(
+        "--output", type=Path, help="demo folder (default: outputs/demo, with --holdout outputs/demo_holdout)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="student seeds (default: 0 1; each seed adds about 3 min on 2 cores)",
+    )
     parser.add_argument("--tracks", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first and run every stage again")
-    parser.add_argument("--train-per-class", type=int, default=TRAIN_PER_CLASS,
-                        help="training images per class the students see (teacher: all 1,138) (default: %(default)s)")
-    parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1),
-                        help="runs at a time (the teacher included), each with cpu_count/jobs threads "
-                             "(default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHOD_LABELS), default=list(METHOD_LABELS),
-                        help="student methods to run (default: all three)")
-    parser.add_argument("--holdout", action="store_true",
-                        help=f"score every run on the {HOLDOUT_PER_CLASS} held-out images per class (in no training "
-                             "split) instead of val: the split the demo's settings were chosen on; default output "
-                             "folder outputs/demo_holdout")
-    parser.add_argument("--resnet-opts", nargs="+", default=[], metavar="KEY VALUE",
-                        help="extra --opts for the ResNet-track students, e.g. "
-                             "train.criterion.kwargs.sub_terms.projector_kd.criterion.kwargs.feature_weight 2.0")
-    parser.add_argument("--deit-opts", nargs="+", default=[], metavar="KEY VALUE",
-                        help="extra --opts for the DeiT-track students, e.g. distillation.proj_weight 1.0")
+    parser.add_argument(
+        "--train-per-class",
+        type=int,
+        default=TRAIN_PER_CLASS,
+        help="training images per class the students see (teacher: all 1,138) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, os.cpu_count() or 1),
+        help="runs at a time (the teacher included), each with cpu_count/jobs threads (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHOD_LABELS),
+        default=list(METHOD_LABELS),
+        help="student methods to run (default: all three)",
+    )
+    parser.add_argument(
+        "--holdout",
+        action="store_true",
+        help=f"score every run on the {HOLDOUT_PER_CLASS} held-out images per class (in no training "
+        "split) instead of val: the split the demo's settings were chosen on; default output "
+        "folder outputs/demo_holdout",
+    )
+    parser.add_argument(
+        "--resnet-opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="extra --opts for the ResNet-track students, e.g. "
+        "train.criterion.kwargs.sub_terms.projector_kd.criterion.kwargs.feature_weight 2.0",
+    )
+    parser.add_argument(
+        "--deit-opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="extra --opts for the DeiT-track students, e.g. distillation.proj_weight 1.0",
+    )
     args = parser.parse_args(argv)
     if args.output is None:
         args.output = ROOT / "outputs" / ("demo_holdout" if args.holdout else "demo")
@@ -269,11 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"[data] digits ImageFolders in {out / 'data'}", flush=True)
     suffix = "_holdout" if args.holdout else ""
-    split = dict(image_size=IMAGE_SIZE, val_fraction=0.2, seed=0, holdout_per_class=HOLDOUT_PER_CLASS,
-                 holdout=args.holdout)
+    split = dict(
+        image_size=IMAGE_SIZE, val_fraction=0.2, seed=0, holdout_per_class=HOLDOUT_PER_CLASS, holdout=args.holdout
+    )
     full_data = write_digits_imagefolder(out / "data" / f"digits32{suffix}", **split)
-    student_data = write_digits_imagefolder(out / "data" / f"digits32_{args.train_per_class}pc{suffix}",
-                                            train_per_class=args.train_per_class, **split)
+    student_data = write_digits_imagefolder(
+        out / "data" / f"digits32_{args.train_per_class}pc{suffix}", train_per_class=args.train_per_class, **split
+    )
 
     teacher = resnet_stage("teacher", None, full_data, out, Path())
     teacher_ckpt = teacher.output / "best.pth"
@@ -290,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(results)
     wall_time = time.time() - start
     plot_curves(rows, out / "curves.png")
-    overrides = [f"{track}: {' '.join(opts)}"
-                 for track, opts in (("ResNet", args.resnet_opts), ("DeiT", args.deit_opts)) if opts]
+    overrides = [
+        f"{track}: {' '.join(opts)}" for track, opts in (("ResNet", args.resnet_opts), ("DeiT", args.deit_opts)) if opts
+    ]
     summary = write_report(rows, out, args.seeds, args.train_per_class, wall_time, args.holdout, overrides, jobs)
     print("\n" + summary)
     print(f"\nreport: {out / 'report.md'}  plot: {out / 'curves.png'}  total wall time: {wall_time:.0f}s")

@@ -9,12 +9,13 @@ from the weights. OUT_DIR receives ``model.safetensors`` (the student only), ``c
 evaluation transform) and ``README.md`` (model card); ResNet students also ``torchvision_state_dict.safetensors``.
 Load it with ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` (``import deit`` first for DeiT students).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,24 +37,33 @@ def track_of(checkpoint: object, path: Path) -> str:
         return "deit"
     if {"fc.weight", "layer1.0.conv1.weight"} <= names:
         return "resnet"
-    raise CheckpointError(f"{path} holds neither a conv-stem DeiT nor a ResNet student (unknown layout; first keys: "
-                          f"{', '.join(sorted(names)[:4])})")
+    raise CheckpointError(
+        f"{path} holds neither a conv-stem DeiT nor a ResNet student (unknown layout; first keys: "
+        f"{', '.join(sorted(names)[:4])})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", help="student checkpoint (.pth / .pt) of either track")
     parser.add_argument("output", help="folder to write (must be empty or missing, unless --force)")
-    parser.add_argument("--model", help="DeiT preset (tiny | small | demo) for a checkpoint without a run config "
-                                        "whose width matches no preset")
+    parser.add_argument(
+        "--model",
+        help="DeiT preset (tiny | small | demo) for a checkpoint without a run config whose width matches no preset",
+    )
     parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT_DIR")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow full (unsafe) unpickling of SRC (only for files you trust)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow full (unsafe) unpickling of SRC (only for files you trust)",
+    )
     args = parser.parse_args(argv)
     source = Path(args.source)
     if source.exists() and is_weights_export(source):
-        raise UserError(f"{source} is already exported weights (a folder or .safetensors file); export the training "
-                        "checkpoint it came from, or copy the folder")
+        raise UserError(
+            f"{source} is already exported weights (a folder or .safetensors file); export the training "
+            "checkpoint it came from, or copy the folder"
+        )
     checkpoint = load_checkpoint(source, trusted=args.trust_checkpoint)
     track = track_of(checkpoint, source)
     if track == "deit":

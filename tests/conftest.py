@@ -1,4 +1,5 @@
 """Fixtures for the whole suite."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,8 +7,8 @@ import errno
 import io
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -37,6 +38,7 @@ def _no_host_reads(allowed: Callable[[torch.Tensor], bool] = lambda tensor: Fals
             if allowed(self):
                 return original(self, *args, **kwargs)
             raise HostRead(f"Tensor.{name} read a {tuple(self.shape)} {self.dtype} tensor to the host")
+
         return read
 
     for name, original in originals.items():
@@ -72,6 +74,7 @@ def gpu_device() -> torch.device:
 @pytest.fixture
 def sync_debug_errors() -> Callable:
     """``with sync_debug_errors(device):`` makes any CUDA call that synchronises the host raise (no-op on the CPU)."""
+
     @contextlib.contextmanager
     def errors(device: torch.device) -> Iterator[None]:
         if device.type != "cuda":
@@ -83,6 +86,7 @@ def sync_debug_errors() -> Callable:
             yield
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+
     return errors
 
 
@@ -150,10 +154,16 @@ def hold_output_dir():
 
     def hold(path: Path) -> subprocess.Popen:
         path.mkdir(parents=True, exist_ok=True)
-        code = ("import sys, time; from pathlib import Path; from projector_kd.runs import lock_output_dir; "
-                "lock_output_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)")
-        child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        code = (
+            "import sys, time; from pathlib import Path; from projector_kd.runs import lock_output_dir; "
+            "lock_output_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
         children.append(child)
         assert child.stdout.readline() == "held\n"
         return child

@@ -7,6 +7,7 @@ included; (2) every distribution that installed code imports is declared in ``in
 path, trains, evaluates and writes its metrics. Dependencies come from the running environment (``--no-deps``), so the
 check needs no network and takes seconds; (2) is what stands in for installing them from the index.
 """
+
 from __future__ import annotations
 
 import ast
@@ -61,9 +62,25 @@ def installed(tmp_path_factory) -> Path:
             (source / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(origin, source / item)
     target = root / "site"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                             "--no-index", "--quiet", "--target", str(target), str(source)],
-                            cwd=root, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return target
 
@@ -106,22 +123,37 @@ def _imported_distributions(site: Path) -> set[str]:
 
 def test_install_requires_declares_exactly_what_the_code_imports(installed):
     metadata = next(installed.glob("projector_kd-*.dist-info")) / "METADATA"
-    declared = {_canonical(re.split(r"[\s<>=!~;\[]", line.split(":", 1)[1].strip())[0])
-                for line in metadata.read_text().splitlines() if line.startswith("Requires-Dist:")}
+    declared = {
+        _canonical(re.split(r"[\s<>=!~;\[]", line.split(":", 1)[1].strip())[0])
+        for line in metadata.read_text().splitlines()
+        if line.startswith("Requires-Dist:")
+    }
     imported = _imported_distributions(installed)
     assert {"torch", "timm", "torchdistill", "pillow", "pyyaml", "tensorboard", "scikit-learn"} <= imported
     assert imported == declared
     assert sorted(p.name for p in (installed / "deit" / "recipes").glob("*.yaml")) == [
-        "demo.yaml", "small.yaml", "tiny.yaml"]
+        "demo.yaml",
+        "small.yaml",
+        "tiny.yaml",
+    ]
 
 
 def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, outside, tmp_path):
     env, work = outside
     probe = subprocess.run(
-        [sys.executable, "-c", "import deit, deit.config, imagenet, projector_kd, sys; print(deit.__file__); "
-         "print(deit.config.CONFIG_DIR); print(imagenet.__file__); print(projector_kd.__file__); "
-         "print(chr(0).join(sys.path))"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import deit, deit.config, imagenet, projector_kd, sys; print(deit.__file__); "
+            "print(deit.config.CONFIG_DIR); print(imagenet.__file__); print(projector_kd.__file__); "
+            "print(chr(0).join(sys.path))",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     deit_file, recipes, imagenet_file, package_file, path = probe.stdout.splitlines()
     for location in (deit_file, recipes, imagenet_file, package_file):
@@ -132,15 +164,39 @@ def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, ou
     data = deit_fixtures.write_image_folder(tmp_path / "deit-data")
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(0)
-    torch.save({"model": timm.create_model(deit_fixtures.TEACHER, num_classes=deit_fixtures.NUM_CLASSES).state_dict()},
-               teacher)
+    torch.save(
+        {"model": timm.create_model(deit_fixtures.TEACHER, num_classes=deit_fixtures.NUM_CLASSES).state_dict()}, teacher
+    )
     overlay = tmp_path / "tiny.yaml"
     overlay.write_text(yaml.safe_dump(deit_fixtures.TINY_RECIPE))
     run = work / "deit-run"
-    result = subprocess.run([sys.executable, "-m", "deit.main", "--model", "demo", "--train_student", "--config",
-                             str(overlay), "--data-path", str(data), "--output", str(run), "--teacher-ckpt",
-                             str(teacher), "--device", "cpu", "--epochs", "1"],
-                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deit.main",
+            "--model",
+            "demo",
+            "--train_student",
+            "--config",
+            str(overlay),
+            "--data-path",
+            str(data),
+            "--output",
+            str(run),
+            "--teacher-ckpt",
+            str(teacher),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and len(metrics["val_top1_per_epoch"]) == 1
@@ -152,10 +208,19 @@ def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, ou
     resnet_teacher = tmp_path / "wrn_teacher.pth"
     torch.save({"model": resnet_fixtures.build_tiny_model(2).state_dict()}, resnet_teacher)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(resnet_fixtures.tiny_recipe(work / "resnet-run" / "best.pth", teacher_ckpt=resnet_teacher,
-                                                  data_root=resnet_data))
-    result = subprocess.run([sys.executable, "-m", "imagenet.image_classification", "--config", str(recipe),
-                             "--device", "cpu"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    recipe.write_text(
+        resnet_fixtures.tiny_recipe(
+            work / "resnet-run" / "best.pth", teacher_ckpt=resnet_teacher, data_root=resnet_data
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "imagenet.image_classification", "--config", str(recipe), "--device", "cpu"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((work / "resnet-run" / "metrics.json").read_text())
     assert len(metrics["val_top1_per_epoch"]) == 1 and 0 <= metrics["top1"] <= 100

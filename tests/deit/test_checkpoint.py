@@ -1,4 +1,5 @@
 """Released-layout and project checkpoints: exact, safe loading with named mismatches."""
+
 from __future__ import annotations
 
 import os
@@ -16,44 +17,76 @@ from projector_kd.checkpoint import CheckpointError
 
 def release_checkpoint(model: torch.nn.Module) -> dict:
     """A checkpoint as the release wrote it: model, optimizer, lr_scheduler, max_accuracy, epoch, a yacs CfgNode."""
-    config = CfgNode({'MODEL': CfgNode({'TYPE': 'deit', 'NAME': 'deit_tiny'}), 'TRAIN': CfgNode({'EPOCHS': 300})})
-    return {'model': model.state_dict(), 'optimizer': {'state': {}, 'param_groups': []},
-            'lr_scheduler': {'last_epoch': 299}, 'max_accuracy': 77.2, 'epoch': 299, 'config': config}
+    config = CfgNode({"MODEL": CfgNode({"TYPE": "deit", "NAME": "deit_tiny"}), "TRAIN": CfgNode({"EPOCHS": 300})})
+    return {
+        "model": model.state_dict(),
+        "optimizer": {"state": {}, "param_groups": []},
+        "lr_scheduler": {"last_epoch": 299},
+        "max_accuracy": 77.2,
+        "epoch": 299,
+        "config": config,
+    }
 
 
 RELEASE_KEYS_OUTSIDE_BLOCKS = [
-    'cls_token', 'pos_embed', 'conv_embed.conv.0.weight', 'conv_embed.conv.1.weight', 'conv_embed.conv.1.bias',
-    'conv_embed.conv.1.running_mean', 'conv_embed.conv.1.running_var', 'conv_embed.conv.1.num_batches_tracked',
-    'conv_embed.conv.3.weight', 'conv_embed.conv.4.weight', 'conv_embed.conv.4.bias', 'conv_embed.conv.4.running_mean',
-    'conv_embed.conv.4.running_var', 'conv_embed.conv.4.num_batches_tracked', 'conv_embed.conv.6.weight',
-    'conv_embed.conv.7.weight', 'conv_embed.conv.7.bias', 'conv_embed.conv.7.running_mean',
-    'conv_embed.conv.7.running_var', 'conv_embed.conv.7.num_batches_tracked', 'conv_embed.proj.weight',
-    'conv_embed.proj.bias', 'norm.weight', 'norm.bias', 'head.weight', 'head.bias', 'head_conv.weight',
-    'head_conv.bias', 'distillation_loss.embed.weight', 'distillation_loss.embed.bias',
-    'distillation_loss.bn_s.running_mean', 'distillation_loss.bn_s.running_var',
-    'distillation_loss.bn_s.num_batches_tracked', 'distillation_loss.bn_t.running_mean',
-    'distillation_loss.bn_t.running_var', 'distillation_loss.bn_t.num_batches_tracked']
+    "cls_token",
+    "pos_embed",
+    "conv_embed.conv.0.weight",
+    "conv_embed.conv.1.weight",
+    "conv_embed.conv.1.bias",
+    "conv_embed.conv.1.running_mean",
+    "conv_embed.conv.1.running_var",
+    "conv_embed.conv.1.num_batches_tracked",
+    "conv_embed.conv.3.weight",
+    "conv_embed.conv.4.weight",
+    "conv_embed.conv.4.bias",
+    "conv_embed.conv.4.running_mean",
+    "conv_embed.conv.4.running_var",
+    "conv_embed.conv.4.num_batches_tracked",
+    "conv_embed.conv.6.weight",
+    "conv_embed.conv.7.weight",
+    "conv_embed.conv.7.bias",
+    "conv_embed.conv.7.running_mean",
+    "conv_embed.conv.7.running_var",
+    "conv_embed.conv.7.num_batches_tracked",
+    "conv_embed.proj.weight",
+    "conv_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+    "head.weight",
+    "head.bias",
+    "head_conv.weight",
+    "head_conv.bias",
+    "distillation_loss.embed.weight",
+    "distillation_loss.embed.bias",
+    "distillation_loss.bn_s.running_mean",
+    "distillation_loss.bn_s.running_var",
+    "distillation_loss.bn_s.num_batches_tracked",
+    "distillation_loss.bn_t.running_mean",
+    "distillation_loss.bn_t.running_var",
+    "distillation_loss.bn_t.num_batches_tracked",
+]
 
 
 def _randomise_buffers(model: torch.nn.Module) -> None:
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
+        for buffer in model.buffers():
             if buffer.is_floating_point():
                 buffer.copy_(torch.rand_like(buffer) + 0.5)
 
 
 def test_release_layout_loads_exactly_and_reproduces_logits(tmp_path):
     torch.manual_seed(0)
-    source = create_student('tiny', teacher_dim=3024)
+    source = create_student("tiny", teacher_dim=3024)
     _randomise_buffers(source)
-    assert [k for k in source.state_dict() if not k.startswith('blocks.')] == RELEASE_KEYS_OUTSIDE_BLOCKS
-    path = tmp_path / 'ckpt_epoch_299.pth'
+    assert [k for k in source.state_dict() if not k.startswith("blocks.")] == RELEASE_KEYS_OUTSIDE_BLOCKS
+    path = tmp_path / "ckpt_epoch_299.pth"
     torch.save(release_checkpoint(source), path)
     torch.manual_seed(1)
-    target = create_student('tiny', teacher_dim=3024)
+    target = create_student("tiny", teacher_dim=3024)
     report = load_student_checkpoint(target, path)
     assert len(report.loaded) == len(source.state_dict()) and not report.projector_skipped
-    assert report.meta == {'epoch': 299, 'max_accuracy': 77.2}
+    assert report.meta == {"epoch": 299, "max_accuracy": 77.2}
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     images = torch.randn(2, 3, 224, 224)
@@ -62,58 +95,58 @@ def test_release_layout_loads_exactly_and_reproduces_logits(tmp_path):
 
 
 def test_key_mismatch_is_refused_with_the_names(tmp_path):
-    source = create_student('demo', num_classes=10, teacher_dim=512)
+    source = create_student("demo", num_classes=10, teacher_dim=512)
     state = release_checkpoint(source)
-    state['model']['blocks.0.attn.qkv_extra.weight'] = state['model'].pop('blocks.0.attn.qkv.weight')
-    path = tmp_path / 'renamed.pth'
+    state["model"]["blocks.0.attn.qkv_extra.weight"] = state["model"].pop("blocks.0.attn.qkv.weight")
+    path = tmp_path / "renamed.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as error:
-        load_student_checkpoint(create_student('demo', num_classes=10, teacher_dim=512), path)
+        load_student_checkpoint(create_student("demo", num_classes=10, teacher_dim=512), path)
     message = str(error.value)
     assert str(path) in message
-    assert 'missing: blocks.0.attn.qkv.weight' in message and 'unexpected: blocks.0.attn.qkv_extra.weight' in message
+    assert "missing: blocks.0.attn.qkv.weight" in message and "unexpected: blocks.0.attn.qkv_extra.weight" in message
 
 
 def test_other_width_and_other_num_classes_are_named(tmp_path):
-    torch.save({'model': create_student('demo', num_classes=10, embed_dim=32).state_dict()}, tmp_path / 'w32.pth')
-    with pytest.raises(CheckpointError, match=r'w32.pth does not match the model \(shape mismatch: blocks.0.attn.proj'):
-        load_student_checkpoint(create_student('demo', num_classes=10), tmp_path / 'w32.pth')
-    torch.save({'model': create_student('demo', num_classes=5).state_dict()}, tmp_path / 'c5.pth')
-    with pytest.raises(CheckpointError, match=r'c5.pth was trained for 5 classes but the model has 10'):
-        load_student_checkpoint(create_student('demo', num_classes=10), tmp_path / 'c5.pth')
+    torch.save({"model": create_student("demo", num_classes=10, embed_dim=32).state_dict()}, tmp_path / "w32.pth")
+    with pytest.raises(CheckpointError, match=r"w32.pth does not match the model \(shape mismatch: blocks.0.attn.proj"):
+        load_student_checkpoint(create_student("demo", num_classes=10), tmp_path / "w32.pth")
+    torch.save({"model": create_student("demo", num_classes=5).state_dict()}, tmp_path / "c5.pth")
+    with pytest.raises(CheckpointError, match=r"c5.pth was trained for 5 classes but the model has 10"):
+        load_student_checkpoint(create_student("demo", num_classes=10), tmp_path / "c5.pth")
 
 
 def test_projector_of_another_width_is_reported_and_prediction_still_exact(tmp_path, caplog):
     torch.manual_seed(0)
-    source = create_student('demo', num_classes=10, teacher_dim=256)
-    path = tmp_path / 'small_like.pth'
+    source = create_student("demo", num_classes=10, teacher_dim=256)
+    path = tmp_path / "small_like.pth"
     torch.save(release_checkpoint(source), path)
-    target = create_student('demo', num_classes=10, teacher_dim=512)
+    target = create_student("demo", num_classes=10, teacher_dim=512)
     report = load_student_checkpoint(target, path)
-    assert report.projector_skipped == sorted(k for k in source.state_dict() if k.startswith('distillation_loss.'))
-    assert 'checkpoint Linear(64, 256) vs model Linear(64, 512)' in report.projector_note
+    assert report.projector_skipped == sorted(k for k in source.state_dict() if k.startswith("distillation_loss."))
+    assert "checkpoint Linear(64, 256) vs model Linear(64, 512)" in report.projector_note
     assert report.projector_note in caplog.text
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(target.eval()(images), source.eval()(images), rtol=0, atol=0)
-    no_projector = create_student('demo', num_classes=10)
-    assert 'vs model none' in load_student_checkpoint(no_projector, path).projector_note
+    no_projector = create_student("demo", num_classes=10)
+    assert "vs model none" in load_student_checkpoint(no_projector, path).projector_note
 
 
 def test_corrupt_and_truncated_files_name_the_file(tmp_path):
-    model = create_student('demo', num_classes=10)
-    good = tmp_path / 'good.pth'
-    torch.save({'model': model.state_dict()}, good)
-    truncated = tmp_path / 'truncated.pth'
+    model = create_student("demo", num_classes=10)
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict()}, good)
+    truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    garbage = tmp_path / 'garbage.pth'
+    garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
-    for path in (truncated, garbage, tmp_path / 'missing.pth'):
+    for path in (truncated, garbage, tmp_path / "missing.pth"):
         with pytest.raises(CheckpointError, match=str(path)):
             load_student_checkpoint(model, path)
-    torch.save({'not_model': 1}, tmp_path / 'odd.pth')
-    with pytest.raises(CheckpointError, match='odd.pth holds no model state dict'):
-        load_student_checkpoint(model, tmp_path / 'odd.pth')
+    torch.save({"not_model": 1}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="odd.pth holds no model state dict"):
+        load_student_checkpoint(model, tmp_path / "odd.pth")
 
 
 class _RunsCode:
@@ -121,22 +154,38 @@ class _RunsCode:
         self.marker = marker
 
     def __reduce__(self):
-        return os.system, (f'touch {self.marker}',)
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_crafted_pickle_is_refused_by_default_and_runs_nothing(tmp_path, python, child_env, repo):
-    model = create_student('demo', num_classes=10)
-    marker = tmp_path / 'pwned'
-    evil = tmp_path / 'evil.pth'
-    torch.save({'model': model.state_dict(), 'payload': _RunsCode(str(marker))}, evil)
-    with pytest.raises(CheckpointError, match=r'evil.pth needs unsafe unpickling \(it pickles posix.system\)'):
+    model = create_student("demo", num_classes=10)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": model.state_dict(), "payload": _RunsCode(str(marker))}, evil)
+    with pytest.raises(CheckpointError, match=r"evil.pth needs unsafe unpickling \(it pickles posix.system\)"):
         load_student_checkpoint(model, evil)
     assert not marker.exists()
-    result = subprocess.run([python, 'deit/main.py', '--model', 'demo', '--ckpt', str(evil), '--device', 'cpu',
-                             '--data-path', str(tmp_path)], cwd=repo, env=child_env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            python,
+            "deit/main.py",
+            "--model",
+            "demo",
+            "--ckpt",
+            str(evil),
+            "--device",
+            "cpu",
+            "--data-path",
+            str(tmp_path),
+        ],
+        cwd=repo,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().count('\n') == 0 and result.stderr.startswith(f'error: checkpoint {evil}')
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(f"error: checkpoint {evil}")
     assert not marker.exists()
     load_student_checkpoint(model, evil, trusted=True)  # the explicit opt-in really unpickles
     assert marker.exists()

@@ -1,4 +1,5 @@
 """The command line as users type it: from the repo root or from inside deit/, train and evaluate, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -16,44 +17,91 @@ def _run(args, cwd, env, python):
 
 
 def test_train_from_inside_deit_then_evaluate_a_release_layout_checkpoint(
-        tmp_path, train_argv, python, child_env, repo, tiny_config, image_folder):
-    output = tmp_path / 'run'
-    argv = [a if a != '--train_student' else '--train-student' for a in train_argv(output, '--epochs', '1')]
-    result = _run(['main.py', *argv], repo / 'deit', child_env, python)
+    tmp_path, train_argv, python, child_env, repo, tiny_config, image_folder
+):
+    output = tmp_path / "run"
+    argv = [a if a != "--train_student" else "--train-student" for a in train_argv(output, "--epochs", "1")]
+    result = _run(["main.py", *argv], repo / "deit", child_env, python)
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((output / 'metrics.json').read_text())
-    assert set(metrics) >= {'top1', 'top5', 'val_top1_per_epoch', 'wall_time_s', 'student', 'student_params', 'params'}
-    assert metrics['params']['projector'] == 16 * 512 + 512
-    assert list((output / 'tensorboard').iterdir())
-    trained = torch.load(output / 'checkpoint.pth', weights_only=True)['model']
-    release = tmp_path / 'ckpt_epoch_299.pth'
-    torch.save({'model': trained, 'optimizer': {}, 'lr_scheduler': {}, 'max_accuracy': 50.0, 'epoch': 299,
-                'config': CfgNode({'MODEL': CfgNode({'TYPE': 'deit'})})}, release)
-    result = _run(['deit/main.py', '--model', 'demo', '--config', str(tiny_config), '--ckpt', str(release),
-                   '--data-path', str(image_folder), '--device', 'cpu'], repo, child_env, python)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics) >= {"top1", "top5", "val_top1_per_epoch", "wall_time_s", "student", "student_params", "params"}
+    assert metrics["params"]["projector"] == 16 * 512 + 512
+    assert list((output / "tensorboard").iterdir())
+    trained = torch.load(output / "checkpoint.pth", weights_only=True)["model"]
+    release = tmp_path / "ckpt_epoch_299.pth"
+    torch.save(
+        {
+            "model": trained,
+            "optimizer": {},
+            "lr_scheduler": {},
+            "max_accuracy": 50.0,
+            "epoch": 299,
+            "config": CfgNode({"MODEL": CfgNode({"TYPE": "deit"})}),
+        },
+        release,
+    )
+    result = _run(
+        [
+            "deit/main.py",
+            "--model",
+            "demo",
+            "--config",
+            str(tiny_config),
+            "--ckpt",
+            str(release),
+            "--data-path",
+            str(image_folder),
+            "--device",
+            "cpu",
+        ],
+        repo,
+        child_env,
+        python,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f'{release} on 12 val images: top-1 {metrics["top1"]:.2f} top-5 {metrics["top5"]:.2f}' in result.stdout
+    assert f"{release} on 12 val images: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}" in result.stdout
 
 
 def test_evaluation_errors_are_one_line(tmp_path, python, child_env, repo):
-    result = _run([str(repo / 'deit' / 'main.py'), '--model', 'tiny', '--device', 'cpu'], tmp_path, child_env, python)
-    assert result.returncode == 2 and result.stderr.count('\n') == 1
-    assert result.stderr.startswith(f'error: no checkpoint to evaluate: looked for {repo}/ckpts/deit_tiny/'
-                                    f'ckpt_epoch_299.pth and {repo}/ckpts/ckpt_epoch_299.pth')
-    cfg = load_config('tiny')
-    ckpt = tmp_path / 'tiny.pth'
-    torch.save({'model': build_student(cfg, 3024).state_dict()}, ckpt)
-    result = _run(['deit/main.py', '--model', 'tiny', '--ckpt', str(ckpt), '--data-path', str(tmp_path / 'imagenet'),
-                   '--device', 'cpu'], repo, child_env, python)
-    assert result.returncode == 2 and result.stderr.count('\n') == 1
-    assert f'error: dataset folder {tmp_path / "imagenet"} does not exist — expected {tmp_path}/imagenet/val' in (
-        result.stderr)
-    result = _run(['deit/main.py', '--model', 'base'], repo, child_env, python)
-    assert result.returncode == 2 and 'error: unknown model \'base\'' in result.stderr
+    result = _run([str(repo / "deit" / "main.py"), "--model", "tiny", "--device", "cpu"], tmp_path, child_env, python)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        f"error: no checkpoint to evaluate: looked for {repo}/ckpts/deit_tiny/"
+        f"ckpt_epoch_299.pth and {repo}/ckpts/ckpt_epoch_299.pth"
+    )
+    cfg = load_config("tiny")
+    ckpt = tmp_path / "tiny.pth"
+    torch.save({"model": build_student(cfg, 3024).state_dict()}, ckpt)
+    result = _run(
+        [
+            "deit/main.py",
+            "--model",
+            "tiny",
+            "--ckpt",
+            str(ckpt),
+            "--data-path",
+            str(tmp_path / "imagenet"),
+            "--device",
+            "cpu",
+        ],
+        repo,
+        child_env,
+        python,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"error: dataset folder {tmp_path / 'imagenet'} does not exist — expected {tmp_path}/imagenet/val" in (
+        result.stderr
+    )
+    result = _run(["deit/main.py", "--model", "base"], repo, child_env, python)
+    assert result.returncode == 2 and "error: unknown model 'base'" in result.stderr
 
 
 def test_throughput_mode(python, child_env, repo):
-    result = _run(['deit/main.py', '--model', 'demo', '--throughput', '--batch-size', '8', '--device', 'cpu'], repo,
-                  child_env, python)
+    result = _run(
+        ["deit/main.py", "--model", "demo", "--throughput", "--batch-size", "8", "--device", "cpu"],
+        repo,
+        child_env,
+        python,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert 'throughput:' in result.stdout and 'img/s at batch 8, 32 px on cpu' in result.stdout
+    assert "throughput:" in result.stdout and "img/s at batch 8, 32 px on cpu" in result.stdout

@@ -1,4 +1,5 @@
 """Training step semantics: the three loss terms against a float64 hand computation, learning, schedule, groups."""
+
 from __future__ import annotations
 
 import copy
@@ -14,14 +15,15 @@ from deit.engine import DistillationObjective, NonFiniteLossError, Trainer, para
 from deit.models import build_student, create_student, create_teacher
 from projector_kd.distributed import DistEnv
 
-CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def test_loss_terms_equal_a_float64_hand_computation():
     torch.manual_seed(0)
-    student = create_student('demo', num_classes=5, img_size=16, embed_dim=16, depth=1, num_heads=2,
-                             stem_channels=4, teacher_dim=12).double()
-    objective = DistillationObjective(student, 'projector', soft_targets=True, smoothing=0.1)
+    student = create_student(
+        "demo", num_classes=5, img_size=16, embed_dim=16, depth=1, num_heads=2, stem_channels=4, teacher_dim=12
+    ).double()
+    objective = DistillationObjective(student, "projector", soft_targets=True, smoothing=0.1)
     images = torch.randn(6, 3, 16, 16, dtype=torch.float64)
     targets = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
     teacher_features = torch.randn(6, 12, dtype=torch.float64)
@@ -40,40 +42,56 @@ def test_loss_terms_equal_a_float64_hand_computation():
     t = (teacher_features - teacher_features.mean(0)) / teacher_features.var(0, unbiased=False).sqrt()
     corr = (s * t).mean(0)
     proj = torch.log(((corr - 1).abs() ** 4).sum() + 1e-5)
-    assert set(terms) == {'ce', 'kd', 'proj'}
-    for name, reference in (('ce', ce), ('kd', kd), ('proj', proj)):
+    assert set(terms) == {"ce", "kd", "proj"}
+    for name, reference in (("ce", ce), ("kd", kd), ("proj", proj)):
         assert terms[name].dtype == torch.float64
         torch.testing.assert_close(terms[name], reference, rtol=1e-12, atol=1e-12)
 
 
 def test_method_none_trains_both_heads_on_labels_and_kd_has_no_projector_term():
     torch.manual_seed(0)
-    student = create_student('demo', num_classes=4, img_size=16, embed_dim=16, depth=1, num_heads=2)
+    student = create_student("demo", num_classes=4, img_size=16, embed_dim=16, depth=1, num_heads=2)
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
-    terms = DistillationObjective(student, 'none', soft_targets=False, smoothing=0.0)(images, labels)
+    terms = DistillationObjective(student, "none", soft_targets=False, smoothing=0.0)(images, labels)
     cls_logits, dist_logits = student.forward_heads(student.forward_features(images))
-    assert set(terms) == {'ce', 'ce_dist'}
-    kd_terms = DistillationObjective(student, 'kd', soft_targets=False, smoothing=0.0)(
-        images, labels, torch.randn(4, 8), torch.randn(4, 4))
-    assert set(kd_terms) == {'ce', 'kd'}
-    with pytest.raises(Exception, match='needs a student built with a projector'):
-        DistillationObjective(student, 'projector', soft_targets=False, smoothing=0.0)
+    assert set(terms) == {"ce", "ce_dist"}
+    kd_terms = DistillationObjective(student, "kd", soft_targets=False, smoothing=0.0)(
+        images, labels, torch.randn(4, 8), torch.randn(4, 4)
+    )
+    assert set(kd_terms) == {"ce", "kd"}
+    with pytest.raises(Exception, match="needs a student built with a projector"):
+        DistillationObjective(student, "projector", soft_targets=False, smoothing=0.0)
 
 
 def _trainer(tiny_config, image_folder, teacher_ckpt, *opts: str) -> tuple[Trainer, object]:
-    cfg = load_config('demo', str(tiny_config), {'data.path': str(image_folder), 'teacher.ckpt': str(teacher_ckpt)},
-                      list(opts))
+    cfg = load_config(
+        "demo", str(tiny_config), {"data.path": str(image_folder), "teacher.ckpt": str(teacher_ckpt)}, list(opts)
+    )
     torch.manual_seed(0)
-    teacher, _ = create_teacher(cfg['teacher']['name'], cfg['model']['num_classes'], teacher_ckpt)
+    teacher, _ = create_teacher(cfg["teacher"]["name"], cfg["model"]["num_classes"], teacher_ckpt)
     student = build_student(cfg, teacher.num_features)
     train_loader, _ = build_loaders(cfg, 0, 1, pin_memory=False)
     return Trainer(cfg, CPU, student, teacher, train_loader.sampler.batches_per_epoch), train_loader
 
 
 def test_training_steps_reduce_the_loss(tiny_config, image_folder, teacher_ckpt):
-    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, 'aug.mixup', '0.0', 'aug.cutmix', '0.0',
-                               'train.warmup_epochs', '0', 'model.drop_path', '0.0', 'train.epochs', '20',
-                               'train.base_lr', '3e-3')
+    trainer, loader = _trainer(
+        tiny_config,
+        image_folder,
+        teacher_ckpt,
+        "aug.mixup",
+        "0.0",
+        "aug.cutmix",
+        "0.0",
+        "train.warmup_epochs",
+        "0",
+        "model.drop_path",
+        "0.0",
+        "train.epochs",
+        "20",
+        "train.base_lr",
+        "3e-3",
+    )
     loader.sampler.set_epoch(0)
     images, labels = next(iter(loader))
     losses = []
@@ -81,55 +99,61 @@ def test_training_steps_reduce_the_loss(tiny_config, image_folder, teacher_ckpt)
         trainer.global_step = step
         losses.append(trainer.train_step(images, labels))
     assert losses[-1]["loss"] < losses[0]["loss"] - 1.0  # the log-scale projector term falls by > 1 nat
-    assert losses[-1]['ce'] < losses[0]['ce'] and losses[-1]['proj'] < losses[0]['proj']
+    assert losses[-1]["ce"] < losses[0]["ce"] and losses[-1]["proj"] < losses[0]["proj"]
 
 
 def test_lr_is_scaled_by_global_batch_with_per_step_warmup_and_cosine(tiny_config, image_folder, teacher_ckpt):
-    recipe = load_config('tiny')
-    assert scaled_lrs(recipe, world_size=4) == pytest.approx({'lr': 5e-4 * 1024 / 512, 'warmup_lr': 5e-7 * 2,
-                                                              'min_lr': 5e-6 * 2})
-    trainer, _ = _trainer(tiny_config, image_folder, teacher_ckpt, 'train.epochs', '4', 'train.warmup_epochs', '1')
+    recipe = load_config("tiny")
+    assert scaled_lrs(recipe, world_size=4) == pytest.approx(
+        {"lr": 5e-4 * 1024 / 512, "warmup_lr": 5e-7 * 2, "min_lr": 5e-6 * 2}
+    )
+    trainer, _ = _trainer(tiny_config, image_folder, teacher_ckpt, "train.epochs", "4", "train.warmup_epochs", "1")
     steps = trainer.steps_per_epoch  # 9
     lrs = trainer.lrs
     seen = []
     for step in range(4 * steps):
         trainer.scheduler.step_update(step)
-        seen.append(trainer.optimizer.param_groups[0]['lr'])
-    assert seen[0] == pytest.approx(lrs['warmup_lr'])
-    assert seen[steps // 2] == pytest.approx(lrs['warmup_lr'] + steps // 2 * (lrs['lr'] - lrs['warmup_lr']) / steps)
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+    assert seen[0] == pytest.approx(lrs["warmup_lr"])
+    assert seen[steps // 2] == pytest.approx(lrs["warmup_lr"] + steps // 2 * (lrs["lr"] - lrs["warmup_lr"]) / steps)
     t = 4 * steps - 1
     cosine = 0.5 * (1 + math.cos(math.pi * t / (4 * steps)))
-    assert seen[t] == pytest.approx(lrs['min_lr'] + (lrs['lr'] - lrs['min_lr']) * cosine)
-    assert all(a >= b for a, b in zip(seen[steps:], seen[steps + 1:]))
+    assert seen[t] == pytest.approx(lrs["min_lr"] + (lrs["lr"] - lrs["min_lr"]) * cosine)
+    assert all(a >= b for a, b in zip(seen[steps:], seen[steps + 1 :]))
 
 
 def test_no_weight_decay_on_1d_params_biases_pos_embed_and_cls_token():
-    model = create_student('demo', num_classes=3, teacher_dim=8)
+    model = create_student("demo", num_classes=3, teacher_dim=8)
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay['params']}
-    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
-    assert {'pos_embed', 'cls_token', 'norm.weight', 'head.bias', 'distillation_loss.embed.bias'}.isdisjoint(decayed)
-    assert {'head.weight', 'blocks.0.attn.qkv.weight', 'distillation_loss.embed.weight',
-            'conv_embed.conv.0.weight'} <= decayed
-    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"pos_embed", "cls_token", "norm.weight", "head.bias", "distillation_loss.embed.bias"}.isdisjoint(decayed)
+    assert {
+        "head.weight",
+        "blocks.0.attn.qkv.weight",
+        "distillation_loss.embed.weight",
+        "conv_embed.conv.0.weight",
+    } <= decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize('poison, term', [('logits', 'kd'), ('features', 'proj')])
+@pytest.mark.parametrize("poison, term", [("logits", "kd"), ("features", "proj")])
 def test_non_finite_term_stops_with_step_and_term_and_keeps_the_good_checkpoint(
-        tmp_path, tiny_config, image_folder, teacher_ckpt, poison, term):
+    tmp_path, tiny_config, image_folder, teacher_ckpt, poison, term
+):
     trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt)
     trainer.output_dir = tmp_path
-    trainer.save(0, 0, ['checkpoint.pth'])
-    good = (tmp_path / 'checkpoint.pth').read_bytes()
+    trainer.save(0, 0, ["checkpoint.pth"])
+    good = (tmp_path / "checkpoint.pth").read_bytes()
     weights = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
     teacher = trainer.teacher_forward
 
     def poisoned(images):
         features, logits = teacher(images)
-        if poison == 'logits':
-            return features, torch.full_like(logits, float('nan'))
-        return features.index_fill(0, torch.tensor([0]), float('inf')), logits
+        if poison == "logits":
+            return features, torch.full_like(logits, float("nan"))
+        return features.index_fill(0, torch.tensor([0]), float("inf")), logits
 
     trainer.teacher_forward = poisoned
     loader.sampler.set_epoch(0)
@@ -138,32 +162,35 @@ def test_non_finite_term_stops_with_step_and_term_and_keeps_the_good_checkpoint(
     with pytest.raises(NonFiniteLossError, match=f"step 7 .*{term}"):
         trainer.train_step(images, labels)
     assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # no update applied
-    assert (tmp_path / 'checkpoint.pth').read_bytes() == good
+    assert (tmp_path / "checkpoint.pth").read_bytes() == good
     with torch.no_grad():
-        next(trainer.student.parameters()).fill_(float('nan'))
-    with pytest.raises(NonFiniteLossError, match='weights became non-finite'):
-        trainer.save(0, 1, ['checkpoint.pth'])
-    assert (tmp_path / 'checkpoint.pth').read_bytes() == good
+        next(trainer.student.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="weights became non-finite"):
+        trainer.save(0, 1, ["checkpoint.pth"])
+    assert (tmp_path / "checkpoint.pth").read_bytes() == good
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny_config, image_folder, teacher_ckpt):
     """accum_iter = 2: one step on a loader batch of 2B = the mean of the two micro-batches' gradients (each whitened
     and normalised on its own, as on two GPUs), one AdamW step; the lr is scaled by the global batch 2B."""
-    opts = ('aug.mixup', '0.0', 'aug.cutmix', '0.0', 'model.drop_path', '0.0', 'train.warmup_epochs', '0')
-    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, *opts, 'train.accum_iter', '2')
+    opts = ("aug.mixup", "0.0", "aug.cutmix", "0.0", "model.drop_path", "0.0", "train.warmup_epochs", "0")
+    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, *opts, "train.accum_iter", "2")
     single, _ = _trainer(tiny_config, image_folder, teacher_ckpt, *opts)
-    assert trainer.lrs['lr'] == pytest.approx(2 * single.lrs['lr'])
-    assert loader.batch_size == 2 * single.cfg['data']['batch_size']
+    assert trainer.lrs["lr"] == pytest.approx(2 * single.lrs["lr"])
+    assert loader.batch_size == 2 * single.cfg["data"]["batch_size"]
     reference = copy.deepcopy(trainer.student)
     loader.sampler.set_epoch(0)
     images, labels = next(iter(loader))
     values = trainer.train_step(images, labels)
 
-    objective = DistillationObjective(reference, 'projector', soft_targets=False, smoothing=0.1)
+    objective = DistillationObjective(reference, "projector", soft_targets=False, smoothing=0.1)
     teacher = trainer.teacher
-    optimizer = torch.optim.AdamW(param_groups(reference, trainer.cfg['train']['weight_decay']),
-                                  lr=trainer.optimizer.param_groups[0]['lr'], betas=tuple(trainer.cfg['train']['betas']),
-                                  eps=trainer.cfg['train']['opt_eps'])
+    optimizer = torch.optim.AdamW(
+        param_groups(reference, trainer.cfg["train"]["weight_decay"]),
+        lr=trainer.optimizer.param_groups[0]["lr"],
+        betas=tuple(trainer.cfg["train"]["betas"]),
+        eps=trainer.cfg["train"]["opt_eps"],
+    )
     expected_terms = {}
     for half_images, half_labels in zip(images.chunk(2), labels.chunk(2)):
         with torch.no_grad():
@@ -172,7 +199,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny
         (sum(terms.values()) / 2).backward()
         for name, term in terms.items():
             expected_terms[name] = expected_terms.get(name, 0.0) + term.item() / 2
-    torch.nn.utils.clip_grad_norm_(reference.parameters(), trainer.cfg['train']['clip_grad'])
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), trainer.cfg["train"]["clip_grad"])
     optimizer.step()
     for name, term in expected_terms.items():
         assert values[name] == pytest.approx(term, rel=1e-6)
@@ -181,32 +208,34 @@ def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny
 
 
 def _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt, *opts: str):
-    monkeypatch.setattr(torch, 'compile', lambda module: module)  # compiling costs a minute on 2 CPU cores
-    return _trainer(tiny_config, image_folder, teacher_ckpt, 'fast', 'true', 'aug.mixup', '0.0', 'aug.cutmix', '0.0',
-                    *opts)
+    monkeypatch.setattr(torch, "compile", lambda module: module)  # compiling costs a minute on 2 CPU cores
+    return _trainer(
+        tiny_config, image_folder, teacher_ckpt, "fast", "true", "aug.mixup", "0.0", "aug.cutmix", "0.0", *opts
+    )
 
 
 def test_fast_step_reads_no_device_value(monkeypatch, tiny_config, image_folder, teacher_ckpt, no_host_reads):
     trainer, loader = _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt)
-    assert trainer.optimizer.param_groups[0]['fused']
+    assert trainer.optimizer.param_groups[0]["fused"]
     loader.sampler.set_epoch(0)
     images, labels = next(iter(loader))
     with no_host_reads(lambda t: any(t is b for b in trainer.monitor.host_buffers)):
         for step in range(3):
             trainer.global_step = step
             values = trainer.train_step(images, labels)
-    assert set(values) == {'ce', 'kd', 'proj', 'loss'} and values['loss'].dim() == 0
-    assert trainer.epoch_sums['steps'] == 2 and len(trainer.monitor.pending) == 1  # step 2 is still in flight
+    assert set(values) == {"ce", "kd", "proj", "loss"} and values["loss"].dim() == 0
+    assert trainer.epoch_sums["steps"] == 2 and len(trainer.monitor.pending) == 1  # step 2 is still in flight
     trainer.finish_pending()
-    assert trainer.epoch_sums['steps'] == 3
-    assert trainer.last_record.terms['loss'] == pytest.approx(values['loss'].item())
+    assert trainer.epoch_sums["steps"] == 3
+    assert trainer.last_record.terms["loss"] == pytest.approx(values["loss"].item())
     release, _ = _trainer(tiny_config, image_folder, teacher_ckpt)
-    with no_host_reads(), pytest.raises(AssertionError, match='read a'):  # the guard sees the release's checks
+    with no_host_reads(), pytest.raises(AssertionError, match="read a"):  # the guard sees the release's checks
         release.train_step(images, labels)
 
 
 def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(
-        monkeypatch, tiny_config, image_folder, teacher_ckpt):
+    monkeypatch, tiny_config, image_folder, teacher_ckpt
+):
     trainer, loader = _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt)
     trainer.output_dir = None
     loader.sampler.set_epoch(0)
@@ -216,7 +245,7 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
         trainer.global_step = step
         trainer.train_step(images, labels)
     weights = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
-    trainer.teacher_forward = lambda x: (teacher(x)[0], torch.full_like(teacher(x)[1], float('nan')))
+    trainer.teacher_forward = lambda x: (teacher(x)[0], torch.full_like(teacher(x)[1], float("nan")))
     trainer.global_step = 2
     trainer.train_step(images, labels)  # queued: the check reads it at the next step
     assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # skipped on the device
@@ -225,68 +254,98 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(epoch 0, batch 2\): term 'kd' = nan"):
         trainer.train_step(images, labels)
     assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # nor step 3 applied
-    steps = {state['step'].item() for state in trainer.optimizer.state.values()}
+    steps = {state["step"].item() for state in trainer.optimizer.state.values()}
     assert steps == {2.0}  # the optimizer counted the two good steps only
 
 
 def test_release_clipping_of_scaled_gradients_matches_a_hand_computed_adamw_step(
-        tiny_config, image_folder, teacher_ckpt):
+    tiny_config, image_folder, teacher_ckpt
+):
     """GradScaler (scale S) + clip_scaled_grads: clip_grad_norm_(S g, 15) then unscale, i.e. the step uses
     g' = g min(1, 15 / (S |g|)); false: unscale first, g' = g min(1, 15 / |g|). AdamW's first step by hand:
     p <- p (1 - lr wd) - lr g' / (|g'| + eps) (bias-corrected moments of one step)."""
-    scale = 2.0 ** 12
+    scale = 2.0**12
     deltas = {}
     for clip_scaled in (True, False):
-        trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, 'aug.mixup', '0.0', 'aug.cutmix', '0.0',
-                                   'model.drop_path', '0.0', 'train.warmup_epochs', '0',
-                                   'train.clip_scaled_grads', str(clip_scaled).lower())
-        trainer.scaler = torch.amp.GradScaler('cpu', init_scale=scale)
+        trainer, loader = _trainer(
+            tiny_config,
+            image_folder,
+            teacher_ckpt,
+            "aug.mixup",
+            "0.0",
+            "aug.cutmix",
+            "0.0",
+            "model.drop_path",
+            "0.0",
+            "train.warmup_epochs",
+            "0",
+            "train.clip_scaled_grads",
+            str(clip_scaled).lower(),
+        )
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
         loader.sampler.set_epoch(0)
         images, labels = next(iter(loader))
         x, y = trainer.prepare_batch(images, labels)
         sum(trainer.compute_terms(x, y).values()).backward()
         grads = {n: p.grad.double() for n, p in trainer.student.named_parameters() if p.grad is not None}
         trainer.optimizer.zero_grad(set_to_none=True)
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
-        clip = trainer.cfg['train']['clip_grad']
+        norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+        clip = trainer.cfg["train"]["clip_grad"]
         factor = min(1.0, clip / (float(norm) * (scale if clip_scaled else 1.0) + 1e-6))
         before = {n: p.detach().double().clone() for n, p in trainer.student.named_parameters()}
         trainer.train_step(images, labels)
-        eps = trainer.cfg['train']['opt_eps']
+        eps = trainer.cfg["train"]["opt_eps"]
         deltas[clip_scaled] = {}
         for group in trainer.optimizer.param_groups:
-            for param in group['params']:
+            for param in group["params"]:
                 name = next(n for n, p in trainer.student.named_parameters() if p is param)
                 if name not in grads:
                     continue
                 g = grads[name] * factor
-                expected = before[name] * (1 - group['lr'] * group['weight_decay']) - group['lr'] * g / (g.abs() + eps)
+                expected = before[name] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * g / (g.abs() + eps)
                 torch.testing.assert_close(param.detach().double(), expected, rtol=1e-5, atol=1e-7)
                 deltas[clip_scaled][name] = param.detach().double() - before[name]
     assert any((deltas[True][n] - deltas[False][n]).abs().max() > 1e-6 for n in deltas[True])
 
 
-@pytest.mark.parametrize('after', [True, False])
+@pytest.mark.parametrize("after", [True, False])
 def test_lr_each_step_used_follows_the_schedule_after_or_before_the_step(
-        tiny_config, image_folder, teacher_ckpt, after):
+    tiny_config, image_folder, teacher_ckpt, after
+):
     """lr_after_step (the release): step k runs with lr(k - 1), step 0 with the initial warm-up lr; otherwise lr(k)."""
-    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, 'train.epochs', '2', 'train.warmup_epochs',
-                               '0.5', 'train.lr_after_step', str(after).lower())
+    trainer, loader = _trainer(
+        tiny_config,
+        image_folder,
+        teacher_ckpt,
+        "train.epochs",
+        "2",
+        "train.warmup_epochs",
+        "0.5",
+        "train.lr_after_step",
+        str(after).lower(),
+    )
     used = []
-    trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: used.append(
-        optimizer.param_groups[0]['lr']))
+    trainer.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"])
+    )
     loader.sampler.set_epoch(0)
     images, labels = next(iter(loader))
     steps = 6
     for step in range(steps):
         trainer.global_step = step
         trainer.train_step(images, labels)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=trainer.lrs['lr'])
-    reference = CosineLRScheduler(optimizer, t_initial=2 * trainer.steps_per_epoch, lr_min=trainer.lrs['min_lr'],
-                                  warmup_lr_init=trainer.lrs['warmup_lr'],
-                                  warmup_t=int(0.5 * trainer.steps_per_epoch), cycle_limit=1, t_in_epochs=False)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=trainer.lrs["lr"])
+    reference = CosineLRScheduler(
+        optimizer,
+        t_initial=2 * trainer.steps_per_epoch,
+        lr_min=trainer.lrs["min_lr"],
+        warmup_lr_init=trainer.lrs["warmup_lr"],
+        warmup_t=int(0.5 * trainer.steps_per_epoch),
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
     schedule = [reference._get_lr(t)[0] for t in range(steps)]
-    expected = [trainer.lrs['warmup_lr'], *schedule[:-1]] if after else schedule
+    expected = [trainer.lrs["warmup_lr"], *schedule[:-1]] if after else schedule
     assert used == pytest.approx(expected, rel=1e-12)
     # warm-up then cosine: every lr(t) differs; lr(0) is the initial warm-up lr, so after the step it runs twice
     assert len(set(used)) == (steps - 1 if after else steps)

@@ -1,5 +1,6 @@
 """The release's code as the default, the DeiT recipe as a switch (docs/faithfulness.md): eval resize interpolation,
 drop path, initialisation, and a checkpoint whose projector does not match (evaluation warns, resuming fails)."""
+
 from __future__ import annotations
 
 import math
@@ -21,39 +22,40 @@ from projector_kd import ProjectorDistillLoss
 from projector_kd.checkpoint import CheckpointError
 from projector_kd.errors import UserError
 
-PHOTO = Path(sklearn.datasets.__file__).parent / 'images' / 'china.jpg'  # a real 640 x 427 JPEG
+PHOTO = Path(sklearn.datasets.__file__).parent / "images" / "china.jpg"  # a real 640 x 427 JPEG
 
 
 def _eval_resize(cfg: dict) -> transforms.Resize:
     return next(t for t in build_transform(False, cfg).transforms if isinstance(t, transforms.Resize))
 
 
-@pytest.mark.parametrize('model', ['tiny', 'small'])
+@pytest.mark.parametrize("model", ["tiny", "small"])
 def test_eval_resize_is_bilinear_by_default_and_bicubic_as_the_deit_recipe(model):
     cfg = load_config(model)
     assert _eval_resize(cfg).interpolation == transforms.InterpolationMode.BILINEAR
     assert _eval_resize(cfg).size == 256
-    assert cfg['data']['interpolation'] == 'bicubic'  # training crops stay bicubic
-    switched = load_config(model, opts=['data.eval_interpolation', 'bicubic'])
+    assert cfg["data"]["interpolation"] == "bicubic"  # training crops stay bicubic
+    switched = load_config(model, opts=["data.eval_interpolation", "bicubic"])
     assert _eval_resize(switched).interpolation == transforms.InterpolationMode.BICUBIC
 
 
 def test_eval_transform_equals_a_hand_built_pipeline_on_a_real_photo():
-    image = Image.open(PHOTO).convert('RGB')
+    image = Image.open(PHOTO).convert("RGB")
     outputs = {}
-    for mode, interpolation in (('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)):
-        cfg = load_config('tiny', opts=['data.eval_interpolation', mode])
+    for mode, interpolation in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+        cfg = load_config("tiny", opts=["data.eval_interpolation", mode])
         short = 256
         width, height = image.size
         resized = image.resize((int(width * short / height), short), interpolation)  # shorter side (height) to 256
         left, top = int(round((resized.width - 224) / 2.0)), int(round((resized.height - 224) / 2.0))
         cropped = resized.crop((left, top, left + 224, top + 224))
         expected = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(
-            transforms.functional.pil_to_tensor(cropped).float() / 255)
+            transforms.functional.pil_to_tensor(cropped).float() / 255
+        )
         outputs[mode] = build_transform(False, cfg)(image)
         assert outputs[mode].shape == (3, 224, 224)
         torch.testing.assert_close(outputs[mode], expected, rtol=0, atol=1e-6)
-    assert (outputs['bilinear'] - outputs['bicubic']).abs().max() > 0.05  # the switch changes real pixels
+    assert (outputs["bilinear"] - outputs["bicubic"]).abs().max() > 0.05  # the switch changes real pixels
 
 
 def _drop_paths(model: nn.Module) -> list[float]:
@@ -61,12 +63,12 @@ def _drop_paths(model: nn.Module) -> list[float]:
 
 
 def test_no_drop_path_by_default_and_the_deit_recipe_as_a_switch():
-    for model in ('tiny', 'small'):
-        assert load_config(model)['model']['drop_path'] == 0.0
-    assert _drop_paths(build_student(load_config('tiny'), 3024)) == []
-    assert _drop_paths(create_student('tiny')) == []
-    assert all(isinstance(block.drop_path1, nn.Identity) for block in create_student('tiny').blocks)
-    rates = _drop_paths(build_student(load_config('tiny', opts=['model.drop_path', '0.1']), 3024))
+    for model in ("tiny", "small"):
+        assert load_config(model)["model"]["drop_path"] == 0.0
+    assert _drop_paths(build_student(load_config("tiny"), 3024)) == []
+    assert _drop_paths(create_student("tiny")) == []
+    assert all(isinstance(block.drop_path1, nn.Identity) for block in create_student("tiny").blocks)
+    rates = _drop_paths(build_student(load_config("tiny", opts=["model.drop_path", "0.1"]), 3024))
     expected = torch.linspace(0, 0.1, 12).tolist()[1:]  # block 0 has rate 0 (Identity); two DropPaths per block
     assert rates == pytest.approx([r for r in expected for _ in range(2)])
 
@@ -77,7 +79,7 @@ def _stem_convs(model: nn.Module) -> list[nn.Conv2d]:
 
 def test_release_init_by_default():
     torch.manual_seed(0)
-    model = build_student(load_config('tiny'), 3024)
+    model = build_student(load_config("tiny"), 3024)
     convs = _stem_convs(model)
     assert [tuple(c.weight.shape) for c in convs] == [(64, 3, 7, 7), (64, 64, 3, 3), (64, 64, 3, 3), (192, 64, 8, 8)]
     for conv in convs:
@@ -96,64 +98,93 @@ def test_release_init_by_default():
     beyond = (pos.abs() > 0.04).float().mean().item()
     assert 0.0455 - 0.006 < beyond < 0.0455 + 0.006
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not name.startswith('distillation_loss'):
+        if isinstance(module, nn.Linear) and not name.startswith("distillation_loss"):
             assert module.weight.std().item() == pytest.approx(0.02, rel=0.05) and not module.bias.any()
-    assert create_student('tiny').cls_token.abs().max().item() < 1e-5  # create_student defaults to the release init
+    assert create_student("tiny").cls_token.abs().max().item() < 1e-5  # create_student defaults to the release init
 
 
 def test_deit_init_is_the_switch_and_differs():
     torch.manual_seed(0)
-    model = build_student(load_config('tiny', opts=['model.init', 'deit']), 3024)
+    model = build_student(load_config("tiny", opts=["model.init", "deit"]), 3024)
     for conv in _stem_convs(model):
         fan_in = conv.weight[0].numel()
         # PyTorch's default conv init: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.05)
         assert conv.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
     assert model.cls_token.std().item() == pytest.approx(0.02, rel=0.3)
-    assert load_config('demo')['model']['init'] == 'deit'  # the demo keeps the init its documented figures used
+    assert load_config("demo")["model"]["init"] == "deit"  # the demo keeps the init its documented figures used
     with pytest.raises(UserError, match="model.init = 'timm' is out of range"):
-        load_config('tiny', opts=['model.init', 'timm'])
+        load_config("tiny", opts=["model.init", "timm"])
 
 
 def _swap_projector(state: dict, width: int) -> dict:
     """``state`` with its projector replaced by one of output ``width``."""
-    other = create_student('demo', num_classes=3, img_size=16, embed_dim=16, depth=2, num_heads=2, stem_channels=8,
-                           patch_size=2, teacher_dim=width).state_dict()
-    model = {k: v for k, v in state['model'].items() if not k.startswith('distillation_loss.')}
-    model.update({k: v for k, v in other.items() if k.startswith('distillation_loss.')})
-    return {**state, 'model': model}
+    other = create_student(
+        "demo",
+        num_classes=3,
+        img_size=16,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        stem_channels=8,
+        patch_size=2,
+        teacher_dim=width,
+    ).state_dict()
+    model = {k: v for k, v in state["model"].items() if not k.startswith("distillation_loss.")}
+    model.update({k: v for k, v in other.items() if k.startswith("distillation_loss.")})
+    return {**state, "model": model}
 
 
 def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(
-        tmp_path, train_argv, tiny_config, image_folder):
-    first = tmp_path / 'first'
-    assert main(train_argv(first, '--epochs', '1')) == 0
-    state = torch.load(first / 'checkpoint.pth', weights_only=True)
-    assert state['model']['distillation_loss.embed.weight'].shape == (512, 16)
-    other = tmp_path / 'other_projector.pth'
+    tmp_path, train_argv, tiny_config, image_folder
+):
+    first = tmp_path / "first"
+    assert main(train_argv(first, "--epochs", "1")) == 0
+    state = torch.load(first / "checkpoint.pth", weights_only=True)
+    assert state["model"]["distillation_loss.embed.weight"].shape == (512, 16)
+    other = tmp_path / "other_projector.pth"
     torch.save(_swap_projector(state, 256), other)
 
-    evaluation = tmp_path / 'eval'
-    assert main(['--model', 'demo', '--config', str(tiny_config), '--ckpt', str(other), '--data-path',
-                 str(image_folder), '--output', str(evaluation), '--device', 'cpu']) == 0
-    warnings = [line for line in (evaluation / 'log.txt').read_text().splitlines() if ' WARNING ' in line]
+    evaluation = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "--model",
+                "demo",
+                "--config",
+                str(tiny_config),
+                "--ckpt",
+                str(other),
+                "--data-path",
+                str(image_folder),
+                "--output",
+                str(evaluation),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    warnings = [line for line in (evaluation / "log.txt").read_text().splitlines() if " WARNING " in line]
     assert len(warnings) == 1
-    assert f'projector of {other} not loaded: checkpoint Linear(16, 256) vs model Linear(16, 512)' in warnings[0]
+    assert f"projector of {other} not loaded: checkpoint Linear(16, 256) vs model Linear(16, 512)" in warnings[0]
 
-    resumed = tmp_path / 'resumed'
+    resumed = tmp_path / "resumed"
     with pytest.raises(CheckpointError) as error:
-        main(train_argv(resumed, '--epochs', '2', '--resume', str(other)))
-    assert str(error.value) == (f"{other} cannot be resumed: its projector (Linear(16, 256)) differs from this run's "
-                                f'(Linear(16, 512)); resume with the distillation settings and teacher it was trained '
-                                f'with, or start a new --output')
-    assert not (resumed / 'checkpoint.pth').exists()
+        main(train_argv(resumed, "--epochs", "2", "--resume", str(other)))
+    assert str(error.value) == (
+        f"{other} cannot be resumed: its projector (Linear(16, 256)) differs from this run's "
+        f"(Linear(16, 512)); resume with the distillation settings and teacher it was trained "
+        f"with, or start a new --output"
+    )
+    assert not (resumed / "checkpoint.pth").exists()
 
 
 def test_feature_loss_is_computed_in_float32_under_half_precision_autocast():
     torch.manual_seed(0)
-    distill = ProjectorDistillLoss(16, 32, distance='log_corr', eps=0.0)
+    distill = ProjectorDistillLoss(16, 32, distance="log_corr", eps=0.0)
     z_s, z_t = torch.randn(8, 10, 16), torch.randn(8, 32)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = distill(z_s, z_t.bfloat16())
         projected = distill.embed(z_s.mean(dim=1))
     assert projected.dtype == torch.bfloat16 and loss.dtype == torch.float32

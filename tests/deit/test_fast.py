@@ -1,4 +1,5 @@
 """Fast path: same math as the release recipe (within bf16 tolerance), compile fallback, benchmark step builder."""
+
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,18 @@ import deit.engine as engine
 from deit.config import load_config
 from deit.engine import CompiledOrEager, build_train_step
 
-SMALL = dict(model='demo', batch_size=8, img_size=16, device='cpu', teacher='resnet10t', num_classes=10,
-             embed_dim=16, depth=2, num_heads=2, stem_channels=8)
+SMALL = dict(
+    model="demo",
+    batch_size=8,
+    img_size=16,
+    device="cpu",
+    teacher="resnet10t",
+    num_classes=10,
+    embed_dim=16,
+    depth=2,
+    num_heads=2,
+    stem_channels=8,
+)
 
 
 def _terms_and_grads(trainer, images, labels):
@@ -27,11 +38,11 @@ def _terms_and_grads(trainer, images, labels):
 def test_fast_path_math_matches_the_release_recipe_within_bf16_tolerance(monkeypatch):
     """bf16 autocast + channels_last (what the fast path changes numerically) vs float32, same weights and batch.
     torch.compile is swapped for eager here (compiling costs a minute on 2 CPU cores)."""
-    monkeypatch.setattr(torch, 'compile', lambda module: module)
+    monkeypatch.setattr(torch, "compile", lambda module: module)
     torch.manual_seed(0)
-    _, reference = build_train_step('release', **SMALL)
+    _, reference = build_train_step("release", **SMALL)
     torch.manual_seed(0)
-    _, fast = build_train_step('fast', **SMALL)
+    _, fast = build_train_step("fast", **SMALL)
     fast.student.load_state_dict(reference.student.state_dict())
     fast.teacher.load_state_dict(reference.teacher.state_dict())
     fast.autocast_dtype, fast.channels_last = torch.bfloat16, True
@@ -43,11 +54,11 @@ def test_fast_path_math_matches_the_release_recipe_within_bf16_tolerance(monkeyp
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8)
     ref_terms, ref_grads = _terms_and_grads(reference, images, labels)
     fast_terms, fast_grads = _terms_and_grads(fast, images, labels)
-    assert set(ref_terms) == set(fast_terms) == {'ce', 'kd', 'proj'}
+    assert set(ref_terms) == set(fast_terms) == {"ce", "kd", "proj"}
     for name in ref_terms:
         torch.testing.assert_close(fast_terms[name], ref_terms[name], rtol=3e-2, atol=3e-2)
     for name, grad in ref_grads.items():
-        if name == 'distillation_loss.embed.bias':  # batch whitening removes the mean: its true gradient is 0
+        if name == "distillation_loss.embed.bias":  # batch whitening removes the mean: its true gradient is 0
             assert grad.abs().max() < 1e-6 and fast_grads[name].abs().max() < 1e-3
             continue
         cosine = torch.nn.functional.cosine_similarity(fast_grads[name].flatten(), grad.flatten(), dim=0)
@@ -58,26 +69,29 @@ def test_fast_path_math_matches_the_release_recipe_within_bf16_tolerance(monkeyp
 def test_compile_failure_falls_back_to_eager_with_one_message(monkeypatch, caplog):
     def broken_compile(module):
         def fail(*args):
-            raise RuntimeError('inductor backend unavailable\nlong details')
+            raise RuntimeError("inductor backend unavailable\nlong details")
+
         return fail
 
-    monkeypatch.setattr(torch, 'compile', broken_compile)
+    monkeypatch.setattr(torch, "compile", broken_compile)
     layer = torch.nn.Linear(3, 2)
-    wrapped = CompiledOrEager(layer, 'teacher')
+    wrapped = CompiledOrEager(layer, "teacher")
     x = torch.randn(4, 3)
     with caplog.at_level(logging.WARNING, logger=engine.__name__):
         assert torch.equal(wrapped(x), layer(x))
         assert torch.equal(wrapped(x), layer(x))
-    assert caplog.messages == ['torch.compile of the teacher is unavailable here (RuntimeError: inductor backend '
-                               'unavailable); running it eagerly']
+    assert caplog.messages == [
+        "torch.compile of the teacher is unavailable here (RuntimeError: inductor backend "
+        "unavailable); running it eagerly"
+    ]
 
 
 def test_fast_switch_defaults_off_and_sets_the_loader_and_optimizer(tmp_path):
-    assert load_config('tiny')['fast'] is False
-    assert load_config('tiny', flags={'fast': True})['fast'] is True
-    step, trainer = build_train_step('release', **SMALL)
+    assert load_config("tiny")["fast"] is False
+    assert load_config("tiny", flags={"fast": True})["fast"] is True
+    step, trainer = build_train_step("release", **SMALL)
     assert trainer.autocast_dtype is None and trainer.scaler is None  # CPU: float32 in both recipes
     values = step(torch.randint(0, 255, (8, 3, 16, 16)).float() / 255, torch.randint(0, 10, (8,)))
-    assert set(values) == {'ce', 'kd', 'proj', 'loss'} and trainer.global_step == 1
+    assert set(values) == {"ce", "kd", "proj", "loss"} and trainer.global_step == 1
     with pytest.raises(Exception, match="recipe must be 'release' or 'fast'"):
-        build_train_step('turbo', **SMALL)
+        build_train_step("turbo", **SMALL)

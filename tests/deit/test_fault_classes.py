@@ -1,5 +1,6 @@
 """The number of classes is checked against the class folders before any work; hidden folders (names starting with
 a dot) are never classes."""
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,20 @@ from projector_kd.data import DataError
 
 def test_num_classes_differing_from_the_class_folders_is_refused_before_any_work(tmp_path, train_argv, image_folder):
     with pytest.raises(DataError) as error:
-        main(train_argv(tmp_path / 'run', '--opts', 'model.num_classes', '5'))
-    assert str(error.value) == (f'{image_folder / "train"} has 3 class folders but model.num_classes = 5; set --opts '
-                                f'model.num_classes 3 or point --data-path at the right folder')
-    assert not (tmp_path / 'run').exists()
+        main(train_argv(tmp_path / "run", "--opts", "model.num_classes", "5"))
+    assert str(error.value) == (
+        f"{image_folder / 'train'} has 3 class folders but model.num_classes = 5; set --opts "
+        f"model.num_classes 3 or point --data-path at the right folder"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_hidden_folders_are_not_classes(tmp_path, train_argv, image_folder):
-    data = shutil.copytree(image_folder, tmp_path / 'data')
-    for split in ('train', 'val'):
-        shutil.copytree(data / split / 'class0', data / split / '.ipynb_checkpoints')
-    argv = [a if a != str(image_folder) else str(data) for a in train_argv(tmp_path / 'run', '--epochs', '1')]
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    for split in ("train", "val"):
+        shutil.copytree(data / split / "class0", data / split / ".ipynb_checkpoints")
+    argv = [a if a != str(image_folder) else str(data) for a in train_argv(tmp_path / "run", "--epochs", "1")]
     assert main(argv) == 0
-    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
-    assert len(metrics['val_top1_per_epoch']) == 1
-    assert 'checkpoint.pth' in {p.name for p in (tmp_path / 'run').iterdir()}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["val_top1_per_epoch"]) == 1
+    assert "checkpoint.pth" in {p.name for p in (tmp_path / "run").iterdir()}

@@ -1,6 +1,7 @@
 """Data faults: an empty image file is caught before any work; an image that turns out unreadable in the middle of an
 epoch costs no work (a resumable checkpoint comes before the one error line, and the rerun ends bit-identical to a run
 that never failed)."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,55 +16,57 @@ from projector_kd.data import DataError
 
 @pytest.fixture
 def data_copy(tmp_path, image_folder):
-    return shutil.copytree(image_folder, tmp_path / 'data')
+    return shutil.copytree(image_folder, tmp_path / "data")
 
 
 def _argv(train_argv, output, data):
-    argv = train_argv(output, '--epochs', '1')
-    argv[argv.index('--data-path') + 1] = str(data)
+    argv = train_argv(output, "--epochs", "1")
+    argv[argv.index("--data-path") + 1] = str(data)
     return argv
 
 
 def test_empty_image_is_caught_before_any_work(tmp_path, train_argv, data_copy):
-    empty = data_copy / 'val' / 'class2' / '1.png'
-    empty.write_bytes(b'')
+    empty = data_copy / "val" / "class2" / "1.png"
+    empty.write_bytes(b"")
     with pytest.raises(DataError) as error:
-        main(_argv(train_argv, tmp_path / 'out', data_copy))
-    assert str(error.value) == f'image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip'
-    assert not (tmp_path / 'out').exists()
+        main(_argv(train_argv, tmp_path / "out", data_copy))
+    assert str(error.value) == f"image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip"
+    assert not (tmp_path / "out").exists()
 
 
 def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_copy, monkeypatch):
-    straight = tmp_path / 'straight'
+    straight = tmp_path / "straight"
     assert main(_argv(train_argv, straight, data_copy)) == 0
 
     real_load = data_module.load_rgb
     broken = {}
 
     def load_rgb(path):  # the 10th image read (in the 3rd batch of 4) turns out unreadable
-        broken['calls'] = broken.get('calls', 0) + 1
-        if broken['calls'] == 10:
-            broken['path'], broken['bytes'] = path, open(path, 'rb').read()
-            open(path, 'wb').write(b'not an image any more')
+        broken["calls"] = broken.get("calls", 0) + 1
+        if broken["calls"] == 10:
+            broken["path"], broken["bytes"] = path, open(path, "rb").read()
+            open(path, "wb").write(b"not an image any more")
         return real_load(path)
 
-    monkeypatch.setattr(data_module, 'load_rgb', load_rgb)
-    output = tmp_path / 'run'
+    monkeypatch.setattr(data_module, "load_rgb", load_rgb)
+    output = tmp_path / "run"
     with pytest.raises(DataError) as error:
         main(_argv(train_argv, output, data_copy))
     message = str(error.value)
-    assert message.startswith(f'unreadable image {broken["path"]} (UnidentifiedImageError') and '\n' not in message
-    assert message.endswith(f'A resumable checkpoint was written first: {output / "checkpoint.pth"} (epoch 0, batch 2) '
-                            f'— after fixing the file, run the same command again to continue')
-    saved = torch.load(output / 'checkpoint.pth', weights_only=True)
-    assert (saved['epoch'], saved['next_batch']) == (0, 2)
+    assert message.startswith(f"unreadable image {broken['path']} (UnidentifiedImageError") and "\n" not in message
+    assert message.endswith(
+        f"A resumable checkpoint was written first: {output / 'checkpoint.pth'} (epoch 0, batch 2) "
+        f"— after fixing the file, run the same command again to continue"
+    )
+    saved = torch.load(output / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["next_batch"]) == (0, 2)
 
-    monkeypatch.setattr(data_module, 'load_rgb', real_load)
-    open(broken['path'], 'wb').write(broken['bytes'])
+    monkeypatch.setattr(data_module, "load_rgb", real_load)
+    open(broken["path"], "wb").write(broken["bytes"])
     assert main(_argv(train_argv, output, data_copy)) == 0
-    assert 'resumed from' in (output / 'log.txt').read_text()
-    a = torch.load(straight / 'checkpoint.pth', weights_only=True)
-    b = torch.load(output / 'checkpoint.pth', weights_only=True)
-    assert (a['epoch'], a['next_batch']) == (b['epoch'], b['next_batch']) == (1, 0)
-    for key in a['model']:
-        assert torch.equal(a['model'][key], b['model'][key]), key
+    assert "resumed from" in (output / "log.txt").read_text()
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(output / "checkpoint.pth", weights_only=True)
+    assert (a["epoch"], a["next_batch"]) == (b["epoch"], b["next_batch"]) == (1, 0)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

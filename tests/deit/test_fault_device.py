@@ -1,4 +1,5 @@
 """--device accepts cpu, cuda and cuda:N that exist, and refuses anything else in one line before any work."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,34 +16,34 @@ def _cli(capsys, argv: list[str]) -> tuple[int, str]:
     return int(exit_.value.code or 0), capsys.readouterr().err
 
 
-@pytest.mark.parametrize('name', ['gpu', 'cuda0', 'CUDA', 'cpu:0', 'mps', ''])
+@pytest.mark.parametrize("name", ["gpu", "cuda0", "CUDA", "cpu:0", "mps", ""])
 def test_unknown_device_is_refused_in_one_line(capsys, tmp_path, train_argv, name):
-    argv = train_argv(tmp_path / 'run') + ['--device', name]
+    argv = train_argv(tmp_path / "run") + ["--device", name]
     status, err = _cli(capsys, argv)
     assert status == 2
     assert err == f"error: --device {name!r} is not a device: use cpu, cuda or cuda:N\n"
-    assert not (tmp_path / 'run').exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_without_cuda_is_refused(capsys, tmp_path, train_argv, monkeypatch):
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    status, err = _cli(capsys, train_argv(tmp_path / 'run') + ['--device', 'cuda:0'])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, err = _cli(capsys, train_argv(tmp_path / "run") + ["--device", "cuda:0"])
     assert status == 2
-    assert err == 'error: --device cuda:0 requested but CUDA is not available here; use --device cpu\n'
+    assert err == "error: --device cuda:0 requested but CUDA is not available here; use --device cpu\n"
 
 
 def test_cuda_index_past_the_visible_gpus_is_refused(capsys, tmp_path, train_argv, monkeypatch):
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
-    status, err = _cli(capsys, train_argv(tmp_path / 'run') + ['--device', 'cuda:2'])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    status, err = _cli(capsys, train_argv(tmp_path / "run") + ["--device", "cuda:2"])
     assert status == 2
-    assert err == 'error: --device cuda:2: only 2 CUDA device(s) are visible (cuda:0 to cuda:1)\n'
+    assert err == "error: --device cuda:2: only 2 CUDA device(s) are visible (cuda:0 to cuda:1)\n"
 
 
 def test_device_in_a_config_file_uses_the_same_names(capsys, tmp_path, train_argv):
-    overlay = tmp_path / 'overlay.yaml'
-    overlay.write_text('device: gpu\n')
-    argv = [a for a in train_argv(tmp_path / 'run') if a not in ('--device', 'cpu')] + ['--opts', 'device', 'gpu']
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("device: gpu\n")
+    argv = [a for a in train_argv(tmp_path / "run") if a not in ("--device", "cpu")] + ["--opts", "device", "gpu"]
     status, err = _cli(capsys, argv)
     assert status == 2
     assert err == "error: config: device = 'gpu' is out of range (must be cpu, cuda or cuda:N)\n"

@@ -1,4 +1,5 @@
 """Files a run writes (checkpoints, config, metrics) get the permissions the umask gives, as any new file does."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,9 @@ def umask_027():
 
 
 def test_run_files_follow_the_umask(tmp_path, train_argv, umask_027):
-    assert main(train_argv(tmp_path / 'run', '--epochs', '1')) == 0
-    modes = {name: stat.S_IMODE((tmp_path / 'run' / name).stat().st_mode)
-             for name in ('checkpoint.pth', 'ckpt_epoch_0.pth', 'config.yaml', 'metrics.json', 'log.txt')}
+    assert main(train_argv(tmp_path / "run", "--epochs", "1")) == 0
+    modes = {
+        name: stat.S_IMODE((tmp_path / "run" / name).stat().st_mode)
+        for name in ("checkpoint.pth", "ckpt_epoch_0.pth", "config.yaml", "metrics.json", "log.txt")
+    }
     assert modes == dict.fromkeys(modes, 0o640)

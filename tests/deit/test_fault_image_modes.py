@@ -1,4 +1,5 @@
 """16-bit greyscale images evaluate exactly like their 8-bit originals (they used to load as blank white)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from deit.models import build_student
 
 
 def _greyscale_copies(source, root, sixteen_bit: bool):
-    for image_path in sorted(source.glob('val/*/*.png')):
-        grey = np.asarray(Image.open(image_path).convert('L'))
+    for image_path in sorted(source.glob("val/*/*.png")):
+        grey = np.asarray(Image.open(image_path).convert("L"))
         target = root / image_path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grey.astype(np.uint16) * 257 if sixteen_bit else grey).save(target)
@@ -23,20 +24,41 @@ def _greyscale_copies(source, root, sixteen_bit: bool):
 
 
 def test_16_bit_val_images_evaluate_like_8_bit(tmp_path, image_folder, tiny_config):
-    eight = _greyscale_copies(image_folder, tmp_path / 'eight', sixteen_bit=False)
-    sixteen = _greyscale_copies(image_folder, tmp_path / 'sixteen', sixteen_bit=True)
-    assert Image.open(next(sixteen.glob('val/*/*.png'))).mode == 'I;16'
+    eight = _greyscale_copies(image_folder, tmp_path / "eight", sixteen_bit=False)
+    sixteen = _greyscale_copies(image_folder, tmp_path / "sixteen", sixteen_bit=True)
+    assert Image.open(next(sixteen.glob("val/*/*.png"))).mode == "I;16"
     torch.manual_seed(0)
-    cfg = load_config('demo', str(tiny_config))
-    ckpt = tmp_path / 'student.pth'
-    torch.save({'model': build_student(cfg, timm.create_model('resnet10t', num_classes=3).num_features).state_dict()},
-               ckpt)
+    cfg = load_config("demo", str(tiny_config))
+    ckpt = tmp_path / "student.pth"
+    torch.save(
+        {"model": build_student(cfg, timm.create_model("resnet10t", num_classes=3).num_features).state_dict()}, ckpt
+    )
     results = []
     for root in (eight, sixteen):
-        output = tmp_path / f'eval-{root.name}'
-        assert main(['--model', 'demo', '--config', str(tiny_config), '--ckpt', str(ckpt), '--data-path', str(root),
-                     '--output', str(output), '--device', 'cpu']) == 0
-        results.append(json.loads((output / 'eval_metrics.json').read_text()))
-    assert results[0]['num_images'] == results[1]['num_images'] == 12
-    assert (results[1]['top1'], results[1]['top5'], results[1]['loss']) == (
-        results[0]['top1'], results[0]['top5'], results[0]['loss'])
+        output = tmp_path / f"eval-{root.name}"
+        assert (
+            main(
+                [
+                    "--model",
+                    "demo",
+                    "--config",
+                    str(tiny_config),
+                    "--ckpt",
+                    str(ckpt),
+                    "--data-path",
+                    str(root),
+                    "--output",
+                    str(output),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
+        results.append(json.loads((output / "eval_metrics.json").read_text()))
+    assert results[0]["num_images"] == results[1]["num_images"] == 12
+    assert (results[1]["top1"], results[1]["top5"], results[1]["loss"]) == (
+        results[0]["top1"],
+        results[0]["top5"],
+        results[0]["loss"],
+    )

@@ -1,5 +1,6 @@
 """A failed start never blocks the corrected rerun: a run folder holding a config but no checkpoint is not another
 run."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,13 +12,13 @@ from projector_kd.errors import UserError
 
 
 def test_rerun_with_the_right_teacher_after_a_missing_one(tmp_path, train_argv, teacher_ckpt):
-    output = tmp_path / 'run'
-    argv = train_argv(output, '--epochs', '1')
-    missing = tmp_path / 'no-such-teacher.pth'
-    with pytest.raises(UserError, match='no-such-teacher.pth'):
-        main([*argv, '--teacher-ckpt', str(missing)])
-    assert (output / 'config.yaml').is_file() and not (output / 'checkpoint.pth').exists()
+    output = tmp_path / "run"
+    argv = train_argv(output, "--epochs", "1")
+    missing = tmp_path / "no-such-teacher.pth"
+    with pytest.raises(UserError, match="no-such-teacher.pth"):
+        main([*argv, "--teacher-ckpt", str(missing)])
+    assert (output / "config.yaml").is_file() and not (output / "checkpoint.pth").exists()
 
-    assert main([*argv, '--teacher-ckpt', str(teacher_ckpt)]) == 0
-    assert yaml.safe_load((output / 'config.yaml').read_text())['teacher']['ckpt'] == str(teacher_ckpt)
-    assert torch.load(output / 'checkpoint.pth', weights_only=True)['epoch'] == 1
+    assert main([*argv, "--teacher-ckpt", str(teacher_ckpt)]) == 0
+    assert yaml.safe_load((output / "config.yaml").read_text())["teacher"]["ckpt"] == str(teacher_ckpt)
+    assert torch.load(output / "checkpoint.pth", weights_only=True)["epoch"] == 1

@@ -1,4 +1,5 @@
 """Real processes under faults: SIGTERM/SIGINT stop gracefully and resume exactly; SIGKILL mid-save loses nothing."""
+
 from __future__ import annotations
 
 import signal
@@ -30,59 +31,73 @@ from deit.main import main
 from projector_kd.errors import run_cli
 run_cli(main, sys.argv[2:])
 """
-SLOWER = ['--opts', 'model.img_size', '48', 'model.embed_dim', '32', 'train.epochs', '3']
+SLOWER = ["--opts", "model.img_size", "48", "model.embed_dim", "32", "train.epochs", "3"]
 
 
 def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, 'timed out'
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
 
 
 def _final_weights(output: Path) -> dict:
-    return torch.load(output / 'checkpoint.pth', weights_only=True)['model']
+    return torch.load(output / "checkpoint.pth", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, train_argv, python, child_env, repo, signum):
-    output = tmp_path / 'run'
-    process = subprocess.Popen([python, 'deit/main.py', *train_argv(output, *SLOWER)], cwd=repo, env=child_env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = output / 'log.txt'
-    _wait_for(lambda: log.is_file() and 'train epoch 1 step 2/' in log.read_text(), process)
+    output = tmp_path / "run"
+    process = subprocess.Popen(
+        [python, "deit/main.py", *train_argv(output, *SLOWER)],
+        cwd=repo,
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = output / "log.txt"
+    _wait_for(lambda: log.is_file() and "train epoch 1 step 2/" in log.read_text(), process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 3, stderr
-    assert f'stopped: stopped by {signum.name} during epoch 1' in stderr
-    stopped = torch.load(output / 'checkpoint.pth', weights_only=True)
-    assert stopped['epoch'] == 1 and 2 <= stopped['next_batch'] <= 9
+    assert f"stopped: stopped by {signum.name} during epoch 1" in stderr
+    stopped = torch.load(output / "checkpoint.pth", weights_only=True)
+    assert stopped["epoch"] == 1 and 2 <= stopped["next_batch"] <= 9
     assert main(train_argv(output, *SLOWER)) == 0
-    straight = tmp_path / 'straight'
+    straight = tmp_path / "straight"
     assert main(train_argv(straight, *SLOWER)) == 0
     resumed, reference = _final_weights(output), _final_weights(straight)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, train_argv, python, child_env, repo):
-    output = tmp_path / 'run'
+    output = tmp_path / "run"
     # saves 1-2 (end of epoch 0: checkpoint.pth, ckpt_epoch_0.pth) are real; save 3 (end of epoch 1) hangs half-written
-    process = subprocess.Popen([python, '-c', SLOW_SAVE_LAUNCHER, '2', *train_argv(output, *SLOWER)], cwd=repo,
-                               env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(output.glob('.checkpoint.pth.*.tmp')) and
-              'epoch 1: val top-1' in (output / 'log.txt').read_text(), process)
+    process = subprocess.Popen(
+        [python, "-c", SLOW_SAVE_LAUNCHER, "2", *train_argv(output, *SLOWER)],
+        cwd=repo,
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(
+        lambda: any(output.glob(".checkpoint.pth.*.tmp")) and "epoch 1: val top-1" in (output / "log.txt").read_text(),
+        process,
+    )
     time.sleep(0.2)
     process.kill()
     process.communicate(timeout=60)
-    [partial] = output.glob('.checkpoint.pth.*.tmp')
+    [partial] = output.glob(".checkpoint.pth.*.tmp")
     assert partial.stat().st_size > 0
-    survivor = torch.load(output / 'checkpoint.pth', weights_only=True)
-    assert (survivor['epoch'], survivor['next_batch']) == (1, 0)
+    survivor = torch.load(output / "checkpoint.pth", weights_only=True)
+    assert (survivor["epoch"], survivor["next_batch"]) == (1, 0)
     assert main(train_argv(output, *SLOWER)) == 0  # auto-resumes from the surviving checkpoint
-    assert not any(output.glob('.checkpoint.pth.*.tmp'))
-    assert 'resumed from' in (output / 'log.txt').read_text()
-    straight = tmp_path / 'straight'
+    assert not any(output.glob(".checkpoint.pth.*.tmp"))
+    assert "resumed from" in (output / "log.txt").read_text()
+    straight = tmp_path / "straight"
     assert main(train_argv(straight, *SLOWER)) == 0
     resumed, reference = _final_weights(output), _final_weights(straight)
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)

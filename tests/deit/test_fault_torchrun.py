@@ -1,5 +1,6 @@
 """Under torchrun, an error on one rank ends every rank with that one line (exit 2 for each worker), not with a
 backend traceback from the ranks that were waiting for it."""
+
 from __future__ import annotations
 
 import re
@@ -12,24 +13,30 @@ from deit.datasets import ResumableSampler
 from projector_kd.data import CheckedImageFolder
 
 
-def test_unreadable_image_on_one_rank_ends_both_ranks_with_one_line(tmp_path, train_argv, python, child_env, repo,
-                                                                    image_folder, tiny_config):
-    data = shutil.copytree(image_folder, tmp_path / 'data')
+def test_unreadable_image_on_one_rank_ends_both_ranks_with_one_line(
+    tmp_path, train_argv, python, child_env, repo, image_folder, tiny_config
+):
+    data = shutil.copytree(image_folder, tmp_path / "data")
     # the first image of rank 1's second batch: rank 1 fails mid-epoch while rank 0 waits in the gradient all-reduce
-    images = CheckedImageFolder(data / 'train')
-    sampler = ResumableSampler(len(images), 4, load_config('demo', str(tiny_config))['seed'], rank=1, world_size=2)
+    images = CheckedImageFolder(data / "train")
+    sampler = ResumableSampler(len(images), 4, load_config("demo", str(tiny_config))["seed"], rank=1, world_size=2)
     bad = Path(images.samples[sampler.epoch_indices(0)[4]][0])
-    bad.write_bytes(b'not an image')
-    argv = [a if a != str(image_folder) else str(data) for a in train_argv(tmp_path / 'run', '--epochs', '1')]
-    result = subprocess.run([python, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             'deit/main.py', *argv], cwd=repo, env=child_env, capture_output=True, text=True,
-                            timeout=240)
+    bad.write_bytes(b"not an image")
+    argv = [a if a != str(image_folder) else str(data) for a in train_argv(tmp_path / "run", "--epochs", "1")]
+    result = subprocess.run(
+        [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "deit/main.py", *argv],
+        cwd=repo,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 1  # torchrun's own status for any failed worker
-    errors = [line for line in result.stderr.splitlines() if 'error: ' in line and 'ChildFailedError' not in line]
+    errors = [line for line in result.stderr.splitlines() if "error: " in line and "ChildFailedError" not in line]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert re.search(rf'error: unreadable image {re.escape(str(bad))} \(UnidentifiedImageError', errors[0])
-    assert 'gloo' not in result.stderr and '[rank0]: Traceback' not in result.stderr
-    assert '[rank1]: Traceback' not in result.stderr
+    assert re.search(rf"error: unreadable image {re.escape(str(bad))} \(UnidentifiedImageError", errors[0])
+    assert "gloo" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+    assert "[rank1]: Traceback" not in result.stderr
     # each worker exits 2, unless torchrun's SIGTERM to the workers still running reaches it first
-    codes = re.findall(r'exitcode  : (-?\d+)', result.stderr)
-    assert len(codes) == 2 and '2' in codes and set(codes) <= {'2', '-15'}, result.stderr[-3000:]
+    codes = re.findall(r"exitcode  : (-?\d+)", result.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, result.stderr[-3000:]

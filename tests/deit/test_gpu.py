@@ -1,6 +1,7 @@
 """DeiT track on CUDA (marker ``gpu``; ``pytest -m gpu``): the release recipe's fp16 step with its GradScaler and
 clipping, the fast path's compiled bf16 channels_last step without host synchronisation, pinned-memory loading, and
 the trainer under a one-rank NCCL process group (DDP, the all-reduced stop vote)."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,17 @@ from deit.engine import Trainer, build_train_step
 from projector_kd.distributed import DistEnv
 
 pytestmark = pytest.mark.gpu
-SMALL = dict(model='demo', batch_size=8, img_size=32, teacher='resnet10t', num_classes=10, embed_dim=32, depth=2,
-             num_heads=2, stem_channels=8)
+SMALL = dict(
+    model="demo",
+    batch_size=8,
+    img_size=32,
+    teacher="resnet10t",
+    num_classes=10,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    stem_channels=8,
+)
 
 
 def _batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,8 +37,8 @@ def _batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_release_fp16_step_with_grad_scaler_clips_the_scaled_gradients(gpu_device):
     torch.manual_seed(0)
-    step, trainer = build_train_step('release', device=gpu_device, **SMALL)
-    if gpu_device.type == 'cuda':
+    step, trainer = build_train_step("release", device=gpu_device, **SMALL)
+    if gpu_device.type == "cuda":
         assert trainer.autocast_dtype == torch.float16 and trainer.scaler is not None
     assert trainer.clip_scaled_grads and not trainer.fast
     images, labels = _batch(gpu_device)
@@ -36,20 +46,23 @@ def test_release_fp16_step_with_grad_scaler_clips_the_scaled_gradients(gpu_devic
     for index in range(6):
         trainer.global_step = index
         values = step(images.clone(), labels)
-        assert torch.isfinite(values['loss'])
+        assert torch.isfinite(values["loss"])
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters()))
     assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
 
 
 def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_device, sync_debug_errors):
     torch.manual_seed(0)
-    step, trainer = build_train_step('fast', device=gpu_device, **SMALL)
-    assert trainer.optimizer.param_groups[0]['fused'] and trainer.scaler is None
-    if gpu_device.type == 'cuda':
+    step, trainer = build_train_step("fast", device=gpu_device, **SMALL)
+    assert trainer.optimizer.param_groups[0]["fused"] and trainer.scaler is None
+    if gpu_device.type == "cuda":
         assert trainer.autocast_dtype == torch.bfloat16 and trainer.channels_last
         assert torch.backends.cudnn.benchmark
-        assert all(p.is_contiguous(memory_format=torch.channels_last)
-                   for p in trainer.student.conv_embed.parameters() if p.dim() == 4)
+        assert all(
+            p.is_contiguous(memory_format=torch.channels_last)
+            for p in trainer.student.conv_embed.parameters()
+            if p.dim() == 4
+        )
     images, labels = _batch(gpu_device)
     for index in range(3):  # warm-up: compilation, cuDNN autotuning, the monitor's pinned buffers
         trainer.global_step = index
@@ -60,21 +73,22 @@ def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_dev
             step(images.clone(), labels)
     trainer.finish_pending()
     assert trainer.objective.compiled is not None and trainer.teacher_forward.compiled is not None  # no fallback
-    assert trainer.epoch_sums['steps'] == 7 and all(torch.isfinite(torch.tensor(v)) for v in
-                                                    trainer.last_record.terms.values())
+    assert trainer.epoch_sums["steps"] == 7 and all(
+        torch.isfinite(torch.tensor(v)) for v in trainer.last_record.terms.values()
+    )
 
 
 def test_pinned_memory_loader_feeds_non_blocking_copies(gpu_device, tiny_config, image_folder):
-    cfg = load_config('demo', str(tiny_config), {'data.path': str(image_folder), 'data.num_workers': 2})
-    loader, _ = build_loaders(cfg, 0, 1, pin_memory=gpu_device.type == 'cuda')
+    cfg = load_config("demo", str(tiny_config), {"data.path": str(image_folder), "data.num_workers": 2})
+    loader, _ = build_loaders(cfg, 0, 1, pin_memory=gpu_device.type == "cuda")
     loader.sampler.set_epoch(0)
     batches = 0
     for images, labels in loader:
-        if gpu_device.type == 'cuda':
+        if gpu_device.type == "cuda":
             assert images.is_pinned() and labels.is_pinned()
         moved = images.to(gpu_device, non_blocking=True)
         moved_labels = labels.to(gpu_device, non_blocking=True)
-        if gpu_device.type == 'cuda':
+        if gpu_device.type == "cuda":
             torch.cuda.synchronize(gpu_device)
         assert torch.equal(moved.cpu(), images) and torch.equal(moved_labels.cpu(), labels)
         batches += 1
@@ -91,19 +105,24 @@ class _OneRankDistributed(DistEnv):
 
 class _StopNow:
     requested = True
-    signal_name = 'test'
+    signal_name = "test"
 
 
 def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device):
-    cuda = gpu_device.type == 'cuda'
+    cuda = gpu_device.type == "cuda"
     with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
+        sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    dist.init_process_group('nccl' if cuda else 'gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1,
-                            device_id=gpu_device if cuda else None)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+        device_id=gpu_device if cuda else None,
+    )
     try:
         torch.manual_seed(0)
-        _, single = build_train_step('release', device=gpu_device, **SMALL)
+        _, single = build_train_step("release", device=gpu_device, **SMALL)
         env = _OneRankDistributed(rank=0, world_size=1, local_rank=gpu_device.index or 0, device=gpu_device)
         trainer = Trainer(single.cfg, env, single.student, single.teacher.teacher, steps_per_epoch=1000)
         assert trainer.ddp is not None and trainer.monitor.distributed
@@ -118,6 +137,6 @@ def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device):
         trainer.global_step = 2
         trainer.train_step(images.clone(), labels)
         assert trainer._stop_agreed()
-        assert trainer.epoch_sums['steps'] == 2 and math.isfinite(trainer.last_record.terms['loss'])
+        assert trainer.epoch_sums["steps"] == 2 and math.isfinite(trainer.last_record.terms["loss"])
     finally:
         dist.destroy_process_group()

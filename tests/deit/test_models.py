@@ -1,4 +1,5 @@
 """Conv-stem DeiT students: registry, token layout, heads, parameter counts; teacher building."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from projector_kd.errors import UserError
 
 def test_tiny_token_layout_and_heads():
     torch.manual_seed(0)
-    model = create_student('tiny', num_classes=7, teacher_dim=3024).eval()
+    model = create_student("tiny", num_classes=7, teacher_dim=3024).eval()
     images = torch.randn(2, 3, 224, 224)
     tokens = model.forward_features(images)
     assert tokens.shape == (2, 198, 192)
@@ -32,33 +33,33 @@ def test_tiny_token_layout_and_heads():
 
 def test_conv_token_is_the_mean_of_patch_embeddings():
     torch.manual_seed(0)
-    model = create_student('demo', num_classes=3, depth=1).eval()
+    model = create_student("demo", num_classes=3, depth=1).eval()
     seen = {}
-    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault('x', args[0]))
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model(images)
         patches = model.conv_embed(images)
-    x = seen['x'] - model.pos_embed
+    x = seen["x"] - model.pos_embed
     torch.testing.assert_close(x[:, 1], patches.mean(dim=1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x[:, 2:], patches, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x[:, 0], model.cls_token[0].expand(2, -1), rtol=0, atol=1e-6)
 
 
 def test_parameter_counts_match_the_release():
-    tiny = count_parameters(create_student('tiny', teacher_dim=3024))
-    assert round(tiny['student'] / 1e6, 2) == 6.63
-    assert tiny['projector'] == 192 * 3024 + 3024  # 0.58M: Linear(192, 3024)
-    small = count_parameters(create_student('small', teacher_dim=3024))
-    assert small['projector'] == 384 * 3024 + 3024
-    assert 23.7e6 < small['student'] < 23.9e6
+    tiny = count_parameters(create_student("tiny", teacher_dim=3024))
+    assert round(tiny["student"] / 1e6, 2) == 6.63
+    assert tiny["projector"] == 192 * 3024 + 3024  # 0.58M: Linear(192, 3024)
+    small = count_parameters(create_student("small", teacher_dim=3024))
+    assert small["projector"] == 384 * 3024 + 3024
+    assert 23.7e6 < small["student"] < 23.9e6
 
 
 def test_registered_with_timm_and_configurable():
-    model = timm.create_model('deit_conv_tiny', num_classes=10, img_size=64, embed_dim=48, depth=2, num_heads=2)
+    model = timm.create_model("deit_conv_tiny", num_classes=10, img_size=64, embed_dim=48, depth=2, num_heads=2)
     assert isinstance(model, ConvStemDeiT)
     assert model.num_patches == 16 and model.pos_embed.shape == (1, 18, 48)
-    demo = create_student('demo', num_classes=10, teacher_dim=512)
+    demo = create_student("demo", num_classes=10, teacher_dim=512)
     assert isinstance(demo.distillation_loss, ProjectorDistillLoss)
     assert demo.distillation_loss.embed.weight.shape == (512, 64)
     assert demo.distillation_loss.bn_s.eps == 0.0
@@ -67,38 +68,38 @@ def test_registered_with_timm_and_configurable():
 
 def test_bad_model_arguments_name_the_value():
     with pytest.raises(UserError, match="unknown student model 'huge'"):
-        create_student('huge')
-    with pytest.raises(UserError, match='img_size=100 is not divisible'):
-        create_student('tiny', img_size=100)
-    with pytest.raises(UserError, match='no downloadable weights'):
-        timm.create_model('deit_conv_tiny', pretrained=True)
+        create_student("huge")
+    with pytest.raises(UserError, match="img_size=100 is not divisible"):
+        create_student("tiny", img_size=100)
+    with pytest.raises(UserError, match="no downloadable weights"):
+        timm.create_model("deit_conv_tiny", pretrained=True)
 
 
 def test_teacher_loads_model_key_or_raw_state_dict(tmp_path):
     torch.manual_seed(0)
-    source = timm.create_model('resnet10t', num_classes=4)
-    torch.save({'model': source.state_dict()}, tmp_path / 'wrapped.pth')
-    torch.save(source.state_dict(), tmp_path / 'raw.pth')
-    for name in ('wrapped.pth', 'raw.pth'):
-        teacher, origin = create_teacher('resnet10t', 4, tmp_path / name)
-        assert origin == f'file {tmp_path / name}'
+    source = timm.create_model("resnet10t", num_classes=4)
+    torch.save({"model": source.state_dict()}, tmp_path / "wrapped.pth")
+    torch.save(source.state_dict(), tmp_path / "raw.pth")
+    for name in ("wrapped.pth", "raw.pth"):
+        teacher, origin = create_teacher("resnet10t", 4, tmp_path / name)
+        assert origin == f"file {tmp_path / name}"
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         for key, value in source.state_dict().items():
             assert torch.equal(teacher.state_dict()[key], value)
 
 
 def test_timm_resnet18_matches_torchvision_key_names():
-    ours = timm.create_model('resnet18', num_classes=10).state_dict()
+    ours = timm.create_model("resnet18", num_classes=10).state_dict()
     theirs = torchvision.models.resnet18(num_classes=10).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
 
 
 def test_teacher_errors_name_the_file(tmp_path):
-    missing = tmp_path / 'nope.pth'
-    with pytest.raises(UserError, match=f'teacher weights not found at {missing}'):
-        create_teacher('resnet10t', 4, missing)
-    torch.save({'model': timm.create_model('resnet10t', num_classes=5).state_dict()}, tmp_path / 'five.pth')
-    with pytest.raises(UserError, match=r'five.pth does not match teacher resnet10t \(shape: fc.bias'):
-        create_teacher('resnet10t', 4, tmp_path / 'five.pth')
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match=f"teacher weights not found at {missing}"):
+        create_teacher("resnet10t", 4, missing)
+    torch.save({"model": timm.create_model("resnet10t", num_classes=5).state_dict()}, tmp_path / "five.pth")
+    with pytest.raises(UserError, match=r"five.pth does not match teacher resnet10t \(shape: fc.bias"):
+        create_teacher("resnet10t", 4, tmp_path / "five.pth")
     with pytest.raises(UserError, match="unknown teacher model 'resnet_nope'"):
-        create_teacher('resnet_nope', 4, missing)
+        create_teacher("resnet_nope", 4, missing)

@@ -1,12 +1,13 @@
 """Fixtures for the ImageNet-track end-to-end and fault tests: a tiny ImageFolder, tiny torchdistill recipes written
 like the demo ones (WRN-10-1 student, WRN-10-2 teacher, 16 px, 3 classes) and helpers to run the real entry point."""
+
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -21,8 +22,9 @@ VAL_PER_CLASS = 7  # 21 images: odd, so a 2-rank sampler that pads would count o
 IMAGE_SIZE = 16
 
 
-def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS,
-                       size: int = IMAGE_SIZE) -> Path:
+def write_image_folder(
+    root: Path, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = VAL_PER_CLASS, size: int = IMAGE_SIZE
+) -> Path:
     """Class c images: noise around a class-specific colour (learnable in a few steps)."""
     rng = np.random.default_rng(0)
     colours = np.array([[150, 100, 100], [100, 150, 100], [100, 100, 150]])
@@ -37,16 +39,31 @@ def write_image_folder(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_p
 
 
 def _model(key_width: int, num_classes: int, indent: str, dropout: float = 0.0) -> str:
-    return (f"{indent}key: 'wide_resnet'\n{indent}kwargs:\n{indent}  depth: 10\n{indent}  k: {key_width}\n"
-            f"{indent}  dropout_p: {dropout}\n{indent}  num_classes: {num_classes}\n{indent}  pretrained: false\n"
-            f"{indent}  progress: false\n")
+    return (
+        f"{indent}key: 'wide_resnet'\n{indent}kwargs:\n{indent}  depth: 10\n{indent}  k: {key_width}\n"
+        f"{indent}  dropout_p: {dropout}\n{indent}  num_classes: {num_classes}\n{indent}  pretrained: false\n"
+        f"{indent}  progress: false\n"
+    )
 
 
-def tiny_recipe(dst_ckpt: Path, *, method: str = "projector", teacher_ckpt: Path | str | None = None,
-                data_root: Path | str = "tiny-data", epochs: int = 1, batch_size: int = 8, num_workers: int = 0,
-                lr: float = 0.05, on_bad_image: str = "fail", student_width: int = 1, teacher_width: int = 2,
-                num_classes: int = NUM_CLASSES, milestones: tuple[int, ...] = (1,), log_freq: int = 1,
-                student_dropout: float = 0.0) -> str:
+def tiny_recipe(
+    dst_ckpt: Path,
+    *,
+    method: str = "projector",
+    teacher_ckpt: Path | str | None = None,
+    data_root: Path | str = "tiny-data",
+    epochs: int = 1,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    lr: float = 0.05,
+    on_bad_image: str = "fail",
+    student_width: int = 1,
+    teacher_width: int = 2,
+    num_classes: int = NUM_CLASSES,
+    milestones: tuple[int, ...] = (1,),
+    log_freq: int = 1,
+    student_dropout: float = 0.0,
+) -> str:
     """A torchdistill recipe in the demo configs' layout. ``method``: 'teacher' (the teacher network trained alone),
     'baseline' (the student alone) or 'projector' (CE + 2 * log_diff(Linear(64, 64 * teacher_width)) + KD).
     ``student_dropout`` > 0 makes the student's forward pass draw random numbers too."""
@@ -261,8 +278,14 @@ def run_entry(child_env) -> Callable[..., subprocess.CompletedProcess]:
     """Run ``imagenet/image_classification.py`` with ``args`` in a child process; returns the completed process."""
 
     def run(*args: str, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ENTRY), "--device", "cpu", *map(str, args)], cwd=cwd,
-                              env=child_env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, str(ENTRY), "--device", "cpu", *map(str, args)],
+            cwd=cwd,
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run
 
@@ -272,8 +295,9 @@ def build_tiny_model(width: int, num_classes: int = NUM_CLASSES, seed: int = 0) 
     from torchdistill.models.registry import get_model
 
     torch.manual_seed(seed)
-    return get_model("wide_resnet", depth=10, k=width, dropout_p=0.0, num_classes=num_classes, pretrained=False,
-                     progress=False)
+    return get_model(
+        "wide_resnet", depth=10, k=width, dropout_p=0.0, num_classes=num_classes, pretrained=False, progress=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -322,8 +346,9 @@ def reference_accuracy(model: torch.nn.Module, val_root: Path) -> tuple[float, f
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
-    dataset = ImageFolder(str(val_root), transform=transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]))
+    dataset = ImageFolder(
+        str(val_root), transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    )
     model = model.double().eval()
     top1 = top5 = 0
     with torch.no_grad():

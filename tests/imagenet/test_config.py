@@ -1,5 +1,6 @@
 """The release recipe's values (docs/method.md), recipe checks that catch what torchdistill would swallow, CLI data
 errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,29 +27,46 @@ def test_release_recipe_values_match_spec():
     recipe = release()
     recipes.check_recipe(recipe, "res3418.yaml")
     plain = recipes.resolve({k: v for k, v in recipe.items() if k not in ("datasets", "_data_root")})
-    assert plain["models"]["teacher_model"] == {"key": "resnet34", "kwargs": {"num_classes": 1000,
-                                                                              "weights": "IMAGENET1K_V1"}}
+    assert plain["models"]["teacher_model"] == {
+        "key": "resnet34",
+        "kwargs": {"num_classes": 1000, "weights": "IMAGENET1K_V1"},
+    }
     assert plain["models"]["student_model"]["key"] == "resnet18"
     assert plain["models"]["student_model"]["kwargs"]["weights"] is None
     train = plain["train"]
     assert train["num_epochs"] == 100
     assert train["train_data_loader"]["kwargs"]["batch_size"] == 256
-    assert train["optimizer"] == {"key": "SGD", "kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-                                  "grad_accum_step": 1}
+    assert train["optimizer"] == {
+        "key": "SGD",
+        "kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        "grad_accum_step": 1,
+    }
     assert train["scheduler"]["key"] == "MultiStepLR"
     assert train["scheduler"]["kwargs"] == {"milestones": [30, 60, 90], "gamma": 0.1}
     assert train["teacher"]["requires_grad"] is False
     wrapper = train["student"]["auxiliary_model_wrapper"]
     assert wrapper["key"] == "ProjectorKDModelWrapper"
-    assert wrapper["kwargs"] == {"input_module": {"path": "model.layer4", "io": "output"}, "student_dim": 512,
-                                 "teacher_dim": 512, "distance": "log_diff", "exponent": 4.0, "eps": 1e-4,
-                                 "projector": "linear"}
+    assert wrapper["kwargs"] == {
+        "input_module": {"path": "model.layer4", "io": "output"},
+        "student_dim": 512,
+        "teacher_dim": 512,
+        "distance": "log_diff",
+        "exponent": 4.0,
+        "eps": 1e-4,
+        "projector": "linear",
+    }
     terms = train["criterion"]["kwargs"]["sub_terms"]
     assert terms["ce"]["weight"] == 1.0 and terms["ce"]["criterion"]["key"] == "CrossEntropyLoss"
     assert terms["projector_kd"]["weight"] == 1.0
-    assert terms["projector_kd"]["criterion"] == {"key": "ProjectorKDLoss", "kwargs": {
-        "teacher_feature": {"path": "layer4", "io": "output"}, "feature_weight": 2.0, "kd_weight": 1.0,
-        "temperature": 1.0}}
+    assert terms["projector_kd"]["criterion"] == {
+        "key": "ProjectorKDLoss",
+        "kwargs": {
+            "teacher_feature": {"path": "layer4", "io": "output"},
+            "feature_weight": 2.0,
+            "kd_weight": 1.0,
+            "temperature": 1.0,
+        },
+    }
     assert recipe["runtime"]["fast"] is False
 
 
@@ -87,15 +105,18 @@ def test_demo_recipes_pass_the_checks(path):
     recipes.check_recipe(recipes.load_recipe(path), path.name)
 
 
-@pytest.mark.parametrize("opts, message", [
-    (["train.optimizer.kwargs.lr", "-0.1"], "lr = -0.1 is out of range"),
-    (["train.train_data_loader.kwargs.batch_size", "0"], "batch_size = 0 is out of range"),
-    (["train.train_data_loader.kwargs.batch_size", "1"], "at least 2 images per batch"),
-    (["train.num_epochs", "0"], "train.num_epochs = 0 is out of range"),
-    (["train.scheduler.kwargs.milestones", "[60, 30]"], "milestones = [60, 30] must be increasing"),
-    (["runtime.fast", "yes-please"], "runtime: fast must be bool"),
-    (["train.criterion.kwargs.sub_terms.projector_kd.weight", ".nan"], "weight = nan is out of range"),
-])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["train.optimizer.kwargs.lr", "-0.1"], "lr = -0.1 is out of range"),
+        (["train.train_data_loader.kwargs.batch_size", "0"], "batch_size = 0 is out of range"),
+        (["train.train_data_loader.kwargs.batch_size", "1"], "at least 2 images per batch"),
+        (["train.num_epochs", "0"], "train.num_epochs = 0 is out of range"),
+        (["train.scheduler.kwargs.milestones", "[60, 30]"], "milestones = [60, 30] must be increasing"),
+        (["runtime.fast", "yes-please"], "runtime: fast must be bool"),
+        (["train.criterion.kwargs.sub_terms.projector_kd.weight", ".nan"], "weight = nan is out of range"),
+    ],
+)
 def test_bad_values_are_named(opts, message):
     recipe = apply_overrides(release(), opts)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -108,37 +129,73 @@ def _with_typo(edit) -> dict:
     return recipe
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: r["train"].__setitem__("num_epoch", 3), r"unknown key train.num_epoch \(did you mean train.num_epochs"),
-    (lambda r: r["train"]["optimizer"]["kwargs"].__setitem__("momentun", 0.9),
-     r"train.optimizer.kwargs.momentun is not an argument of SGD \(did you mean train.optimizer.kwargs.momentum"),
-    (lambda r: r["train"]["student"]["auxiliary_model_wrapper"]["kwargs"].__setitem__("exponnent", 4.0),
-     r"exponnent is not an argument of ProjectorKDModelWrapper"),
-    (lambda r: r["train"]["criterion"]["kwargs"]["sub_terms"]["projector_kd"]["criterion"]["kwargs"]
-     .__setitem__("feature_wieght", 2.0), r"feature_wieght is not an argument of ProjectorKDLoss"),
-    (lambda r: r["train"]["student"]["auxiliary_model_wrapper"].__setitem__("key", "ProjectorKDModelWraper"),
-     r"'ProjectorKDModelWraper' is not registered in torchdistill \(did you mean 'ProjectorKDModelWrapper'"),
-    (lambda r: r["train"]["teacher"].__setitem__("forward_hooks", {}), r"unknown key train.teacher.forward_hooks"),
-    (lambda r: r["datasets"]["ilsvrc2012/val"]["init"]["kwargs"].__setitem__("on_bad_imag", "skip"),
-     r"on_bad_imag is not an argument of CheckedImageFolder"),
-    (lambda r: r["train"]["teacher"].__setitem__("src_ckpt", "x.pth"), r"unsafe unpickling"),
-    (lambda r: r["train"]["val_data_loader"].__setitem__("dataset_id", "ilsvrc2012/vall"), r"is not one of the datasets"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda r: r["train"].__setitem__("num_epoch", 3),
+            r"unknown key train.num_epoch \(did you mean train.num_epochs",
+        ),
+        (
+            lambda r: r["train"]["optimizer"]["kwargs"].__setitem__("momentun", 0.9),
+            r"train.optimizer.kwargs.momentun is not an argument of SGD \(did you mean train.optimizer.kwargs.momentum",
+        ),
+        (
+            lambda r: r["train"]["student"]["auxiliary_model_wrapper"]["kwargs"].__setitem__("exponnent", 4.0),
+            r"exponnent is not an argument of ProjectorKDModelWrapper",
+        ),
+        (
+            lambda r: r["train"]["criterion"]["kwargs"]["sub_terms"]["projector_kd"]["criterion"]["kwargs"].__setitem__(
+                "feature_wieght", 2.0
+            ),
+            r"feature_wieght is not an argument of ProjectorKDLoss",
+        ),
+        (
+            lambda r: r["train"]["student"]["auxiliary_model_wrapper"].__setitem__("key", "ProjectorKDModelWraper"),
+            r"'ProjectorKDModelWraper' is not registered in torchdistill \(did you mean 'ProjectorKDModelWrapper'",
+        ),
+        (lambda r: r["train"]["teacher"].__setitem__("forward_hooks", {}), r"unknown key train.teacher.forward_hooks"),
+        (
+            lambda r: r["datasets"]["ilsvrc2012/val"]["init"]["kwargs"].__setitem__("on_bad_imag", "skip"),
+            r"on_bad_imag is not an argument of CheckedImageFolder",
+        ),
+        (lambda r: r["train"]["teacher"].__setitem__("src_ckpt", "x.pth"), r"unsafe unpickling"),
+        (
+            lambda r: r["train"]["val_data_loader"].__setitem__("dataset_id", "ilsvrc2012/vall"),
+            r"is not one of the datasets",
+        ),
+    ],
+)
 def test_key_typos_torchdistill_would_swallow_are_caught(edit, message):
     with pytest.raises(UserError, match=message):
         recipes.check_recipe(_with_typo(edit), "res3418.yaml")
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "imagenet/image_classification.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "imagenet/image_classification.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_release_command_without_imagenet_names_the_expected_folders(tmp_path):
     missing = tmp_path / "no-imagenet"
-    result = _cli("--config", "configs/ilsvrc2012/ours/res3418.yaml", "--log", str(tmp_path / "log/output.txt"),
-                  "--device", "cpu", "--data-root", str(missing), "--output_dir", str(tmp_path / "out"),
-                  cwd=ROOT / "imagenet")
+    result = _cli(
+        "--config",
+        "configs/ilsvrc2012/ours/res3418.yaml",
+        "--log",
+        str(tmp_path / "log/output.txt"),
+        "--device",
+        "cpu",
+        "--data-root",
+        str(missing),
+        "--output_dir",
+        str(tmp_path / "out"),
+        cwd=ROOT / "imagenet",
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -147,11 +204,21 @@ def test_release_command_without_imagenet_names_the_expected_folders(tmp_path):
 
 
 def test_cli_config_typo_fails_before_any_work(tmp_path):
-    result = _cli("--config", str(RELEASE), "--device", "cpu", "--output_dir", str(tmp_path / "out"),
-                  "--opts", "train.optimizer.kwargs.lr", "-1")
+    result = _cli(
+        "--config",
+        str(RELEASE),
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--opts",
+        "train.optimizer.kwargs.lr",
+        "-1",
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {RELEASE}: train.optimizer.kwargs: lr = -1 is out of range (must be > 0)"]
+        f"error: {RELEASE}: train.optimizer.kwargs: lr = -1 is out of range (must be > 0)"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -173,8 +240,11 @@ def test_demo_teacher_differs_from_the_students_base_only_where_it_says():
     teacher = recipes.to_plain(recipes.load_recipe(ROOT / "configs/demo/resnet_teacher.yaml"))
     baseline = recipes.to_plain(recipes.load_recipe(ROOT / "configs/demo/resnet_baseline.yaml"))
     assert teacher["models"]["student_model"]["key"] == "resnet18"
-    assert (teacher["train"]["num_epochs"], teacher["train"]["train_data_loader"]["kwargs"]["batch_size"],
-            teacher["train"]["scheduler"]["kwargs"]["milestones"]) == (15, 64, [11])
+    assert (
+        teacher["train"]["num_epochs"],
+        teacher["train"]["train_data_loader"]["kwargs"]["batch_size"],
+        teacher["train"]["scheduler"]["kwargs"]["milestones"],
+    ) == (15, 64, [11])
     for recipe in (teacher, baseline):
         recipe["models"]["student_model"].pop("key")
         recipe["models"]["student_model"].pop("dst_ckpt")
@@ -190,7 +260,9 @@ def _write(path: Path, text: str) -> Path:
 
 def test_base_recipe_is_merged_under_the_overlay(tmp_path):
     """`_base_`: plain mappings merge key by key, scalars, lists and tagged nodes replace; aliases stay shared."""
-    _write(tmp_path / "base.yaml", """
+    _write(
+        tmp_path / "base.yaml",
+        """
 _root: &root !import_call {key: os.getenv, init: {args: [DATA, /data]}}
 datasets:
   train: {root: !pathjoin [*root, train], size: 10}
@@ -200,16 +272,20 @@ train:
   sampler: &sampler {key: seq}
 test:
   sampler: *sampler
-""")
+""",
+    )
     (tmp_path / "sub").mkdir()
-    overlay = _write(tmp_path / "sub" / "over.yaml", """
+    overlay = _write(
+        tmp_path / "sub" / "over.yaml",
+        """
 _base_: ../base.yaml
 datasets:
   train: {root: !pathjoin [/elsewhere, train]}
 train:
   optimizer: {kwargs: {lr: 0.05}}
   milestones: [10]
-""")
+""",
+    )
     recipe = recipes.load_recipe(overlay)
     assert "_base_" not in recipe
     assert recipe["train"]["optimizer"] == {"key": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9}}

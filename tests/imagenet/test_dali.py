@@ -2,6 +2,7 @@
 semantics (area and aspect ranges, central fallback, flip rate), pixels against PIL for the same windows, deterministic
 batches, exact resume through the entry point without decoding skipped batches, ``-test_only`` accuracy equal to the
 torchvision loader's, and bad images named or skipped as with the default loader."""
+
 from __future__ import annotations
 
 import json
@@ -85,23 +86,35 @@ def torch_loader(root: Path, transform, train: bool, batch_size: int = 8, on_bad
 
 # ------------------------------------------------------------------------------------------------- translation
 
+
 def test_the_release_recipe_transforms_translate_exactly():
     recipe = load_recipe(find_recipe("configs/ilsvrc2012/ours/res3418.yaml"))
-    plans = {name: dali.plan_transform(resolve(node["init"]["kwargs"]["transform"]), name)
-             for name, node in recipe["datasets"].items()}
+    plans = {
+        name: dali.plan_transform(resolve(node["init"]["kwargs"]["transform"]), name)
+        for name, node in recipe["datasets"].items()
+    }
     assert plans["ilsvrc2012/train"] == dali.TransformPlan(
-        random_crop_size=(224, 224), random_crop_scale=(0.08, 1.0), random_crop_ratio=(3 / 4, 4 / 3),
-        flip_probability=0.5, mean=tuple(MEAN), std=tuple(STD))
-    assert plans["ilsvrc2012/val"] == dali.TransformPlan(resize=(256,), center_crop=(224, 224), mean=tuple(MEAN),
-                                                         std=tuple(STD))
+        random_crop_size=(224, 224),
+        random_crop_scale=(0.08, 1.0),
+        random_crop_ratio=(3 / 4, 4 / 3),
+        flip_probability=0.5,
+        mean=tuple(MEAN),
+        std=tuple(STD),
+    )
+    assert plans["ilsvrc2012/val"] == dali.TransformPlan(
+        resize=(256,), center_crop=(224, 224), mean=tuple(MEAN), std=tuple(STD)
+    )
 
 
-@pytest.mark.parametrize("stages, named", [
-    ([T.RandomResizedCrop(8, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()], "RandomResizedCrop"),
-    ([T.ColorJitter(0.4), T.ToTensor()], "ColorJitter"),
-    ([T.RandomHorizontalFlip(), T.RandomResizedCrop(8), T.ToTensor()], "RandomResizedCrop"),
-    ([T.RandomResizedCrop(8)], None),
-])
+@pytest.mark.parametrize(
+    "stages, named",
+    [
+        ([T.RandomResizedCrop(8, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()], "RandomResizedCrop"),
+        ([T.ColorJitter(0.4), T.ToTensor()], "ColorJitter"),
+        ([T.RandomHorizontalFlip(), T.RandomResizedCrop(8), T.ToTensor()], "RandomResizedCrop"),
+        ([T.RandomResizedCrop(8)], None),
+    ],
+)
 def test_transforms_dali_cannot_run_exactly_are_refused_by_name(stages, named):
     with pytest.raises(UserError) as raised:
         dali.plan_transform(T.Compose(stages), "train.train_data_loader")
@@ -115,6 +128,7 @@ def test_transforms_dali_cannot_run_exactly_are_refused_by_name(stages, named):
 
 # ------------------------------------------------------------------------------------------------ crop semantics
 
+
 def _uniforms(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((count, dali.UNIFORMS_PER_SAMPLE))
 
@@ -123,8 +137,9 @@ def _uniforms(count: int, seed: int) -> np.ndarray:
 def test_crop_windows_have_torchvision_area_and_aspect_ranges_and_distribution(height, width):
     count = 20000
     sizes = np.tile([height, width], (count, 1))
-    top, left, h, w = dali.random_resized_crop_windows(sizes[:, 0], sizes[:, 1], (0.08, 1.0), (3 / 4, 4 / 3),
-                                                       _uniforms(count, 0)).T
+    top, left, h, w = dali.random_resized_crop_windows(
+        sizes[:, 0], sizes[:, 1], (0.08, 1.0), (3 / 4, 4 / 3), _uniforms(count, 0)
+    ).T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
     area, aspect = h * w / (height * width), w / h
     # w and h are rounded to whole pixels: the ranges hold up to half a pixel on each side
@@ -137,8 +152,11 @@ def test_crop_windows_have_torchvision_area_and_aspect_ranges_and_distribution(h
     reference = np.array([T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)])
     ref_area = reference[:, 2] * reference[:, 3] / (height * width)
     ref_aspect = reference[:, 3] / reference[:, 2]
-    for ours, theirs in ((area, ref_area), (np.log(aspect), np.log(ref_aspect)),
-                         (top / np.maximum(height - h, 1), reference[:, 0] / np.maximum(height - reference[:, 2], 1))):
+    for ours, theirs in (
+        (area, ref_area),
+        (np.log(aspect), np.log(ref_aspect)),
+        (top / np.maximum(height - h, 1), reference[:, 0] / np.maximum(height - reference[:, 2], 1)),
+    ):
         error = math.sqrt(ours.var() / len(ours) + theirs.var() / len(theirs))
         assert abs(ours.mean() - theirs.mean()) <= 4 * error
 
@@ -146,26 +164,31 @@ def test_crop_windows_have_torchvision_area_and_aspect_ranges_and_distribution(h
 def test_no_fitting_attempt_falls_back_to_torchvision_central_crop():
     heights, widths = np.array([12, 400]), np.array([60, 10])  # too wide, too tall: no attempt can fit
     windows = dali.random_resized_crop_windows(heights, widths, (0.9, 1.0), (1.0, 1.0), _uniforms(2, 1))
-    expected = [T.RandomResizedCrop.get_params(torch.zeros(1, h, w), [0.9, 1.0], [1.0, 1.0])
-                for h, w in zip(heights, widths)]
+    expected = [
+        T.RandomResizedCrop.get_params(torch.zeros(1, h, w), [0.9, 1.0], [1.0, 1.0]) for h, w in zip(heights, widths)
+    ]
     assert windows.tolist() == [list(window) for window in expected] == [[0, 24, 12, 12], [195, 0, 10, 10]]
     # an image within the ratio range whose attempts all drew the extreme aspect 0.9: the whole image
     uniforms = _uniforms(1, 2)
-    uniforms[:, dali.CROP_ATTEMPTS:2 * dali.CROP_ATTEMPTS] = 0.0
+    uniforms[:, dali.CROP_ATTEMPTS : 2 * dali.CROP_ATTEMPTS] = 0.0
     whole = dali.random_resized_crop_windows(np.array([100]), np.array([100]), (1.0, 1.0), (0.9, 1.1), uniforms)
     assert whole.tolist() == [[0, 0, 100, 100]]
 
 
 def test_flip_rate_is_the_recipe_probability():
     plan = dali.TransformPlan(flip_probability=0.5)
-    count = sum(int(dali.sample_parameters(plan, np.full((256, 2), 32), dali.batch_uniforms(7, number, 256))["flip"]
-                    .sum()) for number in range(40))
+    count = sum(
+        int(dali.sample_parameters(plan, np.full((256, 2), 32), dali.batch_uniforms(7, number, 256))["flip"].sum())
+        for number in range(40)
+    )
     trials = 40 * 256
     assert abs(count - trials / 2) <= 4 * math.sqrt(trials / 4)  # binomial(10240, 0.5): 4 standard deviations
 
 
-@pytest.mark.parametrize("height, width, size, crop", [(27, 41, (18,), (16, 16)), (41, 27, (17,), (16, 16)),
-                                                       (12, 60, (20, 30), (24, 24)), (30, 40, (15,), (20, 20))])
+@pytest.mark.parametrize(
+    "height, width, size, crop",
+    [(27, 41, (18,), (16, 16)), (41, 27, (17,), (16, 16)), (12, 60, (20, 30), (24, 24)), (30, 40, (15,), (20, 20))],
+)
 def test_resize_and_centre_crop_geometry_is_torchvision(height, width, size, crop):
     new = dali.resized_size(height, width, size, None)
     image = Image.new("RGB", (width, height))
@@ -179,6 +202,7 @@ def test_resize_and_centre_crop_geometry_is_torchvision(height, width, size, cro
 
 
 # ---------------------------------------------------------------------------------------------- pipeline output
+
 
 def _reference_batch(dataset, indices, params, flips) -> torch.Tensor:
     """PIL decode + the same windows + torchvision's resize/flip/ToTensor/Normalize."""
@@ -211,8 +235,9 @@ def test_train_batches_match_pil_for_the_same_windows_in_the_torchvision_loader_
         assert images.shape == (8, 3, CROP, CROP) and images.dtype == torch.float32 and supp == {}
         assert labels.tolist() == [dataset.samples[i][1] for i in indices]
         sizes = np.array([load_rgb(dataset.samples[i][0]).size[::-1] for i in indices])
-        params = dali.sample_parameters(dali.plan_transform(train_transform(), "train"), sizes,
-                                        dali.batch_uniforms(seed, number, len(indices)))
+        params = dali.sample_parameters(
+            dali.plan_transform(train_transform(), "train"), sizes, dali.batch_uniforms(seed, number, len(indices))
+        )
         flips += int(params["flip"].sum())
         ours.append(images)
         reference.append(_reference_batch(dataset, indices, params, params["flip"]))
@@ -238,8 +263,9 @@ def test_centre_crop_larger_than_the_image_pads_with_zeros_as_torchvision(jpeg_d
 
 
 def test_batches_are_deterministic_per_seed_and_epoch_and_skip_is_exact(jpeg_data):
-    loader = dali.DaliLoader(torch_loader(jpeg_data / "train", train_transform(), train=True), torch.device("cpu"),
-                             train=True)
+    loader = dali.DaliLoader(
+        torch_loader(jpeg_data / "train", train_transform(), train=True), torch.device("cpu"), train=True
+    )
     torch.manual_seed(3)
     first = [images for images, _, _ in loader]
     second_epoch = [images for images, _, _ in loader]
@@ -261,8 +287,12 @@ def test_grey_cmyk_and_png_images_decode_to_the_rgb_pixels_pil_gives(tmp_path):
     ``convert("RGB")`` (no resampling here, so the comparison is exact)."""
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)).resize((64, 48), Image.BICUBIC)
-    for name, mode, kind in (("grey", "L", "JPEG"), ("cmyk", "CMYK", "JPEG"), ("rgba", "RGBA", "PNG"),
-                             ("palette", "P", "PNG")):
+    for name, mode, kind in (
+        ("grey", "L", "JPEG"),
+        ("cmyk", "CMYK", "JPEG"),
+        ("rgba", "RGBA", "PNG"),
+        ("palette", "P", "PNG"),
+    ):
         folder = tmp_path / "images" / name
         folder.mkdir(parents=True)
         base.convert(mode).save(folder / f"0.{kind.lower()}", format=kind)
@@ -289,12 +319,16 @@ def test_runtime_loader_is_checked_with_the_recipe(make_recipe):
     recipe["runtime"]["loader"] = "dali"
     check_recipe(recipe, "recipe.yaml")
     recipe["runtime"]["loader"] = "nvjpeg"
-    with pytest.raises(UserError, match=r"^recipe\.yaml: runtime: loader = 'nvjpeg' is out of range \(must be "
-                                        r"torchvision or dali\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^recipe\.yaml: runtime: loader = 'nvjpeg' is out of range \(must be "
+        r"torchvision or dali\)$",
+    ):
         check_recipe(recipe, "recipe.yaml")
 
 
 # ---------------------------------------------------------------------------------------------- bad images
+
 
 def test_a_truncated_jpeg_fails_naming_the_file_or_is_skipped_and_counted(jpeg_data, tmp_path, caplog):
     data = shutil.copytree(jpeg_data, tmp_path / "data")
@@ -307,8 +341,9 @@ def test_a_truncated_jpeg_fails_naming_the_file_or_is_skipped_and_counted(jpeg_d
         list(dali.DaliLoader(torch_loader(data / "train", train_transform(), True), torch.device("cpu"), True))
     assert str(raised.value) == str(expected.value)  # the torchvision loader's line, naming the file
     assert str(raised.value).startswith(f"unreadable image {bad} (OSError: image file is truncated")
-    loader = dali.DaliLoader(torch_loader(data / "train", train_transform(), True, on_bad_image="skip"),
-                             torch.device("cpu"), True)
+    loader = dali.DaliLoader(
+        torch_loader(data / "train", train_transform(), True, on_bad_image="skip"), torch.device("cpu"), True
+    )
     assert sum(len(labels) for _, labels, _ in loader) == 24
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
     assert len(skips) == 1 and str(bad) in skips[0] and skips[0].endswith("(1 skipped so far in this process)")
@@ -318,22 +353,26 @@ def test_a_decode_error_inside_dali_is_traced_to_its_file(jpeg_data, tmp_path, m
     """A PNG whose header reads but whose pixel data is corrupt passes the size check and fails in DALI's decoder."""
     diagnosed = []
     real_diagnose = dali.DaliLoader.diagnose
-    monkeypatch.setattr(dali.DaliLoader, "diagnose", lambda self, batches, error: (
-        diagnosed.append(str(error)), real_diagnose(self, batches, error))[1])
+    monkeypatch.setattr(
+        dali.DaliLoader,
+        "diagnose",
+        lambda self, batches, error: (diagnosed.append(str(error)), real_diagnose(self, batches, error))[1],
+    )
     data = shutil.copytree(jpeg_data, tmp_path / "data")
     bad = data / "val" / "class2" / "03.png"
     Image.open(data / "val" / "class2" / "03.jpg").save(bad)
     (data / "val" / "class2" / "03.jpg").unlink()
     raw = bytearray(bad.read_bytes())
     start = raw.index(b"IDAT") + 8
-    raw[start:start + 64] = bytes(64)
+    raw[start : start + 64] = bytes(64)
     bad.write_bytes(bytes(raw))
     loader = torch_loader(data / "val", val_transform(), train=False)
     with pytest.raises(UserError) as raised:
         list(dali.DaliLoader(loader, torch.device("cpu"), train=False))
     assert str(raised.value).startswith(f"unreadable image {bad} (")
-    skipping = dali.DaliLoader(torch_loader(data / "val", val_transform(), False, on_bad_image="skip"),
-                               torch.device("cpu"), train=False)
+    skipping = dali.DaliLoader(
+        torch_loader(data / "val", val_transform(), False, on_bad_image="skip"), torch.device("cpu"), train=False
+    )
     labels = torch.cat([labels for _, labels, _ in skipping])
     assert len(labels) == 21 and skipping.skipped == {skipping.dataset.samples.index((str(bad), 2))}
     assert len(diagnosed) == 2 and all("Error in CPU operator" in error for error in diagnosed)  # DALI's own errors
@@ -341,28 +380,38 @@ def test_a_decode_error_inside_dali_is_traced_to_its_file(jpeg_data, tmp_path, m
 
 def test_without_dali_the_loader_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
-    with pytest.raises(UserError, match=r"--loader dali needs NVIDIA DALI: pip install '\.\[dali\]' \(or "
-                                        r"nvidia-dali-cuda130==2\.4\.0\), or use --loader torchvision"):
+    with pytest.raises(
+        UserError,
+        match=r"--loader dali needs NVIDIA DALI: pip install '\.\[dali\]' \(or "
+        r"nvidia-dali-cuda130==2\.4\.0\), or use --loader torchvision",
+    ):
         dali.require_dali()
 
 
 # ----------------------------------------------------------------------------------------- through the entry point
+
 
 def dali_recipe(make_recipe, name: str, data: Path, **kwargs) -> Path:
     """The tiny recipe with the release recipe's kind of transforms: RandomResizedCrop + flip, Resize + CenterCrop."""
     path = make_recipe(name, method="baseline", data_root=data, **kwargs)
     text = path.read_text()
     flip = "                - !import_call\n                  key: 'torchvision.transforms.RandomHorizontalFlip'\n"
-    crop = (f"                - !import_call\n                  key: 'torchvision.transforms.RandomResizedCrop'\n"
-            f"                  init:\n                    kwargs:\n                      size: {CROP}\n")
-    to_tensor = ("              transforms:\n                - !import_call\n"
-                 "                  key: 'torchvision.transforms.ToTensor'\n")
-    resize = (f"              transforms:\n                - !import_call\n"
-              f"                  key: 'torchvision.transforms.Resize'\n                  init:\n"
-              f"                    kwargs:\n                      size: {CROP + 2}\n"
-              f"                - !import_call\n                  key: 'torchvision.transforms.CenterCrop'\n"
-              f"                  init:\n                    kwargs:\n                      size: {CROP}\n"
-              f"                - !import_call\n                  key: 'torchvision.transforms.ToTensor'\n")
+    crop = (
+        f"                - !import_call\n                  key: 'torchvision.transforms.RandomResizedCrop'\n"
+        f"                  init:\n                    kwargs:\n                      size: {CROP}\n"
+    )
+    to_tensor = (
+        "              transforms:\n                - !import_call\n"
+        "                  key: 'torchvision.transforms.ToTensor'\n"
+    )
+    resize = (
+        f"              transforms:\n                - !import_call\n"
+        f"                  key: 'torchvision.transforms.Resize'\n                  init:\n"
+        f"                    kwargs:\n                      size: {CROP + 2}\n"
+        f"                - !import_call\n                  key: 'torchvision.transforms.CenterCrop'\n"
+        f"                  init:\n                    kwargs:\n                      size: {CROP}\n"
+        f"                - !import_call\n                  key: 'torchvision.transforms.ToTensor'\n"
+    )
     assert text.count(flip) == 1 and text.count(to_tensor) == 1
     path.write_text(text.replace(flip, crop + flip).replace(to_tensor, resize))
     return path
@@ -381,13 +430,15 @@ def _stop_before(monkeypatch, epoch: int, step: int) -> None:
                 if index == step:
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch
+
         return batches()
 
     monkeypatch.setattr(engine, "progress", progress)
 
 
 def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_batches(
-        make_recipe, jpeg_data, cli, tmp_path, monkeypatch, same_state):
+    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, same_state
+):
     recipe = dali_recipe(make_recipe, "resume", jpeg_data, epochs=2, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0", "--loader", "dali")
     status, out, err = cli(*common, "--output_dir", tmp_path / "straight")
@@ -412,8 +463,9 @@ def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_
     assert "resuming from" in out and "at epoch 1 step 2" in out
     assert [number for train, number in prepared if train] == [2]  # the two trained batches were not decoded again
     for name in ("checkpoint.pth", "best.pth"):
-        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name),
-                   name)
+        same_state(
+            load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name), name
+        )
 
 
 def test_test_only_accuracy_equals_the_torchvision_loader(make_recipe, jpeg_data, cli, tmp_path):
@@ -453,9 +505,25 @@ def test_two_gloo_ranks_shard_training_and_count_each_val_image_once(make_recipe
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     repo = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", str(repo / "imagenet/image_classification.py"), "--config", str(recipe),
-               "--device", "cpu", "--world_size", "2", "--seed", "0", "--loader", "dali"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        str(repo / "imagenet/image_classification.py"),
+        "--config",
+        str(recipe),
+        "--device",
+        "cpu",
+        "--world_size",
+        "2",
+        "--seed",
+        "0",
+        "--loader",
+        "dali",
+    ]
     result = subprocess.run(command, cwd=repo, env=child_env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """Issue 4 end to end through the real entry point: teacher training, projector distillation from that teacher,
 -test_only / -student_only on the written checkpoints, 2 gloo ranks under torchrun, and the release command run from
 inside imagenet/ with its relative config path."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,18 +34,21 @@ def _load(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     return model
 
 
-def test_teacher_training_then_projector_distillation_then_test_only(make_recipe, run_entry, cli, tmp_path,
-                                                                      tiny_data, tiny_models, accuracy_of):
+def test_teacher_training_then_projector_distillation_then_test_only(
+    make_recipe, run_entry, cli, tmp_path, tiny_data, tiny_models, accuracy_of
+):
     # 1. teacher alone (no models.teacher_model), 2 epochs, through the script
     teacher_dir = tmp_path / "teacher"
     extra_log = tmp_path / "logs" / "output.txt"
-    teacher = run_entry("--config", make_recipe("teacher", method="teacher", epochs=2), "--seed", "0",
-                        "--log", extra_log)
+    teacher = run_entry(
+        "--config", make_recipe("teacher", method="teacher", epochs=2), "--seed", "0", "--log", extra_log
+    )
     assert teacher.returncode == 0, teacher.stderr
     teacher_metrics = _metrics(teacher_dir)
     assert teacher.stdout.strip().splitlines()[-1] == (
         f"top1 {teacher_metrics['top1']:.2f} top5 {teacher_metrics['top5']:.2f} "
-        f"(metrics: {teacher_dir / 'metrics.json'})")
+        f"(metrics: {teacher_dir / 'metrics.json'})"
+    )
     teacher_net = _load(tiny_models(2), teacher_dir / "best.pth")
     assert (teacher_metrics["top1"], teacher_metrics["top5"]) == accuracy_of(teacher_net, tiny_data / "val")
     assert len(teacher_metrics["val_top1_per_epoch"]) == 2
@@ -61,8 +65,14 @@ def test_teacher_training_then_projector_distillation_then_test_only(make_recipe
     # 2. projector distillation from that teacher (--teacher_ckpt), through the script
     teacher_digest = _digest(teacher_dir / "best.pth")
     student_dir = tmp_path / "projector"
-    student = run_entry("--config", make_recipe("projector", method="projector", epochs=2), "--seed", "0",
-                        "--teacher_ckpt", teacher_dir / "best.pth")
+    student = run_entry(
+        "--config",
+        make_recipe("projector", method="projector", epochs=2),
+        "--seed",
+        "0",
+        "--teacher_ckpt",
+        teacher_dir / "best.pth",
+    )
     assert student.returncode == 0, student.stderr
     metrics = _metrics(student_dir)
     # the same teacher checkpoint on the same val set: the teacher's numbers are reproduced
@@ -78,8 +88,15 @@ def test_teacher_training_then_projector_distillation_then_test_only(make_recipe
     assert _digest(teacher_dir / "best.pth") == teacher_digest  # the teacher file is read, never written
 
     # 3. -test_only on the written checkpoint (in this process, through run_cli)
-    status, out, err = cli("--config", tmp_path / "projector.yaml", "-test_only", "--teacher_ckpt",
-                           teacher_dir / "best.pth", "--output_dir", student_dir)
+    status, out, err = cli(
+        "--config",
+        tmp_path / "projector.yaml",
+        "-test_only",
+        "--teacher_ckpt",
+        teacher_dir / "best.pth",
+        "--output_dir",
+        student_dir,
+    )
     assert status == 0, err
     tested = _metrics(student_dir / "test_only")
     assert (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
@@ -87,8 +104,16 @@ def test_teacher_training_then_projector_distillation_then_test_only(make_recipe
     assert f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" in out
 
     # 4. -student_only: the teacher is not evaluated
-    status, _, err = cli("--config", tmp_path / "projector.yaml", "-test_only", "-student_only", "--teacher_ckpt",
-                         teacher_dir / "best.pth", "--output_dir", student_dir)
+    status, _, err = cli(
+        "--config",
+        tmp_path / "projector.yaml",
+        "-test_only",
+        "-student_only",
+        "--teacher_ckpt",
+        teacher_dir / "best.pth",
+        "--output_dir",
+        student_dir,
+    )
     assert status == 0, err
     tested = _metrics(student_dir / "test_only")
     assert "teacher_top1" not in tested and (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
@@ -100,12 +125,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_gloo_ranks_train_and_evaluate(make_recipe, child_env, teacher_ckpt, tmp_path, tiny_data,
-                                                    tiny_models, accuracy_of):
+def test_torchrun_two_gloo_ranks_train_and_evaluate(
+    make_recipe, child_env, teacher_ckpt, tmp_path, tiny_data, tiny_models, accuracy_of
+):
     recipe = make_recipe("ddp", method="projector", teacher_ckpt=teacher_ckpt, epochs=1, batch_size=4, lr=0.02)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", str(REPO / "imagenet/image_classification.py"), "--config",
-               str(recipe), "--device", "cpu", "--world_size", "2", "-adjust_lr", "--seed", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(REPO / "imagenet/image_classification.py"),
+        "--config",
+        str(recipe),
+        "--device",
+        "cpu",
+        "--world_size",
+        "2",
+        "-adjust_lr",
+        "--seed",
+        "0",
+    ]
     result = subprocess.run(command, cwd=REPO, env=child_env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "ddp"
@@ -125,8 +166,15 @@ def test_torchrun_two_gloo_ranks_train_and_evaluate(make_recipe, child_env, teac
     # only rank 0 writes: one log with one final line, one event file, no stray temporaries
     assert (run_dir / "log.txt").read_text().count("[student wide_resnet] top-1") == 1
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "best.pth", "checkpoint.pth", "config.yaml",
-                                                         "log.txt", "metrics.json", "tensorboard"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",
+        "best.pth",
+        "checkpoint.pth",
+        "config.yaml",
+        "log.txt",
+        "metrics.json",
+        "tensorboard",
+    ]
     assert result.stdout.count("top1 ") == 1
 
 
@@ -138,16 +186,39 @@ def test_release_command_from_inside_imagenet_folder(run_entry, tmp_path, tiny_d
     torch.manual_seed(0)
     model = resnet18(num_classes=3)
     torch.save({"model": model.state_dict()}, out / "ilsvrc2012-resnet18_from_resnet34.pt")
-    result = run_entry("--config", "configs/ilsvrc2012/ours/res3418.yaml", "--log", tmp_path / "log/output.txt",
-                       "--data-root", tiny_data, "--output_dir", out, "-test_only", "-student_only",
-                       "--opts", "models.teacher_model.kwargs.weights", "null",
-                       "models.teacher_model.kwargs.num_classes", "3", "models.student_model.kwargs.num_classes", "3",
-                       cwd=REPO / "imagenet")
+    result = run_entry(
+        "--config",
+        "configs/ilsvrc2012/ours/res3418.yaml",
+        "--log",
+        tmp_path / "log/output.txt",
+        "--data-root",
+        tiny_data,
+        "--output_dir",
+        out,
+        "-test_only",
+        "-student_only",
+        "--opts",
+        "models.teacher_model.kwargs.weights",
+        "null",
+        "models.teacher_model.kwargs.num_classes",
+        "3",
+        "models.student_model.kwargs.num_classes",
+        "3",
+        cwd=REPO / "imagenet",
+    )
     assert result.returncode == 0, result.stderr
     metrics = _metrics(out / "test_only")
-    val = ImageFolder(str(tiny_data / "val"), transform=transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]))
+    val = ImageFolder(
+        str(tiny_data / "val"),
+        transform=transforms.Compose(
+            [
+                transforms.Resize(256),
+                transforms.CenterCrop(224),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        ),
+    )
     images = torch.stack([image for image, _ in val])
     labels = torch.tensor(val.targets)
     with torch.no_grad():

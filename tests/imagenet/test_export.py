@@ -1,5 +1,6 @@
 """ResNet students exported as timm / Hugging Face folders (timm's resnet18 + a torchvision state dict), the release's
 ResNet18 file read without unsafe unpickling, and -test_only on exported folders and .safetensors files."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,17 +18,48 @@ from imagenet.export import TORCHVISION_FILE, eval_transform, export_student, to
 from projector_kd.checkpoint import CheckpointError, load_checkpoint
 
 RELEASE_CONFIG = {  # the release's recipe as torchdistill 0.x loaded it from YAML (abridged)
-    "datasets": {"ilsvrc2012": {"name": "ilsvrc2012", "type": "ImageFolder", "splits": {
-        "train": {"dataset_id": "ilsvrc2012/train", "params": {"transform_params": [
-            {"type": "RandomResizedCrop", "params": {"size": [224, 224]}},
-            {"type": "Normalize", "params": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}]}},
-        "val": {"dataset_id": "ilsvrc2012/val", "params": {"transform_params": [
-            {"type": "Resize", "params": {"size": 256}}, {"type": "CenterCrop", "params": {"size": [224, 224]}},
-            {"type": "Normalize", "params": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}]}}}}},
-    "models": {"teacher_model": {"name": "resnet34", "params": {"num_classes": 1000, "pretrained": True}},
-               "student_model": {"name": "resnet18", "params": {"num_classes": 1000, "pretrained": False}}},
-    "train": {"num_epochs": 100, "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
-              "scheduler": {"type": "MultiStepLR", "params": {"milestones": [30, 60, 90], "gamma": 0.1}}},
+    "datasets": {
+        "ilsvrc2012": {
+            "name": "ilsvrc2012",
+            "type": "ImageFolder",
+            "splits": {
+                "train": {
+                    "dataset_id": "ilsvrc2012/train",
+                    "params": {
+                        "transform_params": [
+                            {"type": "RandomResizedCrop", "params": {"size": [224, 224]}},
+                            {
+                                "type": "Normalize",
+                                "params": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                            },
+                        ]
+                    },
+                },
+                "val": {
+                    "dataset_id": "ilsvrc2012/val",
+                    "params": {
+                        "transform_params": [
+                            {"type": "Resize", "params": {"size": 256}},
+                            {"type": "CenterCrop", "params": {"size": [224, 224]}},
+                            {
+                                "type": "Normalize",
+                                "params": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                            },
+                        ]
+                    },
+                },
+            },
+        }
+    },
+    "models": {
+        "teacher_model": {"name": "resnet34", "params": {"num_classes": 1000, "pretrained": True}},
+        "student_model": {"name": "resnet18", "params": {"num_classes": 1000, "pretrained": False}},
+    },
+    "train": {
+        "num_epochs": 100,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+        "scheduler": {"type": "MultiStepLR", "params": {"milestones": [30, 60, 90], "gamma": 0.1}},
+    },
 }
 
 
@@ -35,7 +67,7 @@ def _student(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=num_classes)
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
+        for buffer in model.buffers():
             if buffer.is_floating_point():
                 buffer.copy_(torch.rand_like(buffer) + 0.5)
     return model.eval()
@@ -45,18 +77,40 @@ def release_file(model: torch.nn.Module, path) -> None:
     """A checkpoint as the release's torchdistill 0.x saved it, ``args`` an argparse.Namespace."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[30, 60, 90])
-    args = argparse.Namespace(config="config/ilsvrc2012/ours/res3418.yaml", device="cuda", log="log/output.txt",
-                              start_epoch=0, seed=None, test_only=False, student_only=False, world_size=8,
-                              dist_url="env://", adjust_lr=False)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_value": 71.87,
-                "lr_scheduler": scheduler.state_dict(), "config": RELEASE_CONFIG, "args": args}, path)
+    args = argparse.Namespace(
+        config="config/ilsvrc2012/ours/res3418.yaml",
+        device="cuda",
+        log="log/output.txt",
+        start_epoch=0,
+        seed=None,
+        test_only=False,
+        student_only=False,
+        world_size=8,
+        dist_url="env://",
+        adjust_lr=False,
+    )
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "best_value": 71.87,
+            "lr_scheduler": scheduler.state_dict(),
+            "config": RELEASE_CONFIG,
+            "args": args,
+        },
+        path,
+    )
 
 
 def _timm_logits(folder, images):
     with torch.no_grad():
         by_folder = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(images)
-        by_file = timm.create_model("resnet18", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(
-            file=str(folder / "model.safetensors"), num_classes=10)).eval()(images)
+        by_file = timm.create_model(
+            "resnet18",
+            pretrained=True,
+            num_classes=10,
+            pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"), num_classes=10),
+        ).eval()(images)
     return by_folder, by_file
 
 
@@ -65,16 +119,33 @@ def test_distilled_checkpoint_round_trip_through_timm_and_torchvision(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     projector = {"embed.weight": torch.randn(512, 512), "embed.bias": torch.zeros(512)}
-    torch.save({"model": student.state_dict(), "projector": projector, "optimizer": {"state": {}, "param_groups": []},
-                "epoch": 3, "best_value": 41.5}, run / "best.pth")
-    (run / "metrics.json").write_text(json.dumps({"top1": 41.5, "top5": 90.0, "teacher_top1": 60.25,
-                                                  "checkpoint": str(run / "best.pth")}))
-    (run / "config.yaml").write_text(yaml.safe_dump({"recipe": {
-        "models": {"teacher_model": {"key": "resnet34"}, "student_model": {"key": "resnet18"}},
-        "train": {"num_epochs": 3, "optimizer": {"key": "SGD", "kwargs": {"lr": 0.1}}}}}))
+    torch.save(
+        {
+            "model": student.state_dict(),
+            "projector": projector,
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 3,
+            "best_value": 41.5,
+        },
+        run / "best.pth",
+    )
+    (run / "metrics.json").write_text(
+        json.dumps({"top1": 41.5, "top5": 90.0, "teacher_top1": 60.25, "checkpoint": str(run / "best.pth")})
+    )
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "recipe": {
+                    "models": {"teacher_model": {"key": "resnet34"}, "student_model": {"key": "resnet18"}},
+                    "train": {"num_epochs": 3, "optimizer": {"key": "SGD", "kwargs": {"lr": 0.1}}},
+                }
+            }
+        )
+    )
     folder = export_student(run / "best.pth", tmp_path / "export")
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["README.md", TORCHVISION_FILE, "config.json",
-                                                               "model.safetensors"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", TORCHVISION_FILE, "config.json", "model.safetensors"]
+    )
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = student(images)
@@ -98,8 +169,11 @@ def test_torchvision_names_map_onto_timm_and_mismatches_are_named(tmp_path):
     assert list(mapped) == list(model.state_dict()) and all(mapped[k] is state[k] for k in mapped)
     state["fc.weight"] = state["fc.weight"][:5]
     del state["layer4.1.bn2.running_var"]
-    with pytest.raises(CheckpointError, match=r"x.pth does not map onto timm's resnet18 \(missing: "
-                                              r"layer4.1.bn2.running_var; shape: fc.weight\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"x.pth does not map onto timm's resnet18 \(missing: "
+        r"layer4.1.bn2.running_var; shape: fc.weight\)",
+    ):
         torchvision_to_timm(state, model, tmp_path / "x.pth")
 
 
@@ -116,7 +190,10 @@ def test_release_resnet18_file_exports_without_trust(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "resnet18"
     assert {k: config["pretrained_cfg"][k] for k in ("input_size", "interpolation", "crop_pct")} == {
-        "input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.875}
+        "input_size": [3, 224, 224],
+        "interpolation": "bilinear",
+        "crop_pct": 0.875,
+    }
     card = (folder / "README.md").read_text()
     assert "| best val top-1 (%) recorded in the checkpoint | 71.87 |" in card
     assert "- **Teacher:** torchvision `resnet34`" in card and "- **scheduler:** MultiStepLR" in card
@@ -124,17 +201,66 @@ def test_release_resnet18_file_exports_without_trust(tmp_path):
 
 def test_eval_transform_read_from_a_recipe():
     assert eval_transform(RELEASE_CONFIG).pretrained_cfg() == {
-        "input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-    demo = {"datasets": {"val": {"!import_call": {"key": "x", "init": {"kwargs": {"transform": {"!import_call": {
-        "key": "torchvision.transforms.Compose", "init": {"kwargs": {"transforms": [
-            {"!import_call": {"key": "torchvision.transforms.Resize", "init": {"kwargs": {"size": 36}}}},
-            {"!import_call": {"key": "torchvision.transforms.CenterCrop", "init": {"kwargs": {"size": 32}}}},
-            {"!import_call": {"key": "torchvision.transforms.Normalize", "init": {"kwargs": {
-                "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}}}]}}}}}}}}}}
+        "input_size": (3, 224, 224),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+    }
+    demo = {
+        "datasets": {
+            "val": {
+                "!import_call": {
+                    "key": "x",
+                    "init": {
+                        "kwargs": {
+                            "transform": {
+                                "!import_call": {
+                                    "key": "torchvision.transforms.Compose",
+                                    "init": {
+                                        "kwargs": {
+                                            "transforms": [
+                                                {
+                                                    "!import_call": {
+                                                        "key": "torchvision.transforms.Resize",
+                                                        "init": {"kwargs": {"size": 36}},
+                                                    }
+                                                },
+                                                {
+                                                    "!import_call": {
+                                                        "key": "torchvision.transforms.CenterCrop",
+                                                        "init": {"kwargs": {"size": 32}},
+                                                    }
+                                                },
+                                                {
+                                                    "!import_call": {
+                                                        "key": "torchvision.transforms.Normalize",
+                                                        "init": {
+                                                            "kwargs": {
+                                                                "mean": [0.5, 0.5, 0.5],
+                                                                "std": [0.25, 0.25, 0.25],
+                                                            }
+                                                        },
+                                                    }
+                                                },
+                                            ]
+                                        }
+                                    },
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    }
     assert eval_transform(demo).pretrained_cfg() == {
-        "input_size": (3, 32, 32), "crop_pct": 32 / 36, "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
-        "std": (0.25, 0.25, 0.25)}
+        "input_size": (3, 32, 32),
+        "crop_pct": 32 / 36,
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+    }
 
 
 def _one_line(err: str) -> str:

@@ -1,6 +1,7 @@
 """The fast path (--fast) on the CPU: bf16 autocast, channels_last and the fused SGD train a real run; where
 torch.compile is unavailable — at wrapping time or at the first call — one clear message is logged and the run goes
 on eagerly. Its checkpoints are plain: the reference path evaluates them to the same accuracy."""
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,21 @@ def _compile_fails_when_wrapping(module, *args, **kwargs):
 
 def _compile_fails_at_first_call(module, *args, **kwargs):
     def compiled(*call_args, **call_kwargs):
-        raise torch._dynamo.exc.BackendCompilerFailed(_compile_fails_at_first_call,
-                                                      RuntimeError("Compiler: cc not found"), None)
+        raise torch._dynamo.exc.BackendCompilerFailed(
+            _compile_fails_at_first_call, RuntimeError("Compiler: cc not found"), None
+        )
+
     return compiled
 
 
-@pytest.mark.parametrize("broken_compile, error_type", [(_compile_fails_when_wrapping, "RuntimeError"),
-                                                       (_compile_fails_at_first_call, "BackendCompilerFailed")],
-                         ids=["fails-when-wrapping", "fails-at-first-call"])
-def test_fast_path_trains_on_cpu_and_falls_back_once(make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, caplog,
-                                                     broken_compile, error_type):
+@pytest.mark.parametrize(
+    "broken_compile, error_type",
+    [(_compile_fails_when_wrapping, "RuntimeError"), (_compile_fails_at_first_call, "BackendCompilerFailed")],
+    ids=["fails-when-wrapping", "fails-at-first-call"],
+)
+def test_fast_path_trains_on_cpu_and_falls_back_once(
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, caplog, broken_compile, error_type
+):
     monkeypatch.setattr(torch, "compile", broken_compile)
     recipe = make_recipe("fast", teacher_ckpt=teacher_ckpt, epochs=1)
     status, out, err = cli("--config", recipe, "--seed", "0", "--fast")
@@ -67,9 +73,18 @@ def _fast_box_step(tmp_path, monkeypatch):
     box = get_distillation_box(teacher, student, {}, projector_box_config(t_dim, s_dim), device, None, False, 1)
     box.pre_epoch_process(epoch=0)
     settings = apply_fast_path(box, teacher, device, compile_models=False)
-    ctx = engine.LoopContext(box=box, teacher=teacher, device=device, output_dir=tmp_path, best_path=tmp_path / "b.pth",
-                             distributed=False, rank=0, stop=_NoStop(), autocast_dtype=settings.autocast_dtype,
-                             channels_last=True)
+    ctx = engine.LoopContext(
+        box=box,
+        teacher=teacher,
+        device=device,
+        output_dir=tmp_path,
+        best_path=tmp_path / "b.pth",
+        distributed=False,
+        rank=0,
+        stop=_NoStop(),
+        autocast_dtype=settings.autocast_dtype,
+        channels_last=True,
+    )
     ctx.monitor = engine.StepMonitor(device)
     run, recorder = engine.RunState(), engine.TermRecorder(box.criterion)
     generator = torch.Generator().manual_seed(0)
@@ -77,6 +92,7 @@ def _fast_box_step(tmp_path, monkeypatch):
 
     def step() -> bool:
         return engine.train_step(ctx, run, recorder, images, labels, None, total=10)
+
     return step, ctx, run, box
 
 
@@ -107,8 +123,10 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
     momentum = [box.optimizer.state[p]["momentum_buffer"].clone() for p in student.parameters()]
     step()  # global step 2 is bad: skipped on the device, reported at the next step
     assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())
-    message = (r"^non-finite loss at epoch 0 step 2/10 \(global step 2\): term\(s\) projector_kd, projector_kd.kd went "
-               r"non-finite \[ce = [0-9.]+; projector_kd = nan ")
+    message = (
+        r"^non-finite loss at epoch 0 step 2/10 \(global step 2\): term\(s\) projector_kd, projector_kd.kd went "
+        r"non-finite \[ce = [0-9.]+; projector_kd = nan "
+    )
     with pytest.raises(engine.NonFiniteLoss, match=message):
         step()
     assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())  # nor the next one applied

@@ -1,6 +1,7 @@
 """Checkpoint faults, each one line naming the file: a crafted pickle that would run code is refused unless trusted;
 truncated files; checkpoints of another model, width or number of classes (as -test_only weights, as the teacher, and
 as the run folder's resume checkpoint, which is then left untouched)."""
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,11 @@ def test_crafted_pickle_is_refused_by_default_and_loads_when_trusted(baseline, t
     torch.save({"model": tiny_models(1).state_dict(), "payload": _RunsCode(str(evidence))}, best)
     status, _, err = cli("--config", recipe, "-test_only")
     assert status == 2
-    assert _one_line(err) == (f"error: checkpoint {best} needs unsafe unpickling (it pickles posix.mkdir); refused. If "
-                              f"you trust this file, pass the trust flag (--trust-checkpoint) to load it with full "
-                              f"unpickling")
+    assert _one_line(err) == (
+        f"error: checkpoint {best} needs unsafe unpickling (it pickles posix.mkdir); refused. If "
+        f"you trust this file, pass the trust flag (--trust-checkpoint) to load it with full "
+        f"unpickling"
+    )
     assert not evidence.exists()
     status, _, err = cli("--config", recipe, "-test_only", "--trust-checkpoint")
     assert status == 0, err
@@ -59,23 +62,29 @@ def test_truncated_checkpoint_is_named(baseline, tiny_models, cli):
     assert _one_line(err).endswith(") — re-download or re-create it")
 
 
-@pytest.mark.parametrize("depth, width, num_classes, problem", [
-    (16, 1, 3, "unexpected keys ['layer1.1.bn1.weight', 'layer1.1.bn1.bias', 'layer1.1.bn1.running_mean'] (+"),
-    (10, 2, 3, "shape mismatch layer1.0.conv1.weight (32, 16, 3, 3) vs (16, 16, 3, 3)"),
-    (10, 1, 5, "shape mismatch fc.weight (5, 64) vs (3, 64), fc.bias (5,) vs (3,)"),
-], ids=["other-model", "other-width", "other-num-classes"])
+@pytest.mark.parametrize(
+    "depth, width, num_classes, problem",
+    [
+        (16, 1, 3, "unexpected keys ['layer1.1.bn1.weight', 'layer1.1.bn1.bias', 'layer1.1.bn1.running_mean'] (+"),
+        (10, 2, 3, "shape mismatch layer1.0.conv1.weight (32, 16, 3, 3) vs (16, 16, 3, 3)"),
+        (10, 1, 5, "shape mismatch fc.weight (5, 64) vs (3, 64), fc.bias (5,) vs (3,)"),
+    ],
+    ids=["other-model", "other-width", "other-num-classes"],
+)
 def test_checkpoint_of_another_network_is_named(baseline, cli, depth, width, num_classes, problem):
     from torchdistill.models.registry import get_model
 
     recipe, best = baseline
-    other = get_model("wide_resnet", depth=depth, k=width, dropout_p=0.0, num_classes=num_classes, pretrained=False,
-                      progress=False)
+    other = get_model(
+        "wide_resnet", depth=depth, k=width, dropout_p=0.0, num_classes=num_classes, pretrained=False, progress=False
+    )
     torch.save({"model": other.state_dict()}, best)
     status, _, err = cli("--config", recipe, "-test_only")
     assert status == 2
     line = _one_line(err)
-    assert line.startswith(f"error: checkpoint {best} does not match models.student_model (wide_resnet) "
-                           f"(WideResNet4Cifar): ")
+    assert line.startswith(
+        f"error: checkpoint {best} does not match models.student_model (wide_resnet) (WideResNet4Cifar): "
+    )
     assert problem in line and line.endswith("— it was written for another model, width or num_classes")
 
 
@@ -83,14 +92,17 @@ def test_wrong_teacher_checkpoint_is_named_before_training(make_recipe, tiny_mod
     torch.save({"model": tiny_models(1).state_dict()}, tmp_path / "student_as_teacher.pth")
     status, _, err = cli("--config", make_recipe("run"), "--teacher_ckpt", tmp_path / "student_as_teacher.pth")
     assert status == 2
-    assert _one_line(err).startswith(f"error: checkpoint {tmp_path / 'student_as_teacher.pth'} does not match "
-                                     f"models.teacher_model (WideResNet4Cifar): shape mismatch ")
+    assert _one_line(err).startswith(
+        f"error: checkpoint {tmp_path / 'student_as_teacher.pth'} does not match "
+        f"models.teacher_model (WideResNet4Cifar): shape mismatch "
+    )
     assert not (tmp_path / "run").exists()  # caught before the run folder is written
 
 
 @pytest.mark.parametrize("damage", ["truncate", "other-width"])
-def test_bad_resume_checkpoint_is_named_and_left_untouched(make_recipe, teacher_ckpt, tiny_models, cli, tmp_path,
-                                                           damage):
+def test_bad_resume_checkpoint_is_named_and_left_untouched(
+    make_recipe, teacher_ckpt, tiny_models, cli, tmp_path, damage
+):
     recipe = make_recipe("run", teacher_ckpt=teacher_ckpt)
     last = tmp_path / "run" / "checkpoint.pth"
     last.parent.mkdir()

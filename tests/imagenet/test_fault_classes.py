@@ -1,5 +1,6 @@
 """The networks' number of classes is checked against the class folders before any work; hidden folders (names
 starting with a dot) are never classes."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,16 @@ def data(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("method, key", [("baseline", "student_model"), ("teacher", "student_model")])
-def test_num_classes_differing_from_the_class_folders_is_refused_before_any_work(make_recipe, cli, tmp_path, data,
-                                                                                  method, key):
+def test_num_classes_differing_from_the_class_folders_is_refused_before_any_work(
+    make_recipe, cli, tmp_path, data, method, key
+):
     status, _, err = cli("--config", make_recipe("run", method=method, data_root=data, num_classes=5))
     assert status == 2
-    assert err == (f"error: {data / 'train'} has 3 class folders but models.{key} num_classes = 5; set --opts "
-                   f"models.{key}.kwargs.num_classes 3 (a teacher checkpoint must match too) or point --data-root at "
-                   f"the right folder\n")
+    assert err == (
+        f"error: {data / 'train'} has 3 class folders but models.{key} num_classes = 5; set --opts "
+        f"models.{key}.kwargs.num_classes 3 (a teacher checkpoint must match too) or point --data-root at "
+        f"the right folder\n"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -1,5 +1,6 @@
 """Config faults are rejected before any work (no output folder is created), in one line naming the key; an output
 folder holding a different run's config is refused unless --resume."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,10 @@ def test_unknown_key_in_the_file_is_named(make_recipe, cli, tmp_path):
     recipe.write_text(recipe.read_text().replace("  num_epochs: 1\n", "  num_epochs: 1\n  num_epoch: 3\n"))
     status, _, err = cli("--config", recipe)
     assert status == 2
-    assert _one_line(err) == (f"error: {recipe}: unknown key train.num_epoch (did you mean train.num_epochs?) — "
-                              f"torchdistill would silently ignore it")
+    assert _one_line(err) == (
+        f"error: {recipe}: unknown key train.num_epoch (did you mean train.num_epochs?) — "
+        f"torchdistill would silently ignore it"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -29,21 +32,33 @@ def test_typo_in_the_file_is_named_not_suggested_for_a_correct_opts_key(make_rec
     recipe.write_text(recipe.read_text().replace("  num_epochs: 1\n", "  num_epoch: 1\n"))
     status, _, err = cli("--config", recipe, "--opts", "train.num_epochs", "2")
     assert status == 2
-    assert _one_line(err) == (f"error: {recipe}: unknown key train.num_epoch (did you mean train.num_epochs?) — "
-                              f"torchdistill would silently ignore it")
+    assert _one_line(err) == (
+        f"error: {recipe}: unknown key train.num_epoch (did you mean train.num_epochs?) — "
+        f"torchdistill would silently ignore it"
+    )
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("opts, message", [
-    (["train.optimizer.kwargs.lrr", "0.1"],
-     "--opts key 'train.optimizer.kwargs.lrr' is not in the config (did you mean train.optimizer.kwargs.lr?)"),
-    (["train.optimizer.kwargs.lr", "abc"], "{recipe}: train.optimizer.kwargs: lr must be float, got 'abc' (str)"),
-    (["train.num_epochs", "two"], "{recipe}: train.num_epochs = 'two' is out of range (must be an integer >= 1)"),
-    (["train.optimizer.kwargs.lr", "-0.1"],
-     "{recipe}: train.optimizer.kwargs: lr = -0.1 is out of range (must be > 0)"),
-    (["train.train_data_loader.kwargs.batch_size", "0"],
-     "{recipe}: train.train_data_loader.kwargs: batch_size = 0 is out of range (must be >= 1)"),
-], ids=["unknown-key", "wrong-type", "wrong-type-epochs", "negative-lr", "zero-batch"])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (
+            ["train.optimizer.kwargs.lrr", "0.1"],
+            "--opts key 'train.optimizer.kwargs.lrr' is not in the config (did you mean train.optimizer.kwargs.lr?)",
+        ),
+        (["train.optimizer.kwargs.lr", "abc"], "{recipe}: train.optimizer.kwargs: lr must be float, got 'abc' (str)"),
+        (["train.num_epochs", "two"], "{recipe}: train.num_epochs = 'two' is out of range (must be an integer >= 1)"),
+        (
+            ["train.optimizer.kwargs.lr", "-0.1"],
+            "{recipe}: train.optimizer.kwargs: lr = -0.1 is out of range (must be > 0)",
+        ),
+        (
+            ["train.train_data_loader.kwargs.batch_size", "0"],
+            "{recipe}: train.train_data_loader.kwargs: batch_size = 0 is out of range (must be >= 1)",
+        ),
+    ],
+    ids=["unknown-key", "wrong-type", "wrong-type-epochs", "negative-lr", "zero-batch"],
+)
 def test_bad_values_are_named_before_any_work(make_recipe, cli, tmp_path, opts, message):
     recipe = make_recipe("run", method="baseline")
     status, out, err = cli("--config", recipe, "--opts", *opts)
@@ -61,9 +76,11 @@ def test_output_folder_of_another_run_is_refused_unless_resume(make_recipe, cli,
 
     status, _, err = cli("--config", recipe, "--seed", "0", "--opts", "train.optimizer.kwargs.lr", "0.01")
     assert status == 2
-    assert _one_line(err) == (f"error: output folder {tmp_path / 'run'} holds a different run (config differs in: "
-                              f"recipe.train.optimizer.kwargs.lr) — choose a new output folder, or pass --resume to "
-                              f"continue that run with the new settings")
+    assert _one_line(err) == (
+        f"error: output folder {tmp_path / 'run'} holds a different run (config differs in: "
+        f"recipe.train.optimizer.kwargs.lr) — choose a new output folder, or pass --resume to "
+        f"continue that run with the new settings"
+    )
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == checkpoint
     assert (tmp_path / "run" / "config.yaml").read_text() == config
 

@@ -1,6 +1,7 @@
 """Data faults: a corrupt image is named (on_bad_image: fail) after a resumable checkpoint, or skipped and counted
 (skip); an empty class folder, an empty image file and val classes that differ from train are caught before any
 training, naming the folder or file."""
+
 from __future__ import annotations
 
 import shutil
@@ -35,8 +36,9 @@ def test_corrupt_image_is_named_with_fail(make_recipe, data, cli, tmp_path):
 def test_corrupt_image_is_skipped_and_counted_with_skip(make_recipe, data, cli, tmp_path, caplog):
     bad = data / "train" / "class1" / "03.png"
     bad.write_bytes(b"")
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data, on_bad_image="skip"),
-                         "--seed", "0")  # seeded: the image is not among those drop_last leaves out
+    status, _, err = cli(
+        "--config", make_recipe("run", method="baseline", data_root=data, on_bad_image="skip"), "--seed", "0"
+    )  # seeded: the image is not among those drop_last leaves out
     assert status == 0, err
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
     assert len(skips) == 1 and str(bad) in skips[0] and skips[0].endswith("(1 skipped so far in this process)")
@@ -51,8 +53,9 @@ def test_empty_class_folder_is_caught_before_training(make_recipe, data, cli, tm
         image.unlink()
     status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
     assert status == 2
-    assert _one_line(err) == (f"error: class folder {empty} holds no images (.jpg, .jpeg, .png, .ppm, ...) — add "
-                              f"images or remove the folder")
+    assert _one_line(err) == (
+        f"error: class folder {empty} holds no images (.jpg, .jpeg, .png, .ppm, ...) — add images or remove the folder"
+    )
     assert not (tmp_path / "run").exists()  # caught before the run folder is written
 
 
@@ -60,8 +63,10 @@ def test_val_classes_differing_from_train_are_caught_before_training(make_recipe
     (data / "val" / "class2").rename(data / "val" / "class9")
     status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
     assert status == 2
-    assert _one_line(err) == (f"error: classes of {data / 'val'} differ from {data / 'train'}: missing ['class2'], "
-                              f"extra ['class9'] — both splits need the same class folders")
+    assert _one_line(err) == (
+        f"error: classes of {data / 'val'} differ from {data / 'train'}: missing ['class2'], "
+        f"extra ['class9'] — both splits need the same class folders"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -70,8 +75,9 @@ def test_empty_image_is_caught_before_any_work(make_recipe, data, cli, tmp_path)
     empty.write_bytes(b"")
     status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
     assert status == 2
-    assert _one_line(err) == (f"error: image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: "
-                              f"skip")
+    assert _one_line(err) == (
+        f"error: image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -97,8 +103,10 @@ def test_image_unreadable_mid_epoch_costs_no_work(make_recipe, data, cli, tmp_pa
     line = _one_line(err)
     checkpoint = tmp_path / "run" / "checkpoint.pth"
     assert line.startswith(f"error: unreadable image {broken['path']} (")
-    assert line.endswith(f"A resumable checkpoint was written first: {checkpoint} (epoch 0, step 2) — after fixing "
-                         f"the file, run the same command again to continue")
+    assert line.endswith(
+        f"A resumable checkpoint was written first: {checkpoint} (epoch 0, step 2) — after fixing "
+        f"the file, run the same command again to continue"
+    )
     state = load_checkpoint(checkpoint)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
 

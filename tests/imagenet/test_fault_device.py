@@ -1,5 +1,6 @@
 """--device accepts cpu, cuda and cuda:N that exist, and refuses anything else in one line (the ResNet track used to
 run on the CPU, silently, for --device gpu)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """A non-finite loss stops the run with one line naming the step and the term, and never overwrites the last good
 checkpoint."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,9 @@ from imagenet import registry
 from projector_kd.checkpoint import load_checkpoint
 
 
-def test_nan_kd_term_names_step_and_term_and_keeps_the_checkpoint(make_recipe, teacher_ckpt, cli, tmp_path,
-                                                                    monkeypatch):
+def test_nan_kd_term_names_step_and_term_and_keeps_the_checkpoint(
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch
+):
     recipe = make_recipe("nan", teacher_ckpt=teacher_ckpt, epochs=2)
     out = tmp_path / "nan"
     real_kd_loss = registry.kd_loss
@@ -35,7 +37,9 @@ def test_nan_kd_term_names_step_and_term_and_keeps_the_checkpoint(make_recipe, t
         r"error: non-finite loss at epoch 1 step 1/3 \(global step 4\): term\(s\) projector_kd, projector_kd.kd went "
         r"non-finite \[ce = [0-9.]+; projector_kd = nan \(projector_kd.feature = [0-9.]+, projector_kd.kd = nan\)\]; "
         r"nothing was written for this step — the last good checkpoint \S+ is intact; lower the learning rate or "
-        r"check the data", lines[0]), lines[0]
+        r"check the data",
+        lines[0],
+    ), lines[0]
     assert f"the last good checkpoint {out / 'checkpoint.pth'} is intact" in lines[0]
     assert (out / "checkpoint.pth").read_bytes() == snapshot["checkpoint"]
     assert (out / "best.pth").read_bytes() == snapshot["best"]
@@ -51,5 +55,6 @@ def test_nan_teacher_weights_stop_at_the_first_step(make_recipe, tiny_models, cl
     assert status == 2
     assert err.strip().splitlines() == [
         "error: non-finite loss at epoch 0 step 1/3 (global step 1): the projector feature term got non-finite values "
-        "(NaN or inf) in the student or teacher features; nothing was written for this step (no checkpoint yet)"]
+        "(NaN or inf) in the student or teacher features; nothing was written for this step (no checkpoint yet)"
+    ]
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()

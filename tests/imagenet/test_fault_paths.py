@@ -1,4 +1,5 @@
 """A path the user names is used or refused, never silently replaced; evaluating weights writes nothing beside them."""
+
 from __future__ import annotations
 
 import os
@@ -16,14 +17,21 @@ def weights(tiny_models, tmp_path):
     return path
 
 
-def test_test_only_evaluates_the_dst_ckpt_named_with_opts_not_one_in_output_dir(make_recipe, cli, tmp_path,
-                                                                                weights):
+def test_test_only_evaluates_the_dst_ckpt_named_with_opts_not_one_in_output_dir(make_recipe, cli, tmp_path, weights):
     recipe = make_recipe("run", method="baseline")
     decoy = tmp_path / "A" / "x.pt"  # a different network under the same file name in --output_dir
     decoy.parent.mkdir()
     torch.save({"model": {"not": torch.zeros(1)}}, decoy)
-    status, out, err = cli("--config", recipe, "-test_only", "--output_dir", tmp_path / "A", "--opts",
-                           "models.student_model.dst_ckpt", weights)
+    status, out, err = cli(
+        "--config",
+        recipe,
+        "-test_only",
+        "--output_dir",
+        tmp_path / "A",
+        "--opts",
+        "models.student_model.dst_ckpt",
+        weights,
+    )
     assert status == 0, err
     assert f'"checkpoint": "{weights}"' in (tmp_path / "A" / "test_only" / "metrics.json").read_text()
     assert "top1 " in out
@@ -32,8 +40,16 @@ def test_test_only_evaluates_the_dst_ckpt_named_with_opts_not_one_in_output_dir(
 def test_missing_dst_ckpt_named_with_opts_is_refused_naming_it(make_recipe, cli, tmp_path):
     recipe = make_recipe("run", method="baseline")
     named = tmp_path / "B" / "x.pt"
-    status, _, err = cli("--config", recipe, "-test_only", "--output_dir", tmp_path / "A", "--opts",
-                         "models.student_model.dst_ckpt", named)
+    status, _, err = cli(
+        "--config",
+        recipe,
+        "-test_only",
+        "--output_dir",
+        tmp_path / "A",
+        "--opts",
+        "models.student_model.dst_ckpt",
+        named,
+    )
     assert status == 2
     assert err.startswith(f"error: checkpoint not found: {named} — ") and err.count("\n") == 1
 
@@ -42,9 +58,11 @@ def test_best_checkpoint_missing_from_output_dir_says_where_the_path_came_from(m
     recipe = make_recipe("run", method="baseline")
     status, _, err = cli("--config", recipe, "-test_only", "--output_dir", tmp_path / "A")
     assert status == 2
-    assert err == (f"error: no checkpoint to evaluate at {tmp_path / 'A' / 'best.pth'} (--output_dir {tmp_path / 'A'} "
-                   f"with the file name of models.student_model.dst_ckpt) — pass the run folder that holds it, or "
-                   f"name the file with --opts models.student_model.dst_ckpt PATH\n")
+    assert err == (
+        f"error: no checkpoint to evaluate at {tmp_path / 'A' / 'best.pth'} (--output_dir {tmp_path / 'A'} "
+        f"with the file name of models.student_model.dst_ckpt) — pass the run folder that holds it, or "
+        f"name the file with --opts models.student_model.dst_ckpt PATH\n"
+    )
 
 
 def test_test_only_without_output_dir_writes_nothing_beside_the_weights(make_recipe, cli, tmp_path, weights):

@@ -1,5 +1,6 @@
 """A failed start never blocks the corrected rerun: a run folder holding a config but no checkpoint is not another
 run."""
+
 from __future__ import annotations
 
 import torch

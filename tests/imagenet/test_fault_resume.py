@@ -1,6 +1,7 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch (or at the last step of an epoch) and resumed ends bit-identical to
 an uninterrupted run — student, projector, optimizer, scheduler, position, RNG streams, best accuracy — with
 num_workers 0 and 2."""
+
 from __future__ import annotations
 
 import os
@@ -26,15 +27,20 @@ def _sigterm_before(monkeypatch, epoch: int, step: int) -> None:
                 if index == step:
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch
+
         return batches()
 
     monkeypatch.setattr(engine, "progress", progress)
 
 
-@pytest.mark.parametrize("num_workers, epoch, step", [(0, 0, 2), (0, 0, 3), (2, 1, 1)],
-                         ids=["workers0-mid-epoch", "workers0-last-step", "workers2-mid-epoch"])
-def test_stopped_and_resumed_run_is_bit_identical(make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, same_state,
-                                                  num_workers, epoch, step):
+@pytest.mark.parametrize(
+    "num_workers, epoch, step",
+    [(0, 0, 2), (0, 0, 3), (2, 1, 1)],
+    ids=["workers0-mid-epoch", "workers0-last-step", "workers2-mid-epoch"],
+)
+def test_stopped_and_resumed_run_is_bit_identical(
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, same_state, num_workers, epoch, step
+):
     # dropout: the student's forward draws random numbers, so the generators must be restored, not just replayed
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, num_workers=num_workers, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0")
@@ -48,7 +54,8 @@ def test_stopped_and_resumed_run_is_bit_identical(make_recipe, teacher_ckpt, cli
     checkpoint = tmp_path / "interrupted" / "checkpoint.pth"
     assert err.strip().splitlines()[-1] == (
         f"stopped: stopped by SIGTERM at epoch {epoch} step {step}; resumable checkpoint {checkpoint} — rerun the "
-        f"same command to continue")
+        f"same command to continue"
+    )
     stopped = load_checkpoint(checkpoint)
     assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (epoch, step, 3 * epoch + step)
     assert not (tmp_path / "interrupted" / "metrics.json").exists()
@@ -57,12 +64,14 @@ def test_stopped_and_resumed_run_is_bit_identical(make_recipe, teacher_ckpt, cli
     assert status == 0, err
     assert f"resuming from {checkpoint} at epoch {epoch} step {step}" in out
     for name in ("checkpoint.pth", "best.pth"):
-        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name),
-                   name)
+        same_state(
+            load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name), name
+        )
 
 
-def test_fast_path_stopped_and_resumed_is_bit_identical(make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch,
-                                                         same_state):
+def test_fast_path_stopped_and_resumed_is_bit_identical(
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, same_state
+):
     """Fused SGD, values read a step late: the stop's checkpoint holds the state after the last applied step."""
     monkeypatch.setattr("torch.compile", lambda module, *args, **kwargs: module)  # 2 CPU cores: eager
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
@@ -79,5 +88,6 @@ def test_fast_path_stopped_and_resumed_is_bit_identical(make_recipe, teacher_ckp
     status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
     assert status == 0, err
     for name in ("checkpoint.pth", "best.pth"):
-        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name),
-                   name)
+        same_state(
+            load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name), name
+        )

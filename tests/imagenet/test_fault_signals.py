@@ -1,6 +1,7 @@
 """Process-level faults on the real script: SIGTERM (what schedulers send) finishes the step, writes a resumable
 checkpoint, exits non-zero with a message, and the rerun continues exactly; SIGKILL in the middle of a real checkpoint
 write leaves the previous checkpoint loadable and the rerun auto-resumes from it, exactly."""
+
 from __future__ import annotations
 
 import os
@@ -61,14 +62,26 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.02)
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_recipe, teacher_ckpt, child_env, cli,
-                                                                   tmp_path, same_state):
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(
+    make_recipe, teacher_ckpt, child_env, cli, tmp_path, same_state
+):
     recipe = make_recipe("sigterm", teacher_ckpt=teacher_ckpt, epochs=3, student_dropout=0.2)
     out = tmp_path / "interrupted"
-    command = [sys.executable, str(ENTRY), "--device", "cpu", "--config", str(recipe), "--seed", "0",
-               "--output_dir", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = [
+        sys.executable,
+        str(ENTRY),
+        "--device",
+        "cpu",
+        "--config",
+        str(recipe),
+        "--seed",
+        "0",
+        "--output_dir",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for line in process.stdout:  # log_freq 1: one line per step
         if "epoch 0 step 1/3" in line:
             process.send_signal(signal.SIGTERM)
@@ -80,7 +93,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_recipe, 
     assert 3 * epoch + step == state["global_step"] and 2 <= state["global_step"] < 9
     assert stderr.strip().splitlines()[-1] == (
         f"stopped: stopped by SIGTERM at epoch {epoch} step {step}; resumable checkpoint {out / 'checkpoint.pth'} — "
-        f"rerun the same command to continue")
+        f"rerun the same command to continue"
+    )
     assert "Traceback" not in stderr and not (out / "metrics.json").exists()
 
     status, stdout, err = cli("--config", recipe, "--seed", "0", "--output_dir", out)  # the same command again
@@ -92,17 +106,31 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_recipe, 
         same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(out / name), name)
 
 
-def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(make_recipe, teacher_ckpt, child_env, cli,
-                                                                    tmp_path, same_state):
+def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(
+    make_recipe, teacher_ckpt, child_env, cli, tmp_path, same_state
+):
     recipe = make_recipe("sigkill", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
     out = tmp_path / "killed"
     marker = tmp_path / "writing"
     script = tmp_path / "kill_during_save.py"
     script.write_text(KILL_DURING_SAVE)
-    command = [sys.executable, str(script), str(marker), str(ENTRY), "--device", "cpu", "--config", str(recipe),
-               "--seed", "0", "--output_dir", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    command = [
+        sys.executable,
+        str(script),
+        str(marker),
+        str(ENTRY),
+        "--device",
+        "cpu",
+        "--config",
+        str(recipe),
+        "--seed",
+        "0",
+        "--output_dir",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_for(marker.exists, process)
         os.kill(process.pid, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """Under torchrun, an error on one rank ends every rank with that one line (exit 2 for each worker), not with a
 backend traceback from the ranks that were waiting for it."""
+
 from __future__ import annotations
 
 import re
@@ -13,9 +14,25 @@ REPO = Path(__file__).resolve().parents[2]
 def test_output_folder_refused_on_rank_0_ends_both_ranks_with_one_line(make_recipe, child_env, tmp_path):
     (tmp_path / "run").write_text("notes")
     entry = REPO / "imagenet" / "image_classification.py"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(entry), "--device", "cpu", "--config", str(make_recipe("run", method="baseline"))],
-                            cwd=REPO, env=child_env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(entry),
+            "--device",
+            "cpu",
+            "--config",
+            str(make_recipe("run", method="baseline")),
+        ],
+        cwd=REPO,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 1  # torchrun's own status for any failed worker
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: output folder {tmp_path / 'run'} is a file — remove it or choose another output folder"]

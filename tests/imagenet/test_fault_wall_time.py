@@ -1,4 +1,5 @@
 """wall_time_s counts the time of every process that trained the run, across stops and resumes."""
+
 from __future__ import annotations
 
 import json

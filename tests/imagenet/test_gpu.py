@@ -1,11 +1,11 @@
 """ResNet track on CUDA (marker ``gpu``; ``pytest -m gpu``): the fast path's compiled bf16 channels_last step through
 the engine, with fused SGD, never synchronising the host."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torchdistill.core.distillation import get_distillation_box
-
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from imagenet import engine
@@ -29,9 +29,18 @@ def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_dev
     assert settings.fused_optimizer and settings.channels_last
     if gpu_device.type == "cuda":
         assert settings.autocast_dtype == torch.bfloat16 and torch.backends.cudnn.benchmark
-    ctx = engine.LoopContext(box=box, teacher=teacher, device=gpu_device, output_dir=tmp_path,
-                             best_path=tmp_path / "best.pth", distributed=False, rank=0, stop=_NoStop(),
-                             autocast_dtype=settings.autocast_dtype, channels_last=True)
+    ctx = engine.LoopContext(
+        box=box,
+        teacher=teacher,
+        device=gpu_device,
+        output_dir=tmp_path,
+        best_path=tmp_path / "best.pth",
+        distributed=False,
+        rank=0,
+        stop=_NoStop(),
+        autocast_dtype=settings.autocast_dtype,
+        channels_last=True,
+    )
     ctx.monitor = engine.StepMonitor(gpu_device)
     run, recorder = engine.RunState(), engine.TermRecorder(box.criterion)
     generator = torch.Generator().manual_seed(0)

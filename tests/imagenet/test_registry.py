@@ -7,6 +7,7 @@ put in training mode (so its ``norm_layer`` whitens with batch statistics) while
 in eval mode; in this project's box the teacher network is simply in eval mode and the whitening lives in the student
 wrapper.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,11 +25,17 @@ DIM = 512
 
 
 def ce_term() -> dict:
-    return {"criterion": {"key": "CrossEntropyLoss", "kwargs": {"reduction": "mean"}},
-            "criterion_wrapper": {"key": "SimpleLossWrapper",
-                                  "kwargs": {"input": {"is_from_teacher": False, "module_path": ".", "io": "output"},
-                                             "target": {"uses_label": True}}},
-            "weight": 1.0}
+    return {
+        "criterion": {"key": "CrossEntropyLoss", "kwargs": {"reduction": "mean"}},
+        "criterion_wrapper": {
+            "key": "SimpleLossWrapper",
+            "kwargs": {
+                "input": {"is_from_teacher": False, "module_path": ".", "io": "output"},
+                "target": {"uses_label": True},
+            },
+        },
+        "weight": 1.0,
+    }
 
 
 def optimizer_config() -> dict:
@@ -39,39 +46,105 @@ def srd_train_config() -> dict:
     norm = {"num_features": DIM, "eps": 1e-4, "affine": False}
     return {
         "num_epochs": 1,
-        "teacher": {"auxiliary_model_wrapper": {"key": "SRDModelWrapper", "kwargs": {
-            "input_module": {"path": "model.layer4", "io": "output"}, "norm_kwargs": norm}},
-            "forward_proc": "forward_batch_only", "forward_hook": {"output": ["model.layer4", "norm_layer"]}, "requires_grad": False},
-        "student": {"auxiliary_model_wrapper": {"key": "SRDModelWrapper", "kwargs": {
-            "input_module": {"path": "model.layer4", "io": "output"}, "norm_kwargs": norm,
-            "linear_kwargs": {"in_features": DIM, "out_features": DIM}}},
-            "forward_proc": "forward_batch_only", "forward_hook": {"output": ["model.layer4", "norm_layer"]}, "requires_grad": True},
+        "teacher": {
+            "auxiliary_model_wrapper": {
+                "key": "SRDModelWrapper",
+                "kwargs": {"input_module": {"path": "model.layer4", "io": "output"}, "norm_kwargs": norm},
+            },
+            "forward_proc": "forward_batch_only",
+            "forward_hook": {"output": ["model.layer4", "norm_layer"]},
+            "requires_grad": False,
+        },
+        "student": {
+            "auxiliary_model_wrapper": {
+                "key": "SRDModelWrapper",
+                "kwargs": {
+                    "input_module": {"path": "model.layer4", "io": "output"},
+                    "norm_kwargs": norm,
+                    "linear_kwargs": {"in_features": DIM, "out_features": DIM},
+                },
+            },
+            "forward_proc": "forward_batch_only",
+            "forward_hook": {"output": ["model.layer4", "norm_layer"]},
+            "requires_grad": True,
+        },
         "optimizer": optimizer_config(),
-        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {
-            "ce": ce_term(),
-            "srd": {"criterion": {"key": "SRDLoss", "kwargs": {
-                "student_feature_module_path": "norm_layer", "student_feature_module_io": "output",
-                "teacher_feature_module_path": "norm_layer", "teacher_feature_module_io": "output",
-                "student_linear_module_path": ".", "student_linear_module_io": "output",
-                "teacher_linear_module_path": ".", "teacher_linear_module_io": "output",
-                "exponent": 4.0, "temperature": 1.0, "reduction": "batchmean"}}, "weight": 1.0}}}},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {
+                "sub_terms": {
+                    "ce": ce_term(),
+                    "srd": {
+                        "criterion": {
+                            "key": "SRDLoss",
+                            "kwargs": {
+                                "student_feature_module_path": "norm_layer",
+                                "student_feature_module_io": "output",
+                                "teacher_feature_module_path": "norm_layer",
+                                "teacher_feature_module_io": "output",
+                                "student_linear_module_path": ".",
+                                "student_linear_module_io": "output",
+                                "teacher_linear_module_path": ".",
+                                "teacher_linear_module_io": "output",
+                                "exponent": 4.0,
+                                "temperature": 1.0,
+                                "reduction": "batchmean",
+                            },
+                        },
+                        "weight": 1.0,
+                    },
+                }
+            },
+        },
     }
 
 
 def projector_train_config() -> dict:
     return {
         "num_epochs": 1,
-        "teacher": {"forward_proc": "forward_batch_only", "forward_hook": {"output": ["layer4"]}, "requires_grad": False},
-        "student": {"auxiliary_model_wrapper": {"key": "ProjectorKDModelWrapper", "kwargs": {
-            "input_module": {"path": "model.layer4", "io": "output"}, "student_dim": DIM, "teacher_dim": DIM,
-            "distance": "log_diff", "exponent": 4.0, "eps": 1e-4, "projector": "linear"}},
-            "forward_proc": "forward_batch_only", "forward_hook": {"output": ["model.layer4"]}, "requires_grad": True},
+        "teacher": {
+            "forward_proc": "forward_batch_only",
+            "forward_hook": {"output": ["layer4"]},
+            "requires_grad": False,
+        },
+        "student": {
+            "auxiliary_model_wrapper": {
+                "key": "ProjectorKDModelWrapper",
+                "kwargs": {
+                    "input_module": {"path": "model.layer4", "io": "output"},
+                    "student_dim": DIM,
+                    "teacher_dim": DIM,
+                    "distance": "log_diff",
+                    "exponent": 4.0,
+                    "eps": 1e-4,
+                    "projector": "linear",
+                },
+            },
+            "forward_proc": "forward_batch_only",
+            "forward_hook": {"output": ["model.layer4"]},
+            "requires_grad": True,
+        },
         "optimizer": optimizer_config(),
-        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {
-            "ce": ce_term(),
-            "projector_kd": {"criterion": {"key": "ProjectorKDLoss", "kwargs": {
-                "teacher_feature": {"path": "layer4", "io": "output"}, "feature_weight": 2.0, "kd_weight": 1.0,
-                "temperature": 1.0}}, "weight": 1.0}}}},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {
+                "sub_terms": {
+                    "ce": ce_term(),
+                    "projector_kd": {
+                        "criterion": {
+                            "key": "ProjectorKDLoss",
+                            "kwargs": {
+                                "teacher_feature": {"path": "layer4", "io": "output"},
+                                "feature_weight": 2.0,
+                                "kd_weight": 1.0,
+                                "temperature": 1.0,
+                            },
+                        },
+                        "weight": 1.0,
+                    },
+                }
+            },
+        },
     }
 
 
@@ -120,16 +193,20 @@ def test_registered_loss_equals_torchdistill_srd_box():
             srd_box.post_forward_process(loss=srd_loss)
             ours.post_forward_process(loss=our_loss)
             # same gradients -> same SGD step: student weights and projector stay identical after the step
-            for (name, ours_p), (_, srd_p) in zip(ours.student_model.student.named_parameters(),
-                                                  srd_box.student_model.model.named_parameters()):
+            for (name, ours_p), (_, srd_p) in zip(
+                ours.student_model.student.named_parameters(), srd_box.student_model.model.named_parameters()
+            ):
                 torch.testing.assert_close(ours_p, srd_p, rtol=1e-9, atol=1e-12, msg=name)
-            torch.testing.assert_close(ours.student_model.distill_loss.embed.weight,
-                                       srd_box.student_model.linear.weight, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                ours.student_model.distill_loss.embed.weight, srd_box.student_model.linear.weight, rtol=1e-9, atol=1e-12
+            )
         # the whitening running statistics evolve the same way on both sides
-        torch.testing.assert_close(ours.student_model.distill_loss.bn_t.running_var,
-                                   srd_box.teacher_model.norm_layer.running_var)
-        torch.testing.assert_close(ours.student_model.distill_loss.bn_s.running_mean,
-                                   srd_box.student_model.norm_layer.running_mean)
+        torch.testing.assert_close(
+            ours.student_model.distill_loss.bn_t.running_var, srd_box.teacher_model.norm_layer.running_var
+        )
+        torch.testing.assert_close(
+            ours.student_model.distill_loss.bn_s.running_mean, srd_box.student_model.norm_layer.running_mean
+        )
     finally:
         torch.set_default_dtype(torch.float32)
 

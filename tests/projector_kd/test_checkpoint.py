@@ -1,4 +1,5 @@
 """Atomic writes survive SIGKILL; safe loading refuses unsafe pickles and names broken files; RNG capture is exact."""
+
 import argparse
 import os
 import random
@@ -12,8 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from projector_kd.checkpoint import (CheckpointError, atomic_save, capture_rng_state, latest_checkpoint,
-                                     load_checkpoint, restore_rng_state)
+from projector_kd.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+)
 
 
 def test_round_trip_and_no_temporary_left(tmp_path):
@@ -83,11 +90,14 @@ def test_yacs_config_loads_as_plain_mapping_without_unsafe_unpickling(tmp_path):
     assert loaded["config"]["MODEL"]["NAME"] == "tiny" and loaded["config"]["TRAIN"]["EPOCHS"] == 300
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda data: data[: len(data) // 2], "truncated or corrupt"),
-    (lambda data: b"", "empty"),
-    (lambda data: b"not a checkpoint at all" * 4, "not a readable PyTorch checkpoint"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data[: len(data) // 2], "truncated or corrupt"),
+        (lambda data: b"", "empty"),
+        (lambda data: b"not a checkpoint at all" * 4, "not a readable PyTorch checkpoint"),
+    ],
+)
 def test_broken_files_give_one_line_naming_the_file(tmp_path, damage, message):
     atomic_save({"model": {"w": torch.randn(1000)}}, tmp_path / "good.pth")
     (tmp_path / "bad.pth").write_bytes(damage((tmp_path / "good.pth").read_bytes()))
@@ -152,12 +162,26 @@ def test_pickled_argparse_namespace_reads_as_a_plain_dict(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[30, 60, 90], gamma=0.1)
-    args = argparse.Namespace(config="configs/ilsvrc2012/ours/res3418.yaml", device="cuda", seed=None, test_only=False,
-                              world_size=4, dist_url="env://")
+    args = argparse.Namespace(
+        config="configs/ilsvrc2012/ours/res3418.yaml",
+        device="cuda",
+        seed=None,
+        test_only=False,
+        world_size=4,
+        dist_url="env://",
+    )
     path = tmp_path / "resnet18_release.pt"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_value": 71.87,
-                "lr_scheduler": scheduler.state_dict(), "config": {"models": {"student_model": {"name": "resnet18"}}},
-                "args": args}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "best_value": 71.87,
+            "lr_scheduler": scheduler.state_dict(),
+            "config": {"models": {"student_model": {"name": "resnet18"}}},
+            "args": args,
+        },
+        path,
+    )
     loaded = load_checkpoint(path)
     assert loaded["args"] == vars(args) and isinstance(loaded["args"], dict)
     assert loaded["best_value"] == 71.87 and loaded["config"]["models"]["student_model"]["name"] == "resnet18"
@@ -173,8 +197,11 @@ def test_namespace_stand_in_runs_no_code_and_other_globals_stay_refused(tmp_path
         load_checkpoint(inside)
     subclass = tmp_path / "subclass.pt"
     torch.save({"args": _OtherNamespace(lr=0.1)}, subclass)
-    with pytest.raises(CheckpointError, match=rf"subclass.pt needs unsafe unpickling \(it pickles "
-                                              rf"{_OtherNamespace.__module__}._OtherNamespace\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"subclass.pt needs unsafe unpickling \(it pickles "
+        rf"{_OtherNamespace.__module__}._OtherNamespace\)",
+    ):
         load_checkpoint(subclass)
     odd_state = tmp_path / "odd_state.pt"
     torch.save({"args": _NamespaceWithListState()}, odd_state)

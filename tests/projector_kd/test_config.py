@@ -1,4 +1,5 @@
 """Recipe loading, --opts overrides and schema validation: every bad value is named before any work starts."""
+
 import pytest
 
 from projector_kd.config import apply_overrides, load_yaml, merge_configs, validate
@@ -12,8 +13,11 @@ SCHEMA = {
     "model.kwargs": (dict, None),
     "data.path": ((str, type(None)), None),
 }
-GOOD = {"train": {"lr": 5e-4, "batch_size": 256, "amp": True}, "model": {"name": "tiny", "kwargs": {"x": 1}},
-        "data": {"path": None}}
+GOOD = {
+    "train": {"lr": 5e-4, "batch_size": 256, "amp": True},
+    "model": {"name": "tiny", "kwargs": {"x": 1}},
+    "data": {"path": None},
+}
 
 
 def test_good_config_passes_and_int_counts_as_float():
@@ -21,15 +25,18 @@ def test_good_config_passes_and_int_counts_as_float():
     validate(apply_overrides(GOOD, ["train.lr", "1"]), SCHEMA)
 
 
-@pytest.mark.parametrize("opts, message", [
-    (["train.lr", "-0.1"], r"train.lr = -0.1 is out of range \(must be > 0\)"),
-    (["train.batch_size", "0"], r"train.batch_size = 0 is out of range \(must be >= 1\)"),
-    (["train.batch_size", "2.5"], r"train.batch_size must be int, got 2.5"),
-    (["train.amp", "1"], r"train.amp must be bool, got 1"),
-    (["train.lr", "true"], r"train.lr must be float, got True"),
-    (["model.name", "huge"], r"model.name = 'huge' is out of range \(must be tiny or small\)"),
-    (["data.path", "3"], r"data.path must be str or null"),
-])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["train.lr", "-0.1"], r"train.lr = -0.1 is out of range \(must be > 0\)"),
+        (["train.batch_size", "0"], r"train.batch_size = 0 is out of range \(must be >= 1\)"),
+        (["train.batch_size", "2.5"], r"train.batch_size must be int, got 2.5"),
+        (["train.amp", "1"], r"train.amp must be bool, got 1"),
+        (["train.lr", "true"], r"train.lr must be float, got True"),
+        (["model.name", "huge"], r"model.name = 'huge' is out of range \(must be tiny or small\)"),
+        (["data.path", "3"], r"data.path must be str or null"),
+    ],
+)
 def test_bad_values_are_named(opts, message):
     with pytest.raises(UserError, match=message):
         validate(apply_overrides(GOOD, opts), SCHEMA, source="tiny.yaml")
@@ -71,8 +78,11 @@ def test_merge_configs_merges_plain_mappings_and_keeps_inputs_and_aliases():
     base = {"train": {"lr": 0.1, "betas": [0.9, 0.999], "sampler": shared}, "test": {"sampler": shared}}
     overlay = {"train": {"lr": 0.05, "betas": [0.5]}, "extra": {"x": 1}}
     merged = merge_configs(base, overlay)
-    assert merged == {"train": {"lr": 0.05, "betas": [0.5], "sampler": {"key": "seq"}},
-                      "test": {"sampler": {"key": "seq"}}, "extra": {"x": 1}}
+    assert merged == {
+        "train": {"lr": 0.05, "betas": [0.5], "sampler": {"key": "seq"}},
+        "test": {"sampler": {"key": "seq"}},
+        "extra": {"x": 1},
+    }
     assert merged["train"]["sampler"] is merged["test"]["sampler"] and merged["test"]["sampler"] is not shared
     assert base["train"]["lr"] == 0.1 and overlay == {"train": {"lr": 0.05, "betas": [0.5]}, "extra": {"x": 1}}
     merged["extra"]["x"] = 2

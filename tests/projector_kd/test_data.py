@@ -1,4 +1,5 @@
 """Dataset layout checks, unreadable images named or skipped, and the bundled digits ImageFolder."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,8 +22,11 @@ def test_good_tree_passes(tmp_path):
 
 
 def test_missing_root_names_expected_folders(tmp_path):
-    with pytest.raises(DataError, match=r"dataset folder .*imagenet does not exist — expected .*imagenet/train/<class>"
-                                        r".*; pass --data-path DIR$"):
+    with pytest.raises(
+        DataError,
+        match=r"dataset folder .*imagenet does not exist — expected .*imagenet/train/<class>"
+        r".*; pass --data-path DIR$",
+    ):
         check_image_folder(tmp_path / "imagenet", how_to_set="pass --data-path DIR")
 
 
@@ -96,10 +100,14 @@ def test_digits_training_subset_keeps_the_same_val_split(tmp_path):
 def test_digits_holdout_images_are_in_no_training_split(tmp_path):
     full = write_digits_imagefolder(tmp_path / "full", image_size=8, holdout_per_class=3)
     student = write_digits_imagefolder(tmp_path / "student", image_size=8, train_per_class=5, holdout_per_class=3)
-    holdout = write_digits_imagefolder(tmp_path / "holdout", image_size=8, train_per_class=5, holdout_per_class=3,
-                                       holdout=True)
-    names = {(root.name, split): {p.name for p in (root / split).rglob("*.png")}
-             for root in (full, student, holdout) for split in ("train", "val")}
+    holdout = write_digits_imagefolder(
+        tmp_path / "holdout", image_size=8, train_per_class=5, holdout_per_class=3, holdout=True
+    )
+    names = {
+        (root.name, split): {p.name for p in (root / split).rglob("*.png")}
+        for root in (full, student, holdout)
+        for split in ("train", "val")
+    }
     assert len(names["full", "train"]) + len(names["full", "val"]) == 1797 - 30 and len(names["full", "val"]) == 359
     assert names["student", "val"] == names["full", "val"] and names["student", "train"] <= names["full", "train"]
     assert names["holdout", "train"] == names["student", "train"] and len(names["holdout", "val"]) == 30

@@ -1,5 +1,6 @@
 """Distributed mechanics on CUDA (marker ``gpu``; ``pytest -m gpu``): a one-rank NCCL process group, a DDP step with a
 fused optimizer skipping on ``found_inf``, and the step monitor's stop vote reduced asynchronously."""
+
 from __future__ import annotations
 
 import socket
@@ -19,12 +20,18 @@ def test_one_rank_nccl_ddp_step_and_stop_vote(gpu_device):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            device_id=gpu_device if cuda else None)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+        device_id=gpu_device if cuda else None,
+    )
     try:
         torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(nn.Linear(8, 4).to(gpu_device),
-                                                    device_ids=[gpu_device.index] if cuda else None)
+        model = nn.parallel.DistributedDataParallel(
+            nn.Linear(8, 4).to(gpu_device), device_ids=[gpu_device.index] if cuda else None
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
         loss = model(torch.randn(16, 8, device=gpu_device)).square().mean()
         loss.backward()

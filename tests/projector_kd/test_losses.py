@@ -1,5 +1,6 @@
 """ProjectorDistillLoss and kd_loss against float64 references written from docs/method.md, and torchdistill's
 SRDLoss."""
+
 import math
 
 import pytest
@@ -117,7 +118,9 @@ def test_zero_variance_teacher_channel_with_eps_zero_is_finite_and_matches_refer
     value.backward()
     assert torch.isfinite(value)
     assert torch.isfinite(z_s.grad).all() and torch.isfinite(loss.embed.weight.grad).all()
-    expected = reference_loss(z_s.detach(), z_t, loss.embed.weight.detach(), loss.embed.bias.detach(), "log_corr", 4.0, 0.0)
+    expected = reference_loss(
+        z_s.detach(), z_t, loss.embed.weight.detach(), loss.embed.bias.detach(), "log_corr", 4.0, 0.0
+    )
     assert value.item() == pytest.approx(expected.item(), rel=1e-10)
     # the dead channel whitens to 0, so its correlation term is |0 - 1|^4 = 1
     assert torch.equal(loss.bn_t(z_t)[:, 2], torch.zeros(8, dtype=torch.float64))
@@ -164,32 +167,40 @@ def test_state_dict_names_are_stable():
         "orthogonal": ["embed.parametrizations.weight.original", "embed.parametrizations.weight.0.base"],
         "identity": [],
     }
-    buffers = [f"{side}.{b}" for side in ("bn_s", "bn_t") for b in ("running_mean", "running_var", "num_batches_tracked")]
+    buffers = [
+        f"{side}.{b}" for side in ("bn_s", "bn_t") for b in ("running_mean", "running_var", "num_batches_tracked")
+    ]
     for projector, expected in names.items():
         assert list(ProjectorDistillLoss(4, 4, projector=projector).state_dict()) == expected + buffers
 
 
-@pytest.mark.parametrize("kwargs, features, message", [
-    ({}, (torch.randn(4, 5), torch.randn(3, 7)), "batch sizes differ"),
-    ({}, (torch.randn(4, 6), torch.randn(4, 7)), "student features have width 6"),
-    ({}, (torch.randn(4, 5), torch.randn(4, 8)), "teacher features have width 8"),
-    ({}, (torch.randn(1, 5), torch.randn(1, 7)), "batch size 1"),
-    ({}, (torch.tensor([[math.nan] * 5] * 2), torch.randn(2, 7)), "non-finite"),
-    ({}, (torch.randn(2, 5), torch.tensor([[math.inf] * 7] * 2)), "non-finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs, features, message",
+    [
+        ({}, (torch.randn(4, 5), torch.randn(3, 7)), "batch sizes differ"),
+        ({}, (torch.randn(4, 6), torch.randn(4, 7)), "student features have width 6"),
+        ({}, (torch.randn(4, 5), torch.randn(4, 8)), "teacher features have width 8"),
+        ({}, (torch.randn(1, 5), torch.randn(1, 7)), "batch size 1"),
+        ({}, (torch.tensor([[math.nan] * 5] * 2), torch.randn(2, 7)), "non-finite"),
+        ({}, (torch.randn(2, 5), torch.tensor([[math.inf] * 7] * 2)), "non-finite"),
+    ],
+)
 def test_bad_input_raises_value_error(kwargs, features, message):
     loss = ProjectorDistillLoss(5, 7, **kwargs)
     with pytest.raises(ValueError, match=message):
         loss(*features)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(distance="cosine"), "unknown distance 'cosine'"),
-    (dict(projector="mlp"), "unknown projector 'mlp'"),
-    (dict(projector="identity"), "identity.*5 != 7"),
-    (dict(eps=-1.0), "eps must be >= 0"),
-    (dict(exponent=0.0), "exponent must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(distance="cosine"), "unknown distance 'cosine'"),
+        (dict(projector="mlp"), "unknown projector 'mlp'"),
+        (dict(projector="identity"), "identity.*5 != 7"),
+        (dict(eps=-1.0), "eps must be >= 0"),
+        (dict(exponent=0.0), "exponent must be > 0"),
+    ],
+)
 def test_bad_construction_raises_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ProjectorDistillLoss(5, 7, **kwargs)
@@ -201,7 +212,7 @@ def test_kd_loss_matches_reference(temperature):
     y_s, y_t = torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
     p_t = torch.softmax(y_t / temperature, 1)
     p_s = torch.softmax(y_s / temperature, 1)
-    expected = (p_t * (p_t.log() - p_s.log())).sum() / 5 * temperature ** 2
+    expected = (p_t * (p_t.log() - p_s.log())).sum() / 5 * temperature**2
     assert kd_loss(y_s, y_t, temperature).item() == pytest.approx(expected.item(), rel=1e-12)
     with pytest.raises(ValueError, match="shape"):
         kd_loss(y_s, y_t[:, :5])
@@ -215,10 +226,16 @@ def test_resnet_combination_equals_torchdistill_srd_loss():
     torch.manual_seed(9)
     student_net, teacher_net = nn.Linear(3, 3), nn.Linear(3, 3)  # stand-ins; only the auxiliary modules are used
     norm = {"num_features": 12, "eps": 1e-4, "affine": False}
-    common = dict(input_module={"path": "layer4", "io": "output"}, norm_kwargs=norm, device="cpu", device_ids=None,
-                  distributed=False)
-    student_box = SRDModelWrapper(linear_kwargs={"in_features": 8, "out_features": 12}, student_model=student_net,
-                                  **common)
+    common = dict(
+        input_module={"path": "layer4", "io": "output"},
+        norm_kwargs=norm,
+        device="cpu",
+        device_ids=None,
+        distributed=False,
+    )
+    student_box = SRDModelWrapper(
+        linear_kwargs={"in_features": 8, "out_features": 12}, student_model=student_net, **common
+    )
     teacher_box = SRDModelWrapper(teacher_model=teacher_net, **common)
     captured = {}
     student_box.norm_layer.register_forward_hook(lambda m, i, o: captured.__setitem__("s", o))
@@ -228,10 +245,23 @@ def test_resnet_combination_equals_torchdistill_srd_loss():
     logits_s, logits_t = torch.randn(16, 10), torch.randn(16, 10)
     student_box.secondary_forward({"layer4": {"output": feat_s}})
     teacher_box.secondary_forward({"layer4": {"output": feat_t}})
-    srd = SRDLoss("norm_layer", "output", "norm_layer", "output", ".", "output", ".", "output", exponent=4.0,
-                  temperature=1.0, reduction="batchmean")
-    theirs = srd({"norm_layer": {"output": captured["s"]}, ".": {"output": logits_s}},
-                 {"norm_layer": {"output": captured["t"]}, ".": {"output": logits_t}})
+    srd = SRDLoss(
+        "norm_layer",
+        "output",
+        "norm_layer",
+        "output",
+        ".",
+        "output",
+        ".",
+        "output",
+        exponent=4.0,
+        temperature=1.0,
+        reduction="batchmean",
+    )
+    theirs = srd(
+        {"norm_layer": {"output": captured["s"]}, ".": {"output": logits_s}},
+        {"norm_layer": {"output": captured["t"]}, ".": {"output": logits_t}},
+    )
 
     ours_loss = ProjectorDistillLoss(8, 12, distance="log_diff", eps=1e-4)
     ours_loss.embed.load_state_dict(student_box.linear.state_dict())

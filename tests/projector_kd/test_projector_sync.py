@@ -1,5 +1,6 @@
 """Under DDP both tracks train one projector: after a step on different batches, every rank holds the same projector
 (docs/faithfulness.md, item 9). A bare projector outside DDP, as the release's ResNet code kept it, drifts apart."""
+
 from __future__ import annotations
 
 import os
@@ -76,7 +77,13 @@ def test_projector_is_synchronised_across_ranks_in_both_tracks(tmp_path):
     script.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "projector spread: resnet ddp 0.0 bare" in result.stdout and "deit ddp 0.0" in result.stdout

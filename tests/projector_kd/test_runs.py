@@ -1,4 +1,5 @@
 """Run folders refuse another run's config; metrics JSON; logging to the run folder."""
+
 import json
 import logging
 

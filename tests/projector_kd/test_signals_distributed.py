@@ -1,4 +1,5 @@
 """GracefulStop turns SIGTERM/SIGINT into a flag; a plain run is world size 1; bad torchrun env vars are named."""
+
 import os
 import signal
 

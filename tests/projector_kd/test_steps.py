@@ -1,4 +1,5 @@
 """Step checks without host reads: the guard itself, fused optimizers skipping on found_inf, the step monitor."""
+
 from __future__ import annotations
 
 import socket
@@ -12,9 +13,17 @@ from projector_kd.steps import StepMonitor, non_finite_flag, skips_on_device, st
 
 def test_guard_catches_every_kind_of_host_read(no_host_reads):
     loss = torch.tensor(1.5)
-    reads = [lambda: loss.item(), lambda: loss.tolist(), lambda: loss.numpy(), lambda: loss.cpu(),
-             lambda: bool(torch.isfinite(loss)), lambda: float(loss), lambda: int(loss), lambda: f"{loss:.3f}",
-             lambda: [0, 1][torch.tensor(1)]]
+    reads = [
+        lambda: loss.item(),
+        lambda: loss.tolist(),
+        lambda: loss.numpy(),
+        lambda: loss.cpu(),
+        lambda: bool(torch.isfinite(loss)),
+        lambda: float(loss),
+        lambda: int(loss),
+        lambda: f"{loss:.3f}",
+        lambda: [0, 1][torch.tensor(1)],
+    ]
     with no_host_reads():
         for read in reads:
             with pytest.raises(AssertionError, match="read a"):
@@ -23,9 +32,14 @@ def test_guard_catches_every_kind_of_host_read(no_host_reads):
     assert kept.item() == 3.0  # and the guard is gone afterwards
 
 
-@pytest.mark.parametrize("make", [lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
-                                  lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True)],
-                         ids=["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+    ],
+    ids=["adamw", "sgd"],
+)
 def test_fused_optimizer_skips_the_whole_update_when_found_inf(make):
     weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     optimizer = make([weight])
@@ -50,8 +64,7 @@ def test_monitor_hands_back_each_step_in_order_with_its_flag():
     monitor.push(7, ["ce", "kd"], torch.tensor([1.0, 2.0]), non_finite_flag(torch.tensor(1.0)), False)
     first = monitor.pop()
     assert (first.step, first.terms, first.bad, first.stop) == (7, {"ce": 1.0, "kd": 2.0}, False, False)
-    monitor.push(8, ["ce", "kd"], torch.tensor([1.0, float("nan")]), non_finite_flag(torch.tensor(float("nan"))),
-                 True)
+    monitor.push(8, ["ce", "kd"], torch.tensor([1.0, float("nan")]), non_finite_flag(torch.tensor(float("nan"))), True)
     monitor.push(9, ["ce", "kd"], torch.tensor([3.0, 4.0]), torch.zeros(1), False)
     with pytest.raises(RuntimeError, match="pop"):
         monitor.push(10, ["ce", "kd"], torch.tensor([3.0, 4.0]), torch.zeros(1), False)

@@ -1,4 +1,5 @@
 """Fixtures for the tests of ``scripts/``: the benchmark script imported as a module."""
+
 from __future__ import annotations
 
 import importlib.util

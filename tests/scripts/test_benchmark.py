@@ -1,9 +1,11 @@
-"""``scripts/benchmark.py``: the CPU smoke run (``--tiny``, a few tens of seconds) and the measuring pieces it is built from."""
+"""``scripts/benchmark.py``: the CPU smoke run (``--tiny``, a few tens of seconds) and the measuring pieces it is built
+from."""
+
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +49,13 @@ def forward_flops(model: nn.Module, image_size: int) -> int:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("benchmark") / "tiny.json"
-    process = subprocess.run([sys.executable, "scripts/benchmark.py", "--tiny", "--no-compile", "--json", str(out)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=SMOKE_SECONDS)
+    process = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--tiny", "--no-compile", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_SECONDS,
+    )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     return process, json.loads(out.read_text())
 
@@ -105,8 +112,9 @@ def test_smoke_run_parity_and_data_sections(smoke):
         assert f"data {track}: loader ceiling with 2 workers" in process.stdout
     end_to_end = report["data"]["deit"]["end_to_end"]
     assert end_to_end["workers"] == 2 and end_to_end["img_per_s"] > 0 and "end_to_end" not in report["data"]["resnet"]
-    assert set(report["seconds_per_phase"]) == {f"{track}{phase}" for track in ("deit", "resnet")
-                                                for phase in ("", "_data", "_parity")}
+    assert set(report["seconds_per_phase"]) == {
+        f"{track}{phase}" for track in ("deit", "resnet") for phase in ("", "_data", "_parity")
+    }
 
 
 def test_smoke_run_times_both_resnet_loaders_end_to_end(smoke):
@@ -119,8 +127,10 @@ def test_smoke_run_times_both_resnet_loaders_end_to_end(smoke):
     assert [row["decoding"] for row in loaders["rows"]] == ["PIL, 2 worker processes", "DALI CPU, 2 threads"]
     for row in loaders["rows"]:
         assert row["img_per_s"] > 0 and row["vs_step_only"] == pytest.approx(row["img_per_s"] / fast["img_per_s"])
-        assert f"end-to-end resnet: {row['loader']} loader ({row['decoding']}) feeding the fast step: " \
-               f"{row['img_per_s']:.1f} img/s" in process.stdout
+        assert (
+            f"end-to-end resnet: {row['loader']} loader ({row['decoding']}) feeding the fast step: "
+            f"{row['img_per_s']:.1f} img/s" in process.stdout
+        )
 
 
 def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch):
@@ -130,11 +140,18 @@ def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch)
     args = bench.parse_args(["--tiny", "--no-compile"])
     result = bench.bench_resnet_loaders(bench.TINY, args, torch.device("cpu"), 25.0)
     assert len(timed) == 1 and result["rows"] == [
-        {"loader": "torchvision", "decoding": "PIL, 2 worker processes", "img_per_s": 50.0, "vs_step_only": 2.0,
-         "note": None},
-        {"loader": "dali", "decoding": None, "img_per_s": None, "vs_step_only": None, "note": "DALI not installed"}]
+        {
+            "loader": "torchvision",
+            "decoding": "PIL, 2 worker processes",
+            "img_per_s": 50.0,
+            "vs_step_only": 2.0,
+            "note": None,
+        },
+        {"loader": "dali", "decoding": None, "img_per_s": None, "vs_step_only": None, "note": "DALI not installed"},
+    ]
     assert bench.format_resnet_loaders(result).splitlines()[1] == (
-        "end-to-end resnet: dali loader (-) feeding the fast step: DALI not installed")
+        "end-to-end resnet: dali loader (-) feeding the fast step: DALI not installed"
+    )
 
 
 def test_time_steps_warms_up_then_times_each_step(bench):
@@ -169,33 +186,44 @@ def test_synthetic_jpeg_imagefolder(bench, tmp_path):
             assert image.size == sizes.jpeg_sizes[index % len(sizes.jpeg_sizes)]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tiny", "--batch-size", "3"], "--batch-size must be even and >= 2"),
-    (["--tiny", "--steps", "0"], "--steps must be >= 1"),
-    (["--tiny", "--json", "/nonexistent-folder/out.json"], "folder /nonexistent-folder does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tiny", "--batch-size", "3"], "--batch-size must be even and >= 2"),
+        (["--tiny", "--steps", "0"], "--steps must be >= 1"),
+        (["--tiny", "--json", "/nonexistent-folder/out.json"], "folder /nonexistent-folder does not exist"),
+    ],
+)
 def test_bad_arguments_are_user_errors(bench, argv, message):
     with pytest.raises(UserError, match=message):
         bench.main(argv)
 
 
 def test_bad_argument_is_one_line_and_exit_code_2():
-    process = subprocess.run([sys.executable, "scripts/benchmark.py", "--tiny", "--batch-size", "5"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+    process = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--tiny", "--batch-size", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == [
-        "error: --batch-size must be even and >= 2 (batch whitening and mixup), got 5"]
+        "error: --batch-size must be even and >= 2 (batch whitening and mixup), got 5"
+    ]
 
 
 def test_gpu_script_without_cuda_stops_with_one_line(tmp_path):
     """scripts/gpu_check.sh checks its environment first and names what is missing (here: CUDA)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT")}
     env.update(OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
-    process = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120, env=env)
+    process = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert process.returncode == 2
-    assert process.stderr.strip().splitlines()[-1] == ("error: CUDA not available: the GPU check needs CUDA, "
-                                                       "torch, torchvision, timm, torchdistill")
+    assert process.stderr.strip().splitlines()[-1] == (
+        "error: CUDA not available: the GPU check needs CUDA, torch, torchvision, timm, torchdistill"
+    )
     environment = (tmp_path / "environment.txt").read_text()
     assert f"torch {torch.__version__}" in environment and not (tmp_path / "benchmark.json").exists()
     assert not (tmp_path / "gpu_tests.log").exists()

@@ -1,5 +1,6 @@
-"""The demo orchestrator: both tracks' metrics.json (one schema) read alike, mean ± std over seeds, report and plot written,
-finished runs reused, a failing stage named in one line."""
+"""The demo orchestrator: both tracks' metrics.json (one schema) read alike, mean ± std over seeds, report and plot
+written, finished runs reused, a failing stage named in one line."""
+
 import importlib.util
 import json
 import statistics
@@ -18,18 +19,32 @@ spec.loader.exec_module(demo)
 
 
 def resnet_metrics(top1, curve):  # the ImageNet track's metrics.json keys
-    return {"top1": top1, "top5": 100.0, "val_top1_per_epoch": curve, "student": "resnet20",
-            "student_params": 272474, "wall_time_s": 30.0}
+    return {
+        "top1": top1,
+        "top5": 100.0,
+        "val_top1_per_epoch": curve,
+        "student": "resnet20",
+        "student_params": 272474,
+        "wall_time_s": 30.0,
+    }
 
 
 def deit_metrics(top1, curve):  # the DeiT track's metrics.json keys
-    return {"top1": top1, "top5": 100.0, "val_top1_per_epoch": curve, "student": "demo", "student_params": 237236,
-            "params": {"student": 237236, "projector": 33280, "total": 270516}, "wall_time_s": 40.0}
+    return {
+        "top1": top1,
+        "top5": 100.0,
+        "val_top1_per_epoch": curve,
+        "student": "demo",
+        "student_params": 237236,
+        "params": {"student": 237236, "projector": 33280, "total": 270516},
+        "wall_time_s": 40.0,
+    }
 
 
 def finished_stage(tmp_path, track, method, seed, metrics):
-    stage = demo.Stage(track, method, seed, [sys.executable, "-c", "raise SystemExit(1)"],
-                       tmp_path / f"{track}-{method}-{seed}")
+    stage = demo.Stage(
+        track, method, seed, [sys.executable, "-c", "raise SystemExit(1)"], tmp_path / f"{track}-{method}-{seed}"
+    )
     stage.output.mkdir(parents=True)
     stage.metrics_file.write_text(json.dumps(metrics))
     (stage.output / demo.COMMAND_STAMP).write_text(json.dumps(stage.command[1:]))
@@ -69,10 +84,14 @@ def test_summary_report_and_plot_from_both_tracks(tmp_path):
 
 
 def test_failing_stage_names_itself_and_its_log(tmp_path):
-    stage = demo.Stage("ResNet track", "kd", 0, [sys.executable, "-c", "print('boom'); raise SystemExit(2)"],
-                       tmp_path / "kd")
-    with pytest.raises(UserError, match=r"demo stage 'ResNet track: logit KD only, seed 0' failed \(exit 2\); "
-                                        r"full output in .*kd/console.txt"):
+    stage = demo.Stage(
+        "ResNet track", "kd", 0, [sys.executable, "-c", "print('boom'); raise SystemExit(2)"], tmp_path / "kd"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"demo stage 'ResNet track: logit KD only, seed 0' failed \(exit 2\); "
+        r"full output in .*kd/console.txt",
+    ):
         demo.run_stage(stage, 3, 19, threads=1)
     assert "boom" in (tmp_path / "kd" / "console.txt").read_text()
 
@@ -91,28 +110,40 @@ def test_stage_commands_use_the_real_entry_points_and_demo_configs(tmp_path):
     resnet = demo.resnet_stage("kd", 1, tmp_path, tmp_path, tmp_path / "best.pth", extra)
     assert resnet.command[-3:] == ["--opts", *extra]
     assert demo.deit_stage("kd", 1, tmp_path, tmp_path, tmp_path / "best.pth", extra).command[-5:] == [
-        "--opts", "seed", "1", *extra]
+        "--opts",
+        "seed",
+        "1",
+        *extra,
+    ]
 
 
 def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     stage = finished_stage(tmp_path, "DeiT track", "kd", 0, deit_metrics(90.0, [90.0]))
     stage.command.append("--other-setting")
-    with pytest.raises(UserError, match=r"kd-0 holds a finished run with other settings than this call's; "
-                                        r"rerun with --fresh, or pick another --output"):
+    with pytest.raises(
+        UserError,
+        match=r"kd-0 holds a finished run with other settings than this call's; "
+        r"rerun with --fresh, or pick another --output",
+    ):
         demo.run_stage(stage, 1, 1, threads=1)
 
 
 def test_holdout_report_says_what_it_scored_on(tmp_path):
-    results = [(finished_stage(tmp_path, "DeiT track", method, 0, deit_metrics(value, [value])), None)
-               for method, value in (("baseline", 90.0), ("kd", 91.0), ("projector", 92.5))]
+    results = [
+        (finished_stage(tmp_path, "DeiT track", method, 0, deit_metrics(value, [value])), None)
+        for method, value in (("baseline", 90.0), ("kd", 91.0), ("projector", 92.5))
+    ]
     rows = demo.summarise([(stage, json.loads(stage.metrics_file.read_text())) for stage, _ in results])
-    summary = demo.write_report(rows, tmp_path, [0], 50, wall_time=1.0, holdout=True,
-                                overrides=["DeiT: distillation.proj_weight 0.5"])
+    summary = demo.write_report(
+        rows, tmp_path, [0], 50, wall_time=1.0, holdout=True, overrides=["DeiT: distillation.proj_weight 0.5"]
+    )
     report = (tmp_path / "report.md").read_text()
     assert "scored on the **30 held-out images per class**" in report
     assert "Overrides: `DeiT: distillation.proj_weight 0.5`." in report
-    assert "DeiT track: projector KD beats no distillation by +2.50 top-1 points (mean over 1 seed; " \
-           "logit KD alone: +1.00)" in summary
+    assert (
+        "DeiT track: projector KD beats no distillation by +2.50 top-1 points (mean over 1 seed; "
+        "logit KD alone: +1.00)" in summary
+    )
 
 
 def test_baselines_run_beside_the_teacher_and_distilled_students_after_it(monkeypatch, tmp_path):
@@ -131,9 +162,12 @@ def test_baselines_run_beside_the_teacher_and_distilled_students_after_it(monkey
 
     monkeypatch.setattr(demo, "run_stage", fake_run_stage)
     teacher = demo.Stage("teacher", "teacher", None, [], tmp_path / "teacher")
-    students = [demo.Stage(track, method, seed, [], tmp_path / f"{track}{method}{seed}")
-                for track in ("ResNet track", "DeiT track") for method in ("baseline", "kd", "projector")
-                for seed in (0, 1)]
+    students = [
+        demo.Stage(track, method, seed, [], tmp_path / f"{track}{method}{seed}")
+        for track in ("ResNet track", "DeiT track")
+        for method in ("baseline", "kd", "projector")
+        for seed in (0, 1)
+    ]
     results = demo.run_all(teacher, students, jobs=2, threads=1)
     assert [stage for stage, _ in results] == [teacher, *students]
     assert [metrics["top1"] for _, metrics in results] == [1.0, *range(2, 14)]
@@ -157,8 +191,11 @@ def test_a_failing_teacher_cancels_the_stages_not_started(monkeypatch, tmp_path)
 
     monkeypatch.setattr(demo, "run_stage", fake_run_stage)
     teacher = demo.Stage("teacher", "teacher", None, [], tmp_path / "teacher")
-    students = [demo.Stage("DeiT track", method, seed, [], tmp_path / f"{method}{seed}")
-                for method in ("baseline", "kd") for seed in range(20)]
+    students = [
+        demo.Stage("DeiT track", method, seed, [], tmp_path / f"{method}{seed}")
+        for method in ("baseline", "kd")
+        for seed in range(20)
+    ]
     with pytest.raises(UserError, match="teacher failed"):
         demo.run_all(teacher, students, jobs=1, threads=2)
     assert started[0] == "teacher" and len(started) <= 2  # a free worker may take one stage before the cancel

@@ -7,6 +7,7 @@ as much as bf16 rounding moves torchdistill's SRD box). torch.compile runs with 
 the same graphs (dynamo + AOT autograd) as Inductor but skips Inductor's C++ code generation, which takes about 90 s
 per model on two cores.
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,6 +113,6 @@ def test_judge_parity_budgets(bench):
     rounded = (10.05, shifted(0.02))
     result = bench.judge_parity(reference, rounded, (10.02, shifted(0.04)), exact, torch.bfloat16)
     assert result["ok"] and result["precision"]["grad_tolerance"] == pytest.approx(0.045, rel=1e-5)
-    assert result["precision"]["loss_tolerance"] == pytest.approx(max(2 * 0.05, 10 * 2 ** -7) + 1e-5 + 1e-3)
+    assert result["precision"]["loss_tolerance"] == pytest.approx(max(2 * 0.05, 10 * 2**-7) + 1e-5 + 1e-3)
     assert not bench.judge_parity(reference, rounded, (10.02, shifted(0.05)), exact, torch.bfloat16)["ok"]
     assert not bench.judge_parity(reference, rounded, (10.2, shifted(0.01)), exact, torch.bfloat16)["ok"]

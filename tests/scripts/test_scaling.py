@@ -1,4 +1,5 @@
 """What docs/scaling.md states about learning-rate scaling and gradient accumulation, checked on the real code."""
+
 from __future__ import annotations
 
 import copy
@@ -18,16 +19,18 @@ from projector_kd.errors import UserError
 RECIPE = "configs/ilsvrc2012/ours/res3418.yaml"
 
 
-@pytest.mark.parametrize("per_gpu, world_size, lr, warmup_lr, min_lr", [
-    (256, 1, 2.5e-4, 2.5e-7, 2.5e-6),
-    (256, 8, 2e-3, 2e-6, 2e-5),
-    (256, 16, 4e-3, 4e-6, 4e-5),
-    (128, 2, 2.5e-4, 2.5e-7, 2.5e-6),
-])
+@pytest.mark.parametrize(
+    "per_gpu, world_size, lr, warmup_lr, min_lr",
+    [
+        (256, 1, 2.5e-4, 2.5e-7, 2.5e-6),
+        (256, 8, 2e-3, 2e-6, 2e-5),
+        (256, 16, 4e-3, 4e-6, 4e-5),
+        (128, 2, 2.5e-4, 2.5e-7, 2.5e-6),
+    ],
+)
 def test_deit_learning_rates_follow_the_global_batch(per_gpu, world_size, lr, warmup_lr, min_lr):
     cfg = load_config("tiny", flags={"data.batch_size": per_gpu})
-    assert scaled_lrs(cfg, world_size) == pytest.approx({"lr": lr, "warmup_lr": warmup_lr, "min_lr": min_lr},
-                                                        rel=1e-12)
+    assert scaled_lrs(cfg, world_size) == pytest.approx({"lr": lr, "warmup_lr": warmup_lr, "min_lr": min_lr}, rel=1e-12)
 
 
 def test_resnet_recipe_batch_and_lr_and_accumulation_key():
@@ -53,15 +56,25 @@ def test_torchdistill_accumulation_equals_averaging_micro_batch_gradients():
         teacher = resnet18(num_classes=5).eval()
         student = resnet18(num_classes=5)
         generator = torch.Generator().manual_seed(0)
-        batches = [(torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 5, (4,), generator=generator))
-                   for _ in range(2)]
+        batches = [
+            (torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 5, (4,), generator=generator))
+            for _ in range(2)
+        ]
         config = projector_box_config(512, 512)
         accumulating = copy.deepcopy(config)
         accumulating["optimizer"]["grad_accum_step"] = 2
         boxes = []
         for train_config in (accumulating, config):
-            box = get_distillation_box(copy.deepcopy(teacher), copy.deepcopy(student), {"train": TensorDataset(
-                *batches[0])}, train_config, torch.device("cpu"), None, False, 1)
+            box = get_distillation_box(
+                copy.deepcopy(teacher),
+                copy.deepcopy(student),
+                {"train": TensorDataset(*batches[0])},
+                train_config,
+                torch.device("cpu"),
+                None,
+                False,
+                1,
+            )
             box.pre_epoch_process(epoch=0)
             boxes.append(box)
         acc_box, manual_box = boxes
@@ -84,8 +97,9 @@ def test_torchdistill_accumulation_equals_averaging_micro_batch_gradients():
         manual_box.optimizer.step()
 
         moved = 0
-        for (name, acc_param), manual_param in zip(acc_box.student_model.named_parameters(),
-                                                    manual_box.student_model.parameters()):
+        for (name, acc_param), manual_param in zip(
+            acc_box.student_model.named_parameters(), manual_box.student_model.parameters()
+        ):
             torch.testing.assert_close(acc_param, manual_param, rtol=1e-12, atol=1e-14, msg=name)
             moved += not torch.equal(acc_param, start[name])
         assert moved > 0
