@@ -1,6 +1,6 @@
 """Training step, epoch loop and evaluation of the DeiT track.
 
-One training step (SPEC §4), with y the mixup/cutmix soft targets and x the mixed images seen by both networks::
+One training step (docs/method.md), with y the mixup/cutmix soft targets and x the mixed images seen by both networks::
 
     loss = SoftTargetCE(head(x), y)                                   'ce'
          + kd_weight   * KL(softmax(teacher(x)) || softmax(head_conv(x)))   'kd'    (method kd, projector)
@@ -586,48 +586,3 @@ class Trainer:
             )
         self.global_step = state["global_step"]
         return state["epoch"], state["next_batch"]
-
-
-def build_train_step(
-    recipe: str = "release",
-    model: str = "tiny",
-    batch_size: int = 256,
-    img_size: int | None = None,
-    device: str | torch.device = "cuda",
-    teacher: str = "regnety_160",
-    num_classes: int = 1000,
-    **model_overrides: Any,
-) -> tuple[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]], Trainer]:
-    """One training step of the DeiT recipe for benchmarks, with randomly initialised networks.
-
-    ``recipe``: ``'release'`` (fp16 autocast + GradScaler on CUDA, eager, foreach AdamW) or ``'fast'`` (bf16,
-    channels_last, torch.compile, fused AdamW). Returns ``(step, trainer)``; ``step(images, labels)`` takes a batch
-    (uint8 or float images (B, 3, S, S) and int labels, on any device) and returns the loss terms (0-dim tensors on
-    the device; the fast step reads nothing to the host).
-    ``trainer.teacher_forward`` times teacher inference alone. ``model_overrides`` set ``model.*`` keys.
-    """
-    import timm
-
-    from .config import load_config
-    from .models import build_student
-
-    if recipe not in ("release", "fast"):
-        raise UserError(f"recipe must be 'release' or 'fast', got {recipe!r}")
-    cfg = load_config(
-        model,
-        flags={
-            "fast": recipe == "fast",
-            "data.batch_size": batch_size,
-            "model.img_size": img_size,
-            "teacher.name": teacher,
-            "model.num_classes": num_classes,
-            **{f"model.{k}": v for k, v in model_overrides.items()},
-        },
-    )
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    teacher_net = timm.create_model(cfg["teacher"]["name"], num_classes=num_classes, pretrained=False).eval()
-    for param in teacher_net.parameters():
-        param.requires_grad_(False)
-    student = build_student(cfg, teacher_dim=teacher_net.num_features)
-    trainer = Trainer(cfg, env, student, teacher_net, steps_per_epoch=1000)
-    return trainer.train_step, trainer

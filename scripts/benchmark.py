@@ -46,7 +46,6 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from projector_kd.distributed import seed_everything
 from projector_kd.errors import UserError, run_cli
 from projector_kd.runs import write_json
 
@@ -218,170 +217,33 @@ def make_row(
     )
 
 
-# ------------------------------------------------------------------------------------------------------ parity
-#
-# Two checks on one batch (the timed batch size, so Inductor's cache serves the graphs compiled for timing) with
-# identical weights, against the reference recipe computed eagerly in strict float32 (TF32 off):
-#   math:      the fast path's set-up with autocast and torch.compile off must match to float32 tolerance
-#              (channels_last, fused optimizer, no input checks, the project's box instead of torchdistill's SRD box:
-#              none may change the method);
-#   precision: the fast path exactly as it runs (compiled; bf16 where it uses it) may deviate at most twice as much
-#              as bf16 autocast alone moves the reference (the loss also by two bf16 units in the last place), plus
-#              the float32 tolerance.
-
-FP32_LOSS_RTOL, FP32_LOSS_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-5, 5e-3
-ROUNDING_FACTOR = 2.0
-LOW_PRECISION_LOSS_RTOL = 2**-7  # two bf16 units in the last place: one sample's rounding shift can be near 0
-Result = tuple[float, dict[str, torch.Tensor]]
-
-
-@contextlib.contextmanager
-def strict_fp32() -> Any:
-    """TF32 off for CUDA matmuls and convolutions inside the block; the previous flags are restored."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def gradient_difference(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """``||g_c - g_r|| / ||g_r||`` and the cosine of all gradients concatenated, and the worst tensor's relative
-    difference among tensors holding at least 1e-4 of the reference norm (the projector bias, whose gradient is zero
-    up to rounding because whitening removes it, is left out that way)."""
-    if reference.keys() != candidate.keys():
-        raise ValueError(f"gradient sets differ: {sorted(set(reference) ^ set(candidate))[:4]}")
-    ref = torch.cat([reference[k].double().flatten().cpu() for k in reference])
-    cand = torch.cat([candidate[k].double().flatten().cpu() for k in reference])
-    total = ref.norm().item()
-    worst_name, worst = "", 0.0
-    for name in reference:
-        r, c = reference[name].double(), candidate[name].double()
-        norm = r.norm().item()
-        if norm >= 1e-4 * total and (c - r).norm().item() / norm > worst:
-            worst_name, worst = name, (c - r).norm().item() / norm
-    return {
-        "grad_rel_diff": ((cand - ref).norm() / total).item(),
-        "grad_cosine": torch.nn.functional.cosine_similarity(ref, cand, dim=0).item(),
-        "worst_tensor": worst_name,
-        "worst_tensor_rel_diff": worst,
-    }
-
-
-def judge_parity(
-    reference: Result, rounded: Result, fast: Result, fast_fp32: Result, low_dtype: torch.dtype | None
-) -> dict[str, Any]:
-    """Verdict of the two checks described above. ``rounded``: the reference under the fast path's autocast dtype
-    (the reference itself when the fast path has none)."""
-    loss_ref = reference[0]
-    fp32_loss_tol = FP32_LOSS_ATOL + FP32_LOSS_RTOL * abs(loss_ref)
-    math_grads = gradient_difference(reference[1], fast_fp32[1])
-    math_ok = abs(fast_fp32[0] - loss_ref) <= fp32_loss_tol and math_grads["grad_rel_diff"] <= FP32_GRAD_RTOL
-    rounding = gradient_difference(reference[1], rounded[1])
-    actual = gradient_difference(reference[1], fast[1])
-    loss_budget = (
-        max(ROUNDING_FACTOR * abs(rounded[0] - loss_ref), LOW_PRECISION_LOSS_RTOL * abs(loss_ref) if low_dtype else 0.0)
-        + fp32_loss_tol
-    )
-    grad_budget = ROUNDING_FACTOR * rounding["grad_rel_diff"] + FP32_GRAD_RTOL
-    precision_ok = abs(fast[0] - loss_ref) <= loss_budget and actual["grad_rel_diff"] <= grad_budget
-    return {
-        "ok": bool(math_ok and precision_ok and math.isfinite(fast[0])),
-        "fast_dtype": str(low_dtype).removeprefix("torch.") if low_dtype else "float32",
-        "loss_reference_fp32": loss_ref,
-        "math": {
-            "ok": bool(math_ok),
-            "loss_fast_fp32": fast_fp32[0],
-            "loss_abs_diff": abs(fast_fp32[0] - loss_ref),
-            "loss_tolerance": fp32_loss_tol,
-            "grad_tolerance": FP32_GRAD_RTOL,
-            **math_grads,
-        },
-        "precision": {
-            "ok": bool(precision_ok),
-            "loss_fast": fast[0],
-            "loss_abs_diff": abs(fast[0] - loss_ref),
-            "loss_tolerance": loss_budget,
-            "grad_tolerance": grad_budget,
-            **actual,
-            "reference_rounded": {"loss_abs_diff": abs(rounded[0] - loss_ref), **rounding},
-        },
-    }
-
-
 # ---------------------------------------------------------------------------------------------------- DeiT track
 
 
-def deit_batch(sizes: Sizes, batch_size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic batch; steps get a copy each time because the track's mixup mixes its input in place."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, sizes.deit_img_size, sizes.deit_img_size, generator=generator)
-    labels = torch.randint(0, sizes.num_classes, (batch_size,), generator=generator)
-    return images.to(device), labels.to(device)
-
-
-def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device, **overrides: Any) -> Any:
-    """The DeiT track's trainer for ``recipe`` ('release' | 'fast') with random weights (its ``build_train_step``)."""
-    from deit.engine import build_train_step
-
-    _, trainer = build_train_step(
-        recipe,
+def deit_kwargs(sizes: Sizes) -> dict[str, Any]:
+    """The DeiT models of ``sizes`` as keyword arguments of ``deit.benchmark.build_train_step``."""
+    return dict(
         model=sizes.deit_model,
-        batch_size=batch_size,
         img_size=sizes.deit_img_size,
-        device=device,
         teacher=sizes.deit_teacher,
         num_classes=sizes.num_classes,
-        **{**sizes.deit_overrides, **overrides},
+        **sizes.deit_overrides,
     )
+
+
+def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device) -> Any:
+    """The DeiT track's trainer for ``recipe`` ('release' | 'fast') with random weights (its ``build_train_step``)."""
+    from deit.benchmark import build_train_step
+
+    _, trainer = build_train_step(recipe, batch_size=batch_size, device=device, **deit_kwargs(sizes))
     return trainer
-
-
-def deit_gradients(
-    trainer: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None
-) -> Result:
-    """Loss and student gradients of one forward/backward (no optimizer step, no loss scaling) on ``trainer`` with
-    ``autocast_dtype`` (None: float32); mixup/cutmix seeded identically every call."""
-    saved = trainer.autocast_dtype
-    trainer.autocast_dtype = autocast_dtype
-    try:
-        seed_everything(0)
-        x, y = trainer.prepare_batch(images.clone(), labels)  # mixup mixes a batch in place
-        loss = sum(trainer.compute_terms(x, y).values())
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    finally:
-        trainer.autocast_dtype = saved
-    return loss.item(), {
-        n: p.grad.detach().float() for n, p in trainer.student.named_parameters() if p.grad is not None
-    }
-
-
-def deit_parity_pair(sizes: Sizes, batch_size: int, device: torch.device) -> tuple[Any, Any]:
-    """Release and fast DeiT trainers with the same weights, drop path off (its random masks differ under compile)."""
-    release = build_deit("release", sizes, batch_size, device, drop_path=0.0)
-    fast = build_deit("fast", sizes, batch_size, device, drop_path=0.0)
-    fast.student.load_state_dict(release.student.state_dict())
-    fast.teacher.load_state_dict(release.teacher.state_dict())
-    return release, fast
-
-
-def deit_parity_check(release: Any, fast: Any, sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
-    """Parity verdict of a :func:`deit_parity_pair` on one batch; the release trainer computes the references."""
-    images, labels = deit_batch(sizes, batch_size, device, seed=1)
-    low = fast.autocast_dtype
-    fast_run = deit_gradients(fast, images, labels, low)  # first: a compile failure falls back to eager here
-    with strict_fp32(), torch._dynamo.config.patch(disable=True):
-        reference = deit_gradients(release, images, labels, None)
-        fast_fp32 = deit_gradients(fast, images, labels, None)
-    rounded = deit_gradients(release, images, labels, low) if low else reference
-    return judge_parity(reference, rounded, fast_run, fast_fp32, low)
 
 
 def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> tuple[list[Row], Any]:
     """Release step, fast step and teacher floor; returns the rows and the fast trainer (for the end-to-end run)."""
-    images, labels = deit_batch(sizes, args.batch_size, device)
+    from deit.benchmark import deit_batch
+
+    images, labels = deit_batch(args.batch_size, sizes.deit_img_size, sizes.num_classes, device)
     rows = []
     reset_memory(device)
     release = build_deit("release", sizes, args.batch_size, device)
@@ -456,61 +318,8 @@ def resnet_kwargs(sizes: Sizes, batch_size: int, device: torch.device) -> dict[s
     )
 
 
-def resnet_gradients(
-    box: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None, projector: torch.nn.Linear
-) -> Result:
-    """Loss and gradients (student network + projector) of one forward/backward of a torchdistill box, no step."""
-    from imagenet.engine import student_of, unwrap
-
-    context = (
-        torch.autocast(device_type=images.device.type, dtype=autocast_dtype)
-        if autocast_dtype
-        else contextlib.nullcontext()
-    )
-    box.optimizer.zero_grad(set_to_none=True)
-    with context:
-        loss = box.forward_process(images, labels)
-    loss.backward()
-    named = [(f"student.{n}", p) for n, p in unwrap(student_of(box)).named_parameters()]
-    named += [(f"projector.{n}", p) for n, p in projector.named_parameters()]
-    return loss.item(), {n: p.grad.detach().float() for n, p in named if p.grad is not None}
-
-
-def resnet_parity_pair(sizes: Sizes, batch_size: int, device: torch.device) -> tuple[Any, Any]:
-    """torchdistill's SRD box (the reference) and this project's box on the fast path, with the same networks
-    (same seed) and the same projector weights."""
-    from imagenet.fast import build_fast_step, build_reference_step
-
-    kwargs = resnet_kwargs(sizes, batch_size, device)
-    reference_box = build_reference_step(**kwargs).box
-    fast_box = build_fast_step(**kwargs).box
-    fast_box.student_model.distill_loss.embed.load_state_dict(reference_box.student_model.linear.state_dict())
-    return reference_box, fast_box
-
-
-def resnet_parity_check(
-    reference_box: Any, fast_box: Any, sizes: Sizes, batch_size: int, device: torch.device
-) -> dict[str, Any]:
-    """Parity verdict of a :func:`resnet_parity_pair` on one batch (the fast box autocasts as the fast path does)."""
-    from imagenet.fast import bf16_supported
-
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(batch_size, 3, sizes.resnet_img_size, sizes.resnet_img_size, generator=generator).to(device)
-    labels = torch.randint(0, sizes.num_classes, (batch_size,), generator=generator).to(device)
-    fast_images = images.contiguous(memory_format=torch.channels_last)
-    srd_linear = reference_box.student_model.linear
-    projector = fast_box.student_model.distill_loss.embed
-    low = torch.bfloat16 if bf16_supported(device) else None
-    fast_run = resnet_gradients(fast_box, fast_images, labels, low, projector)  # first: compile falls back here
-    with strict_fp32(), torch._dynamo.config.patch(disable=True):
-        reference = resnet_gradients(reference_box, images, labels, None, srd_linear)
-        fast_fp32 = resnet_gradients(fast_box, fast_images, labels, None, projector)
-    rounded = resnet_gradients(reference_box, images, labels, low, srd_linear) if low else reference
-    return judge_parity(reference, rounded, fast_run, fast_fp32, low)
-
-
 def bench_resnet(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> list[Row]:
-    from imagenet.fast import build_fast_step, build_reference_step, build_teacher_step
+    from imagenet.benchmark import build_fast_step, build_reference_step, build_teacher_step
 
     kwargs = resnet_kwargs(sizes, args.batch_size, device)
     rows = []
@@ -813,7 +622,8 @@ def time_resnet_loaders(
     sizes: Sizes, args: argparse.Namespace, device: torch.device, workers: int, batches: int, step_only_img_s: float
 ) -> list[dict[str, Any]]:
     """One row per loader for :func:`bench_resnet_loaders`."""
-    from imagenet.fast import bf16_supported, build_fast_step
+    from imagenet.benchmark import build_fast_step
+    from imagenet.fast import bf16_supported
 
     box = build_fast_step(**resnet_kwargs(sizes, args.batch_size, device)).box
     autocast = (
@@ -898,6 +708,23 @@ def format_resnet_loaders(result: dict[str, Any]) -> str:
             f"end-to-end resnet: {row['loader']} loader ({row['decoding'] or '-'}) feeding the fast step: {figure}"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ parity
+
+
+def check_parity(track: str, sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The track's parity check (``projector_kd.parity``) on one batch of the timed size, so that Inductor's cache
+    serves the graphs compiled for timing."""
+    if track == "deit":
+        from deit.benchmark import deit_parity_check, deit_parity_pair
+
+        pair = deit_parity_pair(batch_size, device, **deit_kwargs(sizes))
+        return deit_parity_check(*pair, batch_size, device)
+    from imagenet.benchmark import resnet_parity_check, resnet_parity_pair
+
+    pair = resnet_parity_pair(**resnet_kwargs(sizes, batch_size, device))
+    return resnet_parity_check(*pair, batch_size, sizes.resnet_img_size, sizes.num_classes, device)
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -1089,12 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_parity:
             print(f"[{track}] parity ...", flush=True)
             started = time.perf_counter()
-            if track == "deit":
-                pair = deit_parity_pair(sizes, args.batch_size, device)
-                parity[track] = deit_parity_check(*pair, sizes, args.batch_size, device)
-            else:
-                pair = resnet_parity_pair(sizes, args.batch_size, device)
-                parity[track] = resnet_parity_check(*pair, sizes, args.batch_size, device)
+            parity[track] = check_parity(track, sizes, args.batch_size, device)
             seconds[f"{track}_parity"] = time.perf_counter() - started
             print(format_parity(track, parity[track]), flush=True)
             reset_memory(device)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import deit.engine as engine
+from deit.benchmark import build_train_step
 from deit.config import load_config
-from deit.engine import CompiledOrEager, build_train_step
+from deit.engine import CompiledOrEager
 
 SMALL = dict(
     model="demo",

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from deit.benchmark import build_train_step
 from deit.config import load_config
 from deit.datasets import build_loaders
-from deit.engine import Trainer, build_train_step
+from deit.engine import Trainer
 from projector_kd.distributed import DistEnv
 
 pytestmark = pytest.mark.gpu

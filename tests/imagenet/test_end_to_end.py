@@ -1,6 +1,6 @@
-"""Issue 4 end to end through the real entry point: teacher training, projector distillation from that teacher,
--test_only / -student_only on the written checkpoints, 2 gloo ranks under torchrun, and the release command run from
-inside imagenet/ with its relative config path."""
+"""The ResNet track (docs/method.md) end to end through the real entry point: teacher training, projector
+distillation from that teacher, -test_only / -student_only on the written checkpoints, 2 gloo ranks under torchrun,
+and the release command run from inside imagenet/ with its relative config path."""
 
 from __future__ import annotations
 

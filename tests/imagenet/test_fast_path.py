@@ -66,7 +66,8 @@ def _fast_box_step(tmp_path, monkeypatch):
     from torchdistill.core.distillation import get_distillation_box
 
     from imagenet import engine
-    from imagenet.fast import _networks, apply_fast_path, projector_box_config
+    from imagenet.benchmark import _networks, projector_box_config
+    from imagenet.fast import apply_fast_path
 
     device = torch.device("cpu")
     teacher, student, t_dim, s_dim = _networks("resnet34", "resnet18", 10, device, seed=0)

@@ -9,7 +9,8 @@ from torchdistill.core.distillation import get_distillation_box
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from imagenet import engine
-from imagenet.fast import CompiledWithFallback, apply_fast_path, projector_box_config
+from imagenet.benchmark import projector_box_config
+from imagenet.fast import CompiledWithFallback, apply_fast_path
 
 pytestmark = pytest.mark.gpu
 

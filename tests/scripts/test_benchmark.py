@@ -136,19 +136,26 @@ def test_smoke_run_times_both_resnet_loaders_end_to_end(smoke):
 def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     timed = []
-    monkeypatch.setattr(bench, "time_loader", lambda loader, batches, device, step: timed.append(loader) or 50.0)
+    monkeypatch.setattr(
+        bench, "time_loader", lambda loader, batches, device, step, workers: timed.append((loader, workers)) or 50.0
+    )
     args = bench.parse_args(["--tiny", "--no-compile"])
     result = bench.bench_resnet_loaders(bench.TINY, args, torch.device("cpu"), 25.0)
-    assert len(timed) == 1 and result["rows"] == [
-        {
-            "loader": "torchvision",
-            "decoding": "PIL, 2 worker processes",
-            "img_per_s": 50.0,
-            "vs_step_only": 2.0,
-            "note": None,
-        },
-        {"loader": "dali", "decoding": None, "img_per_s": None, "vs_step_only": None, "note": "DALI not installed"},
-    ]
+    assert (
+        len(timed) == 1
+        and timed[0][1] == 2
+        and result["rows"]
+        == [
+            {
+                "loader": "torchvision",
+                "decoding": "PIL, 2 worker processes",
+                "img_per_s": 50.0,
+                "vs_step_only": 2.0,
+                "note": None,
+            },
+            {"loader": "dali", "decoding": None, "img_per_s": None, "vs_step_only": None, "note": "DALI not installed"},
+        ]
+    )
     assert bench.format_resnet_loaders(result).splitlines()[1] == (
         "end-to-end resnet: dali loader (-) feeding the fast step: DALI not installed"
     )

@@ -1,11 +1,13 @@
-"""The fast path computes the same loss and gradients as the reference recipe, for both tracks (SPEC §7, issue 6).
+"""The fast path computes the same loss and gradients as the reference recipe, for both tracks, and the parity check
+fails where it should: a changed method, unsynchronised weights, gradients or losses outside their budgets.
 
-Built with the tracks' own step builders through ``scripts/benchmark.py``'s parity check, on the CPU. With autocast
-and compile off, both fast paths must match their reference to float32 tolerance. As they run: the DeiT fast path is
-float32 on the CPU (so float32 tolerance again), the ResNet fast path autocasts to bf16 (so it may deviate only about
-as much as bf16 rounding moves torchdistill's SRD box). torch.compile runs with the ``aot_eager`` backend: it captures
-the same graphs (dynamo + AOT autograd) as Inductor but skips Inductor's C++ code generation, which takes about 90 s
-per model on two cores.
+Built with the tracks' own step builders (``deit.benchmark``, ``imagenet.benchmark``) and judged by
+``projector_kd.parity`` as ``scripts/benchmark.py`` does, on the CPU with tiny models. With autocast and compile off,
+both fast paths must match their reference to float32 tolerance. As they run: the DeiT fast path is float32 on the CPU
+(so float32 tolerance again), the ResNet fast path autocasts to bf16 (so it may deviate only about as much as bf16
+rounding moves torchdistill's SRD box). torch.compile runs with the ``aot_eager`` backend: it captures the same graphs
+(dynamo + AOT autograd) as Inductor but skips Inductor's C++ code generation, which takes about 90 s per model on two
+cores.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import functools
 import pytest
 import torch
 from torch._dynamo.utils import counters
+
+from deit.benchmark import deit_parity_check, deit_parity_pair
+from imagenet.benchmark import resnet_parity_check, resnet_parity_pair
+from projector_kd.parity import FP32_GRAD_RTOL, judge_parity
 
 
 @pytest.fixture
@@ -37,11 +43,15 @@ def no_compile():
 
 CPU = torch.device("cpu")
 BATCH = 8
+DEIT_TINY = dict(
+    model="tiny", img_size=16, teacher="regnety_002", num_classes=10, embed_dim=48, depth=2, num_heads=2, patch_size=4
+)
+RESNET_TINY = dict(teacher_arch="resnet34", student_arch="resnet18", image_size=32, num_classes=10)
 
 
-def test_deit_fast_path_matches_release_recipe(bench, aot_eager_compile):
-    release, fast = bench.deit_parity_pair(bench.TINY, BATCH, CPU)
-    result = bench.deit_parity_check(release, fast, bench.TINY, BATCH, CPU)
+def test_deit_fast_path_matches_release_recipe(aot_eager_compile):
+    release, fast = deit_parity_pair(BATCH, CPU, **DEIT_TINY)
+    result = deit_parity_check(release, fast, BATCH, CPU)
     assert aot_eager_compile() >= 2  # teacher and student objective were really compiled
     assert result["ok"], result
     assert result["fast_dtype"] == "float32"  # no autocast on the CPU in the DeiT track
@@ -53,9 +63,11 @@ def test_deit_fast_path_matches_release_recipe(bench, aot_eager_compile):
         assert result[check]["grad_cosine"] >= 1 - 1e-8
 
 
-def test_resnet_fast_path_matches_torchdistill_srd_box(bench, aot_eager_compile):
-    reference_box, fast_box = bench.resnet_parity_pair(bench.TINY, BATCH, CPU)
-    result = bench.resnet_parity_check(reference_box, fast_box, bench.TINY, BATCH, CPU)
+def test_resnet_fast_path_matches_torchdistill_srd_box(aot_eager_compile):
+    reference_box, fast_box = resnet_parity_pair(batch_size=BATCH, device=CPU, **RESNET_TINY)
+    result = resnet_parity_check(
+        reference_box, fast_box, BATCH, RESNET_TINY["image_size"], RESNET_TINY["num_classes"], CPU
+    )
     assert aot_eager_compile() >= 2  # teacher and student networks were really compiled
     assert result["ok"], result
     assert result["fast_dtype"] == "bfloat16"
@@ -66,43 +78,45 @@ def test_resnet_fast_path_matches_torchdistill_srd_box(bench, aot_eager_compile)
     # bf16 really ran (the SRD box itself moves under bf16), and the fast path stays within twice that
     rounding = precision["reference_rounded"]["grad_rel_diff"]
     assert rounding > 1e-3
-    assert precision["grad_rel_diff"] <= 2 * rounding + bench.FP32_GRAD_RTOL
+    assert precision["grad_rel_diff"] <= 2 * rounding + FP32_GRAD_RTOL
 
 
-def test_parity_check_catches_a_changed_method(bench, no_compile):
+def test_parity_check_catches_a_changed_method(no_compile):
     """A fast path whose loss differs from the reference (soft-maximum exponent 2 instead of 4) fails both checks."""
-    release, fast = bench.deit_parity_pair(bench.TINY, BATCH, CPU)
+    release, fast = deit_parity_pair(BATCH, CPU, **DEIT_TINY)
     fast.student.distillation_loss.exponent = 2.0
-    result = bench.deit_parity_check(release, fast, bench.TINY, BATCH, CPU)
+    result = deit_parity_check(release, fast, BATCH, CPU)
     assert not result["ok"] and not result["math"]["ok"]
     assert result["math"]["loss_abs_diff"] > 100 * result["math"]["loss_tolerance"]
 
 
-def test_parity_check_catches_unsynchronised_weights(bench, no_compile):
+def test_parity_check_catches_unsynchronised_weights(no_compile):
     """Different projector weights in the fast box than in torchdistill's SRD box fail the check. (A pure rescaling of
     the projector would not: the whitening after it removes scale and bias.)"""
-    reference_box, fast_box = bench.resnet_parity_pair(bench.TINY, BATCH, CPU)
+    reference_box, fast_box = resnet_parity_pair(batch_size=BATCH, device=CPU, **RESNET_TINY)
     weight = fast_box.student_model.distill_loss.embed.weight
     with torch.no_grad():
         weight.add_(0.05 * weight.abs().mean() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
-    result = bench.resnet_parity_check(reference_box, fast_box, bench.TINY, BATCH, CPU)
+    result = resnet_parity_check(
+        reference_box, fast_box, BATCH, RESNET_TINY["image_size"], RESNET_TINY["num_classes"], CPU
+    )
     assert not result["math"]["ok"]
-    assert result["math"]["grad_rel_diff"] > bench.FP32_GRAD_RTOL
+    assert result["math"]["grad_rel_diff"] > FP32_GRAD_RTOL
 
 
 def _grads(values: list[float]) -> dict[str, torch.Tensor]:
     return {"w": torch.tensor(values[:2]), "b": torch.tensor(values[2:])}
 
 
-def test_judge_parity_budgets(bench):
+def test_judge_parity_budgets():
     reference = (10.0, _grads([1.0, 2.0, 3.0, 4.0]))
     exact = (10.0, _grads([1.0, 2.0, 3.0, 4.0]))
     # float32 fast path: equal passes; a 1% gradient change or a 1e-3 relative loss change fails
-    assert bench.judge_parity(reference, reference, exact, exact, None)["ok"]
+    assert judge_parity(reference, reference, exact, exact, None)["ok"]
     off_grad = (10.0, _grads([1.01, 2.02, 3.03, 4.04]))
-    result = bench.judge_parity(reference, reference, off_grad, off_grad, None)
+    result = judge_parity(reference, reference, off_grad, off_grad, None)
     assert not result["ok"] and result["math"]["grad_rel_diff"] == pytest.approx(0.01, rel=1e-6)
-    assert not bench.judge_parity(reference, reference, (10.01, exact[1]), exact, None)["ok"]
+    assert not judge_parity(reference, reference, (10.01, exact[1]), exact, None)["ok"]
     # bf16 fast path: rounding moves the reference by ||d|| / ||g|| = 0.02; the budget is 2 * 0.02 + 5e-3
     norm = torch.tensor([1.0, 2.0, 3.0, 4.0]).norm().item()
 
@@ -111,8 +125,8 @@ def test_judge_parity_budgets(bench):
         return _grads([g + rel * norm * sign / 2 for g, sign in zip([1.0, 2.0, 3.0, 4.0], (1, -1, 1, -1))])
 
     rounded = (10.05, shifted(0.02))
-    result = bench.judge_parity(reference, rounded, (10.02, shifted(0.04)), exact, torch.bfloat16)
+    result = judge_parity(reference, rounded, (10.02, shifted(0.04)), exact, torch.bfloat16)
     assert result["ok"] and result["precision"]["grad_tolerance"] == pytest.approx(0.045, rel=1e-5)
     assert result["precision"]["loss_tolerance"] == pytest.approx(max(2 * 0.05, 10 * 2**-7) + 1e-5 + 1e-3)
-    assert not bench.judge_parity(reference, rounded, (10.02, shifted(0.05)), exact, torch.bfloat16)["ok"]
-    assert not bench.judge_parity(reference, rounded, (10.2, shifted(0.01)), exact, torch.bfloat16)["ok"]
+    assert not judge_parity(reference, rounded, (10.02, shifted(0.05)), exact, torch.bfloat16)["ok"]
+    assert not judge_parity(reference, rounded, (10.2, shifted(0.01)), exact, torch.bfloat16)["ok"]

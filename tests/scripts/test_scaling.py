@@ -11,8 +11,8 @@ from torchdistill.core.distillation import get_distillation_box
 from torchvision.models import resnet18
 
 from deit.config import load_config, scaled_lrs
+from imagenet.benchmark import projector_box_config
 from imagenet.config import check_recipe, find_recipe, load_recipe
-from imagenet.fast import projector_box_config
 from projector_kd.config import apply_overrides
 from projector_kd.errors import UserError
 
