@@ -61,6 +61,7 @@ from projector_kd.errors import UserError, run_cli
 from projector_kd.models import count_parameters
 from projector_kd.runs import (
     close_logging,
+    counted,
     output_path,
     prepare_output_dir,
     release_output_dirs,
@@ -274,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     started = time.perf_counter()
     if args.world_size != 1 and args.world_size != env.world_size:
-        raise UserError(f"--world_size {args.world_size} but torchrun started {env.world_size} process(es)")
+        raise UserError(
+            f"--world_size {args.world_size} but torchrun started {counted(env.world_size, 'process', 'processes')}"
+        )
     models_config = recipe["models"]
     student_config = models_config.get("student_model", models_config.get("model"))
     if not student_config.get("dst_ckpt"):
