@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from projector_kd.checkpoint import CheckpointError, load_checkpoint
+from projector_kd.checkpoint import CheckpointError, check_state_matches, load_checkpoint, state_mismatch
 from projector_kd.export import is_weights_export, load_weights_file
 
 PROJECTOR_PREFIX = "distillation_loss."
@@ -41,14 +41,9 @@ def model_state(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _shape_mismatches(own: dict, state: dict, keys: set[str]) -> list[str]:
-    return sorted(
-        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in keys if state[k].shape != own[k].shape
-    )
-
-
-def _listing(keys: list[str], limit: int = 6) -> str:
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+def _subset(state: dict, projector: bool) -> dict:
+    """The projector's entries of ``state`` (``projector``) or all others."""
+    return {k: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX) == projector}
 
 
 def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
@@ -67,30 +62,21 @@ def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool
     checkpoint = load_weights_file(path) if is_weights_export(path) else load_checkpoint(path, trusted=trusted)
     state = model_state(checkpoint, path)
     own = model.state_dict()
-    body_ckpt = {k for k in state if not k.startswith(PROJECTOR_PREFIX)}
-    body_own = {k for k in own if not k.startswith(PROJECTOR_PREFIX)}
     if "head.weight" in state and "head.weight" in own and state["head.weight"].shape[0] != own["head.weight"].shape[0]:
         raise CheckpointError(
             f"{path} was trained for {state['head.weight'].shape[0]} classes but the model has "
             f"{own['head.weight'].shape[0]} (model.num_classes); set model.num_classes to match"
         )
-    missing = sorted(body_own - body_ckpt)
-    unexpected = sorted(body_ckpt - body_own)
-    shapes = _shape_mismatches(own, state, body_own & body_ckpt)
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label}: {_listing(keys)}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-            if keys
-        ]
-        raise CheckpointError(
-            f"{path} does not match the model ({'; '.join(parts)}) — check --model, the width "
-            f"(model.embed_dim/depth) and model.img_size"
-        )
-    proj_ckpt = {k for k in state if k.startswith(PROJECTOR_PREFIX)}
-    proj_own = {k for k in own if k.startswith(PROJECTOR_PREFIX)}
-    report = LoadReport(path=path, loaded=sorted(body_own), meta=_meta(checkpoint))
-    if proj_ckpt == proj_own and not _shape_mismatches(own, state, proj_own):
+    check_state_matches(
+        _subset(own, projector=False),
+        _subset(state, projector=False),
+        path,
+        f"the model ({type(model).__name__})",
+        "check --model, the width (model.embed_dim/depth) and model.img_size",
+    )
+    proj_own, proj_ckpt = _subset(own, projector=True), _subset(state, projector=True)
+    report = LoadReport(path=path, loaded=sorted(_subset(own, projector=False)), meta=_meta(checkpoint))
+    if not state_mismatch(proj_own, proj_ckpt):
         report.loaded += sorted(proj_own)
     elif proj_ckpt or proj_own:
         report.projector_skipped = sorted(proj_ckpt)
@@ -112,27 +98,15 @@ def check_resume_model(model: nn.Module, checkpoint: Any, path: str | Path) -> N
     if not isinstance(state, dict):
         return
     own = model.state_dict()
-    proj_ckpt = {k for k in state if k.startswith(PROJECTOR_PREFIX)}
-    proj_own = {k for k in own if k.startswith(PROJECTOR_PREFIX)}
-    if proj_ckpt != proj_own or _shape_mismatches(own, state, proj_own):
+    if state_mismatch(_subset(own, projector=True), _subset(state, projector=True)):
         raise CheckpointError(
             f"{path} cannot be resumed: its projector ({_projector_shape(state)}) differs from "
             f"this run's ({_projector_shape(own)}); resume with the distillation settings and "
             "teacher it was trained with, or start a new --output"
         )
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = _shape_mismatches(own, state, set(own) & set(state))
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label}: {_listing(keys)}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-            if keys
-        ]
-        raise CheckpointError(
-            f"{path} cannot be resumed: it does not match this run's student ({'; '.join(parts)});"
-            " use the same config or a new --output"
-        )
+    check_state_matches(
+        own, state, path, f"this run's student ({type(model).__name__})", "use the same config or a new --output"
+    )
 
 
 def _projector_shape(state: dict) -> str:

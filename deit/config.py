@@ -3,6 +3,7 @@ then ``--opts KEY VALUE`` overrides; validated against :data:`SCHEMA` before any
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ _CHECKOUT_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "deit"
 CONFIG_DIR = _CHECKOUT_RECIPES if _CHECKOUT_RECIPES.is_dir() else Path(__file__).resolve().parent / "recipes"
 DEFAULT_IMAGENET_ROOT = "~/datasets/ilsvrc2012"
 METHODS = ("none", "kd", "projector")
+RENAMED_KEYS = {"distillation.proj_weight": "distillation.feature_weight"}  # old name -> name shared with ResNet
+logger = logging.getLogger(__name__)
 
 
 def _positive(v: float) -> bool:
@@ -65,7 +68,7 @@ SCHEMA: dict[str, tuple] = {
     "distillation.projector": (str, _one_of("linear", "orthogonal", "identity")),
     "distillation.eps": (float, NON_NEGATIVE),
     "distillation.exponent": (float, POSITIVE),
-    "distillation.proj_weight": (float, NON_NEGATIVE),
+    "distillation.feature_weight": (float, NON_NEGATIVE),
     "distillation.kd_weight": (float, NON_NEGATIVE),
     "distillation.kd_temperature": (float, POSITIVE),
     "data.path": ((str, type(None)), None),
@@ -129,15 +132,52 @@ def recipe_path(model: str) -> Path:
     return path
 
 
+def _warn_renamed(old: str, new: str, source: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process tells the user
+        return
+    logger.warning("%s: %s is now called %s; rename it (the old name still works)", source, old, new)
+
+
+def rename_old_keys(tree: dict, source: str, warn: bool = True) -> dict:
+    """``tree`` (a config file's content) with keys of :data:`RENAMED_KEYS` under their new names, one warning line
+    per renamed key (unless ``warn`` is False); both names at once is a UserError."""
+    for old, new in RENAMED_KEYS.items():
+        *parents, old_leaf = old.split(".")
+        new_leaf = new.split(".")[-1]
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        if new_leaf in node:
+            raise UserError(f"{source}: {old} and {new} are the same setting — keep only {new}")
+        if warn:
+            _warn_renamed(old, new, source)
+        node[new_leaf] = node.pop(old_leaf)
+    return tree
+
+
+def rename_old_opts(opts: Sequence[str]) -> list[str]:
+    """``--opts KEY VALUE ...`` with keys of :data:`RENAMED_KEYS` under their new names (one warning line each)."""
+    renamed = list(opts)
+    for index in range(0, len(renamed) - 1, 2):
+        if renamed[index] in RENAMED_KEYS:
+            new = RENAMED_KEYS[renamed[index]]
+            _warn_renamed(renamed[index], new, "--opts")
+            renamed[index] = new
+    return renamed
+
+
 def load_config(
     model: str, config_file: str | None = None, flags: dict[str, Any] | None = None, opts: Sequence[str] = ()
 ) -> dict:
     """Resolve the run's config: ``configs/deit/<model>.yaml`` <- ``config_file`` <- ``flags`` (dotted keys set by CLI
-    flags; None values are ignored) <- ``opts``. Unknown keys, wrong types and out-of-range values raise UserError.
+    flags; None values are ignored) <- ``opts``. Unknown keys, wrong types and out-of-range values raise UserError;
+    old key names (:data:`RENAMED_KEYS`) in ``config_file`` or ``opts`` are read under their new names with a warning.
     ``data.path: null`` reads ``$IMAGENET_ROOT`` (default ~/datasets/ilsvrc2012), as the ResNet track's recipe does."""
     cfg = load_yaml(recipe_path(model))
     if config_file:
-        overlay = load_yaml(config_file)
+        overlay = rename_old_keys(load_yaml(config_file), str(config_file))
         validate(overlay, SCHEMA, source=str(config_file))
         cfg = merge_configs(cfg, overlay)
     cfg["model"]["name"] = model
@@ -148,7 +188,7 @@ def load_config(
             for part in parents:
                 node = node[part]
             node[leaf] = value
-    cfg = apply_overrides(cfg, list(opts), check_file=lambda merged: validate(merged, SCHEMA))
+    cfg = apply_overrides(cfg, rename_old_opts(opts), check_file=lambda merged: validate(merged, SCHEMA))
     validate(cfg, SCHEMA)
     if cfg["data"]["path"] is None:
         cfg["data"]["path"] = os.path.expanduser(os.environ.get("IMAGENET_ROOT", DEFAULT_IMAGENET_ROOT))

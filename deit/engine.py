@@ -2,9 +2,10 @@
 
 One training step (docs/method.md), with y the mixup/cutmix soft targets and x the mixed images seen by both networks::
 
-    loss = SoftTargetCE(head(x), y)                                   'ce'
-         + kd_weight   * KL(softmax(teacher(x)) || softmax(head_conv(x)))   'kd'    (method kd, projector)
-         + proj_weight * L_log_corr(mean patch token -> Linear -> BN, BN(pooled teacher features))   'proj' (projector)
+    loss = SoftTargetCE(head(x), y)                                      'ce'
+         + kd_weight      * KL(softmax(teacher(x)) || softmax(head_conv(x)))   'kd'    (method kd, projector)
+         + feature_weight * L_log_corr(mean patch token -> Linear -> BN, BN(pooled teacher features))
+                                                                             'proj'  (projector)
 
 With ``method: none`` there is no teacher and ``head_conv`` is trained on the labels like ``head`` ('ce_dist').
 Evaluation predicts with the mean of both heads' logits; counts are summed over ranks.
@@ -30,8 +31,8 @@ from projector_kd import kd_loss, pool_features
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from projector_kd.data import checkpoint_on_data_error, raise_worker_errors_plainly
 from projector_kd.distributed import DistEnv, all_reduce_sum, barrier
-from projector_kd.errors import UserError
-from projector_kd.fast import enable_fast_cuda_backends
+from projector_kd.errors import NonFiniteLossError, UserError
+from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
 from projector_kd.runs import progress
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device, step_unless
 
@@ -40,10 +41,6 @@ from .datasets import build_mixup
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "projector_kd.deit/1"
-
-
-class NonFiniteLossError(UserError):
-    """A loss term or the gradient norm went NaN/inf; training stops without writing a checkpoint."""
 
 
 class TeacherOutputs(nn.Module):
@@ -76,7 +73,7 @@ class DistillationObjective(nn.Module):
         soft_targets: bool,
         smoothing: float,
         kd_weight: float = 1.0,
-        proj_weight: float = 1.0,
+        feature_weight: float = 1.0,
         kd_temperature: float = 1.0,
     ) -> None:
         super().__init__()
@@ -91,7 +88,7 @@ class DistillationObjective(nn.Module):
         else:
             self.criterion = nn.CrossEntropyLoss()
         self.kd_weight = kd_weight
-        self.proj_weight = proj_weight
+        self.feature_weight = feature_weight
         self.kd_temperature = kd_temperature
 
     def forward(
@@ -110,7 +107,7 @@ class DistillationObjective(nn.Module):
             return terms
         terms["kd"] = self.kd_weight * kd_loss(dist_logits, _at_least_fp32(teacher_logits), self.kd_temperature)
         if self.method == "projector":
-            terms["proj"] = self.proj_weight * self.student.distillation_loss(tokens[:, 2:], teacher_features)
+            terms["proj"] = self.feature_weight * self.student.distillation_loss(tokens[:, 2:], teacher_features)
         return terms
 
 
@@ -123,37 +120,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class CompiledOrEager:
-    """Calls ``torch.compile(module)``; if compiling fails on the first call, logs one line and runs eagerly."""
-
-    def __init__(self, module: nn.Module, name: str) -> None:
-        self.eager = module
-        self.name = name
-        self.compiled: Callable | None = torch.compile(module)
-        self.checked = False
-
-    def __call__(self, *args: Any) -> Any:
-        if self.compiled is None:
-            return self.eager(*args)
-        if self.checked:
-            return self.compiled(*args)
-        try:
-            result = self.compiled(*args)
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001 - compile backends fail in many ways; eager is always correct
-            logger.warning(
-                "torch.compile of the %s is unavailable here (%s: %s); running it eagerly",
-                self.name,
-                type(err).__name__,
-                str(err).splitlines()[0] if str(err) else "",
-            )
-            self.compiled = None
-            return self.eager(*args)
-        self.checked = True
-        return result
 
 
 class Trainer:
@@ -209,7 +175,7 @@ class Trainer:
             soft_targets=self.mixup is not None,
             smoothing=cfg["aug"]["smoothing"],
             kd_weight=cfg["distillation"]["kd_weight"],
-            proj_weight=cfg["distillation"]["proj_weight"],
+            feature_weight=cfg["distillation"]["feature_weight"],
             kd_temperature=cfg["distillation"]["kd_temperature"],
         ).to(self.device)
         if self.fast and self.student.distillation_loss is not None:
@@ -222,9 +188,10 @@ class Trainer:
         self.objective: Callable = objective
         self.teacher_forward: Callable | None = self.teacher
         if self.fast:
-            self.objective = CompiledOrEager(objective, "student objective")
+            notice = CompileFallbackNotice()
+            self.objective = CompiledOrEager(objective, "student objective", notice)
             if self.teacher is not None:
-                self.teacher_forward = CompiledOrEager(self.teacher, "teacher")
+                self.teacher_forward = CompiledOrEager(self.teacher, "teacher", notice)
         self.lrs = scaled_lrs(cfg, env.world_size)
         train = cfg["train"]
         self.optimizer = torch.optim.AdamW(

@@ -17,8 +17,8 @@ import timm
 import torch
 
 from deit.checkpoint import PROJECTOR_PREFIX, model_state
-from deit.models import EVAL_INTERPOLATION, STUDENT_PRESETS, TIMM_NAMES, ConvStemDeiT, _load_exact
-from projector_kd.checkpoint import CheckpointError, load_checkpoint
+from deit.models import EVAL_INTERPOLATION, STUDENT_PRESETS, TIMM_NAMES, ConvStemDeiT
+from projector_kd.checkpoint import CheckpointError, load_checkpoint, load_state_exactly
 from projector_kd.errors import UserError
 from projector_kd.export import EvalTransform, ModelCard, read_metrics, staged_output_dir, write_model_folder
 
@@ -145,7 +145,7 @@ def build_timm_student(source: StudentSource, path: Path) -> ConvStemDeiT:
     model = timm.create_model(
         TIMM_NAMES[source.preset], pretrained_cfg_overlay=source.transform.pretrained_cfg(), **args
     )
-    _load_exact(model, source.state, path, what=f"student {TIMM_NAMES[source.preset]}")
+    load_state_exactly(model, source.state, path, f"student {TIMM_NAMES[source.preset]}")
     return model.eval()
 
 
@@ -170,7 +170,7 @@ def model_card(source: StudentSource, path: Path, params: int) -> ModelCard:
             "epochs": train["epochs"],
             "distance": distill["distance"],
             "projector": distill["projector"],
-            "feature / KD weights": f"{distill['proj_weight']} / {distill['kd_weight']}",
+            "feature / KD weights": f"{distill['feature_weight']} / {distill['kd_weight']}",
             "optimizer": f"AdamW, base lr {train['base_lr']} per {train['lr_scale_batch']} images, "
             f"weight decay {train['weight_decay']}",
             "batch size per process": data["batch_size"],

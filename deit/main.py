@@ -27,10 +27,10 @@ from typing import Any
 import torch  # noqa: E402
 
 from deit.checkpoint import check_resume_model, load_student_checkpoint  # noqa: E402
-from deit.config import load_config  # noqa: E402
+from deit.config import load_config, rename_old_keys  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
 from deit.engine import CHECKPOINT_FORMAT, Trainer  # noqa: E402
-from deit.models import build_student, count_parameters, create_teacher  # noqa: E402
+from deit.models import build_student, create_teacher  # noqa: E402
 from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from projector_kd.distributed import (
     DistEnv,
@@ -41,11 +41,13 @@ from projector_kd.distributed import (
     seed_everything,
 )
 from projector_kd.errors import UserError, run_cli  # noqa: E402
+from projector_kd.models import count_parameters  # noqa: E402
 from projector_kd.runs import (
     prepare_output_dir,
     release_output_dirs,
     run_folder,
     setup_logging,  # noqa: E402
+    startup_line,
     tensorboard_writer,
     write_json,
 )
@@ -64,8 +66,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval", action="store_true", help="evaluate only (the default without --train_student)")
     parser.add_argument("--config", help="YAML merged over configs/deit/<model>.yaml")
-    parser.add_argument("--data-path", help="ImageFolder root holding train/ and val/ (data.path)")
-    parser.add_argument("--output", help="run folder: logs, TensorBoard, checkpoints, metrics.json (output)")
+    parser.add_argument(
+        "--data-path",
+        "--data-root",
+        "--data_path",
+        "--data_root",
+        dest="data_path",
+        help="ImageFolder root holding train/ and val/ (data.path)",
+    )
+    parser.add_argument(
+        "--output",
+        "--output_dir",
+        "--output-dir",
+        dest="output",
+        help="run folder: logs, TensorBoard, checkpoints, metrics.json (output)",
+    )
     parser.add_argument("--batch-size", type=int, help="per-process batch size (data.batch_size)")
     parser.add_argument("--epochs", type=int, help="train.epochs")
     parser.add_argument(
@@ -234,7 +249,12 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     check_data(cfg, splits=("train", "val"))
 
     def prepare() -> None:
-        prepare_output_dir(output, cfg, resume=args.resume is not None)
+        prepare_output_dir(
+            output,
+            cfg,
+            resume=args.resume is not None,
+            upgrade_recorded=lambda recorded: rename_old_keys(recorded, "config.yaml", warn=False),
+        )
         for stale in output.glob(".*.pth.*.tmp"):
             stale.unlink()
 
@@ -262,18 +282,17 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
     trainer.clock = started
     logger.info(
-        "method %s, %d %s x batch %d x %d micro-batches (global batch %d), lr %.3g, %d steps/epoch, "
-        "fast path %s, device %s",
-        cfg["distillation"]["method"],
-        env.world_size,
-        "process" if env.world_size == 1 else "processes",
-        cfg["data"]["batch_size"],
-        cfg["train"]["accum_iter"],
-        env.world_size * cfg["data"]["batch_size"] * cfg["train"]["accum_iter"],
-        trainer.lrs["lr"],
-        steps,
-        "on" if cfg["fast"] else "off",
-        env.device,
+        startup_line(
+            "DeiT track",
+            f"method {cfg['distillation']['method']}",
+            env.world_size,
+            env.device,
+            cfg["fast"],
+            batch_size=cfg["data"]["batch_size"],
+            accum_iter=cfg["train"]["accum_iter"],
+            lr=trainer.lrs["lr"],
+            steps_per_epoch=steps,
+        )
     )
     start_epoch, start_batch = 0, 0
     explicit = args.resume not in (None, "auto")

@@ -411,13 +411,6 @@ def build_student(cfg: dict, teacher_dim: int | None) -> ConvStemDeiT:
     )
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts: ``student`` (without the projector), ``projector`` and ``total``."""
-    total = sum(p.numel() for p in model.parameters())
-    projector = sum(p.numel() for n, p in model.named_parameters() if n.startswith("distillation_loss."))
-    return {"student": total - projector, "projector": projector, "total": total}
-
-
 def create_teacher(
     name: str, num_classes: int, ckpt: str | Path | None = None, hub_tag: str | None = None, trusted: bool = False
 ) -> tuple[nn.Module, str]:
@@ -426,7 +419,7 @@ def create_teacher(
     Weights come from ``ckpt`` (a raw state dict or ``{'model': state_dict}``) when that file exists, else from timm's
     pretrained tag ``hub_tag`` when a hub is reachable; neither -> UserError naming the file to provide.
     """
-    from projector_kd.checkpoint import load_checkpoint
+    from projector_kd.checkpoint import load_checkpoint, load_state_exactly
 
     try:
         teacher = timm.create_model(name, num_classes=num_classes, pretrained=False)
@@ -436,7 +429,7 @@ def create_teacher(
         state = load_checkpoint(ckpt, trusted=trusted)
         state = state.get("model", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        _load_exact(teacher, state, ckpt, what=f"teacher {name}")
+        load_state_exactly(teacher, state, ckpt, f"teacher {name}", hint="check teacher.name and model.num_classes")
         source = f"file {ckpt}"
     elif hub_tag:
         try:
@@ -453,25 +446,3 @@ def create_teacher(
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, source
-
-
-def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
-    """Load ``state`` into ``model`` requiring identical key sets and shapes; UserError lists what differs."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
-    )
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if keys
-        ]
-        raise UserError(
-            f"{path} does not match {what} ({'; '.join(parts)}); check the model name, width and num_classes"
-        )
-    model.load_state_dict(state)

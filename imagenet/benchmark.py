@@ -19,7 +19,8 @@ from torchdistill.core.distillation import get_distillation_box
 from torchvision import models as tv_models
 
 from imagenet.engine import student_of, unwrap
-from imagenet.fast import CompiledWithFallback, apply_fast_path, bf16_supported
+from imagenet.fast import apply_fast_path, bf16_supported
+from projector_kd.fast import CompiledOrEager
 from projector_kd.parity import Result, judge_parity, strict_fp32
 
 
@@ -258,7 +259,7 @@ def build_teacher_step(
     if fast:
         teacher.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-        model = CompiledWithFallback(teacher, "teacher")
+        model = CompiledOrEager(teacher, "teacher")
         if bf16_supported(device):
             autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

@@ -26,12 +26,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from imagenet.models import load_state_exactly
 from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
-from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.checkpoint import atomic_save, capture_rng_state, load_state_exactly, restore_rng_state
 from projector_kd.data import checkpoint_on_data_error
 from projector_kd.distributed import all_reduce_sum, barrier
-from projector_kd.errors import UserError
+from projector_kd.errors import NonFiniteLossError, UserError
 from projector_kd.runs import progress
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device
 
@@ -41,10 +40,6 @@ LAST_CHECKPOINT = "checkpoint.pth"
 
 class TrainingStopped(Exception):
     """Raised after a graceful stop wrote its resumable checkpoint; ``str`` is the message for the user."""
-
-
-class NonFiniteLoss(UserError):
-    """The loss went NaN/inf; the message names the step and the term(s)."""
 
 
 @dataclass
@@ -292,12 +287,12 @@ def _kept_checkpoint(ctx: LoopContext) -> str:
 
 
 def _finish(ctx: LoopContext, run: RunState, record: StepRecord | None) -> bool:
-    """Account a step whose values reached the host: raise NonFiniteLoss if it was bad; True when the ranks voted
+    """Account a step whose values reached the host: raise NonFiniteLossError if it was bad; True when the ranks voted
     to stop."""
     if record is None:
         return False
     if record.bad:
-        raise NonFiniteLoss(
+        raise NonFiniteLossError(
             f"non-finite loss at {record.step}: term(s) "
             f"{', '.join(TermRecorder.non_finite_terms(record.terms))} went non-finite "
             f"[{TermRecorder.describe(record.terms)}]; {_kept_checkpoint(ctx)}; lower the learning "
@@ -327,7 +322,7 @@ def train_step(
     """One step of the box on a host batch; returns True when training should stop after it (a stop request, read
     at once alone and up to a step late from the ranks' vote in a distributed run).
 
-    A non-finite loss term stops training with NonFiniteLoss naming the step and the term(s), and that step's update
+    A non-finite loss term stops training with NonFiniteLossError naming the step and the term(s); that update
     is never applied. With a fused optimizer (the fast path) the update is skipped on the device
     (``optimizer.found_inf``) and the error is raised at the next step, before its update: nothing is read to the host
     inside the step. A non-fused optimizer cannot skip on the device, so its step is checked at once (one host read)."""
@@ -345,7 +340,7 @@ def train_step(
                 ) from None
             if "non-finite" not in str(error):
                 raise
-            raise NonFiniteLoss(
+            raise NonFiniteLossError(
                 f"non-finite loss at {where}: the projector feature term got {error}; {_kept_checkpoint(ctx)}"
             ) from None
     names, values = recorder.snapshot(loss)
@@ -515,6 +510,6 @@ def train(ctx: LoopContext, run: RunState) -> RunState:
         run.step_in_epoch = 0
         run.epoch_rng = None
         if not all(math.isfinite(p.detach().float().sum().item()) for p in student.parameters()):
-            raise NonFiniteLoss(f"non-finite student weights after epoch {run.epoch - 1}; {_kept_checkpoint(ctx)}")
+            raise NonFiniteLossError(f"non-finite student weights after epoch {run.epoch - 1}; {_kept_checkpoint(ctx)}")
         save_checkpoint(ctx, run, best=is_best)
     return run

@@ -18,8 +18,8 @@ import torch
 import yaml
 from torch import nn
 
-from imagenet.models import TORCHVISION_FILE, load_state_exactly
-from projector_kd.checkpoint import CheckpointError, load_checkpoint
+from imagenet.models import TORCHVISION_FILE
+from projector_kd.checkpoint import CheckpointError, check_state_matches, load_checkpoint, load_state_exactly
 from projector_kd.errors import UserError
 from projector_kd.export import EvalTransform, ModelCard, read_metrics, staged_output_dir, write_model_folder
 
@@ -44,18 +44,13 @@ def torchvision_to_timm(state: dict[str, torch.Tensor], model: nn.Module, path: 
     and buffer names (``conv1``, ``bn1``, ``layerN.M.{conv,bn}K``, ``downsample.{0,1}``, ``fc``), so the mapping is
     the identity; it is checked name by name and shape by shape (CheckpointError naming what differs)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if keys
-        ]
-        raise CheckpointError(
-            f"{path} does not map onto timm's {model.pretrained_cfg['architecture']} ({'; '.join(parts)})"
-        )
+    check_state_matches(
+        own,
+        state,
+        path,
+        f"timm's {model.pretrained_cfg['architecture']}",
+        "only torchvision ResNets of the same depth and num_classes map onto it",
+    )
     return {k: state[k] for k in own}
 
 

@@ -11,8 +11,6 @@ ProjectorDistillLoss). The benchmark's step builders are in :mod:`imagenet.bench
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,59 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from imagenet.registry import ProjectorKDModelWrapper
-from projector_kd.fast import enable_fast_cuda_backends
+from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
 
-logger = logging.getLogger(__name__)
 FUSED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError)
-
-
-class FallbackNotice:
-    """Tells the user once — however many modules fall back — that torch.compile is unavailable."""
-
-    def __init__(self) -> None:
-        self.given = False
-
-    def __call__(self, label: str, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        if self.given:
-            logger.debug("fast path: running the %s eagerly too (%s)", label, reason)
-            return
-        self.given = True
-        logger.warning(
-            "fast path: torch.compile is unavailable here (%s); running the networks eagerly — bf16, "
-            "channels_last and the fused optimizer stay on",
-            reason,
-        )
-
-
-class CompiledWithFallback(nn.Module):
-    """``torch.compile(module)`` that falls back to the eager module, with one clear message (shared through
-    ``notice``), when compiling fails (no C++ compiler / Triton, unsupported platform) — at wrapping time or at the
-    first call, where compilation really happens. ``state_dict`` keys are the eager module's under ``eager``."""
-
-    def __init__(self, module: nn.Module, label: str, notice: FallbackNotice | None = None) -> None:
-        super().__init__()
-        self.eager = module
-        self.label = label
-        self.notice = notice if notice is not None else FallbackNotice()
-        self.compiled: Callable | None = None
-        try:
-            self.compiled = torch.compile(module)
-        except Exception as error:  # noqa: BLE001 - any failure means "run eager"
-            self._fall_back(error)
-
-    def _fall_back(self, error: BaseException) -> None:
-        self.notice(self.label, error)
-        self.compiled = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except COMPILE_ERRORS as error:
-                self._fall_back(error)
-        return self.eager(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -129,22 +77,22 @@ def apply_fast_path(
     """Switch an already-built torchdistill box onto the fast path (see the module docstring)."""
     enable_fast_cuda_backends(device)
     student_holder = box.student_model if hasattr(box, "student_model") else box.model
-    notice = FallbackNotice()
+    notice = CompileFallbackNotice()
     networks = [m for m in (teacher, student_holder) if m is not None]
     for network in networks:
         network.to(memory_format=torch.channels_last)
     if isinstance(student_holder, ProjectorKDModelWrapper):
         student_holder.distill_loss.check_inputs = False
         if compile_models:
-            student_holder.model = CompiledWithFallback(student_holder.model, "student", notice)
+            student_holder.model = CompiledOrEager(student_holder.model, "student", notice)
     elif compile_models:
-        compiled_student = CompiledWithFallback(student_holder, "student", notice)
+        compiled_student = CompiledOrEager(student_holder, "student", notice)
         if hasattr(box, "student_model"):
             box.student_model = compiled_student
         else:
             box.model = compiled_student
     if teacher is not None and compile_models and hasattr(box, "teacher_model"):
-        box.teacher_model = CompiledWithFallback(box.teacher_model, "teacher", notice)
+        box.teacher_model = CompiledOrEager(box.teacher_model, "teacher", notice)
     fused = _fuse_optimizer(box.optimizer)
     pin = device.type == "cuda"
     box.train_data_loader = _fast_loader(box.train_data_loader, pin)

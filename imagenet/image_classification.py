@@ -49,24 +49,25 @@ from imagenet.engine import (
 from imagenet.fast import apply_fast_path
 from imagenet.models import (
     build_model,
-    count_parameters,
-    load_state_exactly,
     load_weights,
     num_outputs,
     read_checkpoint,
 )
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.checkpoint import load_checkpoint, load_state_exactly
 from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
 from projector_kd.errors import UserError, run_cli
+from projector_kd.models import count_parameters
 from projector_kd.runs import (
     close_logging,
+    counted,
     output_path,
     prepare_output_dir,
     release_output_dirs,
     run_folder,
     setup_logging,
+    startup_line,
     tensorboard_writer,
     write_json,
 )
@@ -95,11 +96,18 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root",
         "--data_root",
+        "--data-path",
+        "--data_path",
         dest="data_root",
         help="dataset folder holding train/ and val/ (replaces the recipe's os.getenv data root)",
     )
     parser.add_argument(
-        "--output_dir", "--output-dir", "--run-dir", dest="output_dir", help="run folder (default: dst_ckpt's)"
+        "--output_dir",
+        "--output-dir",
+        "--output",
+        "--run-dir",
+        dest="output_dir",
+        help="run folder (default: dst_ckpt's)",
     )
     parser.add_argument(
         "--teacher_ckpt",
@@ -267,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     started = time.perf_counter()
     if args.world_size != 1 and args.world_size != env.world_size:
-        raise UserError(f"--world_size {args.world_size} but torchrun started {env.world_size} process(es)")
+        raise UserError(
+            f"--world_size {args.world_size} but torchrun started {counted(env.world_size, 'process', 'processes')}"
+        )
     models_config = recipe["models"]
     student_config = models_config.get("student_model", models_config.get("model"))
     if not student_config.get("dst_ckpt"):
@@ -312,12 +322,12 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     if output_dir is not None:  # a refused folder ends every rank with rank 0's line
         run_on_main(lambda: prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only))
     log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=log_file)
-    log.info("recipe %s, %d process(es), device %s", recipe_path, env.world_size, env.device)
+    fast = bool(recipe.get("runtime", {}).get("fast", False))
+    log.info(startup_line("ResNet track", f"recipe {recipe_path}", env.world_size, env.device, fast))
     if args.log_config:
         log.info("recipe: %s", run_config["recipe"])
     dataset_dict = build_datasets(recipe, dataset_ids, memo)
-    log.info("student %s: %d parameters", student_config["key"], count_parameters(student))
-    fast = bool(recipe.get("runtime", {}).get("fast", False))
+    log.info("student %s: %d parameters", student_config["key"], count_parameters(student)["student"])
     history: list[float] = []
     trained: RunState | None = None  # the training's run state, which counts its wall time over resumes
     writer = tensorboard_writer(output_dir, env.rank) if output_dir is not None else None
@@ -416,7 +426,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     metrics: dict = {
         "val_top1_per_epoch": history,
         "best_val_top1": max(history) if history else None,
-        "student_params": count_parameters(student),
+        "student_params": count_parameters(student)["student"],
         "student": student_config["key"],
         "checkpoint": str(best_path),
         "world_size": env.world_size,
@@ -427,7 +437,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         metrics["teacher_top1"], metrics["teacher_top5"] = evaluate(
             teacher, test_loader, env.device, env.rank, title="teacher"
         )
-        metrics["teacher_params"] = count_parameters(teacher)
+        metrics["teacher_params"] = count_parameters(teacher)["total"]
         log.info(
             "[teacher %s] top-1 %.2f top-5 %.2f",
             teacher_config["key"],

@@ -2,7 +2,7 @@
 
 Public API: :class:`ProjectorDistillLoss`, :func:`kd_loss`, :func:`pool_features`, :class:`Whitening`.
 Infrastructure shared by the tracks lives in the submodules ``checkpoint``, ``config``, ``data``, ``distributed``,
-``errors``, ``runs`` and ``signals``.
+``errors``, ``fast``, ``models``, ``runs``, ``signals`` and ``steps``.
 """
 
 from .losses import DISTANCES, PROJECTORS, ProjectorDistillLoss, Whitening, kd_loss, pool_features

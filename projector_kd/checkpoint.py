@@ -9,7 +9,7 @@ import random
 import re
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,6 +21,53 @@ from .errors import UserError, cannot_write
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, unsafe to unpickle, or does not match the model."""
+
+
+MISMATCH_LISTED = 3  # keys named per kind of mismatch; the rest are counted
+OTHER_MODEL_HINT = "it was written for another model, width or num_classes"
+
+
+def _listing(items: list[str]) -> str:
+    extra = len(items) - MISMATCH_LISTED
+    return ", ".join(items[:MISMATCH_LISTED]) + (f" (+{extra} more)" if extra > 0 else "")
+
+
+def state_mismatch(expected: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    """How ``state`` differs from ``expected`` (a model's state dict), or ``""`` when it has exactly its keys and
+    shapes: ``shape mismatch: k (file shape) vs model (model shape), ...; missing: k, ...; unexpected: k, ...``,
+    keys in ``expected``'s order (the first layer that differs first), a few per kind then ``(+N more)``."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    kinds = (("shape mismatch", shapes), ("missing", missing), ("unexpected", unexpected))
+    return "; ".join(f"{label}: {_listing(items)}" for label, items in kinds if items)
+
+
+def check_state_matches(
+    expected: Mapping[str, Any], state: Mapping[str, Any], path: str | os.PathLike, what: str, hint: str
+) -> None:
+    """CheckpointError ``checkpoint <path> does not match <what>: <state_mismatch> — <hint>`` unless ``state`` has
+    exactly ``expected``'s keys and shapes."""
+    problem = state_mismatch(expected, state)
+    if problem:
+        raise CheckpointError(f"checkpoint {os.fspath(path)} does not match {what}: {problem} — {hint}")
+
+
+def load_state_exactly(
+    model: torch.nn.Module, state: Any, path: str | os.PathLike, what: str, hint: str = OTHER_MODEL_HINT
+) -> None:
+    """``model.load_state_dict(state, strict=True)`` after :func:`check_state_matches` (``what`` is followed by the
+    model's class name); a ``state`` that is no state dict is named as such."""
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)} holds no state dict for {what} — expected {{'model': state_dict, ...}}"
+        )
+    check_state_matches(model.state_dict(), state, path, f"{what} ({type(model).__name__})", hint)
+    model.load_state_dict(state, strict=True)
 
 
 class PickledConfig:

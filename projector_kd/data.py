@@ -14,6 +14,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .errors import UserError
+from .runs import counted
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def check_last_batch(
     file ``source``."""
     if batch_size > 1 and per_process % batch_size == 1:
         raise DataError(
-            f"{source}: {key}: {num_images} training images over {world_size} process(es) give "
+            f"{source}: {key}: {num_images} training images over {counted(world_size, 'process', 'processes')} give "
             f"{per_process} per process, so batches of {batch_size} leave a last batch of 1 image, which "
             f"batch whitening cannot train on — set drop_last: true in {key}.kwargs (or choose a batch "
             f"size that does not leave 1 image)"

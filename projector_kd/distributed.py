@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .runs import counted
 
 T = TypeVar("T")
 _shared: dict[str, Any] = {}  # the process group's store, kept to tell the other ranks about a user error
@@ -74,7 +75,10 @@ def parse_device(name: str | None) -> torch.device | None:
             raise UserError(f"--device {name} requested but CUDA is not available here; use --device cpu")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise UserError(f"--device {name}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+            raise UserError(
+                f"--device {name}: only {counted(count, 'CUDA device')} {'is' if count == 1 else 'are'} visible "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
     return device
 
 

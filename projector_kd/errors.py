@@ -12,6 +12,11 @@ class UserError(Exception):
     """A problem the user can fix. ``str(error)`` is the single line printed to them."""
 
 
+class NonFiniteLossError(UserError):
+    """A loss term, the gradient norm or the weights went NaN/inf; the message names the step and the term(s). Training
+    stops without applying that step's update or writing a checkpoint."""
+
+
 class OutputError(UserError):
     """A file or folder the run must write cannot be written (a file in the way, no permission, a full disk)."""
 

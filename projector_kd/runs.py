@@ -10,7 +10,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +107,20 @@ def release_output_dirs() -> None:
     _held_locks.clear()
 
 
-def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_name: str = "checkpoint.pth") -> Path:
+def prepare_output_dir(
+    path: str | Path,
+    config: dict,
+    resume: bool,
+    checkpoint_name: str = "checkpoint.pth",
+    upgrade_recorded: Callable[[dict], dict] | None = None,
+) -> Path:
     """Create the run folder, hold it for this process (:func:`lock_output_dir`) and record ``config`` in
     ``config.yaml``.
 
     A folder holding another run — a different recorded config and that run's ``checkpoint_name`` — is refused (naming
     the differing keys) unless ``resume`` is True, in which case the new config replaces the recorded one. A recorded
     config without a checkpoint is a start that failed before saving anything: the corrected rerun takes its place.
+    ``upgrade_recorded`` brings a recorded config written by an older version to today's key names before comparing.
     """
     path = make_writable_folder(Path(path))
     lock_output_dir(path)
@@ -121,6 +128,8 @@ def prepare_output_dir(path: str | Path, config: dict, resume: bool, checkpoint_
     normalised = yaml.safe_load(yaml.safe_dump(config))
     if recorded_file.is_file() and (path / checkpoint_name).exists() and not resume:
         recorded = yaml.safe_load(recorded_file.read_text()) or {}
+        if upgrade_recorded is not None:
+            recorded = upgrade_recorded(recorded)
         differing = _differing_keys(recorded, normalised)
         if differing:
             raise UserError(
@@ -180,6 +189,41 @@ def setup_logging(
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return logging.getLogger(name)
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``"1 process"``, ``"2 processes"``: ``count`` and ``noun`` in its number (``plural`` or ``noun + "s"``)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+def startup_line(
+    track: str,
+    run: str,
+    world_size: int,
+    device: Any,
+    fast: bool,
+    batch_size: int | None = None,
+    accum_iter: int = 1,
+    lr: float | None = None,
+    steps_per_epoch: int | None = None,
+) -> str:
+    """What a run trains, on what, as the entry points log it first:
+    ``<track>: <run>, N processes[ x batch B x A micro-batches (global batch N*B*A)][, lr L][, S steps/epoch],
+    fast path on|off, device D``."""
+    parts = [f"{track}: {run}"]
+    processes = counted(world_size, "process", "processes")
+    if batch_size is not None:
+        processes += (
+            f" x batch {batch_size} x {counted(accum_iter, 'micro-batch', 'micro-batches')} "
+            f"(global batch {world_size * batch_size * accum_iter})"
+        )
+    parts.append(processes)
+    if lr is not None:
+        parts.append(f"lr {lr:.3g}")
+    if steps_per_epoch is not None:
+        parts.append(f"{steps_per_epoch} steps/epoch")
+    parts += [f"fast path {'on' if fast else 'off'}", f"device {device}"]
+    return ", ".join(parts)
 
 
 def progress(iterable: Iterable, rank: int = 0, **tqdm_kwargs: Any) -> Iterable:

@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="KEY VALUE",
-        help="extra --opts for the DeiT-track students, e.g. distillation.proj_weight 1.0",
+        help="extra --opts for the DeiT-track students, e.g. distillation.feature_weight 1.0",
     )
     args = parser.parse_args(argv)
     if args.output is None:

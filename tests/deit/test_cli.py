@@ -9,6 +9,7 @@ import torch
 from yacs.config import CfgNode
 
 from deit.config import load_config
+from deit.main import get_args_parser
 from deit.models import build_student
 
 
@@ -49,7 +50,7 @@ def test_train_from_inside_deit_then_evaluate_a_release_layout_checkpoint(
             str(tiny_config),
             "--ckpt",
             str(release),
-            "--data-path",
+            "--data-root",  # the ResNet track's spelling works here too
             str(image_folder),
             "--device",
             "cpu",
@@ -105,3 +106,13 @@ def test_throughput_mode(python, child_env, repo):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "throughput:" in result.stdout and "img/s at batch 8, 32 px on cpu" in result.stdout
+
+
+def test_both_tracks_spellings_of_the_data_and_output_flags():
+    parser = get_args_parser()
+    for data, output in (("--data-path", "--output"), ("--data-root", "--output_dir"), ("--data_root", "--output-dir")):
+        args = parser.parse_args([data, "/data", output, "runs/a"])
+        assert (args.data_path, args.output) == ("/data", "runs/a")
+    usage = " ".join(parser.format_help().split())
+    assert "--data-path DATA_PATH, --data-root DATA_PATH" in usage
+    assert "--output OUTPUT, --output_dir OUTPUT" in usage

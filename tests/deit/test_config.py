@@ -41,7 +41,7 @@ def test_tiny_recipe_matches_spec_item_by_item():
         "projector": "linear",
         "eps": 0.0,
         "exponent": 4.0,
-        "proj_weight": 1.0,
+        "feature_weight": 1.0,
         "kd_weight": 1.0,
         "kd_temperature": 1.0,
     }
@@ -171,3 +171,27 @@ def test_typo_in_a_preset_is_named_not_suggested_for_a_correct_opts_key(tmp_path
     with pytest.raises(UserError) as error:
         load_config("demo", opts=["train.epochs", "2"])
     assert str(error.value) == "config: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
+
+
+def test_old_key_proj_weight_is_read_as_feature_weight_with_one_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("distillation:\n  proj_weight: 0.25\n")
+    with caplog.at_level("WARNING", logger="deit.config"):
+        cfg = load_config("demo", str(old))
+    assert cfg["distillation"]["feature_weight"] == 0.25 and "proj_weight" not in cfg["distillation"]
+    assert caplog.messages == [
+        f"{old}: distillation.proj_weight is now called distillation.feature_weight; rename it (the old name still "
+        "works)"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="deit.config"):
+        cfg = load_config("demo", opts=["distillation.proj_weight", "0.5"])
+    assert cfg["distillation"]["feature_weight"] == 0.5
+    assert caplog.messages == [
+        "--opts: distillation.proj_weight is now called distillation.feature_weight; rename it (the old name still "
+        "works)"
+    ]
+    both = tmp_path / "both.yaml"
+    both.write_text("distillation:\n  proj_weight: 0.25\n  feature_weight: 0.5\n")
+    with pytest.raises(UserError, match="proj_weight and distillation.feature_weight are the same setting"):
+        load_config("demo", str(both))

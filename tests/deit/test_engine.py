@@ -11,9 +11,10 @@ from timm.scheduler import CosineLRScheduler
 
 from deit.config import load_config, scaled_lrs
 from deit.datasets import build_loaders
-from deit.engine import DistillationObjective, NonFiniteLossError, Trainer, param_groups
+from deit.engine import DistillationObjective, Trainer, param_groups
 from deit.models import build_student, create_student, create_teacher
 from projector_kd.distributed import DistEnv
+from projector_kd.errors import NonFiniteLossError
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

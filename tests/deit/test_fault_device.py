@@ -37,7 +37,7 @@ def test_cuda_index_past_the_visible_gpus_is_refused(capsys, tmp_path, train_arg
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     status, err = _cli(capsys, train_argv(tmp_path / "run") + ["--device", "cuda:2"])
     assert status == 2
-    assert err == "error: --device cuda:2: only 2 CUDA device(s) are visible (cuda:0 to cuda:1)\n"
+    assert err == "error: --device cuda:2: only 2 CUDA devices are visible (cuda:0 to cuda:1)\n"
 
 
 def test_device_in_a_config_file_uses_the_same_names(capsys, tmp_path, train_argv):

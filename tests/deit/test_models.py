@@ -7,9 +7,10 @@ import timm
 import torch
 import torchvision
 
-from deit.models import ConvStemDeiT, count_parameters, create_student, create_teacher
+from deit.models import ConvStemDeiT, create_student, create_teacher
 from projector_kd import ProjectorDistillLoss
 from projector_kd.errors import UserError
+from projector_kd.models import count_parameters
 
 
 def test_tiny_token_layout_and_heads():
@@ -99,7 +100,11 @@ def test_teacher_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match=f"teacher weights not found at {missing}"):
         create_teacher("resnet10t", 4, missing)
     torch.save({"model": timm.create_model("resnet10t", num_classes=5).state_dict()}, tmp_path / "five.pth")
-    with pytest.raises(UserError, match=r"five.pth does not match teacher resnet10t \(shape: fc.bias"):
+    with pytest.raises(
+        UserError,
+        match=r"five.pth does not match teacher resnet10t \(ResNet\): shape mismatch: fc.weight \(5, 512\) vs model "
+        r"\(4, 512\)",
+    ):
         create_teacher("resnet10t", 4, tmp_path / "five.pth")
     with pytest.raises(UserError, match="unknown teacher model 'resnet_nope'"):
         create_teacher("resnet_nope", 4, missing)

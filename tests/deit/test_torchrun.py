@@ -32,7 +32,7 @@ def test_two_rank_training_and_evaluation(tmp_path, train_argv, python, child_en
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["val_top1_per_epoch"]) == 2
     log = (output / "log.txt").read_text()
-    assert "2 processes x batch 4 x 1 micro-batches (global batch 8), lr 0.002, 4 steps/epoch" in log  # lr x 8/4
+    assert "2 processes x batch 4 x 1 micro-batch (global batch 8), lr 0.002, 4 steps/epoch" in log  # lr x 8/4
     assert sorted(p.name for p in output.iterdir()) == [
         ".lock",
         "checkpoint.pth",

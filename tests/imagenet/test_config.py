@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagenet import config as recipes
+from imagenet.image_classification import get_argparser
 from projector_kd.config import apply_overrides
 from projector_kd.errors import UserError
 
@@ -353,3 +354,13 @@ def test_recipe_keys_come_from_the_installed_torchdistill(monkeypatch):
     finally:
         monkeypatch.undo()
         recipes.torchdistill_keys.cache_clear()
+
+
+def test_both_tracks_spellings_of_the_data_and_output_flags():
+    parser = get_argparser()
+    for data, output in (("--data-root", "--output_dir"), ("--data-path", "--output"), ("--data_path", "--run-dir")):
+        args = parser.parse_args(["--config", "r.yaml", data, "/data", output, "runs/a"])
+        assert (args.data_root, args.output_dir) == ("/data", "runs/a")
+    usage = " ".join(parser.format_help().split())
+    assert "--data-root DATA_ROOT, --data_root DATA_ROOT, --data-path DATA_ROOT" in usage
+    assert "--output_dir OUTPUT_DIR, --output-dir OUTPUT_DIR, --output OUTPUT_DIR" in usage

@@ -171,8 +171,8 @@ def test_torchvision_names_map_onto_timm_and_mismatches_are_named(tmp_path):
     del state["layer4.1.bn2.running_var"]
     with pytest.raises(
         CheckpointError,
-        match=r"x.pth does not map onto timm's resnet18 \(missing: "
-        r"layer4.1.bn2.running_var; shape: fc.weight\)",
+        match=r"x.pth does not match timm's resnet18: shape mismatch: fc.weight \(5, 512\) vs model \(10, 512\); "
+        r"missing: layer4.1.bn2.running_var — ",
     ):
         torchvision_to_timm(state, model, tmp_path / "x.pth")
 
@@ -291,4 +291,4 @@ def test_test_only_reads_the_release_layout_and_exported_weights(make_recipe, ti
     status, _, err = cli("--config", recipe, "-test_only", "--opts", "models.student_model.dst_ckpt", weights)
     assert status == 2
     assert _one_line(err).startswith(f"error: checkpoint {weights} does not match models.student_model (wide_resnet)")
-    assert "shape mismatch layer1.0.conv1.weight (32, 16, 3, 3) vs (16, 16, 3, 3)" in err
+    assert "shape mismatch: layer1.0.conv1.weight (32, 16, 3, 3) vs model (16, 16, 3, 3)" in err

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from projector_kd.checkpoint import load_checkpoint
+from projector_kd.errors import NonFiniteLossError
 
 
 def _compile_fails_when_wrapping(module, *args, **kwargs):
@@ -41,8 +42,9 @@ def test_fast_path_trains_on_cpu_and_falls_back_once(
     assert len(notices) == 1 and notices[0].levelname == "WARNING"
     message = notices[0].getMessage()
     assert message.startswith(f"fast path: torch.compile is unavailable here ({error_type}: ")
-    assert message.endswith("); running the networks eagerly — bf16, channels_last and the fused optimizer stay on")
+    assert message.endswith("); running the networks eagerly — the rest of the fast path stays on")
     assert "fast path: FastSettings(autocast_dtype=torch.bfloat16, channels_last=True" in out
+    assert f"ResNet track: recipe {recipe}, 1 process, fast path on, device cpu" in out
     metrics = json.loads((tmp_path / "fast" / "metrics.json").read_text())
     assert metrics["fast"] is True
     state = load_checkpoint(tmp_path / "fast" / "checkpoint.pth")
@@ -50,7 +52,7 @@ def test_fast_path_trains_on_cpu_and_falls_back_once(
     assert state["global_step"] == 3 and torch.isfinite(state["projector"]["embed.weight"]).all()
 
     # the checkpoint is the plain student: the reference path evaluates it to the same numbers
-    status, _, err = cli("--config", recipe, "-test_only", "-student_only", "--output_dir", tmp_path / "fast")
+    status, _, err = cli("--config", recipe, "-test_only", "-student_only", "--output", tmp_path / "fast")
     assert status == 0, err
     tested = json.loads((tmp_path / "fast" / "test_only" / "metrics.json").read_text())
     assert (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
@@ -128,7 +130,7 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
         r"^non-finite loss at epoch 0 step 2/10 \(global step 2\): term\(s\) projector_kd, projector_kd.kd went "
         r"non-finite \[ce = [0-9.]+; projector_kd = nan "
     )
-    with pytest.raises(engine.NonFiniteLoss, match=message):
+    with pytest.raises(NonFiniteLossError, match=message):
         step()
     assert all(torch.equal(weights[k], v) for k, v in student.named_parameters())  # nor the next one applied
     buffers = [box.optimizer.state[p]["momentum_buffer"] for p in student.parameters()]

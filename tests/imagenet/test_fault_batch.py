@@ -9,7 +9,7 @@ def test_last_batch_of_one_image_is_refused_before_training(make_recipe, teacher
     status, _, err = cli("--config", recipe, "--opts", "train.train_data_loader.kwargs.drop_last", "false")
     assert status == 2
     assert err == (
-        f"error: {recipe}: train.train_data_loader: 30 training images over 1 process(es) give 30 per "
+        f"error: {recipe}: train.train_data_loader: 30 training images over 1 process give 30 per "
         f"process, so batches of 29 leave a last batch of 1 image, which batch whitening cannot train on — "
         f"set drop_last: true in train.train_data_loader.kwargs (or choose a batch size that does not "
         f"leave 1 image)\n"

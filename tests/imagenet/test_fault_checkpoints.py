@@ -65,9 +65,9 @@ def test_truncated_checkpoint_is_named(baseline, tiny_models, cli):
 @pytest.mark.parametrize(
     "depth, width, num_classes, problem",
     [
-        (16, 1, 3, "unexpected keys ['layer1.1.bn1.weight', 'layer1.1.bn1.bias', 'layer1.1.bn1.running_mean'] (+"),
-        (10, 2, 3, "shape mismatch layer1.0.conv1.weight (32, 16, 3, 3) vs (16, 16, 3, 3)"),
-        (10, 1, 5, "shape mismatch fc.weight (5, 64) vs (3, 64), fc.bias (5,) vs (3,)"),
+        (16, 1, 3, "unexpected: layer1.1.bn1.weight, layer1.1.bn1.bias, layer1.1.bn1.running_mean (+"),
+        (10, 2, 3, "shape mismatch: layer1.0.conv1.weight (32, 16, 3, 3) vs model (16, 16, 3, 3)"),
+        (10, 1, 5, "shape mismatch: fc.weight (5, 64) vs model (3, 64), fc.bias (5,) vs model (3,)"),
     ],
     ids=["other-model", "other-width", "other-num-classes"],
 )
@@ -94,7 +94,7 @@ def test_wrong_teacher_checkpoint_is_named_before_training(make_recipe, tiny_mod
     assert status == 2
     assert _one_line(err).startswith(
         f"error: checkpoint {tmp_path / 'student_as_teacher.pth'} does not match "
-        f"models.teacher_model (WideResNet4Cifar): shape mismatch "
+        f"models.teacher_model (WideResNet4Cifar): shape mismatch: "
     )
     assert not (tmp_path / "run").exists()  # caught before the run folder is written
 
@@ -112,7 +112,7 @@ def test_bad_resume_checkpoint_is_named_and_left_untouched(
         expected = f"error: checkpoint {last} is truncated or corrupt ("
     else:
         torch.save({"model": tiny_models(2).state_dict(), "optimizer": {}, "epoch": 0}, last)
-        expected = f"error: checkpoint {last} does not match the student (WideResNet4Cifar): shape mismatch "
+        expected = f"error: checkpoint {last} does not match the student (WideResNet4Cifar): shape mismatch: "
     before = last.read_bytes()
     status, _, err = cli("--config", recipe)
     assert status == 2

@@ -27,5 +27,5 @@ def test_cuda_index_past_the_visible_gpus_is_refused(make_recipe, cli, tmp_path,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     status, _, err = cli("--config", make_recipe("run", method="baseline"), "--device", "cuda:1")
     assert status == 2
-    assert err == "error: --device cuda:1: only 1 CUDA device(s) are visible (cuda:0 to cuda:0)\n"
+    assert err == "error: --device cuda:1: only 1 CUDA device is visible (cuda:0 to cuda:0)\n"
     assert not (tmp_path / "run").exists()

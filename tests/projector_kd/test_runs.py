@@ -7,7 +7,15 @@ import pytest
 import yaml
 
 from projector_kd.errors import UserError
-from projector_kd.runs import close_logging, prepare_output_dir, progress, setup_logging, write_json
+from projector_kd.runs import (
+    close_logging,
+    counted,
+    prepare_output_dir,
+    progress,
+    setup_logging,
+    startup_line,
+    write_json,
+)
 
 
 def test_same_config_reuses_folder_different_config_refused(tmp_path):
@@ -27,6 +35,24 @@ def test_config_without_checkpoint_is_a_failed_start_not_another_run(tmp_path):
     prepare_output_dir(tmp_path / "run", {"lr": 0.1}, resume=False)
     prepare_output_dir(tmp_path / "run", {"lr": 0.2}, resume=False)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == {"lr": 0.2}
+
+
+def test_a_recorded_config_with_old_key_names_is_upgraded_before_comparing(tmp_path):
+    run = tmp_path / "run"
+    prepare_output_dir(run, {"distillation": {"proj_weight": 1.0}}, resume=False)
+    (run / "checkpoint.pth").write_bytes(b"saved")
+    config = {"distillation": {"feature_weight": 1.0}}
+
+    def upgrade(recorded):
+        old = recorded["distillation"]
+        return {"distillation": {"feature_weight": old.get("proj_weight", old.get("feature_weight"))}}
+
+    with pytest.raises(UserError, match=r"differs in: distillation.feature_weight, distillation.proj_weight"):
+        prepare_output_dir(run, config, resume=False)
+    prepare_output_dir(run, config, resume=False, upgrade_recorded=upgrade)  # the same run, its key renamed
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config
+    with pytest.raises(UserError, match=r"differs in: distillation.feature_weight\)"):
+        prepare_output_dir(run, {"distillation": {"feature_weight": 2.0}}, resume=False, upgrade_recorded=upgrade)
 
 
 def test_write_json(tmp_path):
@@ -53,3 +79,32 @@ def test_progress_is_plain_when_not_a_tty():
     items = [1, 2, 3]
     assert progress(items) is items
     assert progress(items, rank=1) is items
+
+
+def test_counted_takes_the_number_of_its_count():
+    assert [counted(n, "process", "processes") for n in (0, 1, 2)] == ["0 processes", "1 process", "2 processes"]
+    assert counted(1, "micro-batch", "micro-batches") == "1 micro-batch" and counted(3, "step") == "3 steps"
+
+
+def test_startup_line_names_the_run_in_one_line():
+    assert startup_line("ResNet track", "recipe r.yaml", 1, "cpu", False) == (
+        "ResNet track: recipe r.yaml, 1 process, fast path off, device cpu"
+    )
+    line = startup_line(
+        "DeiT track",
+        "method projector",
+        8,
+        "cuda:0",
+        True,
+        batch_size=128,
+        accum_iter=2,
+        lr=0.0005,
+        steps_per_epoch=625,
+    )
+    assert line == (
+        "DeiT track: method projector, 8 processes x batch 128 x 2 micro-batches (global batch 2048), lr 0.0005, "
+        "625 steps/epoch, fast path on, device cuda:0"
+    )
+    assert "1 process x batch 4 x 1 micro-batch (global batch 4)" in startup_line(
+        "DeiT track", "method kd", 1, "cpu", False, batch_size=4
+    )

@@ -135,11 +135,11 @@ def test_holdout_report_says_what_it_scored_on(tmp_path):
     ]
     rows = demo.summarise([(stage, json.loads(stage.metrics_file.read_text())) for stage, _ in results])
     summary = demo.write_report(
-        rows, tmp_path, [0], 50, wall_time=1.0, holdout=True, overrides=["DeiT: distillation.proj_weight 0.5"]
+        rows, tmp_path, [0], 50, wall_time=1.0, holdout=True, overrides=["DeiT: distillation.feature_weight 0.5"]
     )
     report = (tmp_path / "report.md").read_text()
     assert "scored on the **30 held-out images per class**" in report
-    assert "Overrides: `DeiT: distillation.proj_weight 0.5`." in report
+    assert "Overrides: `DeiT: distillation.feature_weight 0.5`." in report
     assert (
         "DeiT track: projector KD beats no distillation by +2.50 top-1 points (mean over 1 seed; "
         "logit KD alone: +1.00)" in summary
