@@ -275,18 +275,28 @@ def test_test_only_reads_the_release_layout_and_exported_weights(make_recipe, ti
     best = tmp_path / "baseline" / "best.pth"
     release_file(tiny_models(1), best)
     assert load_checkpoint(best)["args"]["world_size"] == 8
-    status, out, err = cli("--config", recipe, "-test_only")
+    status, out, err = cli("--config", recipe, "-test_only", "--output_dir", tmp_path / "baseline")
     assert status == 0, err
     reference = json.loads((tmp_path / "baseline" / "test_only" / "metrics.json").read_text())
     weights = tmp_path / "exported"
     weights.mkdir()
     safetensors.torch.save_file(tiny_models(1).state_dict(), str(weights / TORCHVISION_FILE))
     for path in (weights, weights / TORCHVISION_FILE):
-        status, out, err = cli("--config", recipe, "-test_only", "--opts", "models.student_model.dst_ckpt", path)
+        status, out, err = cli(
+            "--config",
+            recipe,
+            "-test_only",
+            "--output_dir",
+            tmp_path / "eval",
+            "--opts",
+            "models.student_model.dst_ckpt",
+            path,
+        )
         assert status == 0, err
-        tested = json.loads((path.parent / "test_only" / "metrics.json").read_text())  # beside dst_ckpt
+        tested = json.loads((tmp_path / "eval" / "test_only" / "metrics.json").read_text())
+        assert tested["checkpoint"] == str(path)
         assert (tested["top1"], tested["top5"]) == (reference["top1"], reference["top5"])
-        shutil.rmtree(path.parent / "test_only")
+        shutil.rmtree(tmp_path / "eval")
     safetensors.torch.save_file(tiny_models(2).state_dict(), str(weights / TORCHVISION_FILE))
     status, _, err = cli("--config", recipe, "-test_only", "--opts", "models.student_model.dst_ckpt", weights)
     assert status == 2
