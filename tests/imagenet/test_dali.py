@@ -483,9 +483,9 @@ def test_test_only_accuracy_equals_the_torchvision_loader(make_recipe, jpeg_data
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path, policy):
+def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path, policy, train_image_in_batch):
     data = shutil.copytree(jpeg_data, tmp_path / "data")
-    bad = data / "train" / "class0" / "05.jpg"
+    bad = train_image_in_batch(data, 0)  # in the first batch: no step trained, no checkpoint to write
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     recipe = dali_recipe(make_recipe, "bad", data, on_bad_image=policy)
     status, _, err = cli("--config", recipe, "--seed", "0", "--loader", "dali")
