@@ -15,12 +15,11 @@ parameter (the crop window with torchvision's ``RandomResizedCrop.get_params`` a
 Python from a Philox generator keyed by (epoch seed, batch number). Over the training loader's
 :class:`~projector_kd.sampling.ResumableSampler` the epoch seed is a pure function of (seed, epoch) and the numbering
 starts at the sampler's start batch, so batch k of an epoch is a pure function of (seed, epoch, k) and a resumed epoch
-reads and decodes only the batches it trains. Over another sampler the epoch seed is drawn from torch's global
-generator when the epoch starts, as a ``DataLoader`` draws its base seed, and :meth:`DaliEpoch.skip` jumps over
-batches without decoding them. File bytes, sizes and parameters go to DALI through ``fn.external_source``; images
-that cannot be read are handled before decoding as ``on_bad_image`` says (``fail``: one line naming the file;
-``skip``: the next readable image, counted), and a decode error inside DALI is traced to its file the same way.
-docs/dali.md lists what differs from the torchvision loader.
+reads and decodes only the batches it trains. Over another sampler (evaluation) the epoch seed is drawn from torch's
+global generator when the epoch starts, as a ``DataLoader`` draws its base seed. File bytes, sizes and parameters go
+to DALI through ``fn.external_source``; images that cannot be read are handled before decoding as ``on_bad_image``
+says (``fail``: one line naming the file; ``skip``: the next readable image, counted), and a decode error inside DALI
+is traced to its file the same way. docs/dali.md lists what differs from the torchvision loader.
 """
 
 from __future__ import annotations
@@ -557,14 +556,6 @@ class DaliEpoch(Iterator):
         self.in_flight: deque[PreparedBatch] = deque()
         self.ahead: tuple[int, list[int], list[Future]] | None = None  # the next batch, its files being read
         self.started = False
-
-    def skip(self, count: int) -> None:
-        """Pass over the first ``count`` batches without reading or decoding them (resuming mid-epoch)."""
-        if self.started:
-            raise RuntimeError("skip() must come before the first batch")
-        for _ in range(count):
-            next(self.order)
-            self.number += 1
 
     def _take(self) -> tuple[int, list[int]]:
         if self.pending:

@@ -27,6 +27,7 @@ from imagenet.config import check_recipe, find_recipe, load_recipe, resolve
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.data import CheckedImageFolder, DataError, load_rgb
 from projector_kd.errors import UserError
+from projector_kd.sampling import resumable_loader, training_sampler
 from projector_kd.signals import EXIT_STATUS_STOPPED
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -262,20 +263,21 @@ def test_centre_crop_larger_than_the_image_pads_with_zeros_as_torchvision(jpeg_d
     assert torch.allclose(images, reference, atol=1e-5)  # no resampling: decoding and padding are exact
 
 
-def test_batches_are_deterministic_per_seed_and_epoch_and_skip_is_exact(jpeg_data):
-    loader = dali.DaliLoader(
-        torch_loader(jpeg_data / "train", train_transform(), train=True), torch.device("cpu"), train=True
-    )
-    torch.manual_seed(3)
+def test_training_batches_are_a_pure_function_of_seed_epoch_and_batch_number(jpeg_data):
+    train = resumable_loader(torch_loader(jpeg_data / "train", train_transform(), train=True), seed=3)
+    loader = dali.DaliLoader(train, torch.device("cpu"), train=True)
+    sampler = training_sampler(loader)
+    torch.manual_seed(0)  # torch's global generator plays no part
     first = [images for images, _, _ in loader]
+    sampler.set_epoch(1)
     second_epoch = [images for images, _, _ in loader]
-    torch.manual_seed(3)
+    torch.manual_seed(1)
+    sampler.set_epoch(0)
     again = [images for images, _, _ in loader]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
     assert not any(torch.equal(a, b) for a, b in zip(first, second_epoch))
-    torch.manual_seed(3)
+    sampler.set_epoch(0, start_batch=2)  # resuming at batch 2: batches 0 and 1 are neither read nor decoded
     epoch = iter(loader)
-    epoch.skip(2)
     images, _, _ = next(epoch)
     assert torch.equal(images, first[2])
     with pytest.raises(StopIteration):
