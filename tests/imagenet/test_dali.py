@@ -85,6 +85,11 @@ def torch_loader(root: Path, transform, train: bool, batch_size: int = 8, on_bad
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train)
 
 
+def seeded_train_loader(data: Path, on_bad_image: str) -> DataLoader:
+    """The training loader as the entry point builds it: batches of 8 in the shared sampler's order for seed 0."""
+    return resumable_loader(torch_loader(data / "train", train_transform(), True, on_bad_image=on_bad_image), seed=0)
+
+
 # ------------------------------------------------------------------------------------------------- translation
 
 
@@ -332,20 +337,20 @@ def test_runtime_loader_is_checked_with_the_recipe(make_recipe):
 # ---------------------------------------------------------------------------------------------- bad images
 
 
-def test_a_truncated_jpeg_fails_naming_the_file_or_is_skipped_and_counted(jpeg_data, tmp_path, caplog):
+def test_a_truncated_jpeg_fails_naming_the_file_or_is_skipped_and_counted(
+    jpeg_data, tmp_path, caplog, train_image_in_batch
+):
     data = shutil.copytree(jpeg_data, tmp_path / "data")
-    bad = data / "train" / "class1" / "04.jpg"
+    bad = train_image_in_batch(data, 1)  # read in the seeded order (drop_last leaves some images out)
     content = bad.read_bytes()
     bad.write_bytes(content[:-200])  # header intact, scan cut short: DALI alone would decode it, grey-filled
     with pytest.raises(DataError) as expected:
         load_rgb(str(bad))
     with pytest.raises(DataError) as raised:
-        list(dali.DaliLoader(torch_loader(data / "train", train_transform(), True), torch.device("cpu"), True))
+        list(dali.DaliLoader(seeded_train_loader(data, "fail"), torch.device("cpu"), True))
     assert str(raised.value) == str(expected.value)  # the torchvision loader's line, naming the file
     assert str(raised.value).startswith(f"unreadable image {bad} (OSError: image file is truncated")
-    loader = dali.DaliLoader(
-        torch_loader(data / "train", train_transform(), True, on_bad_image="skip"), torch.device("cpu"), True
-    )
+    loader = dali.DaliLoader(seeded_train_loader(data, "skip"), torch.device("cpu"), True)
     assert sum(len(labels) for _, labels, _ in loader) == 24
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
     assert len(skips) == 1 and str(bad) in skips[0] and skips[0].endswith("(1 skipped so far in this process)")
