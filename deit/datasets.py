@@ -1,28 +1,24 @@
-"""ImageFolder data for the DeiT track: the recipe's transforms, resumable sampling, mixup/cutmix.
+"""ImageFolder data for the DeiT track: the recipe's transforms, loaders, mixup/cutmix.
 
-Exact resume: the training sampler yields ``(epoch, index)`` pairs in an order that is a pure function of
-``(seed, epoch, rank, world_size)``, and :class:`SeededSamples` reseeds python/numpy/torch for every sample from
-``(seed, epoch, index)``. So a run resumed at batch k of an epoch sees exactly the batches an uninterrupted run sees,
-whatever the number of loader workers.
+Exact resume comes from the shared samplers of :mod:`projector_kd.sampling`: a run resumed at batch k of an epoch
+sees exactly the batches an uninterrupted run sees, and never reads the k batches already trained.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.auto_augment import RandAugment
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from projector_kd.data import CheckedImageFolder, DataError, check_image_folder, check_num_classes
+from projector_kd.sampling import ResumableSampler, SeededSamples, ShardSampler
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -88,98 +84,6 @@ def build_transform(is_train: bool, cfg: dict) -> transforms.Compose:
             transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
         ]
     )
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that is a pure function of (seed, epoch, sample index)."""
-    words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so that item ``(epoch, index)`` is drawn with python/numpy/torch seeded from
-    ``(seed, epoch, index)``; the caller's generator states are restored afterwards. A plain int index is passed
-    through unseeded (evaluation)."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> Any:
-        if isinstance(key, int):
-            return self.dataset[key]
-        epoch, index = key
-        value = sample_seed(self.seed, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                random.seed(value)
-                np.random.seed(value % 2**32)
-                torch.manual_seed(value)
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-class ResumableSampler(Sampler):
-    """Shuffled, rank-sharded training order that can start mid-epoch.
-
-    Epoch order: ``torch.randperm(n)`` from a generator seeded with ``seed + epoch``, padded by wrap-around to a
-    multiple of ``world_size``, then every ``world_size``-th index from ``rank`` (as ``DistributedSampler``). Yields
-    ``(epoch, index)`` pairs; :meth:`set_epoch` with ``start_batch = k`` skips the first ``k * batch_size`` of them.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.num_items = num_items
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.per_rank = math.ceil(num_items / world_size)
-        self.epoch = 0
-        self.start_batch = 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Full batches per rank per epoch (the last partial batch is dropped)."""
-        return self.per_rank // self.batch_size
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's indices for ``epoch``, from the start of the epoch."""
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
-        total = self.per_rank * self.world_size
-        order += (order * math.ceil(total / self.num_items))[: total - self.num_items]
-        return order[self.rank : total : self.world_size]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size :]
-        return iter([(self.epoch, index) for index in indices])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start_batch * self.batch_size
-
-
-class ShardSampler(Sampler):
-    """Evaluation order: indices ``rank, rank + world_size, ...`` with no padding, so summed counts are exact."""
-
-    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, num_items, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def build_dataset(split: str, cfg: dict) -> CheckedImageFolder:

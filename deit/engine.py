@@ -29,9 +29,10 @@ from torch import nn
 
 from projector_kd import kd_loss, pool_features
 from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
-from projector_kd.data import checkpoint_on_data_error, raise_worker_errors_plainly
-from projector_kd.distributed import DistEnv, all_reduce_sum, barrier
+from projector_kd.data import checkpoint_on_data_error
+from projector_kd.distributed import DistEnv, barrier
 from projector_kd.errors import NonFiniteLossError, UserError
+from projector_kd.evaluation import evaluate_classifier
 from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
 from projector_kd.runs import progress
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device, step_unless
@@ -122,6 +123,41 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def precision(cfg: dict, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, channels_last) of the recipe on ``device``: on CUDA bf16 + channels_last on the fast path,
+    fp16 when ``train.amp``; float32 and the default layout otherwise."""
+    cuda = device.type == "cuda"
+    fast = cfg["fast"]
+    autocast_dtype = (torch.bfloat16 if fast else torch.float16) if cuda and (fast or cfg["train"]["amp"]) else None
+    return autocast_dtype, fast and cuda
+
+
+def place_student(student: nn.Module, cfg: dict, device: torch.device) -> nn.Module:
+    """``student`` on ``device``, its conv stem channels_last where :func:`precision` says so (the fast path also
+    turns on the fast CUDA backends)."""
+    if cfg["fast"]:
+        enable_fast_cuda_backends(device)
+    student = student.to(device)
+    if precision(cfg, device)[1]:
+        student.conv_embed.to(memory_format=torch.channels_last)
+    return student
+
+
+def evaluate_student(student: nn.Module, loader: Any, cfg: dict, env: DistEnv) -> dict[str, float]:
+    """``top1``/``top5`` (%), mean CE ``loss`` and ``num_images`` of the mean of both heads over the whole val set,
+    summed over ranks, in the recipe's precision (:func:`projector_kd.evaluation.evaluate_classifier`)."""
+    autocast_dtype, channels_last = precision(cfg, env.device)
+    return evaluate_classifier(
+        place_student(student, cfg, env.device),
+        loader,
+        env.device,
+        env.rank,
+        autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
+        with_loss=True,
+    )
+
+
 class Trainer:
     """Everything one rank needs to train and evaluate: student, teacher, optimizer, schedule, precision.
 
@@ -151,15 +187,8 @@ class Trainer:
         self.accum_iter = cfg["train"]["accum_iter"]
         self.method = cfg["distillation"]["method"]
         cuda = self.device.type == "cuda"
-        if self.fast:
-            enable_fast_cuda_backends(self.device)
-        self.autocast_dtype = (
-            (torch.bfloat16 if self.fast else torch.float16) if cuda and (self.fast or cfg["train"]["amp"]) else None
-        )
-        self.channels_last = self.fast and cuda
-        self.student = student.to(self.device)
-        if self.channels_last:
-            self.student.conv_embed.to(memory_format=torch.channels_last)
+        self.student = place_student(student, cfg, self.device)
+        self.autocast_dtype, self.channels_last = precision(cfg, self.device)
         self.teacher = None
         if self.method != "none":
             if teacher is None:
@@ -214,7 +243,6 @@ class Trainer:
         self.clip_scaled_grads = train["clip_scaled_grads"]
         self.lr_after_step = train["lr_after_step"]
         self.monitor = StepMonitor(self.device, env.distributed)
-        self.stop_voted = False
         self.last_record: StepRecord | None = None
         self.stop: Any = None
         self.stop_asked = False
@@ -352,7 +380,6 @@ class Trainer:
         for key, value in record.terms.items():
             self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
         self.epoch_sums["steps"] = self.epoch_sums.get("steps", 0) + 1
-        self.stop_voted = self.stop_voted or record.stop
         self.last_record = record
 
     def finish_pending(self) -> None:
@@ -362,9 +389,8 @@ class Trainer:
 
     # -- loops --------------------------------------------------------------------------------------------------
     def _stop_agreed(self) -> bool:
-        """Stop now? Alone: when asked. Distributed: when any rank's vote, summed on the device and read with the
-        step's record (up to a step late), says so — every rank reads the same sum, so all stop at the same step."""
-        return self.stop_voted if self.env.distributed else self.stop_asked
+        """Stop now? :meth:`projector_kd.steps.StepMonitor.stop_agreed` for this step's poll."""
+        return self.monitor.stop_agreed(self.stop_asked)
 
     def train_epoch(self, loader: Any, epoch: int, start_batch: int = 0, stop: Any = None) -> dict[str, float] | None:
         """Train batches ``start_batch..`` of ``epoch``. Returns mean loss terms, or None when ``stop.requested``
@@ -422,41 +448,6 @@ class Trainer:
         totals = dict(self.epoch_sums)
         steps = totals.pop("steps", 1)
         return {key: value / steps for key, value in totals.items()}
-
-    @torch.no_grad()
-    def evaluate(self, loader: Any) -> dict[str, float]:
-        """Top-1/top-5 (%) and CE loss of the mean of both heads over the whole val set, summed over ranks."""
-        self.student.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        criterion = nn.CrossEntropyLoss(reduction="sum")
-        for images, targets in progress(
-            raise_worker_errors_plainly(loader), rank=self.env.rank, desc="eval", total=len(loader)
-        ):
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                logits = self.student(images).float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5.eq(targets[:, None])
-            sums += torch.stack(
-                [
-                    hits[:, 0].sum(),
-                    hits.any(dim=1).sum(),
-                    criterion(logits, targets),
-                    torch.tensor(targets.numel(), device=self.device),
-                ]
-            ).double()
-        all_reduce_sum(sums)
-        correct1, correct5, loss_sum, total = sums.tolist()
-        self.student.train()
-        return {
-            "top1": 100.0 * correct1 / total,
-            "top5": 100.0 * correct5 / total,
-            "loss": loss_sum / total,
-            "num_images": int(total),
-        }
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _gather_rng(self) -> list[dict]:

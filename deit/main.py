@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from deit.checkpoint import check_resume_model, load_student_checkpoint  # noqa: E402
 from deit.config import load_config, rename_old_keys  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
-from deit.engine import CHECKPOINT_FORMAT, Trainer  # noqa: E402
+from deit.engine import CHECKPOINT_FORMAT, Trainer, evaluate_student  # noqa: E402
 from deit.models import build_student, create_teacher  # noqa: E402
 from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from projector_kd.distributed import (
@@ -217,10 +217,7 @@ def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
     logger.info("loaded %d tensors from %s %s", len(report.loaded), path, report.meta or "")
     check_data(cfg, splits=("val",))
     _, val_loader = build_loaders(cfg, env.rank, env.world_size, pin_memory=env.device.type == "cuda", train=False)
-    trainer = Trainer(
-        {**cfg, "distillation": {**cfg["distillation"], "method": "none"}}, env, student, None, steps_per_epoch=1
-    )
-    stats = trainer.evaluate(val_loader)
+    stats = evaluate_student(student, val_loader, cfg, env)
     logger.info(
         "%s on %d val images: top-1 %.2f top-5 %.2f loss %.4f",
         path,
@@ -320,7 +317,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         trainer.history["epoch"].append(epoch)
         trainer.history["train_loss"].append(means.get("loss", float("nan")))
         if (epoch + 1) % cfg["train"]["eval_freq"] == 0 or last:
-            stats = trainer.evaluate(val_loader)
+            stats = evaluate_student(trainer.student, val_loader, cfg, env)
             trainer.max_accuracy = max(trainer.max_accuracy, stats["top1"])
             trainer.history["val_top1"].append(stats["top1"])
             trainer.history["val_top5"].append(stats["top5"])
@@ -339,7 +336,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         if (epoch + 1) % cfg["train"]["save_freq"] == 0 or last:
             names.append(f"ckpt_epoch_{epoch}.pth")
         trainer.save(epoch + 1, 0, names)
-    final = trainer.evaluate(val_loader) if start_epoch >= epochs else None
+    final = evaluate_student(trainer.student, val_loader, cfg, env) if start_epoch >= epochs else None
     history = trainer.history
     metrics = {
         "top1": final["top1"] if final else history["val_top1"][-1],

@@ -12,13 +12,14 @@ on the CPU every stage runs on the CPU (for tests: about PIL's speed).
 
 Exact resume: the sample order is the torchdistill loader's own batch sampler, iterated in this process; every random
 parameter (the crop window with torchvision's ``RandomResizedCrop.get_params`` algorithm, the flip) is drawn here in
-Python from a Philox generator keyed by (epoch seed, batch number), where the epoch seed is drawn from torch's global
-generator when the epoch starts, as a ``DataLoader`` draws its base seed. So batch k of an epoch is a pure function of
-the generator state at the epoch's start and k, and :meth:`DaliEpoch.skip` jumps over trained batches without decoding
-them. File bytes, sizes and parameters go to DALI through ``fn.external_source``; images that cannot be read are
-handled before decoding as ``on_bad_image`` says (``fail``: one line naming the file; ``skip``: the next readable image,
-counted), and a decode error inside DALI is traced to its file the same way. docs/dali.md lists what differs from the
-torchvision loader.
+Python from a Philox generator keyed by (epoch seed, batch number). Over the training loader's
+:class:`~projector_kd.sampling.ResumableSampler` the epoch seed is a pure function of (seed, epoch) and the numbering
+starts at the sampler's start batch, so batch k of an epoch is a pure function of (seed, epoch, k) and a resumed epoch
+reads and decodes only the batches it trains. Over another sampler (evaluation) the epoch seed is drawn from torch's
+global generator when the epoch starts, as a ``DataLoader`` draws its base seed. File bytes, sizes and parameters go
+to DALI through ``fn.external_source``; images that cannot be read are handled before decoding as ``on_bad_image``
+says (``fail``: one line naming the file; ``skip``: the next readable image, counted), and a decode error inside DALI
+is traced to its file the same way. docs/dali.md lists what differs from the torchvision loader.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torchvision import transforms as T
 
 from projector_kd.data import UNREADABLE_IMAGE_ERRORS, DataError, load_rgb, unreadable_image
 from projector_kd.errors import UserError
+from projector_kd.sampling import ResumableSampler, SeededSamples, ShardSampler, epoch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +292,8 @@ class PreparedBatch:
 
 def _unwrapped_dataset(loader: DataLoader) -> Any:
     dataset = loader.dataset
+    if isinstance(dataset, SeededSamples):  # its seeding applies to transforms run in Python, not to DALI's
+        dataset = dataset.dataset
     while hasattr(dataset, "org_dataset"):  # torchdistill's supplementary-data wrapper
         dataset = dataset.org_dataset
     if not hasattr(dataset, "samples") or not hasattr(dataset, "transform"):
@@ -315,8 +319,6 @@ class DaliLoader:
         self.batch_sampler = loader.batch_sampler
         sampler = getattr(self.batch_sampler, "sampler", None)
         if not train and isinstance(sampler, DistributedSampler):  # evaluation counts every image exactly once
-            from imagenet.engine import ShardSampler
-
             self.batch_sampler = BatchSampler(
                 ShardSampler(len(self.dataset), sampler.rank, sampler.num_replicas),
                 self.batch_sampler.batch_size,
@@ -531,27 +533,29 @@ class DaliLoader:
         return torch.from_numpy(np.array(tensor))
 
 
+def plain_indices(batch: list) -> list[int]:
+    """Dataset indices of a batch from the sampler (a :class:`ResumableSampler` yields ``(epoch, index)`` pairs)."""
+    return [item[1] if isinstance(item, tuple) else item for item in batch]
+
+
 class DaliEpoch(Iterator):
     """One pass over a :class:`DaliLoader`: the epoch seed and the sampler's order are drawn when it is created."""
 
     def __init__(self, loader: DaliLoader) -> None:
         self.loader = loader
         self.active = True
-        self.seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as DataLoader draws its base seed
-        self.order = iter(loader.batch_sampler)
-        self.number = 0  # batches taken from the sampler so far
+        sampler = getattr(loader.batch_sampler, "sampler", None)
+        if isinstance(sampler, ResumableSampler):  # a pure function of (seed, epoch), from the sampler's start batch
+            self.seed = epoch_seed(sampler.seed, sampler.epoch)
+            self.number = sampler.start_batch
+        else:
+            self.seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as DataLoader draws its base seed
+            self.number = 0  # batches taken from the sampler so far
+        self.order = (plain_indices(batch) for batch in loader.batch_sampler)
         self.pending: deque[tuple[int, list[int]]] = deque()  # batches to feed again after a pipeline rebuild
         self.in_flight: deque[PreparedBatch] = deque()
         self.ahead: tuple[int, list[int], list[Future]] | None = None  # the next batch, its files being read
         self.started = False
-
-    def skip(self, count: int) -> None:
-        """Pass over the first ``count`` batches without reading or decoding them (resuming mid-epoch)."""
-        if self.started:
-            raise RuntimeError("skip() must come before the first batch")
-        for _ in range(count):
-            next(self.order)
-            self.number += 1
 
     def _take(self) -> tuple[int, list[int]]:
         if self.pending:

@@ -4,9 +4,10 @@ Checkpoint layout (``torch.load(weights_only=True)``-loadable, written by :func:
 ``model`` (the student network's state dict — the torchdistill format ``-test_only`` reads), ``projector`` (the
 ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_scheduler``, ``epoch`` and
 ``step_in_epoch`` (where training continues), ``best_value`` (best val top-1), ``history`` (val top-1 per epoch),
-``global_step``, ``wall_time_s`` (seconds trained so far, over resumes), ``rng`` (generator states now) and
-``epoch_rng`` (at the start of the epoch, to replay its batches);
-in a distributed run also ``rng_per_rank`` (every rank's ``rng`` and ``epoch_rng``). Rank 0 writes; all ranks wait.
+``global_step``, ``wall_time_s`` (seconds trained so far, over resumes) and ``rng`` (generator states now);
+in a distributed run also ``rng_per_rank`` (every rank's ``rng``). Rank 0 writes; all ranks wait. The training
+loader's :class:`projector_kd.sampling.ResumableSampler` makes the batches a pure function of (seed, epoch, position),
+so resuming at step k starts the sampler at batch k and reads nothing it skips.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
 from projector_kd.checkpoint import atomic_save, capture_rng_state, load_state_exactly, restore_rng_state
 from projector_kd.data import checkpoint_on_data_error
-from projector_kd.distributed import all_reduce_sum, barrier
+from projector_kd.distributed import barrier
 from projector_kd.errors import NonFiniteLossError, UserError
+from projector_kd.evaluation import evaluate_classifier
 from projector_kd.runs import progress
+from projector_kd.sampling import training_sampler
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device
 
 logger = logging.getLogger(__name__)
@@ -44,15 +46,14 @@ class TrainingStopped(Exception):
 
 @dataclass
 class RunState:
-    """What a checkpoint restores besides the modules: position, best accuracy, per-epoch history, the generator
-    states at the start of the epoch (``epoch_rng``, to replay its batches) and at the save (``resume_rng``)."""
+    """What a checkpoint restores besides the modules: position, best accuracy, per-epoch history and the generator
+    states at the save (``resume_rng``)."""
 
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
     best_value: float = 0.0
     history: list[float] = field(default_factory=list)
-    epoch_rng: dict | None = None
     resume_rng: dict | None = None
     last_loss: float = math.nan
     wall_time_before: float = 0.0  # seconds spent by the processes that trained the run before this one
@@ -85,8 +86,8 @@ def projector_of(box: Any) -> nn.Module | None:
 
 
 def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) -> dict:
-    """Everything exact resume needs, as tensors and plain values. ``rng_per_rank``: every rank's
-    ``(generator states now, epoch_rng)`` in a distributed run, so each rank resumes its own streams."""
+    """Everything exact resume needs, as tensors and plain values. ``rng_per_rank``: every rank's generator states
+    now in a distributed run, so each rank resumes its own streams."""
     state = {
         "model": unwrap(student_of(box)).state_dict(),
         "optimizer": box.optimizer.state_dict(),
@@ -97,11 +98,10 @@ def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) ->
         "best_value": run.best_value,
         "history": list(run.history),
         "rng": capture_rng_state(),
-        "epoch_rng": run.epoch_rng,
         "wall_time_s": run.elapsed(),
     }
     if rng_per_rank is not None:
-        state["rng_per_rank"] = [{"rng": rng, "epoch_rng": epoch_rng} for rng, epoch_rng in rng_per_rank]
+        state["rng_per_rank"] = [{"rng": rng} for rng in rng_per_rank]
     projector = projector_of(box)
     if projector is not None:
         state["projector"] = projector.state_dict()
@@ -134,7 +134,7 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
             f"checkpoint {path}: optimizer/scheduler state does not match this config ({error}) — "
             f"use another output folder"
         ) from None
-    streams = {"rng": state.get("rng"), "epoch_rng": state.get("epoch_rng")}
+    streams = {"rng": state.get("rng")}
     per_rank = state.get("rng_per_rank")
     if per_rank is not None and len(per_rank) == world_size:
         streams = per_rank[rank]
@@ -150,14 +150,16 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
         global_step=int(state.get("global_step", 0)),
         best_value=float(state.get("best_value", 0.0)),
         history=[float(v) for v in state.get("history", [])],
-        epoch_rng=streams["epoch_rng"],
         resume_rng=streams["rng"],
         wall_time_before=float(state.get("wall_time_s", 0.0)),
     )
-    if run.step_in_epoch > 0 and run.epoch_rng is None:
-        raise UserError(
-            f"checkpoint {path} stops mid-epoch but holds no epoch_rng to replay the epoch's batches — "
-            f"it was not written by this entry point; use another output folder"
+    if run.step_in_epoch > 0 and "epoch_rng" in state:
+        logger.warning(
+            "checkpoint %s was written by an earlier version that replayed the epoch's batches: epoch %d continues "
+            "at step %d with this version's sample order (training continues, but not bit for bit)",
+            path,
+            run.epoch,
+            run.step_in_epoch,
         )
     box.stage_grad_count = run.global_step  # torchdistill's step counter (gradient accumulation, step-wise schedules)
     if run.global_step > 0:  # the optimizer stepped before the save: no "scheduler before optimizer" warning on resume
@@ -270,7 +272,7 @@ def save_checkpoint(ctx: LoopContext, run: RunState, best: bool) -> None:
     rng_per_rank = None
     if ctx.distributed:
         rng_per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(rng_per_rank, (capture_rng_state(), run.epoch_rng))
+        dist.all_gather_object(rng_per_rank, capture_rng_state())
     if ctx.rank == 0:
         state = training_state(ctx.box, run, rng_per_rank)
         if best:
@@ -286,11 +288,10 @@ def _kept_checkpoint(ctx: LoopContext) -> str:
     return "nothing was written for this step (no checkpoint yet)"
 
 
-def _finish(ctx: LoopContext, run: RunState, record: StepRecord | None) -> bool:
-    """Account a step whose values reached the host: raise NonFiniteLossError if it was bad; True when the ranks voted
-    to stop."""
+def _finish(ctx: LoopContext, run: RunState, record: StepRecord | None) -> None:
+    """Account a step whose values reached the host: raise NonFiniteLossError if it was bad."""
     if record is None:
-        return False
+        return
     if record.bad:
         raise NonFiniteLossError(
             f"non-finite loss at {record.step}: term(s) "
@@ -299,15 +300,12 @@ def _finish(ctx: LoopContext, run: RunState, record: StepRecord | None) -> bool:
             f"rate or check the data"
         )
     run.last_loss = record.terms[TOTAL]
-    return record.stop
 
 
-def _finish_pending(ctx: LoopContext, run: RunState) -> bool:
+def _finish_pending(ctx: LoopContext, run: RunState) -> None:
     """Wait for and account every step still in flight (before a checkpoint, a log line, an epoch's end)."""
-    stop = False
     for record in ctx.monitor.drain():
-        stop = _finish(ctx, run, record) or stop
-    return stop
+        _finish(ctx, run, record)
 
 
 def train_step(
@@ -319,8 +317,8 @@ def train_step(
     supp_dict: Any,
     total: int,
 ) -> bool:
-    """One step of the box on a host batch; returns True when training should stop after it (a stop request, read
-    at once alone and up to a step late from the ranks' vote in a distributed run).
+    """One step of the box on a host batch; returns whether a stop was requested at this step (the caller stops by
+    :meth:`projector_kd.steps.StepMonitor.stop_agreed`: at once alone, up to a step late from the ranks' vote).
 
     A non-finite loss term stops training with NonFiniteLossError naming the step and the term(s); that update
     is never applied. With a fused optimizer (the fast path) the update is skipped on the device
@@ -346,9 +344,8 @@ def train_step(
     names, values = recorder.snapshot(loss)
     found_inf = non_finite_flag(values)
     requested = bool(ctx.stop.requested)  # polled once per step
-    stop = requested and not ctx.distributed
     if skips_on_device(box.optimizer):
-        stop = _finish(ctx, run, ctx.monitor.pop()) or stop  # the previous step, read now that this one is queued
+        _finish(ctx, run, ctx.monitor.pop())  # the previous step, read now that this one is queued
         box.optimizer.found_inf = found_inf
         try:
             box.post_forward_process(loss=loss)
@@ -357,38 +354,28 @@ def train_step(
         ctx.monitor.push(where, names, values, found_inf, requested)
     else:
         ctx.monitor.push(where, names, values, found_inf, requested)
-        stop = _finish_pending(ctx, run) or stop
+        _finish_pending(ctx, run)
         box.post_forward_process(loss=loss)
     run.step_in_epoch += 1
     run.global_step += 1
-    return stop
+    return requested
 
 
 def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> None:
-    """One epoch from ``run.step_in_epoch`` (replaying the epoch's earlier batches when resuming mid-epoch)."""
+    """One epoch from ``run.step_in_epoch``: the loader's sampler starts at that batch, so resuming mid-epoch reads
+    none of the batches already trained."""
     box = ctx.box
     if ctx.monitor is None:
         ctx.monitor = StepMonitor(ctx.device, ctx.distributed)
     box.pre_epoch_process(epoch=run.epoch)
     if ctx.teacher is not None:
         ctx.teacher.eval()
-    resume_rng, run.resume_rng = run.resume_rng, None
-    if run.step_in_epoch > 0:  # resuming mid-epoch: replay the epoch's sampling and skip the batches already trained
-        restore_rng_state(run.epoch_rng)
-    else:
-        if resume_rng is not None:
-            restore_rng_state(resume_rng)
-            resume_rng = None
-        run.epoch_rng = capture_rng_state()
+    training_sampler(box.train_data_loader).set_epoch(run.epoch, run.step_in_epoch)
     batches = iter(box.train_data_loader)
-    if hasattr(batches, "skip"):  # a loader that can start mid-epoch without producing the batches it passes over
-        batches.skip(run.step_in_epoch)
-    else:
-        for _ in range(run.step_in_epoch):
-            next(batches)
+    resume_rng, run.resume_rng = run.resume_rng, None
     if resume_rng is not None:  # generators exactly as they were when the checkpoint was written
         restore_rng_state(resume_rng)
-    total = len(box.train_data_loader)
+    total = run.step_in_epoch + len(box.train_data_loader)
 
     def save_here() -> str | None:
         """A resumable checkpoint before the failed batch (not under DDP: the other ranks are mid-step)."""
@@ -404,9 +391,9 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
         total=total - run.step_in_epoch,
         desc=f"epoch {run.epoch}",
     ):
-        stop = train_step(ctx, run, recorder, images, targets, supp_dict, total)
+        requested = train_step(ctx, run, recorder, images, targets, supp_dict, total)
         if run.global_step % ctx.log_freq == 0:
-            stop = _finish_pending(ctx, run) or stop
+            _finish_pending(ctx, run)
             if ctx.writer is not None:
                 ctx.writer.add_scalar("train/loss", run.last_loss, run.global_step)
                 ctx.writer.add_scalar("train/lr", box.optimizer.param_groups[0]["lr"], run.global_step)
@@ -418,7 +405,7 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
                 run.last_loss,
                 box.optimizer.param_groups[0]["lr"],
             )
-        if stop:
+        if ctx.monitor.stop_agreed(requested):
             _finish_pending(ctx, run)
             save_checkpoint(ctx, run, best=False)
             raise TrainingStopped(
@@ -428,61 +415,6 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
     _finish_pending(ctx, run)
 
 
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...`` in order: over all ranks every image is seen exactly once (a
-    ``DistributedSampler`` pads the last shard with repeated images, which would bias reduced accuracies)."""
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, length, world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def unpadded_eval_loader(loader: Any) -> Any:
-    """``loader`` itself, or — when it shards with a ``DistributedSampler`` — the same loader over a
-    :class:`ShardSampler`, so accuracies summed over ranks count each image once."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    sampler = getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
-    if not isinstance(sampler, DistributedSampler):
-        return loader
-    batch_size = getattr(batch_sampler, "batch_size", None) or loader.batch_size
-    return DataLoader(
-        loader.dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=ShardSampler(len(loader.dataset), sampler.rank, sampler.num_replicas),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-    )
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, rank: int = 0, title: str = "eval", channels_last: bool = False
-) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of ``model`` over ``loader``, summed over all ranks."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)
-    for batch in progress(unpadded_eval_loader(loader), rank=rank, desc=title):
-        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(targets[:, None])
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(targets), device=device)])
-    all_reduce_sum(counts)
-    model.train(was_training)
-    total = max(counts[2].item(), 1.0)
-    return 100.0 * counts[0].item() / total, 100.0 * counts[1].item() / total
-
-
 def train(ctx: LoopContext, run: RunState) -> RunState:
     """Epochs ``run.epoch`` .. ``num_epochs - 1``: train, validate, step the epoch scheduler, checkpoint."""
     box = ctx.box
@@ -490,14 +422,10 @@ def train(ctx: LoopContext, run: RunState) -> RunState:
     student = unwrap(student_of(box))
     while run.epoch < box.num_epochs:
         train_one_epoch(ctx, run, recorder)
-        top1, top5 = evaluate(
-            student,
-            box.val_data_loader,
-            ctx.device,
-            ctx.rank,
-            title=f"val {run.epoch}",
-            channels_last=ctx.channels_last,
+        scores = evaluate_classifier(
+            student, box.val_data_loader, ctx.device, ctx.rank, channels_last=ctx.channels_last, desc=f"val {run.epoch}"
         )
+        top1, top5 = scores["top1"], scores["top5"]
         logger.info("epoch %d: val top-1 %.2f top-5 %.2f", run.epoch, top1, top5)
         if ctx.writer is not None:
             ctx.writer.add_scalar("val/top1", top1, run.epoch)
@@ -508,7 +436,6 @@ def train(ctx: LoopContext, run: RunState) -> RunState:
         run.best_value = max(run.best_value, top1)
         run.epoch += 1
         run.step_in_epoch = 0
-        run.epoch_rng = None
         if not all(math.isfinite(p.detach().float().sum().item()) for p in student.parameters()):
             raise NonFiniteLossError(f"non-finite student weights after epoch {run.epoch - 1}; {_kept_checkpoint(ctx)}")
         save_checkpoint(ctx, run, best=is_best)

@@ -61,6 +61,7 @@ def _fast_loader(loader: DataLoader | None, pin_memory: bool) -> DataLoader | No
         worker_init_fn=loader.worker_init_fn,
         persistent_workers=workers > 0,
         prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+        generator=loader.generator,
     )
 
 

@@ -39,7 +39,6 @@ from imagenet.engine import (
     LoopContext,
     RunState,
     TrainingStopped,
-    evaluate,
     projector_of,
     restore_training_state,
     student_of,
@@ -58,6 +57,7 @@ from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
 from projector_kd.errors import UserError, run_cli
+from projector_kd.evaluation import evaluate_classifier
 from projector_kd.models import count_parameters
 from projector_kd.runs import (
     close_logging,
@@ -71,6 +71,7 @@ from projector_kd.runs import (
     tensorboard_writer,
     write_json,
 )
+from projector_kd.sampling import resumable_loader
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
@@ -357,6 +358,9 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                 str(recipe_path),
                 "train.train_data_loader",
             )
+        box.train_data_loader = resumable_loader(
+            box.train_data_loader, 0 if args.seed is None else args.seed, env.rank, env.world_size
+        )
         if env.distributed:
             _ensure_ddp(box, env.device, env.local_rank)
         settings = apply_fast_path(box, teacher, env.device) if fast else None
@@ -434,9 +438,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         "fast": fast,
     }
     if teacher is not None and not args.student_only:
-        metrics["teacher_top1"], metrics["teacher_top5"] = evaluate(
-            teacher, test_loader, env.device, env.rank, title="teacher"
-        )
+        scores = evaluate_classifier(teacher, test_loader, env.device, env.rank, desc="teacher")
+        metrics["teacher_top1"], metrics["teacher_top5"] = scores["top1"], scores["top5"]
         metrics["teacher_params"] = count_parameters(teacher)["total"]
         log.info(
             "[teacher %s] top-1 %.2f top-5 %.2f",
@@ -444,7 +447,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
             metrics["teacher_top1"],
             metrics["teacher_top5"],
         )
-    metrics["top1"], metrics["top5"] = evaluate(student, test_loader, env.device, env.rank, title="student")
+    scores = evaluate_classifier(student, test_loader, env.device, env.rank, desc="student")
+    metrics["top1"], metrics["top5"] = scores["top1"], scores["top5"]
     log.info("[student %s] top-1 %.2f top-5 %.2f", student_config["key"], metrics["top1"], metrics["top5"])
     metrics["wall_time_s"] = trained.elapsed() if trained is not None else time.perf_counter() - started
     if env.is_main:

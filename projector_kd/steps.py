@@ -62,6 +62,7 @@ class StepMonitor:
     oldest queued record (waiting only for its own copy, not for later work); ``drain()`` returns all of them. In a
     distributed run the stop vote is summed over ranks by an asynchronous all-reduce that the record's copy waits for
     on the device, so every rank reads the same decision one step later; alone, the vote is the local flag.
+    :meth:`stop_agreed` is the one rule both tracks stop by.
     """
 
     def __init__(self, device: torch.device, distributed: bool = False) -> None:
@@ -71,6 +72,7 @@ class StepMonitor:
         self.pending: deque = deque()
         self.host_buffers: list[torch.Tensor] = []  # where records land; the only tensors :meth:`pop` reads
         self._next_buffer = 0
+        self.stop_voted = False  # a record read so far carried a stop vote
 
     def _host_buffer(self, length: int) -> torch.Tensor:
         """One of two reusable host buffers (pinned on CUDA): a record is read before the next-but-one is copied."""
@@ -112,7 +114,14 @@ class StepMonitor:
             event.synchronize()  # waits for this record's copy only; the GPU keeps running the queued work
         values = host.tolist()
         stop = local_stop if local_stop is not None else values[len(names) + 1] > 0
+        self.stop_voted = self.stop_voted or stop
         return StepRecord(step=step, terms=dict(zip(names, values)), bad=values[len(names)] > 0, stop=stop)
+
+    def stop_agreed(self, requested: bool) -> bool:
+        """Stop after this step? Alone: when ``requested`` (this step's poll of the stop flag), at once. Distributed:
+        once a record read so far carries any rank's vote (up to a step late) — every rank reads the same sum, so
+        all ranks stop after the same step."""
+        return self.stop_voted if self.distributed else requested
 
     def drain(self) -> list[StepRecord]:
         """Every queued record, oldest first (waits for the device: for checkpoints, epoch ends and log lines)."""

@@ -11,7 +11,7 @@ from timm.scheduler import CosineLRScheduler
 
 from deit.config import load_config, scaled_lrs
 from deit.datasets import build_loaders
-from deit.engine import DistillationObjective, Trainer, param_groups
+from deit.engine import DistillationObjective, Trainer, evaluate_student, param_groups
 from deit.models import build_student, create_student, create_teacher
 from projector_kd.distributed import DistEnv
 from projector_kd.errors import NonFiniteLossError
@@ -350,3 +350,20 @@ def test_lr_each_step_used_follows_the_schedule_after_or_before_the_step(
     assert used == pytest.approx(expected, rel=1e-12)
     # warm-up then cosine: every lr(t) differs; lr(0) is the initial warm-up lr, so after the step it runs twice
     assert len(set(used)) == (steps - 1 if after else steps)
+
+
+def test_evaluation_needs_only_the_model_and_a_loader(tiny_config, image_folder, teacher_ckpt):
+    """The mean of both heads over the whole val set, as a hand computation; no optimizer or schedule is built."""
+    cfg = load_config("demo", str(tiny_config), {"data.path": str(image_folder), "teacher.ckpt": str(teacher_ckpt)})
+    torch.manual_seed(0)
+    student = build_student(cfg, 16).train()
+    _, val_loader = build_loaders(cfg, 0, 1, pin_memory=False, train=False)
+    stats = evaluate_student(student, val_loader, cfg, CPU)
+    assert student.training
+    student.eval()
+    with torch.no_grad():
+        pairs = [(student(images), labels) for images, labels in val_loader]
+    logits, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    assert stats["num_images"] == len(labels) == 12
+    assert stats["top1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).sum().item() / 12)
+    assert stats["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)

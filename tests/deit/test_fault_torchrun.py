@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 from deit.config import load_config
-from deit.datasets import ResumableSampler
 from projector_kd.data import CheckedImageFolder
+from projector_kd.sampling import ResumableSampler
 
 
 def test_unreadable_image_on_one_rank_ends_both_ranks_with_one_line(

@@ -389,3 +389,20 @@ def assert_same_state(expected, actual, where: str = "checkpoint") -> None:
 def same_state() -> Callable[..., None]:
     """:func:`assert_same_state`."""
     return assert_same_state
+
+
+@pytest.fixture
+def train_image_in_batch() -> Callable[..., Path]:
+    """``(data, batch, batch_size=8, seed=0)`` -> the first file of batch ``batch`` (0-based) of epoch 0 that a
+    single-process run with ``--seed seed`` trains on (the order of :class:`projector_kd.sampling.ResumableSampler`
+    over ImageFolder's sorted files)."""
+    from torchvision.datasets import ImageFolder
+
+    from projector_kd.sampling import ResumableSampler
+
+    def find(data: Path, batch: int, batch_size: int = 8, seed: int = 0) -> Path:
+        files = ImageFolder(data / "train").samples
+        order = ResumableSampler(len(files), batch_size, seed).epoch_indices(0)
+        return Path(files[order[batch * batch_size]][0])
+
+    return find

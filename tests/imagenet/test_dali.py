@@ -27,6 +27,7 @@ from imagenet.config import check_recipe, find_recipe, load_recipe, resolve
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.data import CheckedImageFolder, DataError, load_rgb
 from projector_kd.errors import UserError
+from projector_kd.sampling import resumable_loader, training_sampler
 from projector_kd.signals import EXIT_STATUS_STOPPED
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -82,6 +83,11 @@ def torch_loader(root: Path, transform, train: bool, batch_size: int = 8, on_bad
     dataset = CheckedImageFolder(root, transform=transform, on_bad_image=on_bad_image)
     sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train)
+
+
+def seeded_train_loader(data: Path, on_bad_image: str) -> DataLoader:
+    """The training loader as the entry point builds it: batches of 8 in the shared sampler's order for seed 0."""
+    return resumable_loader(torch_loader(data / "train", train_transform(), True, on_bad_image=on_bad_image), seed=0)
 
 
 # ------------------------------------------------------------------------------------------------- translation
@@ -262,20 +268,21 @@ def test_centre_crop_larger_than_the_image_pads_with_zeros_as_torchvision(jpeg_d
     assert torch.allclose(images, reference, atol=1e-5)  # no resampling: decoding and padding are exact
 
 
-def test_batches_are_deterministic_per_seed_and_epoch_and_skip_is_exact(jpeg_data):
-    loader = dali.DaliLoader(
-        torch_loader(jpeg_data / "train", train_transform(), train=True), torch.device("cpu"), train=True
-    )
-    torch.manual_seed(3)
+def test_training_batches_are_a_pure_function_of_seed_epoch_and_batch_number(jpeg_data):
+    train = resumable_loader(torch_loader(jpeg_data / "train", train_transform(), train=True), seed=3)
+    loader = dali.DaliLoader(train, torch.device("cpu"), train=True)
+    sampler = training_sampler(loader)
+    torch.manual_seed(0)  # torch's global generator plays no part
     first = [images for images, _, _ in loader]
+    sampler.set_epoch(1)
     second_epoch = [images for images, _, _ in loader]
-    torch.manual_seed(3)
+    torch.manual_seed(1)
+    sampler.set_epoch(0)
     again = [images for images, _, _ in loader]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
     assert not any(torch.equal(a, b) for a, b in zip(first, second_epoch))
-    torch.manual_seed(3)
+    sampler.set_epoch(0, start_batch=2)  # resuming at batch 2: batches 0 and 1 are neither read nor decoded
     epoch = iter(loader)
-    epoch.skip(2)
     images, _, _ = next(epoch)
     assert torch.equal(images, first[2])
     with pytest.raises(StopIteration):
@@ -330,20 +337,20 @@ def test_runtime_loader_is_checked_with_the_recipe(make_recipe):
 # ---------------------------------------------------------------------------------------------- bad images
 
 
-def test_a_truncated_jpeg_fails_naming_the_file_or_is_skipped_and_counted(jpeg_data, tmp_path, caplog):
+def test_a_truncated_jpeg_fails_naming_the_file_or_is_skipped_and_counted(
+    jpeg_data, tmp_path, caplog, train_image_in_batch
+):
     data = shutil.copytree(jpeg_data, tmp_path / "data")
-    bad = data / "train" / "class1" / "04.jpg"
+    bad = train_image_in_batch(data, 1)  # read in the seeded order (drop_last leaves some images out)
     content = bad.read_bytes()
     bad.write_bytes(content[:-200])  # header intact, scan cut short: DALI alone would decode it, grey-filled
     with pytest.raises(DataError) as expected:
         load_rgb(str(bad))
     with pytest.raises(DataError) as raised:
-        list(dali.DaliLoader(torch_loader(data / "train", train_transform(), True), torch.device("cpu"), True))
+        list(dali.DaliLoader(seeded_train_loader(data, "fail"), torch.device("cpu"), True))
     assert str(raised.value) == str(expected.value)  # the torchvision loader's line, naming the file
     assert str(raised.value).startswith(f"unreadable image {bad} (OSError: image file is truncated")
-    loader = dali.DaliLoader(
-        torch_loader(data / "train", train_transform(), True, on_bad_image="skip"), torch.device("cpu"), True
-    )
+    loader = dali.DaliLoader(seeded_train_loader(data, "skip"), torch.device("cpu"), True)
     assert sum(len(labels) for _, labels, _ in loader) == 24
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
     assert len(skips) == 1 and str(bad) in skips[0] and skips[0].endswith("(1 skipped so far in this process)")
@@ -483,9 +490,9 @@ def test_test_only_accuracy_equals_the_torchvision_loader(make_recipe, jpeg_data
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path, policy):
+def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path, policy, train_image_in_batch):
     data = shutil.copytree(jpeg_data, tmp_path / "data")
-    bad = data / "train" / "class0" / "05.jpg"
+    bad = train_image_in_batch(data, 0)  # in the first batch: no step trained, no checkpoint to write
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     recipe = dali_recipe(make_recipe, "bad", data, on_bad_image=policy)
     status, _, err = cli("--config", recipe, "--seed", "0", "--loader", "dali")

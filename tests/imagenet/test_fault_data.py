@@ -23,8 +23,8 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-def test_corrupt_image_is_named_with_fail(make_recipe, data, cli, tmp_path):
-    bad = data / "train" / "class1" / "03.png"
+def test_corrupt_image_is_named_with_fail(make_recipe, data, cli, tmp_path, train_image_in_batch):
+    bad = train_image_in_batch(data, 1)  # after a trained step: a checkpoint is written first
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
     status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data), "--seed", "0")
     assert status == 2
@@ -33,12 +33,12 @@ def test_corrupt_image_is_named_with_fail(make_recipe, data, cli, tmp_path):
     assert "— fix or delete the file, or set on_bad_image: skip. A resumable checkpoint was written first: " in line
 
 
-def test_corrupt_image_is_skipped_and_counted_with_skip(make_recipe, data, cli, tmp_path, caplog):
-    bad = data / "train" / "class1" / "03.png"
+def test_corrupt_image_is_skipped_and_counted_with_skip(make_recipe, data, cli, tmp_path, caplog, train_image_in_batch):
+    bad = train_image_in_batch(data, 1)  # one the seeded run reads (drop_last leaves some out)
     bad.write_bytes(b"")
     status, _, err = cli(
         "--config", make_recipe("run", method="baseline", data_root=data, on_bad_image="skip"), "--seed", "0"
-    )  # seeded: the image is not among those drop_last leaves out
+    )
     assert status == 0, err
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
     assert len(skips) == 1 and str(bad) in skips[0] and skips[0].endswith("(1 skipped so far in this process)")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 from imagenet import engine
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.checkpoint import atomic_save, load_checkpoint
+from projector_kd.data import CheckedImageFolder
 from projector_kd.signals import EXIT_STATUS_STOPPED
 
 
@@ -91,3 +93,40 @@ def test_fast_path_stopped_and_resumed_is_bit_identical(
         same_state(
             load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name), name
         )
+
+
+def test_resumed_epoch_reads_only_the_batches_it_trains(make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch):
+    """Resuming at step 2 of a 3-step epoch reads the 8 images of the last batch only (no decoding to skip), and a
+    checkpoint of the earlier layout (``epoch_rng``, batches replayed) resumes with one warning line."""
+    recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, num_workers=0)
+    common = ("--config", recipe, "--seed", "0")
+    with monkeypatch.context() as patch:
+        _sigterm_before(patch, 1, 2)
+        status, _, err = cli(*common, "--output_dir", tmp_path / "run")
+    assert status == EXIT_STATUS_STOPPED, err
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    stopped = load_checkpoint(checkpoint)
+    assert "epoch_rng" not in stopped
+
+    reads = []
+    real_getitem = CheckedImageFolder.__getitem__
+
+    def getitem(self, index):
+        reads.append(Path(self.root).name)
+        return real_getitem(self, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckedImageFolder, "__getitem__", getitem)
+        status, out, err = cli(*common, "--output_dir", tmp_path / "run")
+    assert status == 0, err
+    assert "at epoch 1 step 2" in out
+    assert reads.count("train") == 8  # one batch of 8: the two trained batches were not read again
+    assert "earlier version" not in out + err
+
+    atomic_save({**stopped, "epoch_rng": stopped["rng"]}, checkpoint)
+    (tmp_path / "run" / "best.pth").unlink()
+    status, out, err = cli(*common, "--output_dir", tmp_path / "run")
+    assert status == 0, err
+    warnings = [line for line in (out + err).splitlines() if "written by an earlier version" in line]
+    assert len(warnings) == 1 and "epoch 1 continues at step 2" in warnings[0] and str(checkpoint) in warnings[0]
+    assert load_checkpoint(checkpoint)["epoch"] == 2

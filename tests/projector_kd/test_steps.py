@@ -82,6 +82,14 @@ def test_distributed_stop_vote_is_summed_over_ranks(tmp_path):
         monitor = StepMonitor(torch.device("cpu"), distributed=True)
         monitor.push(0, ["ce"], torch.tensor([1.0]), torch.zeros(1), False)
         monitor.push(1, ["ce"], torch.tensor([1.0]), torch.zeros(1), True)
+        assert not monitor.stop_agreed(True)  # the vote travels with the records: nothing read yet
         assert [r.stop for r in monitor.drain()] == [False, True]
+        assert monitor.stop_agreed(False)  # a rank's vote, read with step 1's record, stops every rank
     finally:
         dist.destroy_process_group()
+
+
+def test_alone_the_stop_is_this_steps_request():
+    monitor = StepMonitor(torch.device("cpu"))
+    monitor.push(0, ["ce"], torch.tensor([1.0]), torch.zeros(1), True)
+    assert monitor.stop_agreed(True) and not monitor.stop_agreed(False)

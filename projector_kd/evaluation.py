@@ -1,0 +1,63 @@
+"""Top-1/top-5 evaluation of a classifier over a (sharded) loader, summed over ranks; both tracks use it."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from projector_kd.data import raise_worker_errors_plainly
+from projector_kd.distributed import all_reduce_sum
+from projector_kd.runs import progress
+from projector_kd.sampling import unpadded_eval_loader
+
+
+@torch.inference_mode()
+def evaluate_classifier(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    rank: int = 0,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    with_loss: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """``top1``/``top5`` = 100 * (images whose label is the first / among the first five logits) / images, over
+    every rank's shard (a ``DistributedSampler`` is replaced by unpadded shards, so no image counts twice).
+
+    ``with_loss`` adds ``loss`` (mean cross-entropy of the float32 logits) and ``num_images``. The batches are
+    ``(images, targets, ...)``; ``autocast_dtype``/``channels_last`` set the precision and memory format of the
+    forward. ``model`` is in eval mode during the pass and back in its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    loader = unpadded_eval_loader(loader)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    try:
+        for batch in progress(raise_worker_errors_plainly(loader), rank=rank, desc=desc, total=len(loader)):
+            images = batch[0].to(device, non_blocking=True)
+            targets = batch[1].to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = model(images).float()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+            loss = criterion(logits, targets) if with_loss else torch.zeros((), device=device)
+            count = torch.tensor(targets.numel(), device=device)
+            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, count]).double()
+        all_reduce_sum(sums)
+    finally:
+        model.train(was_training)
+    correct1, correct5, loss_sum, total = sums.tolist()
+    images = max(total, 1.0)
+    result = {"top1": 100.0 * correct1 / images, "top5": 100.0 * correct5 / images}
+    if with_loss:
+        result.update(loss=loss_sum / images, num_images=int(total))
+    return result

@@ -1,0 +1,186 @@
+"""Samplers both tracks train and evaluate with: exact mid-epoch resume without reading skipped batches, and
+evaluation shards that count every image once.
+
+Exact resume: the training sampler yields ``(epoch, index)`` pairs in an order that is a pure function of
+``(seed, epoch, rank, world_size)``, and :class:`SeededSamples` reseeds python/numpy/torch for every sample from
+``(seed, epoch, index)``. So a run resumed at batch k of an epoch sees exactly the batches an uninterrupted run sees,
+whatever the number of loader workers, and the k batches already trained are never read again.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from projector_kd.errors import UserError
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch): for draws made once per epoch."""
+    words = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch, sample index)."""
+    words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item ``(epoch, index)`` is drawn with python/numpy/torch seeded from
+    ``(seed, epoch, index)``; the caller's generator states are restored afterwards. A plain int index is passed
+    through unseeded (evaluation)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if isinstance(key, int):
+            return self.dataset[key]
+        epoch, index = key
+        value = sample_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(value)
+                np.random.seed(value % 2**32)
+                torch.manual_seed(value)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class ResumableSampler(Sampler):
+    """Shuffled, rank-sharded training order that can start mid-epoch.
+
+    Epoch order: ``torch.randperm(n)`` from a generator seeded with ``seed + epoch`` (``0..n-1`` when not
+    ``shuffle``), padded by wrap-around to a multiple of ``world_size``, then every ``world_size``-th index from
+    ``rank`` (as ``DistributedSampler``). Yields ``(epoch, index)`` pairs; :meth:`set_epoch` with ``start_batch = k``
+    skips the first ``k * batch_size`` of them.
+    """
+
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
+        self.num_items = num_items
+        self.shuffle = shuffle
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = math.ceil(num_items / world_size)
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full batches per rank per epoch (the last partial batch is dropped)."""
+        return self.per_rank // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``, from the start of the epoch."""
+        order = list(range(self.num_items))
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+        total = self.per_rank * self.world_size
+        order += (order * math.ceil(total / self.num_items))[: total - self.num_items]
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size :]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start_batch * self.batch_size
+
+
+def resumable_loader(loader: DataLoader, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """``loader`` (dataset, batch size, ``drop_last``, workers, collate function, pinning) rebuilt over a
+    :class:`ResumableSampler` (shuffled unless ``loader`` reads in order) and :class:`SeededSamples`, its own draws
+    from a private generator seeded with ``seed``, so a run resumes mid-epoch exactly without reading the batches
+    already trained. A loader whose batches are not plain ``batch_size`` slices of one sampler is refused."""
+    batch_sampler = loader.batch_sampler
+    if type(batch_sampler) is not BatchSampler:
+        raise UserError(
+            f"the training loader groups images with {type(batch_sampler).__name__}; exact resume needs plain "
+            f"batches (batch_size and drop_last in the loader's kwargs, no batch_sampler)"
+        )
+    sampler = batch_sampler.sampler
+    shuffle = getattr(sampler, "shuffle", not isinstance(sampler, SequentialSampler))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    workers = loader.num_workers
+    return DataLoader(
+        SeededSamples(loader.dataset, seed),
+        batch_size=batch_sampler.batch_size,
+        drop_last=batch_sampler.drop_last,
+        sampler=ResumableSampler(len(loader.dataset), batch_sampler.batch_size, seed, rank, world_size, shuffle),
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
+        generator=generator,
+    )
+
+
+def training_sampler(loader: Any) -> ResumableSampler:
+    """The :class:`ResumableSampler` a training loader (a ``DataLoader`` or a loader with its ``batch_sampler``)
+    draws from."""
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if not isinstance(sampler, ResumableSampler):
+        raise TypeError(f"the training loader samples with {type(sampler).__name__}, not a ResumableSampler")
+    return sampler
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation order: indices ``rank, rank + world_size, ...`` with no padding, so over all ranks every image is
+    seen exactly once (a ``DistributedSampler`` pads the last shard with repeated images, which would bias summed
+    accuracies)."""
+
+    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, num_items, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def unpadded_eval_loader(loader: Any) -> Any:
+    """``loader`` itself, or — when it shards with a ``DistributedSampler`` — the same loader over a
+    :class:`ShardSampler`, so accuracies summed over ranks count each image once."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", getattr(loader, "sampler", None))
+    if not isinstance(sampler, DistributedSampler):
+        return loader
+    batch_size = getattr(batch_sampler, "batch_size", None) or loader.batch_size
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=ShardSampler(len(loader.dataset), sampler.rank, sampler.num_replicas),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )

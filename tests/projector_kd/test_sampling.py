@@ -1,0 +1,108 @@
+"""The shared samplers: resumable training order, per-sample seeding, unpadded evaluation shards."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler, TensorDataset
+
+from projector_kd.errors import UserError
+from projector_kd.sampling import (
+    ResumableSampler,
+    SeededSamples,
+    ShardSampler,
+    resumable_loader,
+    sample_seed,
+    training_sampler,
+    unpadded_eval_loader,
+)
+
+
+class RandomDraws(Dataset):
+    """Item i: (i, one draw from each of python, numpy and torch)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int):
+        return index, random.random(), float(np.random.rand()), torch.rand(()).item()
+
+
+def test_epoch_order_is_a_pure_function_of_seed_epoch_rank_and_world_size():
+    shards = [list(ResumableSampler(10, 2, seed=3, rank=rank, world_size=4)) for rank in range(4)]
+    indices = [index for shard in shards for _, index in shard]
+    assert all(len(shard) == 3 for shard in shards)  # ceil(10 / 4), padded by wrap-around
+    assert sorted(set(indices)) == list(range(10)) and len(indices) == 12
+    again = ResumableSampler(10, 2, seed=3, rank=1, world_size=4)
+    assert list(again) == shards[1]
+    again.set_epoch(1)
+    assert all(epoch == 1 for epoch, _ in again)
+    assert [index for _, index in again] == again.epoch_indices(1) != again.epoch_indices(0)
+
+
+def test_resume_at_batch_k_yields_the_rest_of_the_epoch():
+    whole = ResumableSampler(13, batch_size=3, seed=0)
+    whole.set_epoch(5)
+    resumed = ResumableSampler(13, batch_size=3, seed=0)
+    resumed.set_epoch(5, start_batch=2)
+    assert list(resumed) == list(whole)[6:]
+    assert len(resumed) == 13 - 6
+    assert whole.batches_per_epoch == 4
+
+
+def test_seeded_samples_repeat_their_draws_and_leave_the_global_generators_alone():
+    data = SeededSamples(RandomDraws(), seed=7)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    first = data[(2, 4)]
+    after = (random.random(), float(np.random.rand()), torch.rand(()).item())
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    assert (random.random(), float(np.random.rand()), torch.rand(()).item()) == after
+    assert data[(2, 4)] == first and first[0] == 4
+    assert data[(3, 4)] != first
+    assert sample_seed(7, 2, 4) == sample_seed(7, 2, 4) != sample_seed(7, 2, 5)
+    assert data[4][0] == 4  # a plain index passes through
+
+
+def test_shard_sampler_counts_every_image_once():
+    shards = [list(ShardSampler(10, rank, 4)) for rank in range(4)]
+    assert shards == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+
+
+def test_unpadded_eval_loader_replaces_a_distributed_sampler():
+    data = list(range(10))
+    plain = DataLoader(data, batch_size=4)
+    assert unpadded_eval_loader(plain) is plain
+    padded = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=4, rank=3, shuffle=False))
+    assert sum(len(b) for b in padded) == 3  # the last shard repeats an image
+    assert [x.tolist() for x in unpadded_eval_loader(padded)] == [[3, 7]]
+
+
+def test_resumable_loader_keeps_the_loader_and_starts_mid_epoch():
+    data = TensorDataset(torch.arange(10))
+    loader = resumable_loader(DataLoader(data, batch_size=3, shuffle=True, drop_last=True), seed=4)
+    sampler = training_sampler(loader)
+    assert (sampler.shuffle, sampler.seed, loader.batch_size, loader.drop_last) == (True, 4, 3, True)
+    sampler.set_epoch(2)
+    whole = [batch[0].tolist() for batch in loader]
+    assert sum(whole, []) == sampler.epoch_indices(2)[:9] != list(range(9))
+    sampler.set_epoch(2, start_batch=1)
+    assert [batch[0].tolist() for batch in loader] == whole[1:] and len(loader) == 2
+    in_order = resumable_loader(DataLoader(data, batch_size=5), seed=0, rank=1, world_size=2)
+    assert [batch[0].tolist() for batch in in_order] == [[1, 3, 5, 7, 9]]
+
+
+def test_resumable_loader_refuses_grouped_batches():
+    batches = BatchSampler(SequentialSampler(range(4)), 2, False)
+
+    class Grouped(BatchSampler):
+        pass
+
+    with pytest.raises(UserError, match="exact resume needs plain batches"):
+        resumable_loader(DataLoader(range(4), batch_sampler=Grouped(batches.sampler, 2, False)), seed=0)
+    with pytest.raises(TypeError, match="not a ResumableSampler"):
+        training_sampler(DataLoader(range(4), batch_sampler=batches))
