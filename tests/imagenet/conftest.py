@@ -4,6 +4,7 @@ like the demo ones (WRN-10-1 student, WRN-10-2 teacher, 16 px, 3 classes) and he
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -406,3 +407,31 @@ def train_image_in_batch() -> Callable[..., Path]:
         return Path(files[order[batch * batch_size]][0])
 
     return find
+
+
+def _sigterm_before(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
+    """Send SIGTERM to this process just before training step ``step`` (1-based) of ``epoch`` starts."""
+    from imagenet import engine
+
+    real = engine.progress
+
+    def progress(iterable, rank=0, **kwargs):
+        if kwargs.get("desc") != f"epoch {epoch}":
+            return real(iterable, rank=rank, **kwargs)
+
+        def batches():
+            for index, batch in enumerate(iterable, start=1):
+                if index == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        return batches()
+
+    monkeypatch.setattr(engine, "progress", progress)
+
+
+@pytest.fixture
+def sigterm_before() -> Callable[[pytest.MonkeyPatch, int, int], None]:
+    """``sigterm_before(monkeypatch, epoch, step)``: an in-process run receives SIGTERM just before training step
+    ``step`` (1-based) of ``epoch`` starts, as a scheduler's stop would arrive."""
+    return _sigterm_before

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from torchvision import transforms as T
 
-from imagenet import dali, engine
+from imagenet import dali
 from imagenet.config import check_recipe, find_recipe, load_recipe, resolve
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.data import CheckedImageFolder, DataError, load_rgb
@@ -424,34 +422,15 @@ def dali_recipe(make_recipe, name: str, data: Path, **kwargs) -> Path:
     return path
 
 
-def _stop_before(monkeypatch, epoch: int, step: int) -> None:
-    """SIGTERM to this process as training step ``step`` (1-based) of ``epoch`` starts."""
-    real = engine.progress
-
-    def progress(iterable, rank=0, **kwargs):
-        if kwargs.get("desc") != f"epoch {epoch}":
-            return real(iterable, rank=rank, **kwargs)
-
-        def batches():
-            for index, batch in enumerate(iterable, start=1):
-                if index == step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield batch
-
-        return batches()
-
-    monkeypatch.setattr(engine, "progress", progress)
-
-
 def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_batches(
-    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, same_state
+    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, sigterm_before, same_state
 ):
     recipe = dali_recipe(make_recipe, "resume", jpeg_data, epochs=2, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0", "--loader", "dali")
     status, out, err = cli(*common, "--output_dir", tmp_path / "straight")
     assert status == 0, err
     with monkeypatch.context() as patch:
-        _stop_before(patch, 1, 2)
+        sigterm_before(patch, 1, 2)
         status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
     assert status == EXIT_STATUS_STOPPED, err
     stopped = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")

@@ -4,35 +4,13 @@ num_workers 0 and 2."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 
-from imagenet import engine
 from projector_kd.checkpoint import atomic_save, load_checkpoint
 from projector_kd.data import CheckedImageFolder
 from projector_kd.signals import EXIT_STATUS_STOPPED
-
-
-def _sigterm_before(monkeypatch, epoch: int, step: int) -> None:
-    """Send SIGTERM to this process just before training step ``step`` (1-based) of ``epoch`` starts."""
-    real = engine.progress
-
-    def progress(iterable, rank=0, **kwargs):
-        if kwargs.get("desc") != f"epoch {epoch}":
-            return real(iterable, rank=rank, **kwargs)
-
-        def batches():
-            for index, batch in enumerate(iterable, start=1):
-                if index == step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield batch
-
-        return batches()
-
-    monkeypatch.setattr(engine, "progress", progress)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +19,7 @@ def _sigterm_before(monkeypatch, epoch: int, step: int) -> None:
     ids=["workers0-mid-epoch", "workers0-last-step", "workers2-mid-epoch"],
 )
 def test_stopped_and_resumed_run_is_bit_identical(
-    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, same_state, num_workers, epoch, step
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, sigterm_before, same_state, num_workers, epoch, step
 ):
     # dropout: the student's forward draws random numbers, so the generators must be restored, not just replayed
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, num_workers=num_workers, student_dropout=0.2)
@@ -50,7 +28,7 @@ def test_stopped_and_resumed_run_is_bit_identical(
     assert status == 0, err
 
     with monkeypatch.context() as patch:
-        _sigterm_before(patch, epoch, step)
+        sigterm_before(patch, epoch, step)
         status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
     assert status == EXIT_STATUS_STOPPED
     checkpoint = tmp_path / "interrupted" / "checkpoint.pth"
@@ -72,7 +50,7 @@ def test_stopped_and_resumed_run_is_bit_identical(
 
 
 def test_fast_path_stopped_and_resumed_is_bit_identical(
-    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, same_state
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, sigterm_before, same_state
 ):
     """Fused SGD, values read a step late: the stop's checkpoint holds the state after the last applied step."""
     monkeypatch.setattr("torch.compile", lambda module, *args, **kwargs: module)  # 2 CPU cores: eager
@@ -81,7 +59,7 @@ def test_fast_path_stopped_and_resumed_is_bit_identical(
     status, _, err = cli(*common, "--output_dir", tmp_path / "straight")
     assert status == 0, err
     with monkeypatch.context() as patch:
-        _sigterm_before(patch, 1, 2)
+        sigterm_before(patch, 1, 2)
         status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
     assert status == EXIT_STATUS_STOPPED, err
     stopped = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")
@@ -95,13 +73,15 @@ def test_fast_path_stopped_and_resumed_is_bit_identical(
         )
 
 
-def test_resumed_epoch_reads_only_the_batches_it_trains(make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch):
+def test_resumed_epoch_reads_only_the_batches_it_trains(
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, sigterm_before
+):
     """Resuming at step 2 of a 3-step epoch reads the 8 images of the last batch only (no decoding to skip), and a
     checkpoint of the earlier layout (``epoch_rng``, batches replayed) resumes with one warning line."""
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, num_workers=0)
     common = ("--config", recipe, "--seed", "0")
     with monkeypatch.context() as patch:
-        _sigterm_before(patch, 1, 2)
+        sigterm_before(patch, 1, 2)
         status, _, err = cli(*common, "--output_dir", tmp_path / "run")
     assert status == EXIT_STATUS_STOPPED, err
     checkpoint = tmp_path / "run" / "checkpoint.pth"

@@ -19,133 +19,10 @@ from torchdistill.core.distillation import get_distillation_box
 from torchvision.models import resnet18
 
 import imagenet.registry  # noqa: F401  (registers ProjectorKDModelWrapper, ProjectorKDLoss, LogitKDLoss)
+from imagenet.benchmark import projector_box_config, srd_box_config
 
 NUM_CLASSES = 5
 DIM = 512
-
-
-def ce_term() -> dict:
-    return {
-        "criterion": {"key": "CrossEntropyLoss", "kwargs": {"reduction": "mean"}},
-        "criterion_wrapper": {
-            "key": "SimpleLossWrapper",
-            "kwargs": {
-                "input": {"is_from_teacher": False, "module_path": ".", "io": "output"},
-                "target": {"uses_label": True},
-            },
-        },
-        "weight": 1.0,
-    }
-
-
-def optimizer_config() -> dict:
-    return {"key": "SGD", "kwargs": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}}
-
-
-def srd_train_config() -> dict:
-    norm = {"num_features": DIM, "eps": 1e-4, "affine": False}
-    return {
-        "num_epochs": 1,
-        "teacher": {
-            "auxiliary_model_wrapper": {
-                "key": "SRDModelWrapper",
-                "kwargs": {"input_module": {"path": "model.layer4", "io": "output"}, "norm_kwargs": norm},
-            },
-            "forward_proc": "forward_batch_only",
-            "forward_hook": {"output": ["model.layer4", "norm_layer"]},
-            "requires_grad": False,
-        },
-        "student": {
-            "auxiliary_model_wrapper": {
-                "key": "SRDModelWrapper",
-                "kwargs": {
-                    "input_module": {"path": "model.layer4", "io": "output"},
-                    "norm_kwargs": norm,
-                    "linear_kwargs": {"in_features": DIM, "out_features": DIM},
-                },
-            },
-            "forward_proc": "forward_batch_only",
-            "forward_hook": {"output": ["model.layer4", "norm_layer"]},
-            "requires_grad": True,
-        },
-        "optimizer": optimizer_config(),
-        "criterion": {
-            "key": "WeightedSumLoss",
-            "kwargs": {
-                "sub_terms": {
-                    "ce": ce_term(),
-                    "srd": {
-                        "criterion": {
-                            "key": "SRDLoss",
-                            "kwargs": {
-                                "student_feature_module_path": "norm_layer",
-                                "student_feature_module_io": "output",
-                                "teacher_feature_module_path": "norm_layer",
-                                "teacher_feature_module_io": "output",
-                                "student_linear_module_path": ".",
-                                "student_linear_module_io": "output",
-                                "teacher_linear_module_path": ".",
-                                "teacher_linear_module_io": "output",
-                                "exponent": 4.0,
-                                "temperature": 1.0,
-                                "reduction": "batchmean",
-                            },
-                        },
-                        "weight": 1.0,
-                    },
-                }
-            },
-        },
-    }
-
-
-def projector_train_config() -> dict:
-    return {
-        "num_epochs": 1,
-        "teacher": {
-            "forward_proc": "forward_batch_only",
-            "forward_hook": {"output": ["layer4"]},
-            "requires_grad": False,
-        },
-        "student": {
-            "auxiliary_model_wrapper": {
-                "key": "ProjectorKDModelWrapper",
-                "kwargs": {
-                    "input_module": {"path": "model.layer4", "io": "output"},
-                    "student_dim": DIM,
-                    "teacher_dim": DIM,
-                    "distance": "log_diff",
-                    "exponent": 4.0,
-                    "eps": 1e-4,
-                    "projector": "linear",
-                },
-            },
-            "forward_proc": "forward_batch_only",
-            "forward_hook": {"output": ["model.layer4"]},
-            "requires_grad": True,
-        },
-        "optimizer": optimizer_config(),
-        "criterion": {
-            "key": "WeightedSumLoss",
-            "kwargs": {
-                "sub_terms": {
-                    "ce": ce_term(),
-                    "projector_kd": {
-                        "criterion": {
-                            "key": "ProjectorKDLoss",
-                            "kwargs": {
-                                "teacher_feature": {"path": "layer4", "io": "output"},
-                                "feature_weight": 2.0,
-                                "kd_weight": 1.0,
-                                "temperature": 1.0,
-                            },
-                        },
-                        "weight": 1.0,
-                    },
-                }
-            },
-        },
-    }
 
 
 def tiny_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,9 +47,9 @@ def build_box(config: dict, teacher: torch.nn.Module, student: torch.nn.Module):
 
 def build_pair():
     teacher, student = make_models()
-    srd_box = build_box(srd_train_config(), teacher, student)
+    srd_box = build_box(srd_box_config(DIM, DIM), teacher, student)
     teacher2, student2 = copy.deepcopy(teacher), copy.deepcopy(student)
-    ours = build_box(projector_train_config(), teacher2, student2)
+    ours = build_box(projector_box_config(DIM, DIM), teacher2, student2)
     ours.student_model.distill_loss.embed.load_state_dict(srd_box.student_model.linear.state_dict())
     # teacher network in eval mode in both boxes; SRD's teacher-side whitening needs its wrapper in train mode
     srd_box.teacher_model.train()
@@ -212,8 +89,8 @@ def test_registered_loss_equals_torchdistill_srd_box():
 
 
 def test_loss_differs_from_srd_only_by_name():
-    srd_terms = srd_train_config()["criterion"]["kwargs"]["sub_terms"]
-    our_terms = projector_train_config()["criterion"]["kwargs"]["sub_terms"]
+    srd_terms = srd_box_config(DIM, DIM)["criterion"]["kwargs"]["sub_terms"]
+    our_terms = projector_box_config(DIM, DIM)["criterion"]["kwargs"]["sub_terms"]
     assert srd_terms["srd"]["criterion"]["key"] == "SRDLoss"
     assert our_terms["projector_kd"]["criterion"]["key"] == "ProjectorKDLoss"
     assert srd_terms["ce"] == our_terms["ce"]
@@ -222,7 +99,7 @@ def test_loss_differs_from_srd_only_by_name():
 
 def test_projector_is_trained_and_teacher_is_untouched():
     teacher, student = make_models(torch.float32)
-    box = build_box(projector_train_config(), teacher, student)
+    box = build_box(projector_box_config(DIM, DIM), teacher, student)
     optimised = {id(p) for group in box.optimizer.param_groups for p in group["params"]}
     embed = box.student_model.distill_loss.embed
     assert {id(embed.weight), id(embed.bias)} <= optimised
@@ -240,7 +117,7 @@ def test_projector_is_trained_and_teacher_is_untouched():
 
 
 def test_loss_rejects_unwrapped_student():
-    config = projector_train_config()
+    config = projector_box_config(DIM, DIM)
     del config["student"]["auxiliary_model_wrapper"]
     config["student"]["forward_hook"] = {"output": ["layer4"]}
     teacher, student = make_models(torch.float32)
