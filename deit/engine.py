@@ -33,7 +33,7 @@ from projector_kd.data import checkpoint_on_data_error
 from projector_kd.distributed import DistEnv, barrier
 from projector_kd.errors import NonFiniteLossError, UserError
 from projector_kd.evaluation import evaluate_classifier
-from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
+from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, autocast_context, enable_fast_cuda_backends
 from projector_kd.runs import progress
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device, step_unless
 
@@ -255,9 +255,7 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.device.type, self.autocast_dtype)
 
     def prepare_batch(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Move to the device (non-blocking), apply mixup/cutmix, channels_last on the fast path."""

@@ -10,7 +10,6 @@ gradients (:mod:`projector_kd.parity`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torchvision import models as tv_models
 
 from imagenet.engine import student_of, unwrap
 from imagenet.fast import apply_fast_path, bf16_supported
-from projector_kd.fast import CompiledOrEager
+from projector_kd.fast import CompiledOrEager, autocast_context
 from projector_kd.parity import Result, judge_parity, strict_fp32
 
 
@@ -225,11 +224,7 @@ def build_fast_step(
     settings = apply_fast_path(box, teacher, device, compile_models=compile_models)
     images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, seed)
     images = images.contiguous(memory_format=torch.channels_last)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=settings.autocast_dtype)
-        if settings.autocast_dtype is not None
-        else nullcontext()
-    )
+    autocast = autocast_context(device.type, settings.autocast_dtype)
 
     def run() -> torch.Tensor:
         with autocast:
@@ -255,13 +250,11 @@ def build_teacher_step(
     teacher = tv_models.__dict__[teacher_arch](num_classes=num_classes).to(device).eval()
     images, _ = _synthetic_batch(batch_size, image_size, num_classes, device, seed)
     model: nn.Module = teacher
-    autocast: Any = nullcontext()
+    autocast = autocast_context(device.type, torch.bfloat16 if fast and bf16_supported(device) else None)
     if fast:
         teacher.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
         model = CompiledOrEager(teacher, "teacher")
-        if bf16_supported(device):
-            autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def run() -> torch.Tensor:
         with torch.inference_mode(), autocast:
@@ -274,7 +267,7 @@ def resnet_gradients(
     box: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None, projector: torch.nn.Linear
 ) -> Result:
     """Loss and gradients (student network + projector) of one forward/backward of a torchdistill box, no step."""
-    context = torch.autocast(device_type=images.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    context = autocast_context(images.device.type, autocast_dtype)
     box.optimizer.zero_grad(set_to_none=True)
     with context:
         loss = box.forward_process(images, labels)

@@ -16,7 +16,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from projector_kd.data import checkpoint_on_data_error
 from projector_kd.distributed import barrier
 from projector_kd.errors import NonFiniteLossError, UserError
 from projector_kd.evaluation import evaluate_classifier
+from projector_kd.fast import autocast_context
 from projector_kd.runs import progress
 from projector_kd.sampling import training_sampler
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device
@@ -261,9 +261,7 @@ def _to_device(ctx: LoopContext, images: torch.Tensor, targets: torch.Tensor) ->
 
 
 def _autocast(ctx: LoopContext):
-    if ctx.autocast_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
+    return autocast_context(ctx.device.type, ctx.autocast_dtype)
 
 
 def save_checkpoint(ctx: LoopContext, run: RunState, best: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from projector_kd.data import raise_worker_errors_plainly
 from projector_kd.distributed import all_reduce_sum
+from projector_kd.fast import autocast_context
 from projector_kd.runs import progress
 from projector_kd.sampling import unpadded_eval_loader
 
@@ -35,9 +35,7 @@ def evaluate_classifier(
     was_training = model.training
     model.eval()
     loader = unpadded_eval_loader(loader)
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    )
+    autocast = autocast_context(device.type, autocast_dtype)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     try:

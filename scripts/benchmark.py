@@ -26,7 +26,6 @@ small images so CI can smoke-test the script on a CPU; CPU figures are not perfo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import importlib.metadata
@@ -47,6 +46,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from projector_kd.errors import UserError, run_cli
+from projector_kd.fast import autocast_context
 from projector_kd.runs import write_json
 
 TRACKS = ("deit", "resnet")
@@ -626,11 +626,7 @@ def time_resnet_loaders(
     from imagenet.fast import bf16_supported
 
     box = build_fast_step(**resnet_kwargs(sizes, args.batch_size, device)).box
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if bf16_supported(device)
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_context(device.type, torch.bfloat16 if bf16_supported(device) else None)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         with autocast:

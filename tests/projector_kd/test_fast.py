@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from projector_kd.errors import UserError
-from projector_kd.fast import CompiledOrEager, CompileFallbackNotice
+from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, autocast_context
 
 
 def _compile_failing_when_wrapping(module):
@@ -97,3 +97,12 @@ def test_state_dict_keys_are_the_eager_modules_under_eager(monkeypatch):
     holder = nn.Module()
     holder.model = CompiledOrEager(net, "student")
     assert list(holder.state_dict()) == [f"model.eager.{key}" for key in net.state_dict()]
+
+
+def test_autocast_context_is_autocast_or_nothing():
+    with autocast_context("cpu", None):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with autocast_context("cpu", torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
