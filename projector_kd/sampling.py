@@ -21,16 +21,20 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from projector_kd.errors import UserError
 
 
+def _derived_seed(*entropy: int) -> int:
+    """A 63-bit seed that is a pure function of ``entropy`` (numpy's ``SeedSequence`` mixing)."""
+    words = np.random.SeedSequence(list(entropy)).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed that is a pure function of (seed, epoch): for draws made once per epoch."""
-    words = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
+    return _derived_seed(seed, epoch)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed that is a pure function of (seed, epoch, sample index)."""
-    words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
+    return _derived_seed(seed, epoch, index)
 
 
 class SeededSamples(Dataset):
