@@ -1,8 +1,9 @@
 """Fast path for the torchdistill track (``runtime.fast: true`` / ``--fast``).
 
 The fast path wraps an already-built torchdistill box without changing its math: bf16 autocast (applied by the engine
-around ``forward_process``), channels_last teacher/student/inputs, ``torch.compile`` of the teacher and the student
-network (falling back to eager, with one warning, where compilation fails), cuDNN autotuning and TF32 (CUDA), fused
+around ``forward_process``), channels_last teacher/student/inputs, ``torch.compile`` of the teacher, the student
+network and the projector loss (projector, whitening and distance as one graph instead of a chain of small kernels;
+each falls back to eager, with one warning in all, where compilation fails), cuDNN autotuning and TF32 (CUDA), fused
 SGD/AdamW/Adam kernels (which skip a non-finite step on the device, so the engine's step reads nothing to the host),
 pinned host memory with non-blocking copies (CUDA), persistent loader workers, and no per-step input validation sync
 in the projector loss. Numerics change only by bf16 rounding (the loss itself runs in float32 inside
@@ -85,7 +86,7 @@ def apply_fast_path(
     if isinstance(student_holder, ProjectorKDModelWrapper):
         student_holder.distill_loss.check_inputs = False
         if compile_models:
-            student_holder.model = CompiledOrEager(student_holder.model, "student", notice)
+            student_holder.compile_networks(notice)
     elif compile_models:
         compiled_student = CompiledOrEager(student_holder, "student", notice)
         if hasattr(box, "student_model"):

@@ -28,12 +28,16 @@ from torchdistill.models.util import wrap_if_distributed
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from projector_kd import ProjectorDistillLoss, kd_loss
+from projector_kd.fast import CompiledOrEager, CompileFallbackNotice
 
 IO_KEY = "projector_kd"
 SELF_PATH = "."
 
 
 def _module_of(module: nn.Module) -> nn.Module:
+    """``module`` without the fast path's compile wrapper and without DDP."""
+    if isinstance(module, CompiledOrEager):
+        module = module.eager
     return module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
 
 
@@ -89,6 +93,13 @@ class ProjectorKDModelWrapper(AuxiliaryModelWrapper):
     def distill_loss(self) -> ProjectorDistillLoss:
         """The projector + whitening module without DDP (what checkpoints store under ``projector``)."""
         return _module_of(self.feature_loss)
+
+    def compile_networks(self, notice: CompileFallbackNotice) -> None:
+        """Fast path: run the student network and the feature loss (projector, whitening, distance) through
+        ``torch.compile``, each falling back to eager (:class:`projector_kd.fast.CompiledOrEager`). :attr:`student`
+        and :attr:`distill_loss` still return the plain modules."""
+        self.model = CompiledOrEager(self.model, "student", notice)
+        self.feature_loss = CompiledOrEager(self.feature_loss, "projector loss", notice)
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model(x)

@@ -1,5 +1,5 @@
 """ResNet track on CUDA (marker ``gpu``; ``pytest -m gpu``): the fast path's compiled bf16 channels_last step through
-the engine, with fused SGD, never synchronising the host."""
+the engine (teacher, student network and projector loss compiled), with fused SGD, never synchronising the host."""
 
 from __future__ import annotations
 
@@ -54,6 +54,6 @@ def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_dev
         for _ in range(4):
             assert engine.train_step(ctx, run, recorder, images, labels, None, total=10) is False
     engine._finish_pending(ctx, run)
-    wrapped = box.student_model.model
-    assert isinstance(wrapped, CompiledOrEager) and wrapped.compiled is not None  # no eager fallback
+    for wrapped in (box.student_model.model, box.student_model.feature_loss, box.teacher_model):
+        assert isinstance(wrapped, CompiledOrEager) and wrapped.compiled is not None  # no eager fallback
     assert run.global_step == 7 and torch.isfinite(torch.tensor(run.last_loss))
