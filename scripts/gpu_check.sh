@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check: the CUDA tests (pytest -m gpu), then scripts/benchmark.py for both tracks side by side in one
-# process (20 timed steps per case after 5 warm-up steps), each phase under its own time limit, then a summary. About
-# 7 minutes on one H200 (CUDA tests 75 s; benchmark about 340 s, most of it torch.compile), at most 9.
+# The prepared GPU check: the CUDA tests (pytest -m gpu: every test marked gpu), then scripts/benchmark.py for both
+# tracks side by side in one process (20 timed steps per case after 5 warm-up steps), each phase under its own time
+# limit, then a summary. About 7 minutes on one H200 (CUDA tests 75 s; benchmark about 340 s, most of it
+# torch.compile), at most 9.
 #
 #   bash scripts/gpu_check.sh [extra scripts/benchmark.py arguments, e.g. --only resnet or --steps 30]
 #
@@ -13,6 +14,8 @@
 # wheels in .whl/, installed here into a private folder first. Prepare them once, where pip reaches PyPI, from the
 # repository root:
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl torchdistill==1.1.5
+# and, for the DALI test and the DALI benchmark rows (optional: without DALI they say so), the packages pinned in
+# requirements-dali.txt the same way (add --python-version/--platform for the GPU machine if it differs from this one);
 # then run this script on the GPU machine with .whl/ next to it. Most of the time is torch.compile warming up
 # (Inductor compiles each graph once; parity reuses the cached graphs).
 set -euo pipefail
@@ -45,10 +48,13 @@ fi
   || die "$(tail -n 1 "$OUT_DIR/environment.txt"): the GPU check needs CUDA, torch, torchvision, timm, torchdistill"
 import importlib, platform, sys
 print('python', platform.python_version(), sys.executable)
-for name in ('torch', 'torchvision', 'timm', 'torchdistill', 'PIL', 'numpy', 'pytest'):
+for name in ('torch', 'torchvision', 'timm', 'torchdistill', 'PIL', 'numpy', 'pytest', 'nvidia.dali'):
     try:
         module = importlib.import_module(name)
     except ImportError as error:
+        if name == 'nvidia.dali':  # optional: without it the DALI test skips and the DALI rows say so
+            print(name, 'not installed')
+            continue
         sys.exit(f'{name} MISSING ({error})')
     print(name, getattr(module, '__version__', '?'), getattr(module, '__file__', ''))
 import torch
@@ -64,7 +70,7 @@ started=$SECONDS
 echo "[gpu tests] pytest -m gpu (limit ${GPU_TESTS_LIMIT}s)"
 set +e
 PYTHONUNBUFFERED=1 timeout --kill-after=10 "$GPU_TESTS_LIMIT" "$PYTHON" -m pytest -m gpu -p no:cacheprovider -q -rs \
-  tests/*/test_gpu.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+  tests 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 tests_status=${PIPESTATUS[0]}
 tests_seconds=$((SECONDS - started))
 started=$SECONDS

@@ -393,6 +393,29 @@ def test_without_dali_the_loader_says_how_to_install_it(monkeypatch):
         dali.require_dali()
 
 
+@pytest.mark.gpu
+def test_mixed_pipeline_on_the_gpu_gives_the_cpu_pipelines_batches(jpeg_data, gpu_device):
+    """On CUDA: DALI's "mixed" decoder (nvJPEG) and the GPU resize / crop / flip / normalise give the CPU pipeline's
+    batches (same windows and flips: they are drawn in Python) up to JPEG decoder rounding, with the same labels, as
+    float32 NCHW on the GPU, and a second epoch with the same seed repeats them exactly."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed: pip install -r requirements-dali.txt")
+    train = resumable_loader(torch_loader(jpeg_data / "train", train_transform(), train=True), seed=3)
+    val = torch_loader(jpeg_data / "val", val_transform(), train=False)
+    for loader, is_train in ((train, True), (val, False)):
+        epochs = []
+        for device in (torch.device("cpu"), gpu_device, gpu_device):
+            torch.manual_seed(0)  # the evaluation loader draws its epoch seed from torch's generator
+            epochs.append(list(dali.DaliLoader(loader, device, train=is_train)))
+        on_cpu, on_gpu, again = epochs
+        assert len(on_gpu) == len(on_cpu) == 3
+        for (images, labels, _), (cpu_images, cpu_labels, _), (repeat, _, _) in zip(on_gpu, on_cpu, again):
+            assert images.device == gpu_device and images.dtype == torch.float32 and images.shape == cpu_images.shape
+            assert torch.equal(labels.cpu(), cpu_labels) and torch.equal(images, repeat)
+            levels = ((images.cpu() - cpu_images) * torch.tensor(STD)[:, None, None]).abs() / PIXEL_LEVEL
+            # nvJPEG's IDCT rounds differently from libjpeg-turbo's (a level or two); a wrong window or flip is tens
+            assert levels.mean().item() <= 0.5 and levels.max().item() <= 8 + 1e-3
+
+
 # ----------------------------------------------------------------------------------------- through the entry point
 
 

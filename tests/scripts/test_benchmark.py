@@ -233,4 +233,5 @@ def test_gpu_script_without_cuda_stops_with_one_line(tmp_path):
     )
     environment = (tmp_path / "environment.txt").read_text()
     assert f"torch {torch.__version__}" in environment and not (tmp_path / "benchmark.json").exists()
+    assert "\nnvidia.dali 2.4.0 " in environment  # the optional loader's version is on record too
     assert not (tmp_path / "gpu_tests.log").exists()
