@@ -10,7 +10,7 @@ import torch
 
 from projector_kd.distributed import DistEnv, seed_everything
 from projector_kd.errors import UserError
-from projector_kd.parity import Result, judge_parity, strict_fp32
+from projector_kd.parity import Result, judge_parity, strict_fp32, synthetic_batch
 
 from .engine import Trainer
 
@@ -60,16 +60,6 @@ def build_train_step(
     return trainer.train_step, trainer
 
 
-def deit_batch(
-    batch_size: int, img_size: int, num_classes: int, device: torch.device, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic batch; steps get a copy each time because the track's mixup mixes its input in place."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, img_size, img_size, generator=generator)
-    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-    return images.to(device), labels.to(device)
-
-
 def deit_gradients(
     trainer: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None
 ) -> Result:
@@ -104,7 +94,7 @@ def deit_parity_check(release: Trainer, fast: Trainer, batch_size: int, device: 
     """Parity verdict of a :func:`deit_parity_pair` on one synthetic batch of the trainers' image size; the release
     trainer computes the references."""
     model = release.cfg["model"]
-    images, labels = deit_batch(batch_size, model["img_size"], model["num_classes"], device, seed=1)
+    images, labels = synthetic_batch(batch_size, model["img_size"], model["num_classes"], device, seed=1)
     low = fast.autocast_dtype
     fast_run = deit_gradients(fast, images, labels, low)  # first: a compile failure falls back to eager here
     with strict_fp32(), torch._dynamo.config.patch(disable=True):

@@ -20,7 +20,7 @@ from torchvision import models as tv_models
 from imagenet.engine import student_of, unwrap
 from imagenet.fast import apply_fast_path, bf16_supported
 from projector_kd.fast import CompiledOrEager, autocast_context
-from projector_kd.parity import Result, judge_parity, strict_fp32
+from projector_kd.parity import Result, judge_parity, strict_fp32, synthetic_batch
 
 
 def _ce_term() -> dict:
@@ -161,15 +161,6 @@ class TrainStep:
         return self._run()
 
 
-def _synthetic_batch(
-    batch_size: int, image_size: int, num_classes: int, device: torch.device, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-    return images.to(device), labels.to(device)
-
-
 def _networks(
     teacher_arch: str, student_arch: str, num_classes: int, device: torch.device, seed: int
 ) -> tuple[nn.Module, nn.Module, int, int]:
@@ -177,6 +168,41 @@ def _networks(
     teacher = tv_models.__dict__[teacher_arch](num_classes=num_classes).to(device).eval()
     student = tv_models.__dict__[student_arch](num_classes=num_classes).to(device)
     return teacher, student, teacher.fc.in_features, student.fc.in_features
+
+
+def _box_on_batch(
+    box_config: Callable[[int, int], dict],
+    teacher_arch: str,
+    student_arch: str,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    device: torch.device,
+    seed: int,
+) -> tuple[Any, nn.Module, torch.Tensor, torch.Tensor]:
+    """A torchdistill box of ``box_config(teacher_dim, student_dim)`` over fresh torchvision networks (seeded), ready
+    for its first epoch, with its teacher and the synthetic batch it trains on."""
+    teacher, student, t_dim, s_dim = _networks(teacher_arch, student_arch, num_classes, device, seed)
+    box = get_distillation_box(teacher, student, {}, box_config(t_dim, s_dim), device, None, False, 1)
+    box.pre_epoch_process(epoch=0)
+    images, labels = synthetic_batch(batch_size, image_size, num_classes, device, seed)
+    return box, teacher, images, labels
+
+
+def _box_step(
+    box: Any, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None, description: str
+) -> TrainStep:
+    """One step of ``box`` on the fixed batch: forward (under autocast when ``autocast_dtype`` is set), backward and
+    the optimizer step, as torchdistill's post-forward process does them."""
+    autocast = autocast_context(images.device.type, autocast_dtype)
+
+    def run() -> torch.Tensor:
+        with autocast:
+            loss = box.forward_process(images, labels)
+        box.post_forward_process(loss=loss)
+        return loss.detach()
+
+    return TrainStep(run, images.shape[0], description, box)
 
 
 def build_reference_step(
@@ -190,20 +216,12 @@ def build_reference_step(
 ) -> TrainStep:
     """torchdistill's ``SRDLoss`` + ``SRDModelWrapper`` box, fp32, eager: the release recipe's training step.
     Teacher network in eval mode; the teacher wrapper's whitening in training mode (batch statistics)."""
-    device = torch.device(device)
-    teacher, student, t_dim, s_dim = _networks(teacher_arch, student_arch, num_classes, device, seed)
-    box = get_distillation_box(teacher, student, {}, srd_box_config(t_dim, s_dim), device, None, False, 1)
-    box.pre_epoch_process(epoch=0)
+    box, _, images, labels = _box_on_batch(
+        srd_box_config, teacher_arch, student_arch, batch_size, image_size, num_classes, torch.device(device), seed
+    )
     box.teacher_model.train()
     box.teacher_model.model.eval()
-    images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, seed)
-
-    def run() -> torch.Tensor:
-        loss = box.forward_process(images, labels)
-        box.post_forward_process(loss=loss)
-        return loss.detach()
-
-    return TrainStep(run, batch_size, f"{student_arch} <- {teacher_arch}, torchdistill SRD box, fp32", box)
+    return _box_step(box, images, labels, None, f"{student_arch} <- {teacher_arch}, torchdistill SRD box, fp32")
 
 
 def build_fast_step(
@@ -218,21 +236,13 @@ def build_fast_step(
 ) -> TrainStep:
     """This project's ProjectorKD box on the fast path (bf16 autocast, channels_last, compile, fused SGD)."""
     device = torch.device(device)
-    teacher, student, t_dim, s_dim = _networks(teacher_arch, student_arch, num_classes, device, seed)
-    box = get_distillation_box(teacher, student, {}, projector_box_config(t_dim, s_dim), device, None, False, 1)
-    box.pre_epoch_process(epoch=0)
+    box, teacher, images, labels = _box_on_batch(
+        projector_box_config, teacher_arch, student_arch, batch_size, image_size, num_classes, device, seed
+    )
     settings = apply_fast_path(box, teacher, device, compile_models=compile_models)
-    images, labels = _synthetic_batch(batch_size, image_size, num_classes, device, seed)
     images = images.contiguous(memory_format=torch.channels_last)
-    autocast = autocast_context(device.type, settings.autocast_dtype)
-
-    def run() -> torch.Tensor:
-        with autocast:
-            loss = box.forward_process(images, labels)
-        box.post_forward_process(loss=loss)
-        return loss.detach()
-
-    return TrainStep(run, batch_size, f"{student_arch} <- {teacher_arch}, ProjectorKD box, fast path", box)
+    description = f"{student_arch} <- {teacher_arch}, ProjectorKD box, fast path"
+    return _box_step(box, images, labels, settings.autocast_dtype, description)
 
 
 def build_teacher_step(
@@ -248,7 +258,7 @@ def build_teacher_step(
     device = torch.device(device)
     torch.manual_seed(seed)
     teacher = tv_models.__dict__[teacher_arch](num_classes=num_classes).to(device).eval()
-    images, _ = _synthetic_batch(batch_size, image_size, num_classes, device, seed)
+    images, _ = synthetic_batch(batch_size, image_size, num_classes, device, seed)
     model: nn.Module = teacher
     autocast = autocast_context(device.type, torch.bfloat16 if fast and bf16_supported(device) else None)
     if fast:
@@ -305,9 +315,7 @@ def resnet_parity_check(
     reference_box: Any, fast_box: Any, batch_size: int, image_size: int, num_classes: int, device: torch.device
 ) -> dict[str, Any]:
     """Parity verdict of a :func:`resnet_parity_pair` on one batch (the fast box autocasts as the fast path does)."""
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
-    labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+    images, labels = synthetic_batch(batch_size, image_size, num_classes, device, seed=1)
     fast_images = images.contiguous(memory_format=torch.channels_last)
     srd_linear = reference_box.student_model.linear
     projector = fast_box.student_model.distill_loss.embed

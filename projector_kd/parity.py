@@ -27,6 +27,17 @@ LOW_PRECISION_LOSS_RTOL = 2**-7  # two bf16 units in the last place: one sample'
 Result = tuple[float, dict[str, torch.Tensor]]  # loss, gradients by parameter name
 
 
+def synthetic_batch(
+    batch_size: int, image_size: int, num_classes: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed batch that benchmarks and parity checks use: N(0, 1) images (B, 3, S, S) and uniform labels, drawn on
+    the CPU from a generator seeded with ``seed`` (the same values on every device), then moved to ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    return images.to(device), labels.to(device)
+
+
 @contextlib.contextmanager
 def strict_fp32() -> Any:
     """TF32 off for CUDA matmuls and convolutions inside the block; the previous flags are restored."""

@@ -241,9 +241,10 @@ def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device)
 
 def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> tuple[list[Row], Any]:
     """Release step, fast step and teacher floor; returns the rows and the fast trainer (for the end-to-end run)."""
-    from deit.benchmark import deit_batch
+    from projector_kd.parity import synthetic_batch
 
-    images, labels = deit_batch(args.batch_size, sizes.deit_img_size, sizes.num_classes, device)
+    # the release step's mixup mixes its input in place: each step gets a copy
+    images, labels = synthetic_batch(args.batch_size, sizes.deit_img_size, sizes.num_classes, device)
     rows = []
     reset_memory(device)
     release = build_deit("release", sizes, args.batch_size, device)
