@@ -66,6 +66,15 @@ def _fast_loader(loader: DataLoader | None, pin_memory: bool) -> DataLoader | No
     )
 
 
+def channels_last_networks(*networks: nn.Module | None) -> None:
+    """Convert each network's 4-D parameters and buffers to channels_last in place (``None`` is skipped). Call it
+    before DDP wraps a network too: DDP lays out its gradient buckets with the parameters' strides at wrapping time,
+    and a later conversion makes every gradient copy into its bucket through a strided view."""
+    for network in networks:
+        if network is not None:
+            network.to(memory_format=torch.channels_last)
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast is usable on ``device``."""
     if device.type == "cuda":
@@ -80,9 +89,7 @@ def apply_fast_path(
     enable_fast_cuda_backends(device)
     student_holder = box.student_model if hasattr(box, "student_model") else box.model
     notice = CompileFallbackNotice()
-    networks = [m for m in (teacher, student_holder) if m is not None]
-    for network in networks:
-        network.to(memory_format=torch.channels_last)
+    channels_last_networks(teacher, student_holder)
     if isinstance(student_holder, ProjectorKDModelWrapper):
         student_holder.distill_loss.check_inputs = False
         if compile_models:

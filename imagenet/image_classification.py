@@ -45,7 +45,7 @@ from imagenet.engine import (
     train,
     unwrap,
 )
-from imagenet.fast import apply_fast_path
+from imagenet.fast import apply_fast_path, channels_last_networks
 from imagenet.models import (
     build_model,
     load_weights,
@@ -336,6 +336,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         train_config = recipes.resolve(recipe["train"], memo)
         lr_factor = env.world_size if env.distributed and args.adjust_lr else 1
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        if fast:  # before torchdistill wraps them in DDP (see channels_last_networks)
+            channels_last_networks(teacher, student)
         try:
             box = (
                 get_training_box(
