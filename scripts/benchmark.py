@@ -123,6 +123,7 @@ class Row:
     gflops_per_img: float | None
     mfu: float | None = None
     vs_release: float | None = None
+    host_ms: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -171,6 +172,23 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
     return times
 
 
+def host_issue_ms(step: Callable[[], Any], device: torch.device, steps: int = 5) -> float | None:
+    """Median milliseconds the host takes to issue one step (Python, autograd and kernel launches) with the GPU idle
+    when the step starts, so that no full launch queue holds the host back. Far below the step's GPU time: the GPU
+    bounds the step, and capturing it in a CUDA graph could not make it faster. CUDA only (None on the CPU, where
+    issuing is computing)."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1e3)
+    synchronize(device)
+    return statistics.median(times)
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """Matmul/conv FLOPs of one eager call of ``fn`` (forward and, when ``fn`` runs it, backward)."""
     counter = FlopCounterMode(display=False)
@@ -188,16 +206,21 @@ def matmul_peak_flops(device: torch.device, size: int, repeats: int = 10) -> flo
     return 2 * size**3 / (statistics.mean(times) / 1e3)
 
 
-def make_row(
+def measure_row(
     track: str,
     case: str,
     description: str,
+    step: Callable[[], Any],
     batch_size: int,
-    times: list[float],
+    timing: tuple[int, int],
     device: torch.device,
     flops_per_img: float | None,
     peak_flops: float,
 ) -> Row:
+    """Time ``step`` (``timing`` = (timed steps, warm-up steps), :func:`time_steps`), measure its host issue time
+    (:func:`host_issue_ms`) and make its row."""
+    times = time_steps(step, *timing, device)
+    host_ms = host_issue_ms(step, device)
     mean_ms = statistics.mean(times)
     img_s = batch_size / (mean_ms / 1e3)
     return Row(
@@ -211,6 +234,7 @@ def make_row(
         peak_memory_mib=peak_memory_mib(device),
         gflops_per_img=flops_per_img / 1e9 if flops_per_img else None,
         mfu=flops_per_img * img_s / peak_flops if flops_per_img else None,
+        host_ms=host_ms,
         extra={"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
         if device.type == "cuda"
         else {},
@@ -249,17 +273,15 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
     reset_memory(device)
     release = build_deit("release", sizes, args.batch_size, device)
     flops = count_flops(lambda: release.train_step(images.clone(), labels)) / args.batch_size
-    times = time_steps(
-        lambda: release.train_step(images.clone(), labels), args.steps, max(args.warmup - 1, 0), device
-    )  # the counted step was the first warm-up step
     rows.append(
-        make_row(
+        measure_row(
             "deit",
             "release",
             f"DeiT-{sizes.deit_model} <- {sizes.deit_teacher}, release recipe "
             "(fp16 autocast + GradScaler on CUDA, eager, AdamW)",
+            lambda: release.train_step(images.clone(), labels),
             args.batch_size,
-            times,
+            (args.steps, max(args.warmup - 1, 0)),  # the counted step was the first warm-up step
             device,
             flops,
             peak,
@@ -268,14 +290,14 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
     release = None  # frees the trainer (the timed lambdas hold only its name)
     reset_memory(device)
     fast = build_deit("fast", sizes, args.batch_size, device)
-    times = time_steps(lambda: fast.train_step(images.clone(), labels), args.steps, args.warmup, device)
     rows.append(
-        make_row(
+        measure_row(
             "deit",
             "fast",
             "same math, fast path (bf16 + channels_last + torch.compile + fused AdamW on CUDA)",
+            lambda: fast.train_step(images.clone(), labels),
             args.batch_size,
-            times,
+            (args.steps, args.warmup),
             device,
             flops,
             peak,
@@ -289,14 +311,14 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
         with fast.autocast():
             fast.teacher_forward(teacher_images)
 
-    times = time_steps(teacher_step, args.steps, args.warmup, device)
     rows.append(
-        make_row(
+        measure_row(
             "deit",
             "teacher",
             f"{sizes.deit_teacher} inference alone, fast-path settings (floor)",
+            teacher_step,
             args.batch_size,
-            times,
+            (args.steps, args.warmup),
             device,
             teacher_flops,
             peak,
@@ -327,15 +349,15 @@ def bench_resnet(sizes: Sizes, args: argparse.Namespace, device: torch.device, p
     reset_memory(device)
     reference = build_reference_step(**kwargs)
     flops = count_flops(reference) / args.batch_size
-    times = time_steps(reference, args.steps, max(args.warmup - 1, 0), device)  # counted step = first warm-up
     rows.append(
-        make_row(
+        measure_row(
             "resnet",
             "release",
             f"{sizes.resnet_student} <- {sizes.resnet_teacher}, torchdistill "
             "SRDLoss + SRDModelWrapper box, fp32, eager, SGD",
+            reference,
             args.batch_size,
-            times,
+            (args.steps, max(args.warmup - 1, 0)),  # the counted step was the first warm-up step
             device,
             flops,
             peak,
@@ -344,14 +366,14 @@ def bench_resnet(sizes: Sizes, args: argparse.Namespace, device: torch.device, p
     del reference
     reset_memory(device)
     fast = build_fast_step(**kwargs)
-    times = time_steps(fast, args.steps, args.warmup, device)
     rows.append(
-        make_row(
+        measure_row(
             "resnet",
             "fast",
             "same math, ProjectorKD box on the fast path (bf16 + channels_last + torch.compile + fused SGD)",
+            fast,
             args.batch_size,
-            times,
+            (args.steps, args.warmup),
             device,
             flops,
             peak,
@@ -373,14 +395,14 @@ def bench_resnet(sizes: Sizes, args: argparse.Namespace, device: torch.device, p
     teacher = build_teacher_step(
         sizes.resnet_teacher, fast=True, **{k: kwargs[k] for k in ("batch_size", "image_size", "num_classes", "device")}
     )
-    times = time_steps(teacher, args.steps, args.warmup, device)
     rows.append(
-        make_row(
+        measure_row(
             "resnet",
             "teacher",
             f"{sizes.resnet_teacher} inference alone, fast-path settings (floor)",
+            teacher,
             args.batch_size,
-            times,
+            (args.steps, args.warmup),
             device,
             teacher_flops,
             peak,
@@ -747,17 +769,18 @@ def environment(device: torch.device, compile_enabled: bool) -> dict[str, Any]:
 
 def format_rows(rows: list[Row]) -> str:
     header = (
-        f"{'track':<7} {'case':<8} {'img/s':>9} {'step ms':>9} {'median':>9} {'peak MiB':>9} "
+        f"{'track':<7} {'case':<8} {'img/s':>9} {'step ms':>9} {'median':>9} {'host ms':>8} {'peak MiB':>9} "
         f"{'GFLOP/img':>9} {'MFU':>6} {'vs rel.':>7}  description"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = f"{r.peak_memory_mib:9.0f}" if r.peak_memory_mib is not None else f"{'n/a':>9}"
+        host = f"{r.host_ms:8.2f}" if r.host_ms is not None else f"{'n/a':>8}"
         gflops = f"{r.gflops_per_img:9.2f}" if r.gflops_per_img is not None else f"{'n/a':>9}"
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else f"{'n/a':>6}"
         ratio = f"{r.vs_release:6.2f}x" if r.vs_release is not None else f"{'':>7}"
         lines.append(
-            f"{r.track:<7} {r.case:<8} {r.img_per_s:9.1f} {r.step_ms_mean:9.2f} {r.step_ms_median:9.2f} "
+            f"{r.track:<7} {r.case:<8} {r.img_per_s:9.1f} {r.step_ms_mean:9.2f} {r.step_ms_median:9.2f} {host} "
             f"{peak} {gflops} {mfu} {ratio}  {r.description}"
         )
     return "\n".join(lines)

@@ -101,7 +101,8 @@ if not report.get('complete'):
     print('  benchmark.json is partial: the run ended before every track finished')
 for row in report['rows']:
     ratio = f" = {row['vs_release']:.2f}x release" if row.get('vs_release') else ''
-    print(f"  {row['track']:7} {row['case']:8} {row['img_per_s']:9.0f} img/s {row['step_ms_mean']:7.1f} ms{ratio}")
+    host = f" (host {row['host_ms']:.1f} ms)" if row.get('host_ms') is not None else ''
+    print(f"  {row['track']:7} {row['case']:8} {row['img_per_s']:9.0f} img/s {row['step_ms_mean']:7.1f} ms{host}{ratio}")
 for track, result in (report.get('parity') or {}).items():
     print(f"  parity {track}: {'ok' if result['ok'] else 'FAILED'}")
 PY

@@ -71,6 +71,7 @@ def test_smoke_run_reports_every_case_and_says_cpu_figures_are_no_claims(bench, 
     by_case = {(row["track"], row["case"]): row for row in report["rows"]}
     for row in report["rows"]:
         assert row["batch_size"] == 8 and row["peak_memory_mib"] is None  # no CUDA: no peak-memory figure
+        assert row["host_ms"] is None  # on the CPU issuing a step is computing it
         assert row["img_per_s"] == pytest.approx(8 / (row["step_ms_mean"] / 1e3), rel=1e-12)
         assert row["mfu"] == pytest.approx(row["gflops_per_img"] * 1e9 * row["img_per_s"] / peak, rel=1e-12)
         if row["case"] != "release":
@@ -165,6 +166,23 @@ def test_time_steps_warms_up_then_times_each_step(bench):
     calls = []
     times = bench.time_steps(lambda: calls.append(1), steps=4, warmup=3, device=torch.device("cpu"))
     assert len(calls) == 7 and len(times) == 4 and all(t >= 0 for t in times)
+
+
+def test_host_issue_time_is_the_median_of_steps_started_on_an_idle_device(bench, monkeypatch):
+    """On CUDA each measured step starts after a synchronisation and is timed on the host alone (no sync after it)."""
+    events, clock = [], iter(range(100))
+    monkeypatch.setattr(bench, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock) / 1e3 * 2)  # every reading 2 ms later
+
+    def step() -> None:
+        events.append("step")
+        for _ in range(len(events) % 3):  # steps of 2, 4 or 6 ms of host time
+            next(clock)
+
+    host_ms = bench.host_issue_ms(step, torch.device("cuda"), steps=5)
+    assert events == ["sync", "step"] * 5 + ["sync"]
+    assert host_ms == pytest.approx(4.0)  # median of 6, 4, 2, 6, 4 ms
+    assert bench.host_issue_ms(step, torch.device("cpu")) is None
 
 
 def test_count_flops_forward_and_backward_of_a_linear_layer(bench):
