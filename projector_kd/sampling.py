@@ -70,13 +70,20 @@ class ResumableSampler(Sampler):
     """Shuffled, rank-sharded training order that can start mid-epoch.
 
     Epoch order: ``torch.randperm(n)`` from a generator seeded with ``seed + epoch`` (``0..n-1`` when not
-    ``shuffle``), padded by wrap-around to a multiple of ``world_size``, then every ``world_size``-th index from
-    ``rank`` (as ``DistributedSampler``). Yields ``(epoch, index)`` pairs; :meth:`set_epoch` with ``start_batch = k``
-    skips the first ``k * batch_size`` of them.
+    ``shuffle``), padded by wrap-around to a multiple of ``world_size`` — or, with ``drop_last``, cut to one — then
+    every ``world_size``-th index from ``rank`` (as ``DistributedSampler``). Yields ``(epoch, index)`` pairs;
+    :meth:`set_epoch` with ``start_batch = k`` skips the first ``k * batch_size`` of them.
     """
 
     def __init__(
-        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
         self.num_items = num_items
         self.shuffle = shuffle
@@ -84,7 +91,8 @@ class ResumableSampler(Sampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.per_rank = math.ceil(num_items / world_size)
+        self.drop_last = drop_last
+        self.per_rank = num_items // world_size if drop_last else math.ceil(num_items / world_size)
         self.epoch = 0
         self.start_batch = 0
 
@@ -105,7 +113,8 @@ class ResumableSampler(Sampler):
             generator.manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_items, generator=generator).tolist()
         total = self.per_rank * self.world_size
-        order += (order * math.ceil(total / self.num_items))[: total - self.num_items]
+        if total > self.num_items:
+            order += (order * math.ceil(total / self.num_items))[: total - self.num_items]
         return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -117,10 +126,12 @@ class ResumableSampler(Sampler):
 
 
 def resumable_loader(loader: DataLoader, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """``loader`` (dataset, batch size, ``drop_last``, workers, collate function, pinning) rebuilt over a
-    :class:`ResumableSampler` (shuffled unless ``loader`` reads in order) and :class:`SeededSamples`, its own draws
-    from a private generator seeded with ``seed``, so a run resumes mid-epoch exactly without reading the batches
-    already trained. A loader whose batches are not plain ``batch_size`` slices of one sampler is refused."""
+    """``loader`` (dataset, batch size, workers, collate function, pinning) rebuilt over a :class:`ResumableSampler`
+    and :class:`SeededSamples`, its own draws from a private generator seeded with ``seed``, so a run resumes
+    mid-epoch exactly without reading the batches already trained. The sampler keeps ``loader``'s choices: shuffled
+    unless it reads in order, and both ``drop_last`` settings — the batch sampler's (drop the last partial batch) and
+    a ``DistributedSampler``'s (drop the tail that does not divide evenly over the ranks instead of padding it). A
+    loader whose batches are not plain ``batch_size`` slices of one sampler is refused."""
     batch_sampler = loader.batch_sampler
     if type(batch_sampler) is not BatchSampler:
         raise UserError(
@@ -129,6 +140,7 @@ def resumable_loader(loader: DataLoader, seed: int, rank: int = 0, world_size: i
         )
     sampler = batch_sampler.sampler
     shuffle = getattr(sampler, "shuffle", not isinstance(sampler, SequentialSampler))
+    drop_tail = isinstance(sampler, DistributedSampler) and sampler.drop_last
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = loader.num_workers
@@ -136,7 +148,9 @@ def resumable_loader(loader: DataLoader, seed: int, rank: int = 0, world_size: i
         SeededSamples(loader.dataset, seed),
         batch_size=batch_sampler.batch_size,
         drop_last=batch_sampler.drop_last,
-        sampler=ResumableSampler(len(loader.dataset), batch_sampler.batch_size, seed, rank, world_size, shuffle),
+        sampler=ResumableSampler(
+            len(loader.dataset), batch_sampler.batch_size, seed, rank, world_size, shuffle, drop_last=drop_tail
+        ),
         num_workers=workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,

@@ -106,3 +106,40 @@ def test_resumable_loader_refuses_grouped_batches():
         resumable_loader(DataLoader(range(4), batch_sampler=Grouped(batches.sampler, 2, False)), seed=0)
     with pytest.raises(TypeError, match="not a ResumableSampler"):
         training_sampler(DataLoader(range(4), batch_sampler=batches))
+
+
+def test_drop_last_sampler_cuts_the_tail_instead_of_padding():
+    shards = [ResumableSampler(10, 2, seed=3, rank=rank, world_size=4, drop_last=True) for rank in range(4)]
+    indices = [index for shard in shards for _, index in shard]
+    assert [len(shard) for shard in shards] == [2, 2, 2, 2]  # floor(10 / 4): no image repeated
+    assert len(set(indices)) == 8 and set(indices) < set(range(10))
+    assert indices == [i for shard in shards for i in shard.epoch_indices(0)]
+    padded = ResumableSampler(10, 2, seed=3, rank=1, world_size=4)
+    assert shards[1].epoch_indices(0) == padded.epoch_indices(0)[:2]  # same order, the tail cut
+    shards[1].set_epoch(0, start_batch=1)
+    assert list(shards[1]) == [] and len(shards[1]) == 0
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_resumable_loader_keeps_the_batch_samplers_drop_last(drop_last):
+    data = TensorDataset(torch.arange(10))
+    batches = BatchSampler(SequentialSampler(data), 4, drop_last)
+    loader = resumable_loader(DataLoader(data, batch_sampler=batches), seed=0)
+    assert [len(batch[0]) for batch in loader] == ([4, 4] if drop_last else [4, 4, 2])
+    assert [batch[0].tolist() for batch in loader][-1] == ([4, 5, 6, 7] if drop_last else [8, 9])
+    training_sampler(loader).set_epoch(0, start_batch=2)
+    assert [batch[0].tolist() for batch in loader] == ([] if drop_last else [[8, 9]])
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_resumable_loader_keeps_a_distributed_samplers_drop_last_and_shuffle(drop_last):
+    data = TensorDataset(torch.arange(10))
+    shards = []
+    for rank in range(4):
+        sampler = DistributedSampler(data, num_replicas=4, rank=rank, shuffle=False, drop_last=drop_last)
+        loader = resumable_loader(DataLoader(data, sampler=sampler, batch_size=3), seed=0, rank=rank, world_size=4)
+        shards.append([index for batch in loader for index in batch[0].tolist()])
+    if drop_last:  # every image at most once
+        assert shards == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    else:  # padded by wrap-around, as DistributedSampler
+        assert shards == [[0, 4, 8], [1, 5, 9], [2, 6, 0], [3, 7, 1]]
