@@ -12,6 +12,7 @@ from projector_kd.sampling import (
     ResumableSampler,
     SeededSamples,
     ShardSampler,
+    rebuild_loader,
     resumable_loader,
     sample_seed,
     training_sampler,
@@ -143,3 +144,64 @@ def test_resumable_loader_keeps_a_distributed_samplers_drop_last_and_shuffle(dro
         assert shards == [[0, 4], [1, 5], [2, 6], [3, 7]]
     else:  # padded by wrap-around, as DistributedSampler
         assert shards == [[0, 4, 8], [1, 5, 9], [2, 6, 0], [3, 7, 1]]
+
+
+def _init_worker(worker_id: int) -> None:
+    torch.manual_seed(worker_id)
+
+
+def test_rebuild_loader_keeps_every_setting_but_the_overrides():
+    data = TensorDataset(torch.arange(10))
+    generator = torch.Generator().manual_seed(3)
+    batches = BatchSampler(SequentialSampler(data), 4, False)
+    loader = DataLoader(
+        data,
+        batch_sampler=batches,
+        num_workers=2,
+        collate_fn=list,
+        pin_memory=True,
+        timeout=5.0,
+        worker_init_fn=_init_worker,
+        multiprocessing_context="spawn",
+        generator=generator,
+        prefetch_factor=3,
+        persistent_workers=True,
+        in_order=False,
+    )
+    same = rebuild_loader(loader)
+    assert same is not loader and same.dataset is data and same.batch_sampler is batches
+    settings = (
+        "num_workers",
+        "collate_fn",
+        "pin_memory",
+        "timeout",
+        "worker_init_fn",
+        "multiprocessing_context",
+        "generator",
+        "prefetch_factor",
+        "persistent_workers",
+        "in_order",
+    )
+    assert [getattr(same, name) for name in settings] == [getattr(loader, name) for name in settings]
+    assert (same.num_workers, same.prefetch_factor, same.persistent_workers, same.in_order) == (2, 3, True, False)
+    changed = rebuild_loader(loader, pin_memory=False, num_workers=0, collate_fn=None)
+    no_workers = (changed.prefetch_factor, changed.persistent_workers, changed.multiprocessing_context, changed.timeout)
+    assert (changed.pin_memory, changed.num_workers, no_workers) == (False, 0, (None, False, None, 0))
+    assert changed.batch_sampler is batches and [b[0].tolist() for b in changed] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_rebuild_loader_batches_a_new_sampler_like_the_loader():
+    data = TensorDataset(torch.arange(10))
+    loader = DataLoader(data, batch_size=4, drop_last=True, collate_fn=lambda items: [i[0].item() for i in items])
+    reversed_order = rebuild_loader(loader, sampler=range(9, -1, -1))
+    assert list(reversed_order) == [[9, 8, 7, 6], [5, 4, 3, 2]]
+    assert list(rebuild_loader(loader, sampler=range(10), batch_size=3, drop_last=False)) == [
+        [0, 1, 2],
+        [3, 4, 5],
+        [6, 7, 8],
+        [9],
+    ]
+    unbatched = DataLoader(data, batch_size=None)
+    assert [x[0].item() for x in rebuild_loader(unbatched)] == list(range(10))
+    regrouped = rebuild_loader(loader, batch_sampler=[[0, 9], [5]])
+    assert list(regrouped) == [[0, 9], [5]]
