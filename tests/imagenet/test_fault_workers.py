@@ -1,4 +1,4 @@
-"""Loader workers that die or raise an unexpected error, in evaluation as in training, end the run in one line naming
+"""Loader workers that die or raise an unexpected error while the ResNet track evaluates end the run in one line naming
 what failed and what to do (exit 2); the checkpoints already written stay as they were."""
 
 from __future__ import annotations
@@ -7,23 +7,7 @@ import os
 import re
 import signal
 
-import pytest
-
 from projector_kd.checkpoint import load_checkpoint
-
-
-@pytest.fixture
-def val_workers(make_recipe):
-    """A baseline recipe whose validation and test loaders read with 1 worker process (training: in process)."""
-
-    def make(name: str = "run", **kwargs):
-        recipe = make_recipe(name, method="baseline", **kwargs)
-        text = re.sub(r"num_workers: 0\n(?!      drop_last)", "num_workers: 1\n", recipe.read_text())
-        assert text.count("num_workers: 1\n") == 2
-        recipe.write_text(text)
-        return recipe
-
-    return make
 
 
 def _fail_reading_val_images(monkeypatch, how: str, from_pass: int) -> None:
@@ -53,8 +37,8 @@ def _fail_reading_val_images(monkeypatch, how: str, from_pass: int) -> None:
     monkeypatch.setattr(data_module, "load_rgb", load_rgb)
 
 
-def test_worker_killed_during_validation_is_one_line_and_keeps_the_checkpoints(val_workers, cli, tmp_path, monkeypatch):
-    recipe = val_workers(epochs=2)
+def test_worker_killed_during_validation_is_one_line_and_keeps_the_checkpoints(make_recipe, cli, tmp_path, monkeypatch):
+    recipe = make_recipe("run", method="baseline", epochs=2, eval_workers=1)
     _fail_reading_val_images(monkeypatch, "killed", from_pass=1)
     status, _, err = cli("--config", recipe, "--seed", "0")
     assert status == 2
@@ -69,8 +53,8 @@ def test_worker_killed_during_validation_is_one_line_and_keeps_the_checkpoints(v
     assert (tmp_path / "run" / "best.pth").is_file()
 
 
-def test_worker_raising_during_evaluation_is_one_line_and_logged(val_workers, cli, tmp_path, monkeypatch):
-    recipe = val_workers(epochs=1)
+def test_worker_raising_during_evaluation_is_one_line_and_logged(make_recipe, cli, tmp_path, monkeypatch):
+    recipe = make_recipe("run", method="baseline", eval_workers=1)
     _fail_reading_val_images(monkeypatch, "raised", from_pass=0)
     status, out, err = cli("--config", recipe, "--seed", "0")
     assert status == 2

@@ -12,98 +12,33 @@ from torchvision.datasets import ImageFolder
 from projector_kd.checkpoint import load_checkpoint
 from projector_kd.sampling import ResumableSampler
 
-PLAIN_BATCHES = """\
-    kwargs:
-      batch_size: 8
-      num_workers: 0
-      drop_last: true
-"""
-RANDOM_SAMPLER = """\
-        key: 'torch.utils.data.RandomSampler'
-      kwargs:
-"""
-
-
-def batch_sampler_recipe(path, batch_size: int, drop_last: bool) -> None:
-    """Rewrite the train loader of the recipe at ``path`` to batch through ``batch_sampler: BatchSampler``."""
-    text = path.read_text()
-    assert text.count(PLAIN_BATCHES) == 1
-    path.write_text(
-        text.replace(
-            PLAIN_BATCHES,
-            f"""\
-    batch_sampler:
-      key: 'BatchSampler'
-      kwargs:
-        batch_size: {batch_size}
-        drop_last: {str(drop_last).lower()}
-    kwargs:
-      num_workers: 0
-""",
-        )
-    )
-
-
-def seeded_sampler_recipe(path, seed) -> None:
-    """Rewrite the train sampler of the recipe at ``path`` to a one-process ``DistributedSampler`` with ``seed``."""
-    text = path.read_text()
-    assert text.count(RANDOM_SAMPLER) == 1
-    path.write_text(
-        text.replace(
-            RANDOM_SAMPLER,
-            f"""\
-        key: 'torch.utils.data.DistributedSampler'
-      kwargs:
-        num_replicas: 1
-        rank: 0
-        seed: {seed}
-""",
-        )
-    )
-
 
 @pytest.mark.parametrize("drop_last, steps", [(True, 3), (False, 4)])
 def test_batch_sampler_recipe_trains_with_its_drop_last(make_recipe, cli, tmp_path, drop_last, steps):
-    recipe = make_recipe("run", method="baseline")
-    batch_sampler_recipe(recipe, 8, drop_last)
+    recipe = make_recipe("run", method="baseline", batch_sampler=True, drop_last=drop_last)
     status, _, err = cli("--config", recipe, "--seed", "0")
     assert status == 0, err
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     assert (state["epoch"], state["global_step"]) == (1, steps)  # 30 images: 8 + 8 + 8 (+ 6 without drop_last)
 
 
-def test_batch_sampler_recipe_leaving_one_image_is_refused_naming_its_kwargs(make_recipe, teacher_ckpt, cli, tmp_path):
-    recipe = make_recipe("run", teacher_ckpt=teacher_ckpt)
-    batch_sampler_recipe(recipe, 29, False)
-    status, _, err = cli("--config", recipe)
-    assert status == 2
-    assert err == (
-        f"error: {recipe}: train.train_data_loader.batch_sampler: 30 training images over 1 process give 30 per "
-        f"process, so batches of 29 leave a last batch of 1 image, which batch whitening cannot train on — "
-        f"set drop_last: true in train.train_data_loader.batch_sampler.kwargs (or choose a batch size that does "
-        f"not leave 1 image)\n"
-    )
-    assert not (tmp_path / "run" / "checkpoint.pth").exists()
-
-
 @pytest.mark.parametrize(
-    "edit, message",
+    "recipe_options, message",
     [
         (
-            lambda path: batch_sampler_recipe(path, 1, True),
+            {"batch_sampler": True, "batch_size": 1},
             "train.train_data_loader.batch_sampler.kwargs.batch_size = 1 — training needs at least 2 images per "
             "batch per process (BatchNorm and the whitening use batch statistics)",
         ),
         (
-            lambda path: seeded_sampler_recipe(path, -3),
+            {"sampler_seed": -3},
             "train.train_data_loader.sampler.kwargs.seed = -3 is out of range (must be an integer >= 0)",
         ),
     ],
     ids=["batch-of-one", "negative-seed"],
 )
-def test_bad_sampling_values_are_named_before_any_work(make_recipe, cli, tmp_path, edit, message):
-    recipe = make_recipe("run", method="baseline")
-    edit(recipe)
+def test_bad_sampling_values_are_named_before_any_work(make_recipe, cli, tmp_path, recipe_options, message):
+    recipe = make_recipe("run", method="baseline", **recipe_options)
     status, out, err = cli("--config", recipe)
     assert (status, out) == (2, "")
     assert err == f"error: {recipe}: {message}\n"
@@ -117,8 +52,7 @@ def test_recipe_sampler_seed_sets_the_training_order(make_recipe, tiny_data, cli
     bad = train_image_in_batch(data, 1, seed=3)
     files = [Path(path) for path, _ in ImageFolder(data / "train").samples]
     assert ResumableSampler(len(files), 8, seed=0).epoch_indices(0).index(files.index(bad)) // 8 == 3
-    recipe = make_recipe("run", method="baseline", data_root=data)
-    seeded_sampler_recipe(recipe, 3)
+    recipe = make_recipe("run", method="baseline", data_root=data, sampler_seed=3)
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
     status, _, err = cli("--config", recipe, "--seed", "0")
     assert status == 2

@@ -1,5 +1,6 @@
 """The shared samplers: resumable training order, per-sample seeding, unpadded evaluation shards."""
 
+import inspect
 import random
 
 import numpy as np
@@ -9,6 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from projector_kd.errors import UserError
 from projector_kd.sampling import (
+    LOADER_SETTINGS,
     ResumableSampler,
     SeededSamples,
     ShardSampler,
@@ -170,20 +172,20 @@ def test_rebuild_loader_keeps_every_setting_but_the_overrides():
     )
     same = rebuild_loader(loader)
     assert same is not loader and same.dataset is data and same.batch_sampler is batches
-    settings = (
-        "num_workers",
-        "collate_fn",
-        "pin_memory",
-        "timeout",
-        "worker_init_fn",
-        "multiprocessing_context",
-        "generator",
-        "prefetch_factor",
-        "persistent_workers",
-        "in_order",
+    batching = {"self", "dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"}
+    assert set(LOADER_SETTINGS) == set(inspect.signature(DataLoader.__init__).parameters) - batching
+    assert {name: getattr(same, name) for name in LOADER_SETTINGS} == {
+        name: getattr(loader, name) for name in LOADER_SETTINGS
+    }
+    assert (same.num_workers, same.collate_fn, same.pin_memory, same.timeout, same.worker_init_fn) == (
+        2,
+        list,
+        True,
+        5.0,
+        _init_worker,
     )
-    assert [getattr(same, name) for name in settings] == [getattr(loader, name) for name in settings]
-    assert (same.num_workers, same.prefetch_factor, same.persistent_workers, same.in_order) == (2, 3, True, False)
+    assert (same.generator, same.prefetch_factor, same.persistent_workers, same.in_order) == (generator, 3, True, False)
+    assert same.multiprocessing_context is loader.multiprocessing_context is not None
     changed = rebuild_loader(loader, pin_memory=False, num_workers=0, collate_fn=None)
     no_workers = (changed.prefetch_factor, changed.persistent_workers, changed.multiprocessing_context, changed.timeout)
     assert (changed.pin_memory, changed.num_workers, no_workers) == (False, 0, (None, False, None, 0))
