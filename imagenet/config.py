@@ -27,6 +27,7 @@ import torchdistill
 import yaml
 from torchdistill.common import main_util
 from torchdistill.core import distillation, training  # noqa: F401  (fills torchdistill's registries)
+from torchdistill.datasets.registry import BATCH_SAMPLER_DICT
 from torchdistill.losses.registry import (
     HIGH_LEVEL_LOSS_DICT,
     LOSS_DICT,
@@ -461,7 +462,11 @@ def _check_loader(loader: Any, where: str, source: str, datasets: dict, train: b
         raise UserError(
             f"{source}: {where}.dataset_id = {loader.get('dataset_id')!r} is not one of the datasets {sorted(datasets)}"
         )
-    _keys(loader.get("sampler"), torchdistill_keys()["sampler"], f"{where}.sampler", source)
+    sampler = _keys(loader.get("sampler"), torchdistill_keys()["sampler"], f"{where}.sampler", source)
+    sampler_kwargs = sampler.get("kwargs")
+    if isinstance(sampler_kwargs, dict) and sampler_kwargs.get("seed") is not None:
+        where_seed = f"{where}.sampler.kwargs.seed"
+        _number(sampler_kwargs["seed"], where_seed, source, lambda v: v >= 0 and v == int(v), "an integer >= 0")
     kwargs = loader.get("kwargs") or {}
     _check_kwargs(
         torch.utils.data.DataLoader,
@@ -471,9 +476,22 @@ def _check_loader(loader: Any, where: str, source: str, datasets: dict, train: b
         supplied={"dataset", "sampler", "batch_sampler", "collate_fn"},
     )
     validate({k: v for k, v in kwargs.items() if k in LOADER_VALUES}, LOADER_VALUES, source=f"{source}: {where}.kwargs")
-    if train and kwargs.get("batch_size", 1) < 2:
+    batching, batching_where = kwargs, f"{where}.kwargs"
+    batch_sampler = _keys(loader.get("batch_sampler"), {"key", "kwargs"}, f"{where}.batch_sampler", source)
+    if batch_sampler:  # torchdistill then builds DataLoader(batch_sampler=<key>(sampler, **kwargs))
+        batching, batching_where = batch_sampler.get("kwargs") or {}, f"{where}.batch_sampler.kwargs"
+        batch_sampler_cls = _registered(
+            BATCH_SAMPLER_DICT, batch_sampler.get("key"), f"{where}.batch_sampler.key", source
+        )
+        _check_kwargs(batch_sampler_cls, batching, batching_where, source, supplied={"sampler"})
+        validate(
+            {k: v for k, v in batching.items() if k in LOADER_VALUES},
+            LOADER_VALUES,
+            source=f"{source}: {batching_where}",
+        )
+    if train and batching.get("batch_size", 1) < 2:
         raise UserError(
-            f"{source}: {where}.kwargs.batch_size = {kwargs.get('batch_size', 1)} — training needs at "
+            f"{source}: {batching_where}.batch_size = {batching.get('batch_size', 1)} — training needs at "
             f"least 2 images per batch per process (BatchNorm and the whitening use batch statistics)"
         )
 

@@ -17,9 +17,10 @@ Python from a Philox generator keyed by (epoch seed, batch number). Over the tra
 starts at the sampler's start batch, so batch k of an epoch is a pure function of (seed, epoch, k) and a resumed epoch
 reads and decodes only the batches it trains. Over another sampler (evaluation) the epoch seed is drawn from torch's
 global generator when the epoch starts, as a ``DataLoader`` draws its base seed. File bytes, sizes and parameters go
-to DALI through ``fn.external_source``; images that cannot be read are handled before decoding as ``on_bad_image``
-says (``fail``: one line naming the file; ``skip``: the next readable image, counted), and a decode error inside DALI
-is traced to its file the same way. docs/dali.md lists what differs from the torchvision loader.
+to DALI through ``fn.external_source`` — JPEGs and 8-bit opaque PNGs as they are, any other file as the default
+loader's own RGB (:func:`dali_decodes_as_pil`); images that cannot be read are handled before decoding as
+``on_bad_image`` says (``fail``: one line naming the file; ``skip``: the next readable image, counted), and a decode
+error inside DALI is traced to its file the same way. docs/dali.md lists what differs from the torchvision loader.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ DALI_REQUIREMENT = "nvidia-dali-cuda130==2.4.0"
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries 10 windows before its central fallback
 UNIFORMS_PER_SAMPLE = 2 * CROP_ATTEMPTS + 3  # area and log-ratio per attempt, top, left, flip
 EOI_SEARCH_BYTES = 1024  # a JPEG with no end-of-image marker this close to its end is checked by PIL
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PREFETCH_DEPTH = 2
 
 
@@ -259,6 +261,35 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def dali_decodes_as_pil(data: bytes) -> bool:
+    """Whether DALI's decoder gives the default loader's pixels (:func:`projector_kd.data.to_rgb`) for the file in
+    ``data``: a JPEG, or an 8-bit PNG with neither alpha nor a transparent colour (tested). DALI drops transparency
+    (the default loader composites it over white), scales 16-bit RGB with rounding (PIL keeps the high byte), and other
+    formats are not checked against PIL."""
+    if data[:2] == b"\xff\xd8":
+        return True
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 26:
+        return False
+    bit_depth, colour_type = data[24], data[25]
+    if bit_depth > 8 or colour_type in (4, 6):  # 16-bit, grey + alpha, RGBA
+        return False
+    position = 8
+    while position + 8 <= len(data):  # a transparent colour (tRNS) comes before the image data
+        kind = data[position + 4 : position + 8]
+        if kind in (b"tRNS", b"IDAT"):
+            return kind == b"IDAT"
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return False
+
+
+def default_loader_png(path: str) -> bytes:
+    """The image at ``path`` as the default loader reads it (:func:`projector_kd.data.load_rgb`), as a lossless
+    8-bit RGB PNG for DALI to decode."""
+    buffer = io.BytesIO()
+    load_rgb(path).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
 def image_size(path: str, data: bytes) -> tuple[int, int]:
     """(height, width) of the image in ``data`` as PIL sees it (EXIF orientation not applied, as in the torchvision
     loader); a JPEG without its end-of-image marker is decoded by PIL to see whether it is complete. Raises
@@ -455,6 +486,8 @@ class DaliLoader:
                     raise unreadable_image(path, error) from None
                 if self.sizes[candidate, 0] < 0:
                     self.sizes[candidate] = image_size(path, data)
+                if not dali_decodes_as_pil(data):
+                    data = default_loader_png(path)
                 return candidate, data, (int(self.sizes[candidate, 0]), int(self.sizes[candidate, 1]))
             except DataError as error:
                 if self.on_bad_image != "skip":

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from imagenet.registry import ProjectorKDModelWrapper
 from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
+from projector_kd.sampling import rebuild_loader
 
 FUSED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -50,20 +51,7 @@ def _fuse_optimizer(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _fast_loader(loader: DataLoader | None, pin_memory: bool) -> DataLoader | None:
-    if loader is None:
-        return None
-    workers = loader.num_workers
-    return DataLoader(
-        loader.dataset,
-        batch_sampler=loader.batch_sampler,
-        num_workers=workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=pin_memory,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=workers > 0,
-        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
-        generator=loader.generator,
-    )
+    return None if loader is None else rebuild_loader(loader, pin_memory=pin_memory, persistent_workers=True)
 
 
 def channels_last_networks(*networks: nn.Module | None) -> None:

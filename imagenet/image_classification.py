@@ -83,7 +83,12 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--log", help="extra log file path (the run folder always gets log.txt)")
     parser.add_argument("--start_epoch", default=0, type=int, help="first epoch when resuming from src_ckpt")
-    parser.add_argument("--seed", type=int, help="seed for python, numpy and torch (plus the rank)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="seed for python, numpy and torch (plus the rank), and for the training order unless the recipe's "
+        "train sampler sets seed",
+    )
     parser.add_argument(
         "-test_only",
         action="store_true",
@@ -251,6 +256,15 @@ def _ensure_ddp(box, device: torch.device, local_rank: int) -> None:
     setattr(box, attribute, DistributedDataParallel(module, device_ids=[local_rank] if device.type == "cuda" else None))
 
 
+def training_data_seed(loader_config: dict, seed: int | None) -> int:
+    """Seed of the training order and of each sample's random draws: the train loader's ``sampler.kwargs.seed``
+    where the recipe gives one (torchdistill hands it to a ``DistributedSampler``), else ``--seed``, else 0."""
+    recipe_seed = ((loader_config.get("sampler") or {}).get("kwargs") or {}).get("seed")
+    if recipe_seed is not None:
+        return recipe_seed
+    return 0 if seed is None else seed
+
+
 def swap_loader(loader, recipe: dict, device: torch.device, train: bool, name: str):
     """The torchdistill loader, or — with ``runtime.loader: dali`` — a DALI loader over the same files, sampler, batch
     size and transform (:mod:`imagenet.dali`)."""
@@ -350,19 +364,20 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
             )
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(f"{recipe_path}: torchdistill could not set up training: {error}") from None
-        loader = box.train_data_loader
-        if projector_of(box) is not None and not loader.drop_last and loader.batch_size:
+        loader_config = train_config["train_data_loader"]
+        loader = resumable_loader(
+            box.train_data_loader, training_data_seed(loader_config, args.seed), env.rank, env.world_size
+        )
+        if projector_of(box) is not None and not loader.drop_last:
             check_last_batch(
                 len(loader.dataset),
                 len(loader.sampler),
                 loader.batch_size,
                 env.world_size,
                 str(recipe_path),
-                "train.train_data_loader",
+                "train.train_data_loader" + (".batch_sampler" if loader_config.get("batch_sampler") else ""),
             )
-        box.train_data_loader = resumable_loader(
-            box.train_data_loader, 0 if args.seed is None else args.seed, env.rank, env.world_size
-        )
+        box.train_data_loader = loader
         if env.distributed:
             _ensure_ddp(box, env.device, env.local_rank)
         settings = apply_fast_path(box, teacher, env.device) if fast else None

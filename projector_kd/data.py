@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -157,9 +158,52 @@ def check_last_batch(
         )
 
 
-def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
-    """Iterate ``batches``; a UserError raised in a loader worker (re-raised by PyTorch with the worker's traceback
-    in its message) is re-raised with just its own one-line message."""
+class LoaderWorkerError(UserError):
+    """A data-loader worker died or raised an error that is not the user's data (a bug, a lack of memory)."""
+
+
+WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (.*)")
+WORKER_RAISED = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.$", re.MULTILINE)
+
+
+def worker_failure(error: BaseException, during: str) -> LoaderWorkerError | None:
+    """The one-line :class:`LoaderWorkerError` for an exception with which PyTorch reports a loader worker's failure
+    ``during`` (e.g. ``"training"``): a worker that died or timed out, or one that raised (its traceback is logged);
+    None for any other exception."""
+    text = str(error)
+    died = WORKER_DIED.search(text)
+    if isinstance(error, RuntimeError) and died:
+        how = died.group(2).split(". ")[0].rstrip(". ").replace("is killed by", "was killed by")
+        if "shared memory" in text:
+            cause = "the workers ran out of shared memory: raise its limit (e.g. docker run --shm-size) or lower"
+        else:
+            cause = "most often the system ran out of memory and killed it: lower"
+        return LoaderWorkerError(
+            f"a data-loader worker (pid {died.group(1)}) {how} while {during} — {cause} the number of loader workers "
+            f"(num_workers) or the batch size, or free memory, then run the same command again"
+        )
+    if isinstance(error, RuntimeError) and text.startswith("DataLoader timed out after "):
+        return LoaderWorkerError(
+            f"{text.splitlines()[0]} while {during}: no worker delivered a batch in time — raise or remove the "
+            f"loader's timeout, or check the storage the images are read from, then run the same command again"
+        )
+    raised = WORKER_RAISED.search(text)
+    if raised is None or "Original Traceback" not in text:
+        return None
+    logger.error("data-loader worker %s failed while %s:\n%s", raised.group(2), during, text)
+    name = raised.group(1)
+    final = [line for line in text.splitlines() if line.split(":", 1)[0].rsplit(".", 1)[-1] == name]
+    message = final[-1].split(": ", 1)[1] if final and ": " in final[-1] else "(no message)"
+    return LoaderWorkerError(
+        f"a data-loader worker raised {name}: {message} while {during} — fix what it names (its traceback is in the "
+        f"log), or set num_workers to 0 to debug it in the main process"
+    )
+
+
+def raise_worker_errors_plainly(batches: Iterable, during: str) -> Iterator:
+    """Iterate ``batches`` (read ``during``, e.g. ``"training"``); a loader worker's failure ends in one line: a
+    UserError raised in a worker (re-raised by PyTorch with the worker's traceback in its message) with just its own
+    message, a worker that died, timed out or raised anything else with :func:`worker_failure`'s line."""
     try:
         yield from batches
     except UserError as err:
@@ -168,6 +212,11 @@ def raise_worker_errors_plainly(batches: Iterable) -> Iterator:
             raise
         last = text.rstrip().splitlines()[-1]
         raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+    except Exception as err:
+        failure = worker_failure(err, during)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def checkpoint_on_data_error(batches: Iterable, save: Callable[[], str | None]) -> Iterator:
@@ -175,7 +224,7 @@ def checkpoint_on_data_error(batches: Iterable, save: Callable[[], str | None]) 
     the middle of an epoch) first calls ``save()``, which writes a resumable checkpoint at the current position and
     names it (or returns None when there is nothing to save), then is re-raised as one line saying so."""
     try:
-        yield from raise_worker_errors_plainly(batches)
+        yield from raise_worker_errors_plainly(batches, "training")
     except DataError as error:
         saved = save()
         if saved is None:

@@ -39,7 +39,9 @@ def evaluate_classifier(
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     try:
-        for batch in progress(raise_worker_errors_plainly(loader), rank=rank, desc=desc, total=len(loader)):
+        for batch in progress(
+            raise_worker_errors_plainly(loader, f"evaluating ({desc})"), rank=rank, desc=desc, total=len(loader)
+        ):
             images = batch[0].to(device, non_blocking=True)
             targets = batch[1].to(device, non_blocking=True)
             if channels_last:

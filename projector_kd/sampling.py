@@ -1,5 +1,6 @@
 """Samplers both tracks train and evaluate with: exact mid-epoch resume without reading skipped batches, and
-evaluation shards that count every image once.
+evaluation shards that count every image once; :func:`rebuild_loader` is how a ``DataLoader`` is rebuilt around them
+(or with other settings).
 
 Exact resume: the training sampler yields ``(epoch, index)`` pairs in an order that is a pure function of
 ``(seed, epoch, rank, world_size)``, and :class:`SeededSamples` reseeds python/numpy/torch for every sample from
@@ -70,13 +71,20 @@ class ResumableSampler(Sampler):
     """Shuffled, rank-sharded training order that can start mid-epoch.
 
     Epoch order: ``torch.randperm(n)`` from a generator seeded with ``seed + epoch`` (``0..n-1`` when not
-    ``shuffle``), padded by wrap-around to a multiple of ``world_size``, then every ``world_size``-th index from
-    ``rank`` (as ``DistributedSampler``). Yields ``(epoch, index)`` pairs; :meth:`set_epoch` with ``start_batch = k``
-    skips the first ``k * batch_size`` of them.
+    ``shuffle``), padded by wrap-around to a multiple of ``world_size`` — or, with ``drop_last``, cut to one — then
+    every ``world_size``-th index from ``rank`` (as ``DistributedSampler``). Yields ``(epoch, index)`` pairs;
+    :meth:`set_epoch` with ``start_batch = k`` skips the first ``k * batch_size`` of them.
     """
 
     def __init__(
-        self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
         self.num_items = num_items
         self.shuffle = shuffle
@@ -84,7 +92,8 @@ class ResumableSampler(Sampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.per_rank = math.ceil(num_items / world_size)
+        self.drop_last = drop_last
+        self.per_rank = num_items // world_size if drop_last else math.ceil(num_items / world_size)
         self.epoch = 0
         self.start_batch = 0
 
@@ -105,7 +114,8 @@ class ResumableSampler(Sampler):
             generator.manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_items, generator=generator).tolist()
         total = self.per_rank * self.world_size
-        order += (order * math.ceil(total / self.num_items))[: total - self.num_items]
+        if total > self.num_items:
+            order += (order * math.ceil(total / self.num_items))[: total - self.num_items]
         return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -116,11 +126,50 @@ class ResumableSampler(Sampler):
         return self.per_rank - self.start_batch * self.batch_size
 
 
+LOADER_SETTINGS = (
+    "num_workers",
+    "collate_fn",
+    "pin_memory",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "generator",
+    "prefetch_factor",
+    "persistent_workers",
+    "pin_memory_device",
+    "in_order",
+)
+
+
+def rebuild_loader(loader: DataLoader, **overrides: Any) -> DataLoader:
+    """A new ``DataLoader`` over ``loader``'s dataset, batching and settings (:data:`LOADER_SETTINGS`, those this
+    PyTorch has), with ``overrides`` (``DataLoader`` arguments by name) in their place. Batching: ``loader``'s own
+    batch sampler (or sampler, without automatic batching), unless ``overrides`` give a ``batch_sampler``, or a
+    ``sampler`` (then batched by ``loader``'s ``batch_size`` and ``drop_last`` unless overridden too). Without
+    workers, the worker-only settings (``prefetch_factor``, ``persistent_workers``, ``multiprocessing_context``,
+    ``timeout``) do not apply and are left out."""
+    if "batch_sampler" in overrides:
+        batching = {}
+    elif "sampler" in overrides:
+        batching = {"batch_size": loader.batch_size, "drop_last": loader.drop_last}
+    elif loader.batch_sampler is not None:
+        batching = {"batch_sampler": loader.batch_sampler}
+    else:
+        batching = {"sampler": loader.sampler, "batch_size": None}
+    settings = {name: getattr(loader, name) for name in LOADER_SETTINGS if hasattr(loader, name)}
+    arguments = {"dataset": loader.dataset, **batching, **settings, **overrides}
+    if not arguments["num_workers"]:
+        arguments.update(prefetch_factor=None, persistent_workers=False, multiprocessing_context=None, timeout=0)
+    return DataLoader(**arguments)
+
+
 def resumable_loader(loader: DataLoader, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """``loader`` (dataset, batch size, ``drop_last``, workers, collate function, pinning) rebuilt over a
-    :class:`ResumableSampler` (shuffled unless ``loader`` reads in order) and :class:`SeededSamples`, its own draws
-    from a private generator seeded with ``seed``, so a run resumes mid-epoch exactly without reading the batches
-    already trained. A loader whose batches are not plain ``batch_size`` slices of one sampler is refused."""
+    """``loader`` (dataset, batch size, workers, collate function, pinning) rebuilt over a :class:`ResumableSampler`
+    and :class:`SeededSamples`, its own draws from a private generator seeded with ``seed``, so a run resumes
+    mid-epoch exactly without reading the batches already trained. The sampler keeps ``loader``'s choices: shuffled
+    unless it reads in order, and both ``drop_last`` settings — the batch sampler's (drop the last partial batch) and
+    a ``DistributedSampler``'s (drop the tail that does not divide evenly over the ranks instead of padding it). A
+    loader whose batches are not plain ``batch_size`` slices of one sampler is refused."""
     batch_sampler = loader.batch_sampler
     if type(batch_sampler) is not BatchSampler:
         raise UserError(
@@ -129,20 +178,17 @@ def resumable_loader(loader: DataLoader, seed: int, rank: int = 0, world_size: i
         )
     sampler = batch_sampler.sampler
     shuffle = getattr(sampler, "shuffle", not isinstance(sampler, SequentialSampler))
+    drop_tail = isinstance(sampler, DistributedSampler) and sampler.drop_last
     generator = torch.Generator()
     generator.manual_seed(seed)
-    workers = loader.num_workers
-    return DataLoader(
-        SeededSamples(loader.dataset, seed),
+    return rebuild_loader(
+        loader,
+        dataset=SeededSamples(loader.dataset, seed),
+        sampler=ResumableSampler(
+            len(loader.dataset), batch_sampler.batch_size, seed, rank, world_size, shuffle, drop_last=drop_tail
+        ),
         batch_size=batch_sampler.batch_size,
         drop_last=batch_sampler.drop_last,
-        sampler=ResumableSampler(len(loader.dataset), batch_sampler.batch_size, seed, rank, world_size, shuffle),
-        num_workers=workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        prefetch_factor=loader.prefetch_factor if workers > 0 else None,
         generator=generator,
     )
 
@@ -179,12 +225,9 @@ def unpadded_eval_loader(loader: Any) -> Any:
     if not isinstance(sampler, DistributedSampler):
         return loader
     batch_size = getattr(batch_sampler, "batch_size", None) or loader.batch_size
-    return DataLoader(
-        loader.dataset,
-        batch_size=batch_size,
-        shuffle=False,
+    return rebuild_loader(
+        loader,
         sampler=ShardSampler(len(loader.dataset), sampler.rank, sampler.num_replicas),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
+        batch_size=batch_size,
+        drop_last=False,
     )

@@ -64,10 +64,17 @@ def tiny_recipe(
     milestones: tuple[int, ...] = (1,),
     log_freq: int = 1,
     student_dropout: float = 0.0,
+    drop_last: bool = True,
+    batch_sampler: bool = False,
+    sampler_seed: int | None = None,
+    eval_workers: int = 0,
 ) -> str:
     """A torchdistill recipe in the demo configs' layout. ``method``: 'teacher' (the teacher network trained alone),
     'baseline' (the student alone) or 'projector' (CE + 2 * log_diff(Linear(64, 64 * teacher_width)) + KD).
-    ``student_dropout`` > 0 makes the student's forward pass draw random numbers too."""
+    ``student_dropout`` > 0 makes the student's forward pass draw random numbers too. The train loader batches with
+    ``batch_size`` and ``drop_last`` in its kwargs, or in a ``batch_sampler: BatchSampler``; it samples with a
+    ``RandomSampler``, or with ``sampler_seed`` a one-process ``DistributedSampler`` with that seed. The validation
+    and test loaders read with ``eval_workers`` worker processes."""
     transform_train = """\
         transform: !import_call
           key: 'torchvision.transforms.Compose'
@@ -131,6 +138,23 @@ models:
             text += f"    src_ckpt: '{teacher_ckpt}'\n"
     width = teacher_width if method == "teacher" else student_width
     text += "  student_model:\n" + _model(width, num_classes, "    ", student_dropout) + f"    dst_ckpt: '{dst_ckpt}'\n"
+    if sampler_seed is None:
+        train_sampler = "        key: 'torch.utils.data.RandomSampler'\n      kwargs:\n"
+    else:
+        train_sampler = (
+            "        key: 'torch.utils.data.DistributedSampler'\n      kwargs:\n"
+            f"        num_replicas: 1\n        rank: 0\n        seed: {sampler_seed}\n"
+        )
+    drop = str(drop_last).lower()
+    if batch_sampler:
+        train_batching = (
+            f"    batch_sampler:\n      key: 'BatchSampler'\n      kwargs:\n        batch_size: {batch_size}\n"
+            f"        drop_last: {drop}\n    kwargs:\n      num_workers: {num_workers}\n"
+        )
+    else:
+        train_batching = (
+            f"    kwargs:\n      batch_size: {batch_size}\n      num_workers: {num_workers}\n      drop_last: {drop}\n"
+        )
     text += f"""
 train:
   log_freq: {log_freq}
@@ -139,13 +163,7 @@ train:
     dataset_id: *train_id
     sampler:
       class_or_func: !import_get
-        key: 'torch.utils.data.RandomSampler'
-      kwargs:
-    kwargs:
-      batch_size: {batch_size}
-      num_workers: {num_workers}
-      drop_last: true
-  val_data_loader:
+{train_sampler}{train_batching}  val_data_loader:
     dataset_id: *val_id
     sampler: &val_sampler
       class_or_func: !import_get
@@ -153,7 +171,7 @@ train:
       kwargs:
     kwargs:
       batch_size: 8
-      num_workers: 0
+      num_workers: {eval_workers}
 """
     if method == "projector":
         text += f"""\
@@ -232,14 +250,14 @@ train:
               temperature: 1.0
           weight: 1.0
 """
-    text += """
+    text += f"""
 test:
   test_data_loader:
     dataset_id: *val_id
     sampler: *val_sampler
     kwargs:
       batch_size: 8
-      num_workers: 0
+      num_workers: {eval_workers}
 
 runtime:
   fast: false

@@ -5,12 +5,15 @@ torchvision loader's, and bad images named or skipped as with the default loader
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +310,88 @@ def test_grey_cmyk_and_png_images_decode_to_the_rgb_pixels_pil_gives(tmp_path):
     images, labels, _ = next(iter(dali.DaliLoader(loader, torch.device("cpu"), train=False)))
     assert labels.tolist() == [0, 1, 2, 3]
     assert torch.allclose(images, torch.stack([dataset[i][0] for i in range(4)]), atol=1e-6)
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG of ``pixels`` (uint16, H x W greyscale or H x W x 3 RGB), which PIL cannot write in RGB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 16, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def deep_and_transparent_pngs(tmp_path_factory) -> Path:
+    """One 8 x 6 image per class folder: 16-bit greyscale and RGB PNGs (values around the 8-bit rounding points
+    included), RGBA and LA PNGs with varied alpha, palette, greyscale and RGB PNGs with a transparent colour."""
+    root = tmp_path_factory.mktemp("deep-and-transparent")
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (6, 8), dtype=np.uint16)
+    grey16[0, :4] = [128, 129, 383, 65535]  # round(v / 257) = 0, 1, 1, 255 where the high byte is 0, 0, 1, 255
+    rgb16 = rng.integers(0, 65536, (6, 8, 3), dtype=np.uint16)
+    rgb16[0, 0] = [128, 129, 383]
+    rgba = rng.integers(0, 256, (6, 8, 4), dtype=np.uint8)
+    coarse = rgba[..., :3] // 64 * 64  # few colours, so the transparent one occurs often
+    for name in ("a_grey16", "b_rgb16", "c_rgba", "d_la", "e_palette_trns", "f_grey_trns", "g_rgb_trns"):
+        (root / name).mkdir()
+    write_png16(root / "a_grey16" / "0.png", grey16)
+    write_png16(root / "b_rgb16" / "0.png", rgb16)
+    Image.fromarray(rgba, "RGBA").save(root / "c_rgba" / "0.png")
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(root / "d_la" / "0.png")
+    palette = Image.fromarray(coarse).convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.save(root / "e_palette_trns" / "0.png", transparency=int(np.asarray(palette)[0, 0]))
+    Image.fromarray(coarse[..., 0], "L").save(root / "f_grey_trns" / "0.png", transparency=int(coarse[0, 0, 0]))
+    Image.fromarray(coarse).save(root / "g_rgb_trns" / "0.png", transparency=tuple(int(v) for v in coarse[0, 0]))
+    return root
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        T.Compose([T.ToTensor()]),
+        T.Compose([T.RandomResizedCrop((6, 8), scale=(1, 1), ratio=(4 / 3, 4 / 3)), T.ToTensor()]),
+    ],
+    ids=["whole-image", "crop-window-decoder"],
+)
+def test_16_bit_and_transparent_pngs_give_the_default_loaders_pixels(deep_and_transparent_pngs, transform):
+    """DALI alone drops transparency (the default loader composites over white) and rounds 16-bit RGB to 8 bits (PIL
+    keeps the high byte); such files reach DALI as the default loader's own RGB, so the pixels are identical."""
+    dataset = CheckedImageFolder(deep_and_transparent_pngs, transform=transform)
+    assert [Image.open(path).mode for path, _ in dataset.samples[:2]] == ["I;16", "RGB"]
+    loader = DataLoader(dataset, batch_size=7, sampler=SequentialSampler(dataset))
+    images, labels, _ = next(iter(dali.DaliLoader(loader, torch.device("cpu"), train=False)))
+    reference = torch.stack([dataset[i][0] for i in range(7)])
+    assert labels.tolist() == list(range(7)) and images.shape == reference.shape == (7, 3, 6, 8)
+    assert ((images - reference) * 255).abs().amax(dim=(1, 2, 3)).round().tolist() == [0] * 7  # per image, in levels
+    assert (reference[0, :, 0, :4] * 255).round().tolist() == [[0, 1, 1, 255]] * 3  # 16-bit scale, rounded
+    assert (reference[1, :, 0, 0] * 255).round().tolist() == [0, 0, 1]  # PIL's high byte of 128, 129, 383
+
+
+@pytest.mark.parametrize(
+    "mode, save, handed_as_is",
+    [
+        ("RGB", {"format": "JPEG"}, True),
+        ("CMYK", {"format": "JPEG"}, True),
+        ("RGB", {"format": "PNG"}, True),
+        ("P", {"format": "PNG"}, True),
+        ("L", {"format": "PNG"}, True),
+        ("P", {"format": "PNG", "transparency": 0}, False),
+        ("RGBA", {"format": "PNG"}, False),
+        ("I;16", {"format": "PNG"}, False),
+        ("RGB", {"format": "BMP"}, False),
+        ("RGB", {"format": "WEBP", "lossless": True}, False),
+    ],
+)
+def test_only_files_dali_decodes_as_pil_reach_it_as_they_are(mode, save, handed_as_is):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 40, 90)).convert(mode).save(buffer, **save)
+    assert dali.dali_decodes_as_pil(buffer.getvalue()) is handed_as_is
 
 
 def test_sharding_training_keeps_the_distributed_sampler_evaluation_counts_each_image_once(jpeg_data):

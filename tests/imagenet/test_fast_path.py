@@ -161,3 +161,24 @@ def test_fast_path_under_torchrun_lays_out_ddp_buckets_for_channels_last(make_re
     assert "bucket view strides" not in result.stderr
     state = load_checkpoint(recipe.parent / "ddp_fast" / "checkpoint.pth")
     assert state["global_step"] == 3 and len(state["rng_per_rank"]) == 2  # 30 images / (2 ranks x 4), drop_last
+
+
+def test_fast_loader_keeps_the_loader_and_adds_pinning_and_persistent_workers():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from imagenet.fast import _fast_loader
+    from projector_kd.sampling import resumable_loader, training_sampler
+
+    data = TensorDataset(torch.arange(10))
+    recipe_loader = DataLoader(
+        data, batch_size=4, shuffle=True, num_workers=2, timeout=5.0, multiprocessing_context="spawn"
+    )
+    loader = resumable_loader(recipe_loader, seed=1)
+    fast = _fast_loader(loader, pin_memory=True)
+    assert fast.batch_sampler is loader.batch_sampler and training_sampler(fast) is training_sampler(loader)
+    assert (fast.pin_memory, fast.persistent_workers, fast.num_workers, fast.timeout) == (True, True, 2, 5.0)
+    assert (fast.multiprocessing_context, fast.generator) == (loader.multiprocessing_context, loader.generator)
+    in_process = _fast_loader(resumable_loader(DataLoader(data, batch_size=4), seed=1), pin_memory=False)
+    assert (in_process.persistent_workers, in_process.prefetch_factor) == (False, None)
+    assert [batch[0].tolist() for batch in in_process] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert _fast_loader(None, pin_memory=True) is None

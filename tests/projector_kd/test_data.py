@@ -2,9 +2,17 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from projector_kd.data import CheckedImageFolder, DataError, check_image_folder, write_digits_imagefolder
+from projector_kd.data import (
+    CheckedImageFolder,
+    DataError,
+    check_image_folder,
+    raise_worker_errors_plainly,
+    worker_failure,
+    write_digits_imagefolder,
+)
+from projector_kd.errors import UserError
 
 
 def make_tree(root, classes=("a", "b"), splits=("train", "val"), per_class=2):
@@ -115,3 +123,82 @@ def test_digits_holdout_images_are_in_no_training_split(tmp_path):
     assert sorted(set(CheckedImageFolder(holdout / "val").targets)) == list(range(10))
     with pytest.raises(ValueError, match="holdout=True needs holdout_per_class > 0"):
         write_digits_imagefolder(tmp_path / "bad", image_size=8, holdout=True)
+
+
+def _reraised_from_worker(error: Exception) -> Exception:
+    """``error`` as PyTorch re-raises an exception from loader worker 3 in the main process."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise error
+    except Exception:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 3")
+    try:
+        wrapper.reraise()
+    except Exception as reraised:
+        return reraised
+    raise AssertionError("ExceptionWrapper.reraise did not raise")
+
+
+def _failing(error: Exception):
+    yield 1
+    raise error
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (
+            RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "),
+            "a data-loader worker (pid 4242) was killed by signal: Killed while training — most often the system ran "
+            "out of memory and killed it: lower the number of loader workers (num_workers) or the batch size, or "
+            "free memory, then run the same command again",
+        ),
+        (
+            RuntimeError("DataLoader worker (pid(s) 11, 12) exited unexpectedly"),
+            "a data-loader worker (pid 11, 12) exited unexpectedly while training — most often",
+        ),
+        (
+            RuntimeError(
+                "DataLoader worker (pid 7) exited unexpectedly with exit code 1. Details are lost due to "
+                "multiprocessing. Rerunning with num_workers=0 may give better error trace."
+            ),
+            "a data-loader worker (pid 7) exited unexpectedly with exit code 1 while training — most often",
+        ),
+        (
+            RuntimeError(
+                "DataLoader worker (pid 9) is killed by signal: Bus error. It is possible that dataloader's workers "
+                "are out of shared memory. Please try to raise your shared memory limit."
+            ),
+            "a data-loader worker (pid 9) was killed by signal: Bus error while training — the workers ran out of "
+            "shared memory: raise its limit (e.g. docker run --shm-size) or lower the number of loader workers",
+        ),
+        (
+            RuntimeError("DataLoader timed out after 5 seconds"),
+            "DataLoader timed out after 5 seconds while training: no worker delivered a batch in time — raise or "
+            "remove the loader's timeout, or check the storage the images are read from, then run the same command "
+            "again",
+        ),
+        (
+            _reraised_from_worker(UnidentifiedImageError("cannot identify image file 'x.png'\nmore")),
+            "a data-loader worker raised UnidentifiedImageError: cannot identify image file 'x.png' while training — "
+            "fix what it names (its traceback is in the log), or set num_workers to 0 to debug it in the main process",
+        ),
+        (_reraised_from_worker(DataError("image x.png is unreadable")), "image x.png is unreadable"),
+    ],
+    ids=["killed", "exited", "exit-code", "shared-memory", "timed-out", "raised", "user-error-in-worker"],
+)
+def test_loader_worker_failures_end_in_one_line(error, line):
+    batches = raise_worker_errors_plainly(_failing(error), "training")
+    assert next(batches) == 1
+    with pytest.raises(UserError) as raised:
+        next(batches)
+    assert str(raised.value).startswith(line) and "\n" not in str(raised.value)
+
+
+def test_other_errors_pass_through_unchanged():
+    error = RuntimeError("CUDA error: out of memory")
+    assert worker_failure(error, "training") is None
+    with pytest.raises(RuntimeError) as raised:
+        list(raise_worker_errors_plainly(_failing(error), "training"))
+    assert raised.value is error

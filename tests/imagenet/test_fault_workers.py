@@ -1,0 +1,67 @@
+"""Loader workers that die or raise an unexpected error while the ResNet track evaluates end the run in one line naming
+what failed and what to do (exit 2); the checkpoints already written stay as they were."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+from projector_kd.checkpoint import load_checkpoint
+
+
+def _fail_reading_val_images(monkeypatch, how: str, from_pass: int) -> None:
+    """From the ``from_pass``-th validation pass (0-based) on, a loader worker that reads a val image dies (SIGKILL)
+    or raises a two-line RuntimeError. Workers are forked at each pass, so they see the pass count of that moment."""
+    from imagenet import engine
+    from projector_kd import data as data_module
+
+    passes = {"started": 0}
+    real_evaluate, real_load = engine.evaluate_classifier, data_module.load_rgb
+    parent = os.getpid()
+
+    def evaluate_classifier(*args, **kwargs):
+        try:
+            return real_evaluate(*args, **kwargs)
+        finally:
+            passes["started"] += 1
+
+    def load_rgb(path):
+        if os.getpid() != parent and f"{os.sep}val{os.sep}" in str(path) and passes["started"] >= from_pass:
+            if how == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("colour table exhausted\nsecond line of the message")
+        return real_load(path)
+
+    monkeypatch.setattr(engine, "evaluate_classifier", evaluate_classifier)
+    monkeypatch.setattr(data_module, "load_rgb", load_rgb)
+
+
+def test_worker_killed_during_validation_is_one_line_and_keeps_the_checkpoints(make_recipe, cli, tmp_path, monkeypatch):
+    recipe = make_recipe("run", method="baseline", epochs=2, eval_workers=1)
+    _fail_reading_val_images(monkeypatch, "killed", from_pass=1)
+    status, _, err = cli("--config", recipe, "--seed", "0")
+    assert status == 2
+    assert re.fullmatch(
+        r"error: a data-loader worker \(pid \d+\) (exited unexpectedly|was killed by signal: Killed) while evaluating "
+        r"\(val 1\) — most often the system ran out of memory and killed it: lower the number of loader workers "
+        r"\(num_workers\) or the batch size, or free memory, then run the same command again\n",
+        err,
+    ), err
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")  # epoch 0's, as written before the failure
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 3)
+    assert (tmp_path / "run" / "best.pth").is_file()
+
+
+def test_worker_raising_during_evaluation_is_one_line_and_logged(make_recipe, cli, tmp_path, monkeypatch):
+    recipe = make_recipe("run", method="baseline", eval_workers=1)
+    _fail_reading_val_images(monkeypatch, "raised", from_pass=0)
+    status, out, err = cli("--config", recipe, "--seed", "0")
+    assert status == 2
+    assert err == (
+        "error: a data-loader worker raised RuntimeError: colour table exhausted while evaluating (val 0) — fix what "
+        "it names (its traceback is in the log), or set num_workers to 0 to debug it in the main process\n"
+    )
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "data-loader worker 0 failed while evaluating (val 0):" in log and "second line of the message" in log
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()  # no epoch finished: nothing to keep
