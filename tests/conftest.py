@@ -6,13 +6,20 @@ import contextlib
 import errno
 import io
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
@@ -147,9 +154,6 @@ def refuse_new_files(monkeypatch):
 def hold_output_dir():
     """``hold_output_dir(path)`` -> a child process holding run folder ``path`` as a running run does (killed at
     teardown at the latest)."""
-    import subprocess
-    import sys
-
     children = []
 
     def hold(path: Path) -> subprocess.Popen:
@@ -162,7 +166,7 @@ def hold_output_dir():
             [sys.executable, "-c", code, str(path)],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         children.append(child)
         assert child.stdout.readline() == "held\n"
@@ -172,3 +176,121 @@ def hold_output_dir():
     for child in children:
         child.kill()
         child.wait()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or a process group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def one_rank_group(free_port: int) -> Callable:
+    """``with one_rank_group(device):`` this process alone forms a process group (NCCL on a CUDA ``device``, gloo
+    otherwise), destroyed on exit."""
+
+    @contextlib.contextmanager
+    def group(device: torch.device) -> Iterator[None]:
+        cuda = device.type == "cuda"
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method=f"tcp://127.0.0.1:{free_port}",
+            rank=0,
+            world_size=1,
+            device_id=device if cuda else None,
+        )
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+    return group
+
+
+@pytest.fixture(scope="session")
+def child_env() -> dict[str, str]:
+    """Environment for child processes: one thread each (2 shared cores), unbuffered output, no rank variables or
+    tiny-data root inherited from the caller."""
+    inherited = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TINY_DATA_ROOT")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def run_python(child_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_python(*args, cwd=REPO, env=child_env, timeout=240)``: this interpreter with ``args`` in a child process;
+    returns the completed process, output as text."""
+
+    def run(
+        *args: str | Path, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 240
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *map(str, args)],
+            cwd=cwd,
+            env=child_env if env is None else env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
+def run_torchrun(run_python: Callable[..., subprocess.CompletedProcess]) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_torchrun(script, *args, **options)``: :func:`run_python` of ``script`` under torchrun, two ranks on this
+    machine (``--standalone``)."""
+    return lambda *args, **options: run_python(*TORCHRUN_TWO_RANKS, *args, **options)
+
+
+@pytest.fixture
+def start_python(child_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen]]:
+    """``start_python(*args, cwd=REPO, stdout=PIPE, stderr=PIPE)``: this interpreter with ``args`` started in a child
+    process (environment ``child_env``, text output); killed at teardown if it still runs."""
+    children = []
+
+    def start(
+        *args: str | Path, cwd: Path = REPO, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE
+    ) -> subprocess.Popen:
+        child = subprocess.Popen(
+            [sys.executable, *map(str, args)], cwd=cwd, env=child_env, stdout=stdout, stderr=stderr, text=True
+        )
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll ``condition`` until it holds; fails if ``process`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"child exited early with {process.returncode}: {process.communicate()}"
+        assert time.monotonic() < deadline, "timed out waiting for the child"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., None]:
+    """:func:`wait_until`."""
+    return wait_until
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a user-facing failure prints (``error: ...``, exit status 2); asserts it is the only one."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def one_error_line() -> Callable[[subprocess.CompletedProcess], str]:
+    """:func:`error_line`."""
+    return error_line

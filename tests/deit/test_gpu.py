@@ -5,11 +5,9 @@ the trainer under a one-rank NCCL process group (DDP, the all-reduced stop vote)
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from deit.benchmark import build_train_step
 from deit.config import load_config
@@ -109,19 +107,8 @@ class _StopNow:
     signal_name = "test"
 
 
-def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device):
-    cuda = gpu_device.type == "cuda"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-        device_id=gpu_device if cuda else None,
-    )
-    try:
+def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device, one_rank_group):
+    with one_rank_group(gpu_device):
         torch.manual_seed(0)
         _, single = build_train_step("release", device=gpu_device, **SMALL)
         env = _OneRankDistributed(rank=0, world_size=1, local_rank=gpu_device.index or 0, device=gpu_device)
@@ -139,5 +126,3 @@ def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device):
         trainer.train_step(images.clone(), labels)
         assert trainer._stop_agreed()
         assert trainer.epoch_sums["steps"] == 2 and math.isfinite(trainer.last_record.terms["loss"])
-    finally:
-        dist.destroy_process_group()

@@ -3,11 +3,8 @@ fused optimizer skipping on ``found_inf``, and the step monitor's stop vote redu
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from projector_kd.steps import StepMonitor, non_finite_flag, step_unless
@@ -15,19 +12,9 @@ from projector_kd.steps import StepMonitor, non_finite_flag, step_unless
 pytestmark = pytest.mark.gpu
 
 
-def test_one_rank_nccl_ddp_step_and_stop_vote(gpu_device):
+def test_one_rank_nccl_ddp_step_and_stop_vote(gpu_device, one_rank_group):
     cuda = gpu_device.type == "cuda"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-        device_id=gpu_device if cuda else None,
-    )
-    try:
+    with one_rank_group(gpu_device):
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(
             nn.Linear(8, 4).to(gpu_device), device_ids=[gpu_device.index] if cuda else None
@@ -46,5 +33,3 @@ def test_one_rank_nccl_ddp_step_and_stop_vote(gpu_device):
         first, second = monitor.drain()
         assert (first.stop, second.stop, first.bad) == (False, True, False)
         assert first.terms["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    finally:
-        dist.destroy_process_group()

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,18 +69,9 @@ dist.destroy_process_group()
 """
 
 
-def test_projector_is_synchronised_across_ranks_in_both_tracks(tmp_path):
+def test_projector_is_synchronised_across_ranks_in_both_tracks(tmp_path, run_torchrun, child_env):
     script = tmp_path / "projector_sync.py"
     script.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = run_torchrun(script, cwd=tmp_path, env={**child_env, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "projector spread: resnet ddp 0.0 bare" in result.stdout and "deit ddp 0.0" in result.stdout

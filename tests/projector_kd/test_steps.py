@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from projector_kd.steps import StepMonitor, non_finite_flag, skips_on_device, step_unless
 
@@ -73,20 +70,14 @@ def test_monitor_hands_back_each_step_in_order_with_its_flag():
     assert records[1].terms == {"ce": 3.0, "kd": 4.0}
 
 
-def test_distributed_stop_vote_is_summed_over_ranks(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
+def test_distributed_stop_vote_is_summed_over_ranks(one_rank_group):
+    with one_rank_group(torch.device("cpu")):
         monitor = StepMonitor(torch.device("cpu"), distributed=True)
         monitor.push(0, ["ce"], torch.tensor([1.0]), torch.zeros(1), False)
         monitor.push(1, ["ce"], torch.tensor([1.0]), torch.zeros(1), True)
         assert not monitor.stop_agreed(True)  # the vote travels with the records: nothing read yet
         assert [r.stop for r in monitor.drain()] == [False, True]
         assert monitor.stop_agreed(False)  # a rank's vote, read with step 1's record, stops every rank
-    finally:
-        dist.destroy_process_group()
 
 
 def test_alone_the_stop_is_this_steps_request():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 from pathlib import Path
 
@@ -34,12 +33,6 @@ def run(args: list[str], env: dict | None = None, timeout: int = 120) -> subproc
 
 def option(tokens: list[str], name: str) -> str:
     return tokens[tokens.index(name) + 1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_dry_run_builds_the_c10d_torchrun_command_and_passes_arguments_through():
@@ -129,9 +122,9 @@ def test_launcher_errors_are_one_line(args, message):
     assert result.stderr.splitlines() == [message]
 
 
-def test_two_nodes_rendezvous_on_localhost():
+def test_two_nodes_rendezvous_on_localhost(free_port):
     """Two launcher processes, node ranks 0 and 1, meet at one c10d endpoint and start one worker each."""
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{free_port}"
     common = ["deit", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "--rdzv-id", "test"]
     env = {**CLEAN_ENV, "OMP_NUM_THREADS": "1"}
     nodes = [
@@ -151,7 +144,7 @@ def test_two_nodes_rendezvous_on_localhost():
         assert "--train_student" in stdout  # each node's worker ran deit/main.py --help
 
 
-def test_slurm_example_runs_one_launcher_per_node(tmp_path: Path):
+def test_slurm_example_runs_one_launcher_per_node(tmp_path: Path, free_port: int):
     """sbatch's script with stand-ins for scontrol/srun: srun starts the command once per node with SLURM_NODEID."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -172,7 +165,7 @@ def test_slurm_example_runs_one_launcher_per_node(tmp_path: Path):
         "SLURM_JOB_NODELIST": "node[0-1]",
         "SLURM_NNODES": "2",
         "SLURM_JOB_ID": "4242",
-        "RDZV_PORT": str(free_port()),
+        "RDZV_PORT": str(free_port),
         "NPROC_PER_NODE": "1",
         "OMP_NUM_THREADS": "1",
     }
