@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +19,9 @@ TEACHER = "resnet10t"
 
 
 @pytest.fixture
-def child_env() -> dict[str, str]:
-    """Environment for child processes: one thread each (2 shared cores), repo importable."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-
-
-@pytest.fixture
-def python() -> str:
-    return sys.executable
+def child_env(child_env: dict[str, str]) -> dict[str, str]:
+    """The suite's environment for child processes, with this checkout first on ``PYTHONPATH``."""
+    return {**child_env, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 @pytest.fixture
@@ -102,10 +92,17 @@ def tiny_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def train_argv(tiny_config: Path, image_folder: Path, teacher_ckpt: Path):
-    """``train_argv(output, *extra)`` -> CLI arguments training the tiny recipe into ``output``."""
+def data_copy(tmp_path: Path, image_folder: Path) -> Path:
+    """A copy of the tiny ImageFolder that a test may damage."""
+    return shutil.copytree(image_folder, tmp_path / "data")
 
-    def build(output: Path, *extra: str) -> list[str]:
+
+@pytest.fixture
+def train_argv(tiny_config: Path, image_folder: Path, teacher_ckpt: Path):
+    """``train_argv(output, *extra, data=image_folder)`` -> CLI arguments training the tiny recipe on ``data`` into
+    ``output``."""
+
+    def build(output: Path, *extra: str, data: Path = image_folder) -> list[str]:
         return [
             "--model",
             "demo",
@@ -113,7 +110,7 @@ def train_argv(tiny_config: Path, image_folder: Path, teacher_ckpt: Path):
             "--config",
             str(tiny_config),
             "--data-path",
-            str(image_folder),
+            str(data),
             "--output",
             str(output),
             "--teacher-ckpt",
@@ -121,6 +118,30 @@ def train_argv(tiny_config: Path, image_folder: Path, teacher_ckpt: Path):
             "--device",
             "cpu",
             *extra,
+        ]
+
+    return build
+
+
+@pytest.fixture
+def eval_argv(tiny_config: Path, image_folder: Path):
+    """``eval_argv(ckpt, output, data=image_folder)`` -> CLI arguments evaluating ``ckpt`` with the tiny recipe on
+    ``data`` into ``output``."""
+
+    def build(ckpt: Path, output: Path, data: Path = image_folder) -> list[str]:
+        return [
+            "--model",
+            "demo",
+            "--config",
+            str(tiny_config),
+            "--ckpt",
+            str(ckpt),
+            "--data-path",
+            str(data),
+            "--output",
+            str(output),
+            "--device",
+            "cpu",
         ]
 
     return build

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import torch
 from yacs.config import CfgNode
@@ -13,16 +12,12 @@ from deit.main import get_args_parser
 from deit.models import build_student
 
 
-def _run(args, cwd, env, python):
-    return subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-
-
 def test_train_from_inside_deit_then_evaluate_a_release_layout_checkpoint(
-    tmp_path, train_argv, python, child_env, repo, tiny_config, image_folder
+    tmp_path, train_argv, run_python, repo, tiny_config, image_folder
 ):
     output = tmp_path / "run"
     argv = [a if a != "--train_student" else "--train-student" for a in train_argv(output, "--epochs", "1")]
-    result = _run(["main.py", *argv], repo / "deit", child_env, python)
+    result = run_python("main.py", *argv, cwd=repo / "deit")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((output / "metrics.json").read_text())
     assert set(metrics) >= {"top1", "top5", "val_top1_per_epoch", "wall_time_s", "student", "student_params", "params"}
@@ -41,30 +36,25 @@ def test_train_from_inside_deit_then_evaluate_a_release_layout_checkpoint(
         },
         release,
     )
-    result = _run(
-        [
-            "deit/main.py",
-            "--model",
-            "demo",
-            "--config",
-            str(tiny_config),
-            "--ckpt",
-            str(release),
-            "--data-root",  # the ResNet track's spelling works here too
-            str(image_folder),
-            "--device",
-            "cpu",
-        ],
-        repo,
-        child_env,
-        python,
+    result = run_python(
+        "deit/main.py",
+        "--model",
+        "demo",
+        "--config",
+        tiny_config,
+        "--ckpt",
+        release,
+        "--data-root",  # the ResNet track's spelling works here too
+        image_folder,
+        "--device",
+        "cpu",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{release} on 12 val images: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}" in result.stdout
 
 
-def test_evaluation_errors_are_one_line(tmp_path, python, child_env, repo):
-    result = _run([str(repo / "deit" / "main.py"), "--model", "tiny", "--device", "cpu"], tmp_path, child_env, python)
+def test_evaluation_errors_are_one_line(tmp_path, run_python, repo):
+    result = run_python(repo / "deit" / "main.py", "--model", "tiny", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(
         f"error: no checkpoint to evaluate: looked for {repo}/ckpts/deit_tiny/"
@@ -73,37 +63,19 @@ def test_evaluation_errors_are_one_line(tmp_path, python, child_env, repo):
     cfg = load_config("tiny")
     ckpt = tmp_path / "tiny.pth"
     torch.save({"model": build_student(cfg, 3024).state_dict()}, ckpt)
-    result = _run(
-        [
-            "deit/main.py",
-            "--model",
-            "tiny",
-            "--ckpt",
-            str(ckpt),
-            "--data-path",
-            str(tmp_path / "imagenet"),
-            "--device",
-            "cpu",
-        ],
-        repo,
-        child_env,
-        python,
+    result = run_python(
+        "deit/main.py", "--model", "tiny", "--ckpt", ckpt, "--data-path", tmp_path / "imagenet", "--device", "cpu"
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert f"error: dataset folder {tmp_path / 'imagenet'} does not exist — expected {tmp_path}/imagenet/val" in (
         result.stderr
     )
-    result = _run(["deit/main.py", "--model", "base"], repo, child_env, python)
+    result = run_python("deit/main.py", "--model", "base")
     assert result.returncode == 2 and "error: unknown model 'base'" in result.stderr
 
 
-def test_throughput_mode(python, child_env, repo):
-    result = _run(
-        ["deit/main.py", "--model", "demo", "--throughput", "--batch-size", "8", "--device", "cpu"],
-        repo,
-        child_env,
-        python,
-    )
+def test_throughput_mode(run_python):
+    result = run_python("deit/main.py", "--model", "demo", "--throughput", "--batch-size", "8", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "throughput:" in result.stdout and "img/s at batch 8, 32 px on cpu" in result.stdout
 

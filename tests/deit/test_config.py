@@ -4,7 +4,6 @@ key."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import yaml
@@ -126,16 +125,9 @@ def test_unknown_key_in_a_config_file_is_named(tmp_path):
         load_config("huge")
 
 
-def test_bad_config_fails_before_any_work(tmp_path, train_argv, python, child_env, repo):
+def test_bad_config_fails_before_any_work(tmp_path, train_argv, run_python):
     output = tmp_path / "never"
-    result = subprocess.run(
-        [python, "deit/main.py", *train_argv(output, "--opts", "train.base_lr", "-1")],
-        cwd=repo,
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python("deit/main.py", *train_argv(output, "--opts", "train.base_lr", "-1"), timeout=120)
     assert result.returncode == 2
     assert result.stderr == "error: config: train.base_lr = -1 is out of range (must be > 0)\n"
     assert not output.exists()

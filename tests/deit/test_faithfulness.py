@@ -135,9 +135,7 @@ def _swap_projector(state: dict, width: int) -> dict:
     return {**state, "model": model}
 
 
-def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(
-    tmp_path, train_argv, tiny_config, image_folder
-):
+def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(tmp_path, train_argv, eval_argv):
     first = tmp_path / "first"
     assert main(train_argv(first, "--epochs", "1")) == 0
     state = torch.load(first / "checkpoint.pth", weights_only=True)
@@ -146,25 +144,7 @@ def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(
     torch.save(_swap_projector(state, 256), other)
 
     evaluation = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "--model",
-                "demo",
-                "--config",
-                str(tiny_config),
-                "--ckpt",
-                str(other),
-                "--data-path",
-                str(image_folder),
-                "--output",
-                str(evaluation),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(eval_argv(other, evaluation)) == 0
     warnings = [line for line in (evaluation / "log.txt").read_text().splitlines() if " WARNING " in line]
     assert len(warnings) == 1
     assert f"projector of {other} not loaded: checkpoint Linear(16, 256) vs model Linear(16, 512)" in warnings[0]

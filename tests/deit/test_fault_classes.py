@@ -22,12 +22,10 @@ def test_num_classes_differing_from_the_class_folders_is_refused_before_any_work
     assert not (tmp_path / "run").exists()
 
 
-def test_hidden_folders_are_not_classes(tmp_path, train_argv, image_folder):
-    data = shutil.copytree(image_folder, tmp_path / "data")
+def test_hidden_folders_are_not_classes(tmp_path, train_argv, data_copy):
     for split in ("train", "val"):
-        shutil.copytree(data / split / "class0", data / split / ".ipynb_checkpoints")
-    argv = [a if a != str(image_folder) else str(data) for a in train_argv(tmp_path / "run", "--epochs", "1")]
-    assert main(argv) == 0
+        shutil.copytree(data_copy / split / "class0", data_copy / split / ".ipynb_checkpoints")
+    assert main(train_argv(tmp_path / "run", "--epochs", "1", data=data_copy)) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(metrics["val_top1_per_epoch"]) == 1
     assert "checkpoint.pth" in {p.name for p in (tmp_path / "run").iterdir()}

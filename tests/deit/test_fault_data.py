@@ -4,8 +4,6 @@ that never failed)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -14,29 +12,18 @@ from projector_kd import data as data_module
 from projector_kd.data import DataError
 
 
-@pytest.fixture
-def data_copy(tmp_path, image_folder):
-    return shutil.copytree(image_folder, tmp_path / "data")
-
-
-def _argv(train_argv, output, data):
-    argv = train_argv(output, "--epochs", "1")
-    argv[argv.index("--data-path") + 1] = str(data)
-    return argv
-
-
 def test_empty_image_is_caught_before_any_work(tmp_path, train_argv, data_copy):
     empty = data_copy / "val" / "class2" / "1.png"
     empty.write_bytes(b"")
     with pytest.raises(DataError) as error:
-        main(_argv(train_argv, tmp_path / "out", data_copy))
+        main(train_argv(tmp_path / "out", "--epochs", "1", data=data_copy))
     assert str(error.value) == f"image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip"
     assert not (tmp_path / "out").exists()
 
 
 def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_copy, monkeypatch):
     straight = tmp_path / "straight"
-    assert main(_argv(train_argv, straight, data_copy)) == 0
+    assert main(train_argv(straight, "--epochs", "1", data=data_copy)) == 0
 
     real_load = data_module.load_rgb
     broken = {}
@@ -51,7 +38,7 @@ def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_cop
     monkeypatch.setattr(data_module, "load_rgb", load_rgb)
     output = tmp_path / "run"
     with pytest.raises(DataError) as error:
-        main(_argv(train_argv, output, data_copy))
+        main(train_argv(output, "--epochs", "1", data=data_copy))
     message = str(error.value)
     assert message.startswith(f"unreadable image {broken['path']} (UnidentifiedImageError") and "\n" not in message
     assert message.endswith(
@@ -63,7 +50,7 @@ def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_cop
 
     monkeypatch.setattr(data_module, "load_rgb", real_load)
     open(broken["path"], "wb").write(broken["bytes"])
-    assert main(_argv(train_argv, output, data_copy)) == 0
+    assert main(train_argv(output, "--epochs", "1", data=data_copy)) == 0
     assert "resumed from" in (output / "log.txt").read_text()
     a = torch.load(straight / "checkpoint.pth", weights_only=True)
     b = torch.load(output / "checkpoint.pth", weights_only=True)

@@ -23,7 +23,7 @@ def _greyscale_copies(source, root, sixteen_bit: bool):
     return root
 
 
-def test_16_bit_val_images_evaluate_like_8_bit(tmp_path, image_folder, tiny_config):
+def test_16_bit_val_images_evaluate_like_8_bit(tmp_path, image_folder, tiny_config, eval_argv):
     eight = _greyscale_copies(image_folder, tmp_path / "eight", sixteen_bit=False)
     sixteen = _greyscale_copies(image_folder, tmp_path / "sixteen", sixteen_bit=True)
     assert Image.open(next(sixteen.glob("val/*/*.png"))).mode == "I;16"
@@ -36,25 +36,7 @@ def test_16_bit_val_images_evaluate_like_8_bit(tmp_path, image_folder, tiny_conf
     results = []
     for root in (eight, sixteen):
         output = tmp_path / f"eval-{root.name}"
-        assert (
-            main(
-                [
-                    "--model",
-                    "demo",
-                    "--config",
-                    str(tiny_config),
-                    "--ckpt",
-                    str(ckpt),
-                    "--data-path",
-                    str(root),
-                    "--output",
-                    str(output),
-                    "--device",
-                    "cpu",
-                ]
-            )
-            == 0
-        )
+        assert main(eval_argv(ckpt, output, data=root)) == 0
         results.append(json.loads((output / "eval_metrics.json").read_text()))
     assert results[0]["num_images"] == results[1]["num_images"] == 12
     assert (results[1]["top1"], results[1]["top5"], results[1]["loss"]) == (

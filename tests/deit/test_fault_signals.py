@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,31 +33,16 @@ run_cli(main, sys.argv[2:])
 SLOWER = ["--opts", "model.img_size", "48", "model.embed_dim", "32", "train.epochs", "3"]
 
 
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def _final_weights(output: Path) -> dict:
     return torch.load(output / "checkpoint.pth", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, train_argv, python, child_env, repo, signum):
+def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, train_argv, start_python, wait_for, signum):
     output = tmp_path / "run"
-    process = subprocess.Popen(
-        [python, "deit/main.py", *train_argv(output, *SLOWER)],
-        cwd=repo,
-        env=child_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_python("deit/main.py", *train_argv(output, *SLOWER))
     log = output / "log.txt"
-    _wait_for(lambda: log.is_file() and "train epoch 1 step 2/" in log.read_text(), process)
+    wait_for(lambda: log.is_file() and "train epoch 1 step 2/" in log.read_text(), process)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 3, stderr
@@ -72,18 +56,11 @@ def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, train_argv, p
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
-def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, train_argv, python, child_env, repo):
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, train_argv, start_python, wait_for):
     output = tmp_path / "run"
     # saves 1-2 (end of epoch 0: checkpoint.pth, ckpt_epoch_0.pth) are real; save 3 (end of epoch 1) hangs half-written
-    process = subprocess.Popen(
-        [python, "-c", SLOW_SAVE_LAUNCHER, "2", *train_argv(output, *SLOWER)],
-        cwd=repo,
-        env=child_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(
+    process = start_python("-c", SLOW_SAVE_LAUNCHER, "2", *train_argv(output, *SLOWER))
+    wait_for(
         lambda: any(output.glob(".checkpoint.pth.*.tmp")) and "epoch 1: val top-1" in (output / "log.txt").read_text(),
         process,
     )

@@ -4,8 +4,6 @@ backend traceback from the ranks that were waiting for it."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 from deit.config import load_config
@@ -14,23 +12,15 @@ from projector_kd.sampling import ResumableSampler
 
 
 def test_unreadable_image_on_one_rank_ends_both_ranks_with_one_line(
-    tmp_path, train_argv, python, child_env, repo, image_folder, tiny_config
+    tmp_path, train_argv, run_torchrun, data_copy, tiny_config
 ):
-    data = shutil.copytree(image_folder, tmp_path / "data")
+    data = data_copy
     # the first image of rank 1's second batch: rank 1 fails mid-epoch while rank 0 waits in the gradient all-reduce
     images = CheckedImageFolder(data / "train")
     sampler = ResumableSampler(len(images), 4, load_config("demo", str(tiny_config))["seed"], rank=1, world_size=2)
     bad = Path(images.samples[sampler.epoch_indices(0)[4]][0])
     bad.write_bytes(b"not an image")
-    argv = [a if a != str(image_folder) else str(data) for a in train_argv(tmp_path / "run", "--epochs", "1")]
-    result = subprocess.run(
-        [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "deit/main.py", *argv],
-        cwd=repo,
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = run_torchrun("deit/main.py", *train_argv(tmp_path / "run", "--epochs", "1", data=data))
     assert result.returncode == 1  # torchrun's own status for any failed worker
     errors = [line for line in result.stderr.splitlines() if "error: " in line and "ChildFailedError" not in line]
     assert len(errors) == 1, result.stderr[-3000:]
