@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -285,26 +284,24 @@ def make_recipe(tmp_path, tiny_data) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture(scope="session")
-def child_env() -> dict[str, str]:
-    """Environment for child processes: one thread each (2 shared cores), no TTY progress bars."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TINY_DATA_ROOT")}
-    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+@pytest.fixture
+def run_entry(run_python) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``imagenet/image_classification.py --device cpu`` with ``args`` in a child process; returns the completed
+    process."""
+
+    def run(*args: str | Path, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess:
+        return run_python(ENTRY, "--device", "cpu", *args, cwd=cwd, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture
-def run_entry(child_env) -> Callable[..., subprocess.CompletedProcess]:
-    """Run ``imagenet/image_classification.py`` with ``args`` in a child process; returns the completed process."""
+def run_entry_on_two_ranks(run_torchrun) -> Callable[..., subprocess.CompletedProcess]:
+    """``imagenet/image_classification.py --device cpu`` with ``args`` on two gloo ranks under torchrun; returns the
+    completed launcher process."""
 
-    def run(*args: str, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(ENTRY), "--device", "cpu", *map(str, args)],
-            cwd=cwd,
-            env=child_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    def run(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
+        return run_torchrun(ENTRY, "--device", "cpu", *args, timeout=timeout)
 
     return run
 
@@ -453,3 +450,37 @@ def sigterm_before() -> Callable[[pytest.MonkeyPatch, int, int], None]:
     """``sigterm_before(monkeypatch, epoch, step)``: an in-process run receives SIGTERM just before training step
     ``step`` (1-based) of ``epoch`` starts, as a scheduler's stop would arrive."""
     return _sigterm_before
+
+
+@pytest.fixture
+def straight_and_stopped(cli, tmp_path, monkeypatch) -> Callable[..., tuple[dict, str]]:
+    """``straight_and_stopped(epoch, step, *args)``: the entry point (in this process, :func:`cli`) with ``args`` run
+    into ``tmp_path/straight`` to the end, then into ``tmp_path/interrupted`` with SIGTERM arriving just before
+    training step ``step`` (1-based) of ``epoch``. Asserts the first finished and the second stopped resumably;
+    returns the stopped run's checkpoint and its stderr."""
+    from projector_kd.checkpoint import load_checkpoint
+    from projector_kd.signals import EXIT_STATUS_STOPPED
+
+    def run(epoch: int, step: int, *args: str | Path) -> tuple[dict, str]:
+        status, _, err = cli(*args, "--output_dir", tmp_path / "straight")
+        assert status == 0, err
+        with monkeypatch.context() as patch:
+            _sigterm_before(patch, epoch, step)
+            status, _, err = cli(*args, "--output_dir", tmp_path / "interrupted")
+        assert status == EXIT_STATUS_STOPPED, err
+        return load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth"), err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def same_run() -> Callable[[Path, Path], None]:
+    """``same_run(expected, actual)``: the ``checkpoint.pth`` and ``best.pth`` of two run folders are equal bit for
+    bit (:func:`assert_same_state`)."""
+    from projector_kd.checkpoint import load_checkpoint
+
+    def compare(expected: Path, actual: Path) -> None:
+        for name in ("checkpoint.pth", "best.pth"):
+            assert_same_state(load_checkpoint(expected / name), load_checkpoint(actual / name), name)
+
+    return compare

@@ -3,8 +3,6 @@ errors."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -172,30 +170,19 @@ def test_key_typos_torchdistill_would_swallow_are_caught(edit, message):
         recipes.check_recipe(_with_typo(edit), "res3418.yaml")
 
 
-def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "imagenet/image_classification.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_release_command_without_imagenet_names_the_expected_folders(tmp_path):
+def test_release_command_without_imagenet_names_the_expected_folders(tmp_path, run_entry):
     missing = tmp_path / "no-imagenet"
-    result = _cli(
+    result = run_entry(
         "--config",
         "configs/ilsvrc2012/ours/res3418.yaml",
         "--log",
-        str(tmp_path / "log/output.txt"),
-        "--device",
-        "cpu",
+        tmp_path / "log/output.txt",
         "--data-root",
-        str(missing),
+        missing,
         "--output_dir",
-        str(tmp_path / "out"),
+        tmp_path / "out",
         cwd=ROOT / "imagenet",
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -204,17 +191,9 @@ def test_release_command_without_imagenet_names_the_expected_folders(tmp_path):
     assert f"{missing}/train/<class>/<image>" in lines[0] and f"{missing}/val/<class>/<image>" in lines[0]
 
 
-def test_cli_config_typo_fails_before_any_work(tmp_path):
-    result = _cli(
-        "--config",
-        str(RELEASE),
-        "--device",
-        "cpu",
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--opts",
-        "train.optimizer.kwargs.lr",
-        "-1",
+def test_cli_config_typo_fails_before_any_work(tmp_path, run_entry):
+    result = run_entry(
+        "--config", RELEASE, "--output_dir", tmp_path / "out", "--opts", "train.optimizer.kwargs.lr", "-1", timeout=120
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -9,9 +9,7 @@ import io
 import json
 import math
 import shutil
-import socket
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -29,7 +27,6 @@ from projector_kd.checkpoint import load_checkpoint
 from projector_kd.data import CheckedImageFolder, DataError, load_rgb
 from projector_kd.errors import UserError
 from projector_kd.sampling import resumable_loader, training_sampler
-from projector_kd.signals import EXIT_STATUS_STOPPED
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # (height, width): landscape, portrait, square, odd sizes (centre crops that round half to even) and a strip so wide
@@ -531,17 +528,11 @@ def dali_recipe(make_recipe, name: str, data: Path, **kwargs) -> Path:
 
 
 def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_batches(
-    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, sigterm_before, same_state
+    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, straight_and_stopped, same_run
 ):
     recipe = dali_recipe(make_recipe, "resume", jpeg_data, epochs=2, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0", "--loader", "dali")
-    status, out, err = cli(*common, "--output_dir", tmp_path / "straight")
-    assert status == 0, err
-    with monkeypatch.context() as patch:
-        sigterm_before(patch, 1, 2)
-        status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
-    assert status == EXIT_STATUS_STOPPED, err
-    stopped = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")
+    stopped, _ = straight_and_stopped(1, 2, *common)
     assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 2)
 
     prepared = []
@@ -556,10 +547,7 @@ def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_
     assert status == 0, err
     assert "resuming from" in out and "at epoch 1 step 2" in out
     assert [number for train, number in prepared if train] == [2]  # the two trained batches were not decoded again
-    for name in ("checkpoint.pth", "best.pth"):
-        same_state(
-            load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name), name
-        )
+    same_run(tmp_path / "straight", tmp_path / "interrupted")
 
 
 def test_test_only_accuracy_equals_the_torchvision_loader(make_recipe, jpeg_data, cli, tmp_path):
@@ -596,32 +584,11 @@ def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path
         assert f"skipping unreadable image {bad}" in (tmp_path / "bad" / "log.txt").read_text()
 
 
-def test_two_gloo_ranks_shard_training_and_count_each_val_image_once(make_recipe, jpeg_data, child_env, cli, tmp_path):
+def test_two_gloo_ranks_shard_training_and_count_each_val_image_once(
+    make_recipe, jpeg_data, run_entry_on_two_ranks, cli, tmp_path
+):
     recipe = dali_recipe(make_recipe, "ddp", jpeg_data, batch_size=4)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        str(repo / "imagenet/image_classification.py"),
-        "--config",
-        str(recipe),
-        "--device",
-        "cpu",
-        "--world_size",
-        "2",
-        "--seed",
-        "0",
-        "--loader",
-        "dali",
-    ]
-    result = subprocess.run(command, cwd=repo, env=child_env, capture_output=True, text=True, timeout=240)
+    result = run_entry_on_two_ranks("--config", recipe, "--world_size", "2", "--seed", "0", "--loader", "dali")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and load_checkpoint(tmp_path / "ddp" / "checkpoint.pth")["global_step"] == 3

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -88,15 +85,8 @@ def test_teacher_training_then_projector_distillation_then_test_only(
     assert _digest(teacher_dir / "best.pth") == teacher_digest  # the teacher file is read, never written
 
     # 3. -test_only on the written checkpoint (in this process, through run_cli)
-    status, out, err = cli(
-        "--config",
-        tmp_path / "projector.yaml",
-        "-test_only",
-        "--teacher_ckpt",
-        teacher_dir / "best.pth",
-        "--output_dir",
-        student_dir,
-    )
+    test_only = ("--config", tmp_path / "projector.yaml", "-test_only", "--teacher_ckpt", teacher_dir / "best.pth")
+    status, out, err = cli(*test_only, "--output_dir", student_dir)
     assert status == 0, err
     tested = _metrics(student_dir / "test_only")
     assert (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
@@ -104,50 +94,17 @@ def test_teacher_training_then_projector_distillation_then_test_only(
     assert f"top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" in out
 
     # 4. -student_only: the teacher is not evaluated
-    status, _, err = cli(
-        "--config",
-        tmp_path / "projector.yaml",
-        "-test_only",
-        "-student_only",
-        "--teacher_ckpt",
-        teacher_dir / "best.pth",
-        "--output_dir",
-        student_dir,
-    )
+    status, _, err = cli(*test_only, "-student_only", "--output_dir", student_dir)
     assert status == 0, err
     tested = _metrics(student_dir / "test_only")
     assert "teacher_top1" not in tested and (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_gloo_ranks_train_and_evaluate(
-    make_recipe, child_env, teacher_ckpt, tmp_path, tiny_data, tiny_models, accuracy_of
+    make_recipe, run_entry_on_two_ranks, teacher_ckpt, tmp_path, tiny_data, tiny_models, accuracy_of
 ):
     recipe = make_recipe("ddp", method="projector", teacher_ckpt=teacher_ckpt, epochs=1, batch_size=4, lr=0.02)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(REPO / "imagenet/image_classification.py"),
-        "--config",
-        str(recipe),
-        "--device",
-        "cpu",
-        "--world_size",
-        "2",
-        "-adjust_lr",
-        "--seed",
-        "0",
-    ]
-    result = subprocess.run(command, cwd=REPO, env=child_env, capture_output=True, text=True, timeout=240)
+    result = run_entry_on_two_ranks("--config", recipe, "--world_size", "2", "-adjust_lr", "--seed", "0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "ddp"
     metrics = _metrics(run_dir)

@@ -8,6 +8,12 @@ import pytest
 import torch
 
 
+def _test_only_naming(cli, recipe, output_dir, dst_ckpt):
+    """-test_only with the run folder ``output_dir`` and the weights ``dst_ckpt`` named with --opts."""
+    opts = ("--opts", "models.student_model.dst_ckpt", dst_ckpt)
+    return cli("--config", recipe, "-test_only", "--output_dir", output_dir, *opts)
+
+
 @pytest.fixture
 def weights(tiny_models, tmp_path):
     """WRN-10-1 weights at ``tmp_path/released/x.pt``."""
@@ -22,16 +28,7 @@ def test_test_only_evaluates_the_dst_ckpt_named_with_opts_not_one_in_output_dir(
     decoy = tmp_path / "A" / "x.pt"  # a different network under the same file name in --output_dir
     decoy.parent.mkdir()
     torch.save({"model": {"not": torch.zeros(1)}}, decoy)
-    status, out, err = cli(
-        "--config",
-        recipe,
-        "-test_only",
-        "--output_dir",
-        tmp_path / "A",
-        "--opts",
-        "models.student_model.dst_ckpt",
-        weights,
-    )
+    status, out, err = _test_only_naming(cli, recipe, tmp_path / "A", weights)
     assert status == 0, err
     assert f'"checkpoint": "{weights}"' in (tmp_path / "A" / "test_only" / "metrics.json").read_text()
     assert "top1 " in out
@@ -40,16 +37,7 @@ def test_test_only_evaluates_the_dst_ckpt_named_with_opts_not_one_in_output_dir(
 def test_missing_dst_ckpt_named_with_opts_is_refused_naming_it(make_recipe, cli, tmp_path):
     recipe = make_recipe("run", method="baseline")
     named = tmp_path / "B" / "x.pt"
-    status, _, err = cli(
-        "--config",
-        recipe,
-        "-test_only",
-        "--output_dir",
-        tmp_path / "A",
-        "--opts",
-        "models.student_model.dst_ckpt",
-        named,
-    )
+    status, _, err = _test_only_naming(cli, recipe, tmp_path / "A", named)
     assert status == 2
     assert err.startswith(f"error: checkpoint not found: {named} — ") and err.count("\n") == 1
 

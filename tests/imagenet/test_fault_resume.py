@@ -19,58 +19,39 @@ from projector_kd.signals import EXIT_STATUS_STOPPED
     ids=["workers0-mid-epoch", "workers0-last-step", "workers2-mid-epoch"],
 )
 def test_stopped_and_resumed_run_is_bit_identical(
-    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, sigterm_before, same_state, num_workers, epoch, step
+    make_recipe, teacher_ckpt, cli, tmp_path, straight_and_stopped, same_run, num_workers, epoch, step
 ):
     # dropout: the student's forward draws random numbers, so the generators must be restored, not just replayed
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, num_workers=num_workers, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0")
-    status, _, err = cli(*common, "--output_dir", tmp_path / "straight")
-    assert status == 0, err
-
-    with monkeypatch.context() as patch:
-        sigterm_before(patch, epoch, step)
-        status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
-    assert status == EXIT_STATUS_STOPPED
+    stopped, err = straight_and_stopped(epoch, step, *common)
     checkpoint = tmp_path / "interrupted" / "checkpoint.pth"
     assert err.strip().splitlines()[-1] == (
         f"stopped: stopped by SIGTERM at epoch {epoch} step {step}; resumable checkpoint {checkpoint} — rerun the "
         f"same command to continue"
     )
-    stopped = load_checkpoint(checkpoint)
     assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (epoch, step, 3 * epoch + step)
     assert not (tmp_path / "interrupted" / "metrics.json").exists()
 
     status, out, err = cli(*common, "--output_dir", tmp_path / "interrupted")
     assert status == 0, err
     assert f"resuming from {checkpoint} at epoch {epoch} step {step}" in out
-    for name in ("checkpoint.pth", "best.pth"):
-        same_state(
-            load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name), name
-        )
+    same_run(tmp_path / "straight", tmp_path / "interrupted")
 
 
 def test_fast_path_stopped_and_resumed_is_bit_identical(
-    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, sigterm_before, same_state
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, straight_and_stopped, same_run
 ):
     """Fused SGD, values read a step late: the stop's checkpoint holds the state after the last applied step."""
     monkeypatch.setattr("torch.compile", lambda module, *args, **kwargs: module)  # 2 CPU cores: eager
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0", "--fast")
-    status, _, err = cli(*common, "--output_dir", tmp_path / "straight")
-    assert status == 0, err
-    with monkeypatch.context() as patch:
-        sigterm_before(patch, 1, 2)
-        status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
-    assert status == EXIT_STATUS_STOPPED, err
-    stopped = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")
+    stopped, _ = straight_and_stopped(1, 2, *common)
     assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (1, 2, 5)
     assert all(group["fused"] for group in stopped["optimizer"]["param_groups"])
     status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
     assert status == 0, err
-    for name in ("checkpoint.pth", "best.pth"):
-        same_state(
-            load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "interrupted" / name), name
-        )
+    same_run(tmp_path / "straight", tmp_path / "interrupted")
 
 
 def test_resumed_epoch_reads_only_the_batches_it_trains(

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from projector_kd.checkpoint import load_checkpoint
@@ -54,34 +52,17 @@ run_cli(main)
 """
 
 
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"child exited early with {process.returncode}: {process.stderr.read()}"
-        assert time.monotonic() < deadline, "timed out waiting for the child"
-        time.sleep(0.02)
+def _entry_args(recipe: Path, out: Path) -> tuple[str | Path, ...]:
+    """The entry point's command line: ``recipe`` on the CPU, seed 0, into ``out``."""
+    return (ENTRY, "--device", "cpu", "--config", recipe, "--seed", "0", "--output_dir", out)
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(
-    make_recipe, teacher_ckpt, child_env, cli, tmp_path, same_state
+    make_recipe, teacher_ckpt, start_python, cli, tmp_path, same_run
 ):
     recipe = make_recipe("sigterm", teacher_ckpt=teacher_ckpt, epochs=3, student_dropout=0.2)
     out = tmp_path / "interrupted"
-    command = [
-        sys.executable,
-        str(ENTRY),
-        "--device",
-        "cpu",
-        "--config",
-        str(recipe),
-        "--seed",
-        "0",
-        "--output_dir",
-        str(out),
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    process = start_python(*_entry_args(recipe, out))
     for line in process.stdout:  # log_freq 1: one line per step
         if "epoch 0 step 1/3" in line:
             process.send_signal(signal.SIGTERM)
@@ -102,37 +83,20 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(
     assert f"resuming from {out / 'checkpoint.pth'} at epoch {epoch} step {step}" in stdout
     status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")
     assert status == 0, err
-    for name in ("checkpoint.pth", "best.pth"):
-        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(out / name), name)
+    same_run(tmp_path / "straight", out)
 
 
 def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(
-    make_recipe, teacher_ckpt, child_env, cli, tmp_path, same_state
+    make_recipe, teacher_ckpt, start_python, wait_for, cli, tmp_path, same_run
 ):
     recipe = make_recipe("sigkill", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
     out = tmp_path / "killed"
     marker = tmp_path / "writing"
     script = tmp_path / "kill_during_save.py"
     script.write_text(KILL_DURING_SAVE)
-    command = [
-        sys.executable,
-        str(script),
-        str(marker),
-        str(ENTRY),
-        "--device",
-        "cpu",
-        "--config",
-        str(recipe),
-        "--seed",
-        "0",
-        "--output_dir",
-        str(out),
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = start_python(script, marker, *_entry_args(recipe, out), stdout=subprocess.DEVNULL)
     try:
-        _wait_for(marker.exists, process)
+        wait_for(marker.exists, process)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait(timeout=60)
@@ -148,5 +112,4 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(
     assert not list(out.glob(".*.tmp"))
     status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")
     assert status == 0, err
-    for name in ("checkpoint.pth", "best.pth"):
-        same_state(load_checkpoint(tmp_path / "straight" / name), load_checkpoint(out / name), name)
+    same_run(tmp_path / "straight", out)

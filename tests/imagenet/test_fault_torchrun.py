@@ -4,35 +4,11 @@ backend traceback from the ranks that were waiting for it."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_output_folder_refused_on_rank_0_ends_both_ranks_with_one_line(make_recipe, child_env, tmp_path):
+def test_output_folder_refused_on_rank_0_ends_both_ranks_with_one_line(make_recipe, run_entry_on_two_ranks, tmp_path):
     (tmp_path / "run").write_text("notes")
-    entry = REPO / "imagenet" / "image_classification.py"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(entry),
-            "--device",
-            "cpu",
-            "--config",
-            str(make_recipe("run", method="baseline")),
-        ],
-        cwd=REPO,
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = run_entry_on_two_ranks("--config", make_recipe("run", method="baseline"))
     assert result.returncode == 1  # torchrun's own status for any failed worker
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: output folder {tmp_path / 'run'} is a file — remove it or choose another output folder"]
