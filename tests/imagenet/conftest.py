@@ -296,6 +296,28 @@ def run_entry(run_python) -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture
+def run_release_command(run_entry) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_release_command(data_root, output_dir, log, *args, timeout=180)``: the release's command as users type
+    it, from inside ``imagenet/`` (``--config configs/ilsvrc2012/ours/res3418.yaml --log LOG``), on ``data_root``
+    into ``output_dir``, with ``args`` after it."""
+
+    def run(data_root: Path, output_dir: Path, log: Path, *args: str | Path, timeout: float = 180):
+        release = ("--config", "configs/ilsvrc2012/ours/res3418.yaml", "--log", log)
+        return run_entry(
+            *release,
+            "--data-root",
+            data_root,
+            "--output_dir",
+            output_dir,
+            *args,
+            cwd=REPO / "imagenet",
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
 def run_entry_on_two_ranks(run_torchrun) -> Callable[..., subprocess.CompletedProcess]:
     """``imagenet/image_classification.py --device cpu`` with ``args`` on two gloo ranks under torchrun; returns the
     completed launcher process."""
@@ -484,3 +506,33 @@ def same_run() -> Callable[[Path, Path], None]:
             assert_same_state(load_checkpoint(expected / name), load_checkpoint(actual / name), name)
 
     return compare
+
+
+class _NoStop:
+    requested = False
+    signal_name = None
+
+
+@pytest.fixture(scope="session")
+def engine_loop() -> Callable[..., tuple]:
+    """``engine_loop(box, teacher, device, output_dir, autocast_dtype)`` -> ``(ctx, run, recorder)``: the engine's
+    state for single-process channels_last training steps (``engine.train_step``) on ``box``, never asked to stop."""
+    from imagenet import engine
+
+    def build(box, teacher: torch.nn.Module, device: torch.device, output_dir: Path, autocast_dtype) -> tuple:
+        ctx = engine.LoopContext(
+            box=box,
+            teacher=teacher,
+            device=device,
+            output_dir=output_dir,
+            best_path=output_dir / "best.pth",
+            distributed=False,
+            rank=0,
+            stop=_NoStop(),
+            autocast_dtype=autocast_dtype,
+            channels_last=True,
+        )
+        ctx.monitor = engine.StepMonitor(device)
+        return ctx, engine.RunState(), engine.TermRecorder(box.criterion)
+
+    return build

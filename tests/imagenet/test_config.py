@@ -170,20 +170,9 @@ def test_key_typos_torchdistill_would_swallow_are_caught(edit, message):
         recipes.check_recipe(_with_typo(edit), "res3418.yaml")
 
 
-def test_release_command_without_imagenet_names_the_expected_folders(tmp_path, run_entry):
+def test_release_command_without_imagenet_names_the_expected_folders(tmp_path, run_release_command):
     missing = tmp_path / "no-imagenet"
-    result = run_entry(
-        "--config",
-        "configs/ilsvrc2012/ours/res3418.yaml",
-        "--log",
-        tmp_path / "log/output.txt",
-        "--data-root",
-        missing,
-        "--output_dir",
-        tmp_path / "out",
-        cwd=ROOT / "imagenet",
-        timeout=120,
-    )
+    result = run_release_command(missing, tmp_path / "out", tmp_path / "log/output.txt", timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -135,7 +135,7 @@ def test_torchrun_two_gloo_ranks_train_and_evaluate(
     assert result.stdout.count("top1 ") == 1
 
 
-def test_release_command_from_inside_imagenet_folder(run_entry, tmp_path, tiny_data):
+def test_release_command_from_inside_imagenet_folder(run_release_command, tmp_path, tiny_data):
     """`cd imagenet; python image_classification.py --config configs/ilsvrc2012/ours/res3418.yaml --log ...` finds the
     recipe from the repository root and evaluates a ResNet18 checkpoint with the release's 224 px val transform."""
     out = tmp_path / "out"
@@ -143,15 +143,10 @@ def test_release_command_from_inside_imagenet_folder(run_entry, tmp_path, tiny_d
     torch.manual_seed(0)
     model = resnet18(num_classes=3)
     torch.save({"model": model.state_dict()}, out / "ilsvrc2012-resnet18_from_resnet34.pt")
-    result = run_entry(
-        "--config",
-        "configs/ilsvrc2012/ours/res3418.yaml",
-        "--log",
-        tmp_path / "log/output.txt",
-        "--data-root",
+    result = run_release_command(
         tiny_data,
-        "--output_dir",
         out,
+        tmp_path / "log/output.txt",
         "-test_only",
         "-student_only",
         "--opts",
@@ -161,7 +156,6 @@ def test_release_command_from_inside_imagenet_folder(run_entry, tmp_path, tiny_d
         "3",
         "models.student_model.kwargs.num_classes",
         "3",
-        cwd=REPO / "imagenet",
     )
     assert result.returncode == 0, result.stderr
     metrics = _metrics(out / "test_only")

@@ -61,12 +61,7 @@ def test_fast_path_trains_on_cpu_and_falls_back_once(
     assert (tested["top1"], tested["top5"]) == (metrics["top1"], metrics["top5"])
 
 
-class _NoStop:
-    requested = False
-    signal_name = None
-
-
-def _fast_box_step(tmp_path, monkeypatch):
+def _fast_box_step(tmp_path, engine_loop):
     """The engine's real step on a fast-path ProjectorKD box (ResNet18 <- ResNet34, 32 px, compile off), on the CPU."""
     from torchdistill.core.distillation import get_distillation_box
 
@@ -79,20 +74,7 @@ def _fast_box_step(tmp_path, monkeypatch):
     box = get_distillation_box(teacher, student, {}, projector_box_config(t_dim, s_dim), device, None, False, 1)
     box.pre_epoch_process(epoch=0)
     settings = apply_fast_path(box, teacher, device, compile_models=False)
-    ctx = engine.LoopContext(
-        box=box,
-        teacher=teacher,
-        device=device,
-        output_dir=tmp_path,
-        best_path=tmp_path / "b.pth",
-        distributed=False,
-        rank=0,
-        stop=_NoStop(),
-        autocast_dtype=settings.autocast_dtype,
-        channels_last=True,
-    )
-    ctx.monitor = engine.StepMonitor(device)
-    run, recorder = engine.RunState(), engine.TermRecorder(box.criterion)
+    ctx, run, recorder = engine_loop(box, teacher, device, tmp_path, settings.autocast_dtype)
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 10, (4,), generator=generator)
 
@@ -102,8 +84,8 @@ def _fast_box_step(tmp_path, monkeypatch):
     return step, ctx, run, box
 
 
-def test_fast_step_reads_no_device_value(tmp_path, monkeypatch, no_host_reads):
-    step, ctx, run, box = _fast_box_step(tmp_path, monkeypatch)
+def test_fast_step_reads_no_device_value(tmp_path, engine_loop, no_host_reads):
+    step, ctx, run, box = _fast_box_step(tmp_path, engine_loop)
     assert box.optimizer.param_groups[0]["fused"]
     with no_host_reads(lambda t: any(t is b for b in ctx.monitor.host_buffers)):
         for _ in range(3):
@@ -111,10 +93,12 @@ def test_fast_step_reads_no_device_value(tmp_path, monkeypatch, no_host_reads):
     assert run.global_step == 3 and len(ctx.monitor.pending) == 1 and run.last_loss > 0  # step 3 still in flight
 
 
-def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(tmp_path, monkeypatch):
+def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(
+    tmp_path, monkeypatch, engine_loop
+):
     from imagenet import engine, registry
 
-    step, ctx, run, box = _fast_box_step(tmp_path, monkeypatch)
+    step, ctx, run, box = _fast_box_step(tmp_path, engine_loop)
     step()
     real_kd_loss, calls = registry.kd_loss, []
 

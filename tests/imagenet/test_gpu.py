@@ -16,12 +16,9 @@ from projector_kd.fast import CompiledOrEager
 pytestmark = pytest.mark.gpu
 
 
-class _NoStop:
-    requested = False
-    signal_name = None
-
-
-def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_device, sync_debug_errors, tmp_path):
+def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(
+    gpu_device, sync_debug_errors, engine_loop, tmp_path
+):
     torch.manual_seed(0)  # ResNet-10s (one block per stage): the mechanics of ResNet18 <- ResNet34, compiled faster
     teacher = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).to(gpu_device).eval()
     student = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).to(gpu_device)
@@ -31,20 +28,7 @@ def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_dev
     assert settings.fused_optimizer and settings.channels_last
     if gpu_device.type == "cuda":
         assert settings.autocast_dtype == torch.bfloat16 and torch.backends.cudnn.benchmark
-    ctx = engine.LoopContext(
-        box=box,
-        teacher=teacher,
-        device=gpu_device,
-        output_dir=tmp_path,
-        best_path=tmp_path / "best.pth",
-        distributed=False,
-        rank=0,
-        stop=_NoStop(),
-        autocast_dtype=settings.autocast_dtype,
-        channels_last=True,
-    )
-    ctx.monitor = engine.StepMonitor(gpu_device)
-    run, recorder = engine.RunState(), engine.TermRecorder(box.criterion)
+    ctx, run, recorder = engine_loop(box, teacher, gpu_device, tmp_path, settings.autocast_dtype)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 64, 64, generator=generator).to(gpu_device)
     labels = torch.randint(0, 10, (8,), generator=generator).to(gpu_device)
