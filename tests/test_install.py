@@ -14,7 +14,6 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,9 +22,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import timm
-import torch
-import yaml
 
 pytestmark = pytest.mark.install
 REPO = Path(__file__).resolve().parents[1]
@@ -86,10 +82,9 @@ def installed(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def outside(installed, tmp_path) -> tuple[dict[str, str], Path]:
+def outside(installed, tmp_path, child_env) -> tuple[dict[str, str], Path]:
     """(environment, working folder) for a child process that sees the installed copy and not the checkout."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(installed), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = {**child_env, "PYTHONPATH": str(installed)}
     work = tmp_path / "elsewhere"
     work.mkdir()
     return env, work
@@ -138,20 +133,15 @@ def test_install_requires_declares_exactly_what_the_code_imports(installed):
     ]
 
 
-def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, outside, tmp_path):
+def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, outside, tmp_path, run_python):
     env, work = outside
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import deit, deit.config, imagenet, projector_kd, sys; print(deit.__file__); "
-            "print(deit.config.CONFIG_DIR); print(imagenet.__file__); print(projector_kd.__file__); "
-            "print(chr(0).join(sys.path))",
-        ],
+    probe = run_python(
+        "-c",
+        "import deit, deit.config, imagenet, projector_kd, sys; print(deit.__file__); "
+        "print(deit.config.CONFIG_DIR); print(imagenet.__file__); print(projector_kd.__file__); "
+        "print(chr(0).join(sys.path))",
         cwd=work,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
@@ -162,39 +152,29 @@ def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, ou
 
     deit_fixtures = _fixtures("deit")
     data = deit_fixtures.write_image_folder(tmp_path / "deit-data")
-    teacher = tmp_path / "teacher.pth"
-    torch.manual_seed(0)
-    torch.save(
-        {"model": timm.create_model(deit_fixtures.TEACHER, num_classes=deit_fixtures.NUM_CLASSES).state_dict()}, teacher
-    )
-    overlay = tmp_path / "tiny.yaml"
-    overlay.write_text(yaml.safe_dump(deit_fixtures.TINY_RECIPE))
+    teacher = deit_fixtures.save_teacher(tmp_path / "teacher.pth")
+    overlay = deit_fixtures.write_tiny_config(tmp_path / "tiny.yaml")
     run = work / "deit-run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deit.main",
-            "--model",
-            "demo",
-            "--train_student",
-            "--config",
-            str(overlay),
-            "--data-path",
-            str(data),
-            "--output",
-            str(run),
-            "--teacher-ckpt",
-            str(teacher),
-            "--device",
-            "cpu",
-            "--epochs",
-            "1",
-        ],
+    result = run_python(
+        "-m",
+        "deit.main",
+        "--model",
+        "demo",
+        "--train_student",
+        "--config",
+        overlay,
+        "--data-path",
+        data,
+        "--output",
+        run,
+        "--teacher-ckpt",
+        teacher,
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
         cwd=work,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -205,21 +185,15 @@ def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, ou
 
     resnet_fixtures = _fixtures("imagenet")
     resnet_data = resnet_fixtures.write_image_folder(tmp_path / "resnet-data")
-    resnet_teacher = tmp_path / "wrn_teacher.pth"
-    torch.save({"model": resnet_fixtures.build_tiny_model(2).state_dict()}, resnet_teacher)
+    resnet_teacher = resnet_fixtures.save_teacher(tmp_path / "wrn_teacher.pth")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         resnet_fixtures.tiny_recipe(
             work / "resnet-run" / "best.pth", teacher_ckpt=resnet_teacher, data_root=resnet_data
         )
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "imagenet.image_classification", "--config", str(recipe), "--device", "cpu"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_python(
+        "-m", "imagenet.image_classification", "--config", recipe, "--device", "cpu", cwd=work, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((work / "resnet-run" / "metrics.json").read_text())

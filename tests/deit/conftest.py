@@ -48,13 +48,17 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="session")
-def teacher_ckpt(tmp_path_factory) -> Path:
+def save_teacher(path: Path) -> Path:
+    """A randomly initialised (seeded) ``resnet10t`` teacher for the tiny recipe, saved at ``path``."""
     torch.manual_seed(0)
     teacher = timm.create_model(TEACHER, num_classes=NUM_CLASSES)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
     torch.save({"model": teacher.state_dict(), "epoch": 3}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pth")
 
 
 TINY_RECIPE = {
@@ -86,7 +90,11 @@ TINY_RECIPE = {
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> Path:
     """A recipe overlay over configs/deit/demo.yaml: 16 px, dim 16, depth 2, batch 4, 2 epochs, full augmentation."""
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    return write_tiny_config(tmp_path_factory.mktemp("config") / "tiny.yaml")
+
+
+def write_tiny_config(path: Path) -> Path:
+    """:data:`TINY_RECIPE` written as a recipe overlay at ``path``."""
     path.write_text(yaml.safe_dump(TINY_RECIPE))
     return path
 

@@ -344,12 +344,16 @@ def tiny_models() -> Callable[..., torch.nn.Module]:
     return build_tiny_model
 
 
-@pytest.fixture(scope="session")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    """A (randomly initialised, seeded) WRN-10-2 teacher saved as ``{'model': state_dict}``."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+def save_teacher(path: Path) -> Path:
+    """A (randomly initialised, seeded) WRN-10-2 teacher saved at ``path`` as ``{'model': state_dict}``."""
     torch.save({"model": build_tiny_model(2).state_dict()}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """:func:`save_teacher` (shared, read-only)."""
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pth")
 
 
 @pytest.fixture(scope="session")
