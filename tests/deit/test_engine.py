@@ -64,6 +64,11 @@ def test_method_none_trains_both_heads_on_labels_and_kd_has_no_projector_term():
         DistillationObjective(student, "projector", soft_targets=False, smoothing=0.0)
 
 
+NO_MIXING = ("aug.mixup", "0.0", "aug.cutmix", "0.0")
+# no mixing, no stochastic depth, no warm-up: a step's update follows from the batch alone
+PLAIN_STEPS = (*NO_MIXING, "model.drop_path", "0.0", "train.warmup_epochs", "0")
+
+
 def _trainer(tiny_config, image_folder, teacher_ckpt, *opts: str) -> tuple[Trainer, object]:
     cfg = load_config(
         "demo", str(tiny_config), {"data.path": str(image_folder), "teacher.ckpt": str(teacher_ckpt)}, list(opts)
@@ -77,21 +82,7 @@ def _trainer(tiny_config, image_folder, teacher_ckpt, *opts: str) -> tuple[Train
 
 def test_training_steps_reduce_the_loss(tiny_config, image_folder, teacher_ckpt):
     trainer, loader = _trainer(
-        tiny_config,
-        image_folder,
-        teacher_ckpt,
-        "aug.mixup",
-        "0.0",
-        "aug.cutmix",
-        "0.0",
-        "train.warmup_epochs",
-        "0",
-        "model.drop_path",
-        "0.0",
-        "train.epochs",
-        "20",
-        "train.base_lr",
-        "3e-3",
+        tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS, "train.epochs", "20", "train.base_lr", "3e-3"
     )
     loader.sampler.set_epoch(0)
     images, labels = next(iter(loader))
@@ -174,9 +165,8 @@ def test_non_finite_term_stops_with_step_and_term_and_keeps_the_good_checkpoint(
 def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny_config, image_folder, teacher_ckpt):
     """accum_iter = 2: one step on a loader batch of 2B = the mean of the two micro-batches' gradients (each whitened
     and normalised on its own, as on two GPUs), one AdamW step; the lr is scaled by the global batch 2B."""
-    opts = ("aug.mixup", "0.0", "aug.cutmix", "0.0", "model.drop_path", "0.0", "train.warmup_epochs", "0")
-    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, *opts, "train.accum_iter", "2")
-    single, _ = _trainer(tiny_config, image_folder, teacher_ckpt, *opts)
+    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS, "train.accum_iter", "2")
+    single, _ = _trainer(tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS)
     assert trainer.lrs["lr"] == pytest.approx(2 * single.lrs["lr"])
     assert loader.batch_size == 2 * single.cfg["data"]["batch_size"]
     reference = copy.deepcopy(trainer.student)
@@ -210,9 +200,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny
 
 def _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt, *opts: str):
     monkeypatch.setattr(torch, "compile", lambda module: module)  # compiling costs a minute on 2 CPU cores
-    return _trainer(
-        tiny_config, image_folder, teacher_ckpt, "fast", "true", "aug.mixup", "0.0", "aug.cutmix", "0.0", *opts
-    )
+    return _trainer(tiny_config, image_folder, teacher_ckpt, "fast", "true", *NO_MIXING, *opts)
 
 
 def test_fast_step_reads_no_device_value(monkeypatch, tiny_config, image_folder, teacher_ckpt, no_host_reads):
@@ -269,19 +257,7 @@ def test_release_clipping_of_scaled_gradients_matches_a_hand_computed_adamw_step
     deltas = {}
     for clip_scaled in (True, False):
         trainer, loader = _trainer(
-            tiny_config,
-            image_folder,
-            teacher_ckpt,
-            "aug.mixup",
-            "0.0",
-            "aug.cutmix",
-            "0.0",
-            "model.drop_path",
-            "0.0",
-            "train.warmup_epochs",
-            "0",
-            "train.clip_scaled_grads",
-            str(clip_scaled).lower(),
+            tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS, "train.clip_scaled_grads", str(clip_scaled).lower()
         )
         trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
         loader.sampler.set_epoch(0)
