@@ -150,6 +150,39 @@ def refuse_new_files(monkeypatch):
     return lambda folder: _refuse_new_files_in(monkeypatch, folder)
 
 
+class ImageBrokenOnRead:
+    """The ``nth`` image read through ``projector_kd.data.load_rgb`` turns into ``garbage`` just before it is read,
+    as a file damaged in the middle of an epoch; :meth:`repair` puts its bytes and the loader back."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, nth: int, garbage: bytes) -> None:
+        from projector_kd import data
+
+        self.path: str | None = None
+        self._original = b""
+        self._monkeypatch, self._module, self._real = monkeypatch, data, data.load_rgb
+        reads = 0
+
+        def load_rgb(path):
+            nonlocal reads
+            reads += 1
+            if reads == nth:
+                self.path, self._original = path, Path(path).read_bytes()
+                Path(path).write_bytes(garbage)
+            return self._real(path)
+
+        monkeypatch.setattr(data, "load_rgb", load_rgb)
+
+    def repair(self) -> None:
+        self._monkeypatch.setattr(self._module, "load_rgb", self._real)
+        Path(self.path).write_bytes(self._original)
+
+
+@pytest.fixture
+def break_image_on_read(monkeypatch) -> Callable[[int, bytes], ImageBrokenOnRead]:
+    """``break_image_on_read(nth, garbage)`` -> :class:`ImageBrokenOnRead` (``.path`` names the file once read)."""
+    return lambda nth, garbage: ImageBrokenOnRead(monkeypatch, nth, garbage)
+
+
 @pytest.fixture
 def hold_output_dir():
     """``hold_output_dir(path)`` -> a child process holding run folder ``path`` as a running run does (killed at

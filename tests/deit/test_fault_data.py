@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from deit.main import main
-from projector_kd import data as data_module
 from projector_kd.data import DataError
 
 
@@ -21,26 +20,16 @@ def test_empty_image_is_caught_before_any_work(tmp_path, train_argv, data_copy):
     assert not (tmp_path / "out").exists()
 
 
-def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_copy, monkeypatch):
+def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_copy, break_image_on_read):
     straight = tmp_path / "straight"
     assert main(train_argv(straight, "--epochs", "1", data=data_copy)) == 0
 
-    real_load = data_module.load_rgb
-    broken = {}
-
-    def load_rgb(path):  # the 10th image read (in the 3rd batch of 4) turns out unreadable
-        broken["calls"] = broken.get("calls", 0) + 1
-        if broken["calls"] == 10:
-            broken["path"], broken["bytes"] = path, open(path, "rb").read()
-            open(path, "wb").write(b"not an image any more")
-        return real_load(path)
-
-    monkeypatch.setattr(data_module, "load_rgb", load_rgb)
+    broken = break_image_on_read(10, b"not an image any more")  # the 10th image read: in the 3rd batch of 4
     output = tmp_path / "run"
     with pytest.raises(DataError) as error:
         main(train_argv(output, "--epochs", "1", data=data_copy))
     message = str(error.value)
-    assert message.startswith(f"unreadable image {broken['path']} (UnidentifiedImageError") and "\n" not in message
+    assert message.startswith(f"unreadable image {broken.path} (UnidentifiedImageError") and "\n" not in message
     assert message.endswith(
         f"A resumable checkpoint was written first: {output / 'checkpoint.pth'} (epoch 0, batch 2) "
         f"— after fixing the file, run the same command again to continue"
@@ -48,8 +37,7 @@ def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_cop
     saved = torch.load(output / "checkpoint.pth", weights_only=True)
     assert (saved["epoch"], saved["next_batch"]) == (0, 2)
 
-    monkeypatch.setattr(data_module, "load_rgb", real_load)
-    open(broken["path"], "wb").write(broken["bytes"])
+    broken.repair()
     assert main(train_argv(output, "--epochs", "1", data=data_copy)) == 0
     assert "resumed from" in (output / "log.txt").read_text()
     a = torch.load(straight / "checkpoint.pth", weights_only=True)

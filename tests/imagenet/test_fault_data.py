@@ -81,28 +81,16 @@ def test_empty_image_is_caught_before_any_work(make_recipe, data, cli, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
-def test_image_unreadable_mid_epoch_costs_no_work(make_recipe, data, cli, tmp_path, monkeypatch):
+def test_image_unreadable_mid_epoch_costs_no_work(make_recipe, data, cli, tmp_path, break_image_on_read):
     """The 20th image read (in the 3rd batch of 8) turns out unreadable: a resumable checkpoint after the 2 trained
     steps comes before the one error line; with the file fixed, the same command continues from there."""
-    from projector_kd import data as data_module
-
-    real_load = data_module.load_rgb
-    broken = {}
-
-    def load_rgb(path):
-        broken["calls"] = broken.get("calls", 0) + 1
-        if broken["calls"] == 20:
-            broken["path"], broken["bytes"] = path, open(path, "rb").read()
-            open(path, "wb").write(b"\x89PNG\r\n\x1a\n truncated")
-        return real_load(path)
-
-    monkeypatch.setattr(data_module, "load_rgb", load_rgb)
+    broken = break_image_on_read(20, b"\x89PNG\r\n\x1a\n truncated")
     recipe = make_recipe("run", method="baseline", data_root=data)
     status, _, err = cli("--config", recipe, "--seed", "0")
     assert status == 2
     line = _one_line(err)
     checkpoint = tmp_path / "run" / "checkpoint.pth"
-    assert line.startswith(f"error: unreadable image {broken['path']} (")
+    assert line.startswith(f"error: unreadable image {broken.path} (")
     assert line.endswith(
         f"A resumable checkpoint was written first: {checkpoint} (epoch 0, step 2) — after fixing "
         f"the file, run the same command again to continue"
@@ -110,8 +98,7 @@ def test_image_unreadable_mid_epoch_costs_no_work(make_recipe, data, cli, tmp_pa
     state = load_checkpoint(checkpoint)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
 
-    monkeypatch.setattr(data_module, "load_rgb", real_load)
-    open(broken["path"], "wb").write(broken["bytes"])
+    broken.repair()
     status, _, err = cli("--config", recipe, "--seed", "0")
     assert status == 0, err
     assert f"resuming from {checkpoint} at epoch 0 step 2" in (tmp_path / "run" / "log.txt").read_text()
