@@ -46,6 +46,36 @@ def _model(key_width: int, num_classes: int, indent: str, dropout: float = 0.0) 
     )
 
 
+_FLIP = """\
+                - !import_call
+                  key: 'torchvision.transforms.RandomHorizontalFlip'
+                  init:
+                    kwargs:
+                      p: 0.5
+"""
+_TO_TENSOR = """\
+                - !import_call
+                  key: 'torchvision.transforms.ToTensor'
+                  init:
+"""
+_NORMALIZE = """\
+                - &normalize !import_call
+                  key: 'torchvision.transforms.Normalize'
+                  init:
+                    kwargs:
+                      mean: [0.5, 0.5, 0.5]
+                      std: [0.5, 0.5, 0.5]
+"""
+
+
+def _compose(*transforms: str) -> str:
+    """A dataset's ``transform:`` entry: torchvision's Compose of ``transforms`` (YAML list items)."""
+    return (
+        "        transform: !import_call\n          key: 'torchvision.transforms.Compose'\n          init:\n"
+        "            kwargs:\n              transforms:\n" + "".join(transforms)
+    )
+
+
 def tiny_recipe(
     dst_ckpt: Path,
     *,
@@ -74,38 +104,8 @@ def tiny_recipe(
     ``batch_size`` and ``drop_last`` in its kwargs, or in a ``batch_sampler: BatchSampler``; it samples with a
     ``RandomSampler``, or with ``sampler_seed`` a one-process ``DistributedSampler`` with that seed. The validation
     and test loaders read with ``eval_workers`` worker processes."""
-    transform_train = """\
-        transform: !import_call
-          key: 'torchvision.transforms.Compose'
-          init:
-            kwargs:
-              transforms:
-                - !import_call
-                  key: 'torchvision.transforms.RandomHorizontalFlip'
-                  init:
-                    kwargs:
-                      p: 0.5
-                - !import_call
-                  key: 'torchvision.transforms.ToTensor'
-                  init:
-                - &normalize !import_call
-                  key: 'torchvision.transforms.Normalize'
-                  init:
-                    kwargs:
-                      mean: [0.5, 0.5, 0.5]
-                      std: [0.5, 0.5, 0.5]
-"""
-    transform_val = """\
-        transform: !import_call
-          key: 'torchvision.transforms.Compose'
-          init:
-            kwargs:
-              transforms:
-                - !import_call
-                  key: 'torchvision.transforms.ToTensor'
-                  init:
-                - *normalize
-"""
+    transform_train = _compose(_FLIP, _TO_TENSOR, _NORMALIZE)
+    transform_val = _compose(_TO_TENSOR, "                - *normalize\n")
     text = f"""\
 dependencies:
   - name: 'imagenet.registry'
