@@ -117,31 +117,21 @@ def test_deit_init_is_the_switch_and_differs():
         load_config("tiny", opts=["model.init", "timm"])
 
 
-def _swap_projector(state: dict, width: int) -> dict:
-    """``state`` with its projector replaced by one of output ``width``."""
-    other = create_student(
-        "demo",
-        num_classes=3,
-        img_size=16,
-        embed_dim=16,
-        depth=2,
-        num_heads=2,
-        stem_channels=8,
-        patch_size=2,
-        teacher_dim=width,
-    ).state_dict()
+def _swap_projector(state: dict, tiny_config, width: int) -> dict:
+    """``state`` (a tiny-recipe student's) with its projector replaced by one of output ``width``."""
+    other = build_student(load_config("demo", str(tiny_config)), width).state_dict()
     model = {k: v for k, v in state["model"].items() if not k.startswith("distillation_loss.")}
     model.update({k: v for k, v in other.items() if k.startswith("distillation_loss.")})
     return {**state, "model": model}
 
 
-def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(tmp_path, train_argv, eval_argv):
+def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(tmp_path, train_argv, eval_argv, tiny_config):
     first = tmp_path / "first"
     assert main(train_argv(first, "--epochs", "1")) == 0
     state = torch.load(first / "checkpoint.pth", weights_only=True)
     assert state["model"]["distillation_loss.embed.weight"].shape == (512, 16)
     other = tmp_path / "other_projector.pth"
-    torch.save(_swap_projector(state, 256), other)
+    torch.save(_swap_projector(state, tiny_config, 256), other)
 
     evaluation = tmp_path / "eval"
     assert main(eval_argv(other, evaluation)) == 0
