@@ -315,6 +315,27 @@ def wait_for() -> Callable[..., None]:
     return wait_until
 
 
+@pytest.fixture
+def run_main(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_main(main, argv)``: an entry point's ``main`` in this process through ``run_cli``, exactly as its script
+    runs it -> ``CompletedProcess(argv, exit status, stdout, stderr)``."""
+    from projector_kd.errors import run_cli
+
+    def run(main: Callable, argv) -> subprocess.CompletedProcess:
+        argv = [str(arg) for arg in argv]
+        capsys.readouterr()
+        try:
+            run_cli(main, argv)
+        except SystemExit as exit_:
+            status = int(exit_.code or 0)
+        else:
+            status = 0
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, status, out, err)
+
+    return run
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The one line a user-facing failure prints (``error: ...``, exit status 2); asserts it is the only one."""
     assert result.returncode == 2, result.stderr[-3000:]

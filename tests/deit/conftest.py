@@ -25,6 +25,19 @@ def child_env(child_env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture
+def cli(run_main):
+    """``cli(argv)`` -> ``(exit status, stderr)``: ``deit/main.py`` in this process through ``run_cli`` (exactly what
+    the script runs)."""
+    from deit.main import main
+
+    def run(argv: list[str]) -> tuple[int, str]:
+        result = run_main(main, argv)
+        return result.returncode, result.stderr
+
+    return run
+
+
+@pytest.fixture
 def repo() -> Path:
     return REPO
 

@@ -5,45 +5,35 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deit.main import main
-from projector_kd.errors import run_cli
-
-
-def _cli(capsys, argv: list[str]) -> tuple[int, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(main, argv)
-    return int(exit_.value.code or 0), capsys.readouterr().err
-
 
 @pytest.mark.parametrize("name", ["gpu", "cuda0", "CUDA", "cpu:0", "mps", ""])
-def test_unknown_device_is_refused_in_one_line(capsys, tmp_path, train_argv, name):
+def test_unknown_device_is_refused_in_one_line(cli, tmp_path, train_argv, name):
     argv = train_argv(tmp_path / "run") + ["--device", name]
-    status, err = _cli(capsys, argv)
+    status, err = cli(argv)
     assert status == 2
     assert err == f"error: --device {name!r} is not a device: use cpu, cuda or cuda:N\n"
     assert not (tmp_path / "run").exists()
 
 
-def test_cuda_without_cuda_is_refused(capsys, tmp_path, train_argv, monkeypatch):
+def test_cuda_without_cuda_is_refused(cli, tmp_path, train_argv, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    status, err = _cli(capsys, train_argv(tmp_path / "run") + ["--device", "cuda:0"])
+    status, err = cli(train_argv(tmp_path / "run") + ["--device", "cuda:0"])
     assert status == 2
     assert err == "error: --device cuda:0 requested but CUDA is not available here; use --device cpu\n"
 
 
-def test_cuda_index_past_the_visible_gpus_is_refused(capsys, tmp_path, train_argv, monkeypatch):
+def test_cuda_index_past_the_visible_gpus_is_refused(cli, tmp_path, train_argv, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    status, err = _cli(capsys, train_argv(tmp_path / "run") + ["--device", "cuda:2"])
+    status, err = cli(train_argv(tmp_path / "run") + ["--device", "cuda:2"])
     assert status == 2
     assert err == "error: --device cuda:2: only 2 CUDA devices are visible (cuda:0 to cuda:1)\n"
 
 
-def test_device_in_a_config_file_uses_the_same_names(capsys, tmp_path, train_argv):
+def test_device_in_a_config_file_uses_the_same_names(cli, tmp_path, train_argv):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("device: gpu\n")
     argv = [a for a in train_argv(tmp_path / "run") if a not in ("--device", "cpu")] + ["--opts", "device", "gpu"]
-    status, err = _cli(capsys, argv)
+    status, err = cli(argv)
     assert status == 2
     assert err == "error: config: device = 'gpu' is out of range (must be cpu, cuda or cuda:N)\n"

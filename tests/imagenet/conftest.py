@@ -363,24 +363,25 @@ def recipe_text() -> Callable[..., str]:
 
 
 @pytest.fixture
-def cli(capsys) -> Callable[..., tuple[int, str, str]]:
-    """The entry point in this process through ``run_cli`` (exactly what the script runs): returns
+def cli(run_main) -> Callable[..., tuple[int, str, str]]:
+    """The entry point (``--device cpu``) in this process through ``run_cli`` (exactly what the script runs): returns
     ``(exit status, stdout, stderr)``."""
     from imagenet.image_classification import main
-    from projector_kd.errors import run_cli
 
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            run_cli(main, ["--device", "cpu", *map(str, args)])
-        except SystemExit as exit_:
-            status = exit_.code or 0
-        else:
-            status = 0
-        out, err = capsys.readouterr()
-        return int(status), out, err
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        result = run_main(main, ["--device", "cpu", *args])
+        return result.returncode, result.stdout, result.stderr
 
     return run
+
+
+@pytest.fixture
+def cli_error(run_main, one_error_line) -> Callable[..., str]:
+    """``cli_error(*args)``: the entry point in this process, as :func:`cli`, must end with exit status 2 and one
+    ``error: ...`` line; returns that line."""
+    from imagenet.image_classification import main
+
+    return lambda *args: one_error_line(run_main(main, ["--device", "cpu", *args]))
 
 
 def reference_accuracy(model: torch.nn.Module, val_root: Path) -> tuple[float, float]:

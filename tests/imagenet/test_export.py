@@ -263,13 +263,7 @@ def test_eval_transform_read_from_a_recipe():
     }
 
 
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def test_test_only_reads_the_release_layout_and_exported_weights(make_recipe, tiny_models, cli, tmp_path):
+def test_test_only_reads_the_release_layout_and_exported_weights(make_recipe, tiny_models, cli, tmp_path, cli_error):
     (tmp_path / "baseline").mkdir()
     recipe = make_recipe("baseline", method="baseline")
     best = tmp_path / "baseline" / "best.pth"
@@ -298,7 +292,6 @@ def test_test_only_reads_the_release_layout_and_exported_weights(make_recipe, ti
         assert (tested["top1"], tested["top5"]) == (reference["top1"], reference["top5"])
         shutil.rmtree(tmp_path / "eval")
     safetensors.torch.save_file(tiny_models(2).state_dict(), str(weights / TORCHVISION_FILE))
-    status, _, err = cli("--config", recipe, "-test_only", "--opts", "models.student_model.dst_ckpt", weights)
-    assert status == 2
-    assert _one_line(err).startswith(f"error: checkpoint {weights} does not match models.student_model (wide_resnet)")
-    assert "shape mismatch: layer1.0.conv1.weight (32, 16, 3, 3) vs model (16, 16, 3, 3)" in err
+    line = cli_error("--config", recipe, "-test_only", "--opts", "models.student_model.dst_ckpt", weights)
+    assert line.startswith(f"error: checkpoint {weights} does not match models.student_model (wide_resnet)")
+    assert "shape mismatch: layer1.0.conv1.weight (32, 16, 3, 3) vs model (16, 16, 3, 3)" in line

@@ -29,19 +29,12 @@ def baseline(make_recipe, tmp_path):
     return make_recipe("baseline", method="baseline"), tmp_path / "baseline" / "best.pth"
 
 
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def test_crafted_pickle_is_refused_by_default_and_loads_when_trusted(baseline, tiny_models, cli, tmp_path):
+def test_crafted_pickle_is_refused_by_default_and_loads_when_trusted(baseline, tiny_models, cli, tmp_path, cli_error):
     recipe, best = baseline
     evidence = tmp_path / "code-ran"
     torch.save({"model": tiny_models(1).state_dict(), "payload": _RunsCode(str(evidence))}, best)
-    status, _, err = cli("--config", recipe, "-test_only")
-    assert status == 2
-    assert _one_line(err) == (
+    line = cli_error("--config", recipe, "-test_only")
+    assert line == (
         f"error: checkpoint {best} needs unsafe unpickling (it pickles posix.mkdir); refused. If "
         f"you trust this file, pass the trust flag (--trust-checkpoint) to load it with full "
         f"unpickling"
@@ -52,14 +45,13 @@ def test_crafted_pickle_is_refused_by_default_and_loads_when_trusted(baseline, t
     assert evidence.is_dir()  # full unpickling, as explicitly asked
 
 
-def test_truncated_checkpoint_is_named(baseline, tiny_models, cli):
+def test_truncated_checkpoint_is_named(baseline, tiny_models, cli_error):
     recipe, best = baseline
     torch.save({"model": tiny_models(1).state_dict()}, best)
     best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
-    status, _, err = cli("--config", recipe, "-test_only")
-    assert status == 2
-    assert _one_line(err).startswith(f"error: checkpoint {best} is truncated or corrupt (")
-    assert _one_line(err).endswith(") — re-download or re-create it")
+    line = cli_error("--config", recipe, "-test_only")
+    assert line.startswith(f"error: checkpoint {best} is truncated or corrupt (")
+    assert line.endswith(") — re-download or re-create it")
 
 
 @pytest.mark.parametrize(
@@ -71,7 +63,7 @@ def test_truncated_checkpoint_is_named(baseline, tiny_models, cli):
     ],
     ids=["other-model", "other-width", "other-num-classes"],
 )
-def test_checkpoint_of_another_network_is_named(baseline, cli, depth, width, num_classes, problem):
+def test_checkpoint_of_another_network_is_named(baseline, cli_error, depth, width, num_classes, problem):
     from torchdistill.models.registry import get_model
 
     recipe, best = baseline
@@ -79,20 +71,17 @@ def test_checkpoint_of_another_network_is_named(baseline, cli, depth, width, num
         "wide_resnet", depth=depth, k=width, dropout_p=0.0, num_classes=num_classes, pretrained=False, progress=False
     )
     torch.save({"model": other.state_dict()}, best)
-    status, _, err = cli("--config", recipe, "-test_only")
-    assert status == 2
-    line = _one_line(err)
+    line = cli_error("--config", recipe, "-test_only")
     assert line.startswith(
         f"error: checkpoint {best} does not match models.student_model (wide_resnet) (WideResNet4Cifar): "
     )
     assert problem in line and line.endswith("— it was written for another model, width or num_classes")
 
 
-def test_wrong_teacher_checkpoint_is_named_before_training(make_recipe, tiny_models, cli, tmp_path):
+def test_wrong_teacher_checkpoint_is_named_before_training(make_recipe, tiny_models, cli_error, tmp_path):
     torch.save({"model": tiny_models(1).state_dict()}, tmp_path / "student_as_teacher.pth")
-    status, _, err = cli("--config", make_recipe("run"), "--teacher_ckpt", tmp_path / "student_as_teacher.pth")
-    assert status == 2
-    assert _one_line(err).startswith(
+    line = cli_error("--config", make_recipe("run"), "--teacher_ckpt", tmp_path / "student_as_teacher.pth")
+    assert line.startswith(
         f"error: checkpoint {tmp_path / 'student_as_teacher.pth'} does not match "
         f"models.teacher_model (WideResNet4Cifar): shape mismatch: "
     )
@@ -101,7 +90,7 @@ def test_wrong_teacher_checkpoint_is_named_before_training(make_recipe, tiny_mod
 
 @pytest.mark.parametrize("damage", ["truncate", "other-width"])
 def test_bad_resume_checkpoint_is_named_and_left_untouched(
-    make_recipe, teacher_ckpt, tiny_models, cli, tmp_path, damage
+    make_recipe, teacher_ckpt, tiny_models, cli_error, tmp_path, damage
 ):
     recipe = make_recipe("run", teacher_ckpt=teacher_ckpt)
     last = tmp_path / "run" / "checkpoint.pth"
@@ -114,9 +103,8 @@ def test_bad_resume_checkpoint_is_named_and_left_untouched(
         torch.save({"model": tiny_models(2).state_dict(), "optimizer": {}, "epoch": 0}, last)
         expected = f"error: checkpoint {last} does not match the student (WideResNet4Cifar): shape mismatch: "
     before = last.read_bytes()
-    status, _, err = cli("--config", recipe)
-    assert status == 2
-    assert _one_line(err).startswith(expected)
+    line = cli_error("--config", recipe)
+    assert line.startswith(expected)
     assert last.read_bytes() == before
 
 

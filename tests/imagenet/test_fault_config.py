@@ -9,30 +9,22 @@ import yaml
 from projector_kd.checkpoint import load_checkpoint
 
 
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def test_unknown_key_in_the_file_is_named(make_recipe, cli, tmp_path):
+def test_unknown_key_in_the_file_is_named(make_recipe, cli_error, tmp_path):
     recipe = make_recipe("run", method="baseline")
     recipe.write_text(recipe.read_text().replace("  num_epochs: 1\n", "  num_epochs: 1\n  num_epoch: 3\n"))
-    status, _, err = cli("--config", recipe)
-    assert status == 2
-    assert _one_line(err) == (
+    line = cli_error("--config", recipe)
+    assert line == (
         f"error: {recipe}: unknown key train.num_epoch (did you mean train.num_epochs?) — "
         f"torchdistill would silently ignore it"
     )
     assert not (tmp_path / "run").exists()
 
 
-def test_typo_in_the_file_is_named_not_suggested_for_a_correct_opts_key(make_recipe, cli, tmp_path):
+def test_typo_in_the_file_is_named_not_suggested_for_a_correct_opts_key(make_recipe, cli_error, tmp_path):
     recipe = make_recipe("run", method="baseline")
     recipe.write_text(recipe.read_text().replace("  num_epochs: 1\n", "  num_epoch: 1\n"))
-    status, _, err = cli("--config", recipe, "--opts", "train.num_epochs", "2")
-    assert status == 2
-    assert _one_line(err) == (
+    line = cli_error("--config", recipe, "--opts", "train.num_epochs", "2")
+    assert line == (
         f"error: {recipe}: unknown key train.num_epoch (did you mean train.num_epochs?) — "
         f"torchdistill would silently ignore it"
     )
@@ -63,20 +55,19 @@ def test_bad_values_are_named_before_any_work(make_recipe, cli, tmp_path, opts, 
     recipe = make_recipe("run", method="baseline")
     status, out, err = cli("--config", recipe, "--opts", *opts)
     assert status == 2
-    assert _one_line(err) == "error: " + message.format(recipe=recipe)
+    assert err.strip().splitlines() == ["error: " + message.format(recipe=recipe)]
     assert not (tmp_path / "run").exists() and out == ""
 
 
-def test_output_folder_of_another_run_is_refused_unless_resume(make_recipe, cli, tmp_path):
+def test_output_folder_of_another_run_is_refused_unless_resume(make_recipe, cli, tmp_path, cli_error):
     recipe = make_recipe("run", method="baseline")
     status, _, err = cli("--config", recipe, "--seed", "0")
     assert status == 0, err
     checkpoint = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     config = (tmp_path / "run" / "config.yaml").read_text()
 
-    status, _, err = cli("--config", recipe, "--seed", "0", "--opts", "train.optimizer.kwargs.lr", "0.01")
-    assert status == 2
-    assert _one_line(err) == (
+    line = cli_error("--config", recipe, "--seed", "0", "--opts", "train.optimizer.kwargs.lr", "0.01")
+    assert line == (
         f"error: output folder {tmp_path / 'run'} holds a different run (config differs in: "
         f"recipe.train.optimizer.kwargs.lr) — choose a new output folder, or pass --resume to "
         f"continue that run with the new settings"

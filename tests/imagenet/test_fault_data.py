@@ -17,18 +17,10 @@ def data(tiny_data, tmp_path):
     return shutil.copytree(tiny_data, tmp_path / "data")
 
 
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-def test_corrupt_image_is_named_with_fail(make_recipe, data, cli, tmp_path, train_image_in_batch):
+def test_corrupt_image_is_named_with_fail(make_recipe, data, cli_error, tmp_path, train_image_in_batch):
     bad = train_image_in_batch(data, 1)  # after a trained step: a checkpoint is written first
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data), "--seed", "0")
-    assert status == 2
-    line = _one_line(err)
+    line = cli_error("--config", make_recipe("run", method="baseline", data_root=data), "--seed", "0")
     assert line.startswith(f"error: unreadable image {bad} (UnidentifiedImageError: ")
     assert "— fix or delete the file, or set on_bad_image: skip. A resumable checkpoint was written first: " in line
 
@@ -47,48 +39,41 @@ def test_corrupt_image_is_skipped_and_counted_with_skip(make_recipe, data, cli, 
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_empty_class_folder_is_caught_before_training(make_recipe, data, cli, tmp_path, split):
+def test_empty_class_folder_is_caught_before_training(make_recipe, data, cli_error, tmp_path, split):
     empty = data / split / "class2"
     for image in empty.iterdir():
         image.unlink()
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
-    assert status == 2
-    assert _one_line(err) == (
+    line = cli_error("--config", make_recipe("run", method="baseline", data_root=data))
+    assert line == (
         f"error: class folder {empty} holds no images (.jpg, .jpeg, .png, .ppm, ...) — add images or remove the folder"
     )
     assert not (tmp_path / "run").exists()  # caught before the run folder is written
 
 
-def test_val_classes_differing_from_train_are_caught_before_training(make_recipe, data, cli, tmp_path):
+def test_val_classes_differing_from_train_are_caught_before_training(make_recipe, data, cli_error, tmp_path):
     (data / "val" / "class2").rename(data / "val" / "class9")
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
-    assert status == 2
-    assert _one_line(err) == (
+    line = cli_error("--config", make_recipe("run", method="baseline", data_root=data))
+    assert line == (
         f"error: classes of {data / 'val'} differ from {data / 'train'}: missing ['class2'], "
         f"extra ['class9'] — both splits need the same class folders"
     )
     assert not (tmp_path / "run").exists()
 
 
-def test_empty_image_is_caught_before_any_work(make_recipe, data, cli, tmp_path):
+def test_empty_image_is_caught_before_any_work(make_recipe, data, cli_error, tmp_path):
     empty = data / "val" / "class0" / "02.png"
     empty.write_bytes(b"")
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data))
-    assert status == 2
-    assert _one_line(err) == (
-        f"error: image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip"
-    )
+    line = cli_error("--config", make_recipe("run", method="baseline", data_root=data))
+    assert line == (f"error: image {empty} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
     assert not (tmp_path / "run").exists()
 
 
-def test_image_unreadable_mid_epoch_costs_no_work(make_recipe, data, cli, tmp_path, break_image_on_read):
+def test_image_unreadable_mid_epoch_costs_no_work(make_recipe, data, cli, tmp_path, break_image_on_read, cli_error):
     """The 20th image read (in the 3rd batch of 8) turns out unreadable: a resumable checkpoint after the 2 trained
     steps comes before the one error line; with the file fixed, the same command continues from there."""
     broken = break_image_on_read(20, b"\x89PNG\r\n\x1a\n truncated")
     recipe = make_recipe("run", method="baseline", data_root=data)
-    status, _, err = cli("--config", recipe, "--seed", "0")
-    assert status == 2
-    line = _one_line(err)
+    line = cli_error("--config", recipe, "--seed", "0")
     checkpoint = tmp_path / "run" / "checkpoint.pth"
     assert line.startswith(f"error: unreadable image {broken.path} (")
     assert line.endswith(

@@ -16,7 +16,6 @@ import torchvision
 from yacs.config import CfgNode
 
 from deit.models import create_student
-from projector_kd.errors import run_cli
 
 from .conftest import load_script
 
@@ -31,29 +30,11 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
-def _error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 @pytest.fixture
-def export_cli(capsys):
+def export_cli(run_main):
     """The script's ``main`` in this process through ``run_cli`` (what the script runs): -> CompletedProcess."""
     script = load_script(SCRIPT, "export_script")
-
-    def run(*args: str | Path) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            run_cli(script.main, [str(a) for a in args])
-            status = 0
-        except SystemExit as exit_:
-            status = int(exit_.code or 0)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, status, out, err)
-
-    return run
+    return lambda *args: run_main(script.main, args)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +77,7 @@ def test_release_deit_file_exports_and_loads_in_a_fresh_process(release_demo, tm
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=0)
 
 
-def test_resnet_checkpoint_exports(tmp_path, export_cli):
+def test_resnet_checkpoint_exports(tmp_path, export_cli, one_error_line):
     torch.manual_seed(0)
     torch.save({"model": torchvision.models.resnet18(num_classes=10).state_dict()}, tmp_path / "best.pth")
     result = export_cli(tmp_path / "best.pth", tmp_path / "out")
@@ -107,36 +88,36 @@ def test_resnet_checkpoint_exports(tmp_path, export_cli):
         "model.safetensors",
         "torchvision_state_dict.safetensors",
     ]
-    assert "--model" in _error(export_cli(tmp_path / "best.pth", tmp_path / "out2", "--model", "tiny"))
+    assert "--model" in one_error_line(export_cli(tmp_path / "best.pth", tmp_path / "out2", "--model", "tiny"))
 
 
-def test_bad_inputs_end_in_one_error_line(release_demo, tmp_path, export_cli):
+def test_bad_inputs_end_in_one_error_line(release_demo, tmp_path, export_cli, one_error_line):
     path, _, _ = release_demo
     missing = tmp_path / "missing.pth"
-    assert _error(_run(missing, tmp_path / "out")) == (  # as a script: exit status 2, one line
+    assert one_error_line(_run(missing, tmp_path / "out")) == (  # as a script: exit status 2, one line
         f"error: checkpoint not found: {missing} — check the path (or download the weights, see README)"
     )
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(np.random.default_rng(0).bytes(2048))
-    assert str(corrupt) in _error(export_cli(corrupt, tmp_path / "out"))
+    assert str(corrupt) in one_error_line(export_cli(corrupt, tmp_path / "out"))
     torch.save({"model": {"encoder.weight": torch.zeros(2, 2)}}, tmp_path / "unknown.pth")
-    assert _error(export_cli(tmp_path / "unknown.pth", tmp_path / "out")) == (
+    assert one_error_line(export_cli(tmp_path / "unknown.pth", tmp_path / "out")) == (
         f"error: {tmp_path / 'unknown.pth'} holds neither a conv-stem DeiT nor a ResNet student (unknown layout; "
         "first keys: encoder.weight)"
     )
     torch.save({"epoch": 3}, tmp_path / "no_model.pth")
-    assert "holds no model state dict" in _error(export_cli(tmp_path / "no_model.pth", tmp_path / "out"))
+    assert "holds no model state dict" in one_error_line(export_cli(tmp_path / "no_model.pth", tmp_path / "out"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    assert _error(export_cli(path, tmp_path / "full")) == (
+    assert one_error_line(export_cli(path, tmp_path / "full")) == (
         f"error: output folder {tmp_path / 'full'} is not empty; choose a new folder or pass --force to replace its "
         "contents"
     )
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert export_cli(path, tmp_path / "full", "--force").returncode == 0
     assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "model.safetensors").is_file()
-    assert "unknown student model 'huge'" in _error(export_cli(path, tmp_path / "out3", "--model", "huge"))
-    assert _error(export_cli(tmp_path / "full", tmp_path / "out3")) == (
+    assert "unknown student model 'huge'" in one_error_line(export_cli(path, tmp_path / "out3", "--model", "huge"))
+    assert one_error_line(export_cli(tmp_path / "full", tmp_path / "out3")) == (
         f"error: {tmp_path / 'full'} is already exported weights (a folder or .safetensors file); export the training "
         "checkpoint it came from, or copy the folder"
     )
