@@ -319,11 +319,11 @@ def run_release_command(run_entry) -> Callable[..., subprocess.CompletedProcess]
 
 @pytest.fixture
 def run_entry_on_two_ranks(run_torchrun) -> Callable[..., subprocess.CompletedProcess]:
-    """``imagenet/image_classification.py --device cpu`` with ``args`` on two gloo ranks under torchrun; returns the
-    completed launcher process."""
+    """``imagenet/image_classification.py --device cpu`` with ``args`` on two gloo ranks under torchrun (environment
+    ``env``, default ``child_env``); returns the completed launcher process."""
 
-    def run(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
-        return run_torchrun(ENTRY, "--device", "cpu", *args, timeout=timeout)
+    def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+        return run_torchrun(ENTRY, "--device", "cpu", *args, env=env, timeout=timeout)
 
     return run
 

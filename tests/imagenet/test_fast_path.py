@@ -5,9 +5,6 @@ on eagerly. Its checkpoints are plain: the reference path evaluates them to the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -124,21 +121,15 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
     assert all(torch.equal(before, after) for before, after in zip(momentum, buffers))
 
 
-def test_fast_path_under_torchrun_lays_out_ddp_buckets_for_channels_last(make_recipe, teacher_ckpt, child_env):
+def test_fast_path_under_torchrun_lays_out_ddp_buckets_for_channels_last(
+    make_recipe, teacher_ckpt, child_env, run_entry_on_two_ranks
+):
     """Two gloo ranks on the fast path (compile off): the networks are channels_last before DDP wraps them, so DDP's
     gradient buckets take those strides (PyTorch warns "Grad strides do not match bucket view strides" otherwise: every
     gradient would be copied into its bucket through a strided view), and both ranks train to the end."""
     recipe = make_recipe("ddp_fast", method="projector", teacher_ckpt=teacher_ckpt, epochs=1, batch_size=4)
-    repo = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(repo / "imagenet" / "image_classification.py"), "--device", "cpu", "--config", str(recipe)]
-    result = subprocess.run(
-        [*command, "--seed", "0", "--fast"],
-        cwd=repo,
-        env={**child_env, "TORCHDYNAMO_DISABLE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
+    result = run_entry_on_two_ranks(
+        "--config", recipe, "--seed", "0", "--fast", env={**child_env, "TORCHDYNAMO_DISABLE": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fast path: FastSettings(" in result.stdout + result.stderr
