@@ -43,6 +43,7 @@ from projector_kd.distributed import (
 from projector_kd.errors import UserError, run_cli  # noqa: E402
 from projector_kd.models import count_parameters  # noqa: E402
 from projector_kd.runs import (
+    close_logging,
     prepare_output_dir,
     release_output_dirs,
     run_folder,
@@ -385,6 +386,7 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
             return train(cfg, args, env, signals)
     finally:
         cleanup()
+        close_logging()
         release_output_dirs()
 
 
