@@ -291,7 +291,8 @@ def write_report(
                 if holdout
                 else "val split"
             )
-            + "; top-1 is the best epoch's (both tracks' convention), the last epoch's is beside it.",
+            + "; top-1 is the best epoch's checkpoint on the ResNet track (torchdistill's convention) and the last "
+            "epoch's on the DeiT track (DeiT's), the last epoch's is beside it.",
             *([f"Overrides: `{'; '.join(overrides)}`."] if overrides else []),
             "",
             table,

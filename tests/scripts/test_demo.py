@@ -78,6 +78,7 @@ def test_summary_report_and_plot_from_both_tracks(tmp_path):
     assert "students on 50 of its images per class" in report and "less 30 held-out images per class" in report
     assert "The runs took 300s of wall time in all (2 at a time)" in report
     assert "Runs are scored on the val split" in report
+    assert "best epoch's checkpoint on the ResNet track" in report and "last epoch's on the DeiT track" in report
     assert "logit KD alone" not in summary  # no logit-KD rows in this set
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [0, 1, 2]
