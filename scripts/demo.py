@@ -270,9 +270,10 @@ def write_report(
             if "kd" in by_method:
                 kd_gain = by_method["kd"]["top1_mean"] - by_method["baseline"]["top1_mean"]
                 versus_kd = f"; logit KD alone: {kd_gain:+.2f}"
+            verdict = "beats no distillation by" if gain > 0 else "does NOT beat no distillation:"
             verdicts.append(
-                f"- {track}: projector KD {'beats' if gain > 0 else 'does NOT beat'} no distillation by "
-                f"{gain:+.2f} top-1 points (mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+                f"- {track}: projector KD {verdict} {gain:+.2f} top-1 points "
+                f"(mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
                 f"{versus_kd})."
             )
     report = "\n".join(

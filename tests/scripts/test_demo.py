@@ -147,6 +147,20 @@ def test_holdout_report_says_what_it_scored_on(tmp_path):
     )
 
 
+def test_a_loss_is_reported_as_such(tmp_path):
+    results = [
+        (stage, json.loads(stage.metrics_file.read_text()))
+        for stage in (
+            finished_stage(tmp_path, "ResNet track", method, 0, resnet_metrics(value, [value]))
+            for method, value in (("baseline", 92.0), ("projector", 91.0))
+        )
+    ]
+    summary = demo.write_report(demo.summarise(results), tmp_path, [0], 20, wall_time=1.0)
+    assert (
+        "- ResNet track: projector KD does NOT beat no distillation: -1.00 top-1 points (mean over 1 seed)." in summary
+    )
+
+
 def test_baselines_run_beside_the_teacher_and_distilled_students_after_it(monkeypatch, tmp_path):
     import threading
     import time
