@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=[0, 1],
-        help="student seeds (default: 0 1; each seed adds about 3 min on 2 cores)",
+        help="student seeds (default: 0 1; each seed adds about 4 min on 2 cores)",
     )
     parser.add_argument("--tracks", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first and run every stage again")
