@@ -270,9 +270,10 @@ def write_report(
             if "kd" in by_method:
                 kd_gain = by_method["kd"]["top1_mean"] - by_method["baseline"]["top1_mean"]
                 versus_kd = f"; logit KD alone: {kd_gain:+.2f}"
+            verdict = "beats no distillation by" if gain > 0 else "does NOT beat no distillation:"
             verdicts.append(
-                f"- {track}: projector KD {'beats' if gain > 0 else 'does NOT beat'} no distillation by "
-                f"{gain:+.2f} top-1 points (mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+                f"- {track}: projector KD {verdict} {gain:+.2f} top-1 points "
+                f"(mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
                 f"{versus_kd})."
             )
     report = "\n".join(
@@ -291,7 +292,8 @@ def write_report(
                 if holdout
                 else "val split"
             )
-            + "; top-1 is the best epoch's (both tracks' convention), the last epoch's is beside it.",
+            + "; top-1 is the best epoch's checkpoint on the ResNet track (torchdistill's convention) and the last "
+            "epoch's on the DeiT track (DeiT's), the last epoch's is beside it.",
             *([f"Overrides: `{'; '.join(overrides)}`."] if overrides else []),
             "",
             table,
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=[0, 1],
-        help="student seeds (default: 0 1; each seed adds about 3 min on 2 cores)",
+        help="student seeds (default: 0 1; each seed adds about 4 min on 2 cores)",
     )
     parser.add_argument("--tracks", nargs="+", choices=["resnet", "deit"], default=["resnet", "deit"])
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first and run every stage again")

@@ -78,6 +78,7 @@ def test_summary_report_and_plot_from_both_tracks(tmp_path):
     assert "students on 50 of its images per class" in report and "less 30 held-out images per class" in report
     assert "The runs took 300s of wall time in all (2 at a time)" in report
     assert "Runs are scored on the val split" in report
+    assert "best epoch's checkpoint on the ResNet track" in report and "last epoch's on the DeiT track" in report
     assert "logit KD alone" not in summary  # no logit-KD rows in this set
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "summary.json").read_text())["seeds"] == [0, 1, 2]
@@ -143,6 +144,20 @@ def test_holdout_report_says_what_it_scored_on(tmp_path):
     assert (
         "DeiT track: projector KD beats no distillation by +2.50 top-1 points (mean over 1 seed; "
         "logit KD alone: +1.00)" in summary
+    )
+
+
+def test_a_loss_is_reported_as_such(tmp_path):
+    results = [
+        (stage, json.loads(stage.metrics_file.read_text()))
+        for stage in (
+            finished_stage(tmp_path, "ResNet track", method, 0, resnet_metrics(value, [value]))
+            for method, value in (("baseline", 92.0), ("projector", 91.0))
+        )
+    ]
+    summary = demo.write_report(demo.summarise(results), tmp_path, [0], 20, wall_time=1.0)
+    assert (
+        "- ResNet track: projector KD does NOT beat no distillation: -1.00 top-1 points (mean over 1 seed)." in summary
     )
 
 
