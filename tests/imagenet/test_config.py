@@ -22,7 +22,7 @@ def release() -> dict:
     return recipes.load_recipe(RELEASE)
 
 
-def test_release_recipe_values_match_spec():
+def test_release_recipe_values_match_the_release_code():
     recipe = release()
     recipes.check_recipe(recipe, "res3418.yaml")
     plain = recipes.resolve({k: v for k, v in recipe.items() if k not in ("datasets", "_data_root")})
@@ -69,7 +69,7 @@ def test_release_recipe_values_match_spec():
     assert recipe["runtime"]["fast"] is False
 
 
-def test_release_transforms_match_spec(tmp_path):
+def test_release_transforms_match_the_release_code(tmp_path):
     recipe = release()
     recipes.set_data_root(recipe, str(tmp_path))
     transforms = {}
