@@ -348,7 +348,8 @@ def deep_and_transparent_pngs(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize(
+# the whole-image decoder, and the crop-window decoder over the whole image (scale 1, the image's own aspect)
+PNG_TRANSFORMS = pytest.mark.parametrize(
     "transform",
     [
         T.Compose([T.ToTensor()]),
@@ -356,18 +357,40 @@ def deep_and_transparent_pngs(tmp_path_factory) -> Path:
     ],
     ids=["whole-image", "crop-window-decoder"],
 )
+
+
+def dali_and_default_pixels(root: Path, transform, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 7 images of ``root`` through the DALI loader on ``device`` (moved to the CPU) and the default loader's."""
+    dataset = CheckedImageFolder(root, transform=transform)
+    loader = DataLoader(dataset, batch_size=7, sampler=SequentialSampler(dataset))
+    images, labels, _ = next(iter(dali.DaliLoader(loader, device, train=False)))
+    assert images.device == device and labels.tolist() == list(range(7))
+    return images.cpu(), torch.stack([dataset[i][0] for i in range(7)])
+
+
+@PNG_TRANSFORMS
 def test_16_bit_and_transparent_pngs_give_the_default_loaders_pixels(deep_and_transparent_pngs, transform):
     """DALI alone drops transparency (the default loader composites over white) and rounds 16-bit RGB to 8 bits (PIL
     keeps the high byte); such files reach DALI as the default loader's own RGB, so the pixels are identical."""
-    dataset = CheckedImageFolder(deep_and_transparent_pngs, transform=transform)
-    assert [Image.open(path).mode for path, _ in dataset.samples[:2]] == ["I;16", "RGB"]
-    loader = DataLoader(dataset, batch_size=7, sampler=SequentialSampler(dataset))
-    images, labels, _ = next(iter(dali.DaliLoader(loader, torch.device("cpu"), train=False)))
-    reference = torch.stack([dataset[i][0] for i in range(7)])
-    assert labels.tolist() == list(range(7)) and images.shape == reference.shape == (7, 3, 6, 8)
+    first_two = sorted(deep_and_transparent_pngs.glob("*/0.png"))[:2]
+    assert [Image.open(path).mode for path in first_two] == ["I;16", "RGB"]
+    images, reference = dali_and_default_pixels(deep_and_transparent_pngs, transform, torch.device("cpu"))
+    assert images.shape == reference.shape == (7, 3, 6, 8)
     assert ((images - reference) * 255).abs().amax(dim=(1, 2, 3)).round().tolist() == [0] * 7  # per image, in levels
     assert (reference[0, :, 0, :4] * 255).round().tolist() == [[0, 1, 1, 255]] * 3  # 16-bit scale, rounded
     assert (reference[1, :, 0, 0] * 255).round().tolist() == [0, 0, 1]  # PIL's high byte of 128, 129, 383
+
+
+@pytest.mark.gpu
+@PNG_TRANSFORMS
+def test_mixed_decoder_gives_the_default_loaders_pixels_for_16_bit_and_transparent_pngs(
+    deep_and_transparent_pngs, transform, gpu_device
+):
+    """On CUDA: the lossless 8-bit PNGs these files reach DALI as decode through the "mixed" decoder to exactly the
+    default loader's pixels, as on the CPU."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed: pip install -r requirements-dali.txt")
+    images, reference = dali_and_default_pixels(deep_and_transparent_pngs, transform, gpu_device)
+    assert ((images - reference) * 255).abs().amax(dim=(1, 2, 3)).round().tolist() == [0] * 7
 
 
 @pytest.mark.parametrize(
