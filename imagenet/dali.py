@@ -282,11 +282,11 @@ def dali_decodes_as_pil(data: bytes) -> bool:
     return False
 
 
-def default_loader_png(path: str) -> bytes:
-    """The image at ``path`` as the default loader reads it (:func:`projector_kd.data.load_rgb`), as a lossless
-    8-bit RGB PNG for DALI to decode."""
+def default_loader_png(path: str, data: bytes) -> bytes:
+    """The image file ``path`` (its bytes ``data``) as the default loader reads it
+    (:func:`projector_kd.data.load_rgb`), as a lossless 8-bit RGB PNG for DALI to decode."""
     buffer = io.BytesIO()
-    load_rgb(path).save(buffer, format="PNG", compress_level=0)
+    load_rgb(path, data).save(buffer, format="PNG", compress_level=0)
     return buffer.getvalue()
 
 
@@ -487,7 +487,7 @@ class DaliLoader:
                 if self.sizes[candidate, 0] < 0:
                     self.sizes[candidate] = image_size(path, data)
                 if not dali_decodes_as_pil(data):
-                    data = default_loader_png(path)
+                    data = default_loader_png(path, data)
                 return candidate, data, (int(self.sizes[candidate, 0]), int(self.sizes[candidate, 1]))
             except DataError as error:
                 if self.on_bad_image != "skip":

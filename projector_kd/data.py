@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import shutil
@@ -132,10 +133,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (:func:`to_rgb`); raises :class:`DataError` naming the file when it is unreadable."""
+def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """Open the image at ``path`` as RGB (:func:`to_rgb`), from ``data`` when its bytes are already read; raises
+    :class:`DataError` naming the file when it is unreadable."""
     try:
-        with open(path, "rb") as handle:
+        with open(path, "rb") if data is None else io.BytesIO(data) as handle:
             image = Image.open(handle)
             image.load()
             return to_rgb(image)
