@@ -13,7 +13,7 @@ from deit.main import main
 from projector_kd.errors import UserError
 
 
-def test_tiny_recipe_matches_spec_item_by_item():
+def test_tiny_recipe_matches_the_release_item_by_item():
     cfg = load_config("tiny")
     assert cfg["model"] == {
         "name": "tiny",
