@@ -304,8 +304,8 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     epochs = cfg["train"]["epochs"]
     for epoch in range(start_epoch, epochs):
         epoch_started = time.perf_counter()
-        means = trainer.train_epoch(train_loader, epoch, start_batch, stop)
-        start_batch = 0
+        trained_from, start_batch = start_batch, 0
+        means = trainer.train_epoch(train_loader, epoch, trained_from, stop)
         if means is None:
             message = (
                 f"stopped by {getattr(stop, 'signal_name', None) or 'request'} during epoch {epoch}; "
@@ -315,9 +315,14 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
             print(f"stopped: {message}", file=sys.stderr, flush=True)
             return EXIT_STATUS_STOPPED
         last = epoch == epochs - 1
+        validate = (epoch + 1) % cfg["train"]["eval_freq"] == 0 or last
+        if validate and trained_from < steps:  # the epoch's training is kept before validation can fail or be killed
+            trainer.save(epoch, steps, [RESUME_FILE])
+        elif validate:
+            logger.info("epoch %d was trained before the resume: validating it", epoch)
         trainer.history["epoch"].append(epoch)
         trainer.history["train_loss"].append(means.get("loss", float("nan")))
-        if (epoch + 1) % cfg["train"]["eval_freq"] == 0 or last:
+        if validate:
             stats = evaluate_student(trainer.student, val_loader, cfg, env)
             trainer.max_accuracy = max(trainer.max_accuracy, stats["top1"])
             trainer.history["val_top1"].append(stats["top1"])

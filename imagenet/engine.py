@@ -414,12 +414,20 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
 
 
 def train(ctx: LoopContext, run: RunState) -> RunState:
-    """Epochs ``run.epoch`` .. ``num_epochs - 1``: train, validate, step the epoch scheduler, checkpoint."""
+    """Epochs ``run.epoch`` .. ``num_epochs - 1``: train, checkpoint the trained epoch (so a failure or kill during
+    validation does not lose it: the rerun validates it at once), validate, step the epoch scheduler, checkpoint."""
     box = ctx.box
     recorder = TermRecorder(box.criterion)
     student = unwrap(student_of(box))
     while run.epoch < box.num_epochs:
+        trained_from = run.step_in_epoch
         train_one_epoch(ctx, run, recorder)
+        if not all(math.isfinite(p.detach().float().sum().item()) for p in student.parameters()):
+            raise NonFiniteLossError(f"non-finite student weights after epoch {run.epoch}; {_kept_checkpoint(ctx)}")
+        if run.step_in_epoch > trained_from:  # the epoch's training is kept before validation can fail or be killed
+            save_checkpoint(ctx, run, best=False)
+        else:
+            logger.info("epoch %d was trained before the resume: validating it", run.epoch)
         scores = evaluate_classifier(
             student, box.val_data_loader, ctx.device, ctx.rank, channels_last=ctx.channels_last, desc=f"val {run.epoch}"
         )
@@ -434,7 +442,5 @@ def train(ctx: LoopContext, run: RunState) -> RunState:
         run.best_value = max(run.best_value, top1)
         run.epoch += 1
         run.step_in_epoch = 0
-        if not all(math.isfinite(p.detach().float().sum().item()) for p in student.parameters()):
-            raise NonFiniteLossError(f"non-finite student weights after epoch {run.epoch - 1}; {_kept_checkpoint(ctx)}")
         save_checkpoint(ctx, run, best=is_best)
     return run

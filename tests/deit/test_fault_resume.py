@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from deit.main import main
@@ -86,3 +87,41 @@ def test_fast_path_with_the_release_lr_order_resumes_bit_identical(tmp_path, tra
     _assert_same_state(a, b)
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     assert a["epoch_sums"] == b["epoch_sums"] and a["epoch_sums"]["steps"] == 9
+
+
+class _Killed(BaseException):
+    """Stands for the process dying (OOM killer, preemption) in the middle of a validation pass."""
+
+
+def test_run_killed_during_validation_keeps_the_trained_epoch_and_resumes_exactly(tmp_path, train_argv, monkeypatch):
+    from deit import main as entry
+
+    straight = tmp_path / "straight"
+    assert main(train_argv(straight)) == 0
+    real_evaluate = entry.evaluate_student
+    passes = []
+
+    def evaluate_student(*args, **kwargs):
+        passes.append(1)
+        if len(passes) == 2:  # epoch 1's validation
+            raise _Killed
+        return real_evaluate(*args, **kwargs)
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        patch.setattr(entry, "evaluate_student", evaluate_student)
+        with pytest.raises(_Killed):
+            main(train_argv(killed))
+    pending = torch.load(killed / "checkpoint.pth", weights_only=True)
+    assert (pending["epoch"], pending["next_batch"], pending["global_step"]) == (1, 9, 18)
+    assert pending["epoch_sums"]["steps"] == 9  # the epoch's loss means survive the restart
+    assert len(pending["history"]["val_top1"]) == len(pending["history"]["train_loss"]) == 1  # epoch 0's only
+    assert main(train_argv(killed)) == 0
+    assert "epoch 1 was trained before the resume: validating it" in (killed / "log.txt").read_text()
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(killed / "checkpoint.pth", weights_only=True)
+    _assert_same_state(a, b)
+    assert a["history"]["train_loss"] == b["history"]["train_loss"] and len(a["history"]["train_loss"]) == 2
+    metrics_a = json.loads((straight / "metrics.json").read_text())
+    metrics_b = json.loads((killed / "metrics.json").read_text())
+    assert metrics_a["val_top1_per_epoch"] == metrics_b["val_top1_per_epoch"]

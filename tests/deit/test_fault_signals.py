@@ -58,8 +58,9 @@ def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, train_argv, s
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, train_argv, start_python, wait_for):
     output = tmp_path / "run"
-    # saves 1-2 (end of epoch 0: checkpoint.pth, ckpt_epoch_0.pth) are real; save 3 (end of epoch 1) hangs half-written
-    process = start_python("-c", SLOW_SAVE_LAUNCHER, "2", *train_argv(output, *SLOWER))
+    # saves 1-4 are real (epoch 0 trained: checkpoint.pth; epoch 0 validated: checkpoint.pth, ckpt_epoch_0.pth; epoch 1
+    # trained: checkpoint.pth); save 5 (epoch 1 validated: checkpoint.pth) hangs half-written
+    process = start_python("-c", SLOW_SAVE_LAUNCHER, "4", *train_argv(output, *SLOWER))
     wait_for(
         lambda: any(output.glob(".checkpoint.pth.*.tmp")) and "epoch 1: val top-1" in (output / "log.txt").read_text(),
         process,
@@ -70,10 +71,10 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, train_argv
     [partial] = output.glob(".checkpoint.pth.*.tmp")
     assert partial.stat().st_size > 0
     survivor = torch.load(output / "checkpoint.pth", weights_only=True)
-    assert (survivor["epoch"], survivor["next_batch"]) == (1, 0)
+    assert (survivor["epoch"], survivor["next_batch"]) == (1, 9)  # epoch 1 trained, its validation not recorded
     assert main(train_argv(output, *SLOWER)) == 0  # auto-resumes from the surviving checkpoint
     assert not any(output.glob(".checkpoint.pth.*.tmp"))
-    assert "resumed from" in (output / "log.txt").read_text()
+    assert "epoch 1 was trained before the resume: validating it" in (output / "log.txt").read_text()
     straight = tmp_path / "straight"
     assert main(train_argv(straight, *SLOWER)) == 0
     resumed, reference = _final_weights(output), _final_weights(straight)

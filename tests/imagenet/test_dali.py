@@ -550,13 +550,17 @@ def dali_recipe(make_recipe, name: str, data: Path, **kwargs) -> Path:
     return path
 
 
+@pytest.mark.parametrize(
+    "epoch, step, decoded", [(1, 2, [2]), (0, 3, [0, 1, 2])], ids=["mid-epoch", "after-the-epochs-last-step"]
+)
 def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_batches(
-    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, straight_and_stopped, same_run
+    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, straight_and_stopped, same_run, epoch, step, decoded
 ):
+    """Stopped after the last step of an epoch, the rerun reads no training batch of it (it validates it first)."""
     recipe = dali_recipe(make_recipe, "resume", jpeg_data, epochs=2, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0", "--loader", "dali")
-    stopped, _ = straight_and_stopped(1, 2, *common)
-    assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 2)
+    stopped, _ = straight_and_stopped(epoch, step, *common)
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (epoch, step)
 
     prepared = []
     real_prepare = dali.DaliLoader.prepare
@@ -568,8 +572,9 @@ def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_
     monkeypatch.setattr(dali.DaliLoader, "prepare", prepare)
     status, out, err = cli(*common, "--output_dir", tmp_path / "interrupted")
     assert status == 0, err
-    assert "resuming from" in out and "at epoch 1 step 2" in out
-    assert [number for train, number in prepared if train] == [2]  # the two trained batches were not decoded again
+    assert "resuming from" in out and f"at epoch {epoch} step {step}" in out
+    assert (f"epoch {epoch} was trained before the resume: validating it" in out) == (step == 3)
+    assert [number for train, number in prepared if train] == decoded  # trained batches are not decoded again
     same_run(tmp_path / "straight", tmp_path / "interrupted")
 
 

@@ -33,7 +33,7 @@ def save(obj, handle, *args, **kwargs):
     target = Path(frame.f_locals["path"] if frame is not None else "")
     if target.name == "checkpoint.pth":
         writes.append(target)
-        if len(writes) == 2:
+        if len(writes) == 2:  # epoch 0 validated (the first write: epoch 0 trained)
             buffer = io.BytesIO()
             real_save(obj, buffer, *args, **kwargs)
             handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
@@ -103,12 +103,13 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resumes(
     assert process.returncode == -signal.SIGKILL
     partial = list(out.glob(".checkpoint.pth.*.tmp"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0  # killed half-way through the new file
-    previous = load_checkpoint(out / "checkpoint.pth")  # the epoch-0 checkpoint, intact
-    assert (previous["epoch"], previous["step_in_epoch"], previous["global_step"]) == (1, 0, 3)
+    previous = load_checkpoint(out / "checkpoint.pth")  # written when epoch 0's training ended, intact
+    assert (previous["epoch"], previous["step_in_epoch"], previous["global_step"]) == (0, 3, 3)
 
     status, stdout, err = cli("--config", recipe, "--seed", "0", "--output_dir", out)
     assert status == 0, err
-    assert f"resuming from {out / 'checkpoint.pth'} at epoch 1 step 0" in stdout
+    assert f"resuming from {out / 'checkpoint.pth'} at epoch 0 step 3" in stdout
+    assert "epoch 0 was trained before the resume: validating it" in stdout
     assert not list(out.glob(".*.tmp"))
     status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")
     assert status == 0, err

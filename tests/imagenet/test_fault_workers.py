@@ -1,5 +1,6 @@
 """Loader workers that die or raise an unexpected error while the ResNet track evaluates end the run in one line naming
-what failed and what to do (exit 2); the checkpoints already written stay as they were."""
+what failed and what to do (exit 2); the epoch's training was checkpointed before its validation, so the rerun of the
+same command validates it and goes on exactly as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -37,10 +38,15 @@ def _fail_reading_val_images(monkeypatch, how: str, from_pass: int) -> None:
     monkeypatch.setattr(data_module, "load_rgb", load_rgb)
 
 
-def test_worker_killed_during_validation_is_one_line_and_keeps_the_checkpoints(make_recipe, cli, tmp_path, monkeypatch):
+def test_worker_killed_during_validation_is_one_line_and_the_rerun_validates_the_trained_epoch(
+    make_recipe, cli, tmp_path, monkeypatch, same_run
+):
     recipe = make_recipe("run", method="baseline", epochs=2, eval_workers=1)
-    _fail_reading_val_images(monkeypatch, "killed", from_pass=1)
-    status, _, err = cli("--config", recipe, "--seed", "0")
+    status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")
+    assert status == 0, err
+    with monkeypatch.context() as patch:
+        _fail_reading_val_images(patch, "killed", from_pass=1)
+        status, _, err = cli("--config", recipe, "--seed", "0")
     assert status == 2
     assert re.fullmatch(
         r"error: a data-loader worker \(pid \d+\) (exited unexpectedly|was killed by signal: Killed) while evaluating "
@@ -48,9 +54,14 @@ def test_worker_killed_during_validation_is_one_line_and_keeps_the_checkpoints(m
         r"\(num_workers\) or the batch size, or free memory, then run the same command again\n",
         err,
     ), err
-    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")  # epoch 0's, as written before the failure
-    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 3)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")  # epoch 1 trained, written before its validation
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"], len(state["history"])) == (1, 3, 6, 1)
     assert (tmp_path / "run" / "best.pth").is_file()
+
+    status, out, err = cli("--config", recipe, "--seed", "0")
+    assert status == 0, err
+    assert "epoch 1 was trained before the resume: validating it" in out
+    same_run(tmp_path / "straight", tmp_path / "run")
 
 
 def test_worker_raising_during_evaluation_is_one_line_and_logged(make_recipe, cli, tmp_path, monkeypatch):
@@ -64,4 +75,6 @@ def test_worker_raising_during_evaluation_is_one_line_and_logged(make_recipe, cl
     )
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "data-loader worker 0 failed while evaluating (val 0):" in log and "second line of the message" in log
-    assert not (tmp_path / "run" / "checkpoint.pth").exists()  # no epoch finished: nothing to keep
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")  # epoch 0 trained, not yet validated
+    assert (state["epoch"], state["step_in_epoch"], state["history"]) == (0, 3, [])
+    assert not (tmp_path / "run" / "best.pth").exists()
