@@ -7,7 +7,9 @@ ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_sc
 ``global_step``, ``wall_time_s`` (seconds trained so far, over resumes) and ``rng`` (generator states now);
 in a distributed run also ``rng_per_rank`` (every rank's ``rng``). Rank 0 writes; all ranks wait. The training
 loader's :class:`projector_kd.sampling.ResumableSampler` makes the batches a pure function of (seed, epoch, position),
-so resuming at step k starts the sampler at batch k and reads nothing it skips.
+so resuming at step k starts the sampler at batch k and reads nothing it skips. A checkpoint is written when an epoch's
+training ends (``step_in_epoch`` = the epoch's length: resuming from it validates that epoch first) and again after its
+validation.
 """
 
 from __future__ import annotations
