@@ -4,12 +4,13 @@ Checkpoint layout (``torch.load(weights_only=True)``-loadable, written by :func:
 ``model`` (the student network's state dict — the torchdistill format ``-test_only`` reads), ``projector`` (the
 ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_scheduler``, ``epoch`` and
 ``step_in_epoch`` (where training continues), ``best_value`` (best val top-1), ``history`` (val top-1 per epoch),
-``global_step``, ``wall_time_s`` (seconds trained so far, over resumes) and ``rng`` (generator states now);
-in a distributed run also ``rng_per_rank`` (every rank's ``rng``). Rank 0 writes; all ranks wait. The training
-loader's :class:`projector_kd.sampling.ResumableSampler` makes the batches a pure function of (seed, epoch, position),
-so resuming at step k starts the sampler at batch k and reads nothing it skips. A checkpoint is written when an epoch's
-training ends (``step_in_epoch`` = the epoch's length: resuming from it validates that epoch first) and again after its
-validation.
+``global_step``, ``wall_time_s`` (seconds trained so far, over resumes) and ``rng`` (generator states now); in a
+distributed run also ``rng_per_rank`` (every rank's ``rng``); inside a gradient-accumulation window also
+``accumulated_grads`` (the optimizer's parameters' gradients so far, in its order). Rank 0 writes; all ranks wait. The
+training loader's :class:`projector_kd.sampling.ResumableSampler` makes the batches a pure function of (seed, epoch,
+position), so resuming at step k starts the sampler at batch k and reads nothing it skips. A checkpoint is written when
+an epoch's training ends (``step_in_epoch`` = the epoch's length: resuming from it validates that epoch first) and again
+after its validation.
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def projector_of(box: Any) -> nn.Module | None:
     return module.distill_loss if isinstance(module, ProjectorKDModelWrapper) else None
 
 
+def optimized_parameters(box: Any) -> list[nn.Parameter]:
+    """The parameters the box's optimizer updates, in its order (student, then the projector when there is one)."""
+    return [param for group in box.optimizer.param_groups for param in group["params"]]
+
+
+def window_open(box: Any, global_step: int) -> bool:
+    """Whether ``global_step`` micro-batches end inside a gradient-accumulation window (``grad_accum_step`` > 1):
+    gradients are accumulated that the next optimizer step still needs."""
+    return global_step % (getattr(box, "grad_accum_step", None) or 1) != 0
+
+
 def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) -> dict:
     """Everything exact resume needs, as tensors and plain values. ``rng_per_rank``: every rank's generator states
     now in a distributed run, so each rank resumes its own streams."""
@@ -107,6 +119,8 @@ def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) ->
     projector = projector_of(box)
     if projector is not None:
         state["projector"] = projector.state_dict()
+    if window_open(box, run.global_step):  # equal on every rank: DDP averages each micro-batch's gradients
+        state["accumulated_grads"] = [param.grad for param in optimized_parameters(box)]
     return state
 
 
@@ -136,6 +150,7 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
             f"checkpoint {path}: optimizer/scheduler state does not match this config ({error}) — "
             f"use another output folder"
         ) from None
+    _restore_accumulated_grads(box, state, path)
     streams = {"rng": state.get("rng")}
     per_rank = state.get("rng_per_rank")
     if per_rank is not None and len(per_rank) == world_size:
@@ -167,6 +182,42 @@ def restore_training_state(box: Any, state: dict, path: Path, rank: int = 0, wor
     if run.global_step > 0:  # the optimizer stepped before the save: no "scheduler before optimizer" warning on resume
         box.optimizer._opt_called = True
     return run
+
+
+def _restore_accumulated_grads(box: Any, state: dict, path: Path) -> None:
+    """Put back the gradients a checkpoint written inside an accumulation window holds, so the window's optimizer
+    step sums the same micro-batches as in an uninterrupted run."""
+    grads = state.get("accumulated_grads")
+    global_step = int(state.get("global_step", 0))
+    if grads is None and not window_open(box, global_step):
+        return
+    if grads is None:
+        logger.warning(
+            "checkpoint %s ends inside an accumulation window (global step %d, grad_accum_step %s) but holds no "
+            "accumulated gradients (an earlier version or another grad_accum_step wrote it): the window goes on "
+            "without its earlier micro-batches (training continues, but not bit for bit)",
+            path,
+            global_step,
+            box.grad_accum_step,
+        )
+        return
+    if not window_open(box, global_step):
+        logger.warning(
+            "checkpoint %s holds the gradients of an open accumulation window, but global step %d closes one of this "
+            "run's grad_accum_step %s: they are dropped (training continues, but not bit for bit)",
+            path,
+            global_step,
+            getattr(box, "grad_accum_step", 1),
+        )
+        return
+    params = optimized_parameters(box)
+    if len(grads) != len(params) or any(g is not None and g.shape != p.shape for g, p in zip(grads, params)):
+        raise UserError(
+            f"checkpoint {path}: its accumulated gradients do not match this config's parameters — "
+            f"use another output folder"
+        )
+    for param, grad in zip(params, grads):
+        param.grad = None if grad is None else torch.empty_like(param).copy_(grad)
 
 
 TOTAL = "(total)"

@@ -210,6 +210,7 @@ train:
       lr: {lr}
       momentum: 0.9
       weight_decay: 5.0e-4
+    grad_accum_step: 1
   scheduler:
     key: 'MultiStepLR'
     kwargs:

@@ -54,6 +54,51 @@ def test_fast_path_stopped_and_resumed_is_bit_identical(
     same_run(tmp_path / "straight", tmp_path / "interrupted")
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast-path"])
+@pytest.mark.parametrize("epoch, step", [(0, 1), (0, 3)], ids=["mid-epoch", "epoch-end"])
+def test_stop_inside_an_accumulation_window_resumes_bit_identical(
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, straight_and_stopped, same_run, epoch, step, fast
+):
+    """Two micro-batches per optimizer step over 3-step epochs: global steps 1 and 3 (the end of epoch 0) fall inside
+    a window. The checkpoint holds the gradients accumulated so far, so the resumed window steps as the straight one."""
+    monkeypatch.setattr("torch.compile", lambda module, *args, **kwargs: module)  # 2 CPU cores: eager
+    recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
+    common = ("--config", recipe, "--seed", "0", *(["--fast"] if fast else []))
+    common += ("--opts", "train.optimizer.grad_accum_step", "2")
+    stopped, _ = straight_and_stopped(epoch, step, *common)
+    assert stopped["global_step"] == step and len(stopped["accumulated_grads"]) == len(
+        [p for group in stopped["optimizer"]["param_groups"] for p in group["params"]]
+    )
+    status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
+    assert status == 0, err
+    state = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")
+    assert state["global_step"] == 6 and "accumulated_grads" not in state  # the last window closed
+    same_run(tmp_path / "straight", tmp_path / "interrupted")
+
+
+def test_accumulation_checkpoint_with_other_gradients_is_refused_and_one_without_them_warns(
+    make_recipe, teacher_ckpt, cli, cli_error, tmp_path, monkeypatch, sigterm_before
+):
+    recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=1)
+    common = ("--config", recipe, "--seed", "0", "--opts", "train.optimizer.grad_accum_step", "2")
+    with monkeypatch.context() as patch:
+        sigterm_before(patch, 0, 1)
+        status, _, err = cli(*common, "--output_dir", tmp_path / "run")
+    assert status == EXIT_STATUS_STOPPED, err
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    stopped = load_checkpoint(checkpoint)
+    atomic_save({**stopped, "accumulated_grads": stopped["accumulated_grads"][:-1]}, checkpoint)
+    assert cli_error(*common, "--output_dir", tmp_path / "run") == (
+        f"error: checkpoint {checkpoint}: its accumulated gradients do not match this config's parameters — use "
+        f"another output folder"
+    )
+    atomic_save({key: value for key, value in stopped.items() if key != "accumulated_grads"}, checkpoint)
+    status, out, err = cli(*common, "--output_dir", tmp_path / "run")
+    assert status == 0, err
+    warnings = [line for line in (out + err).splitlines() if "holds no accumulated gradients" in line]
+    assert len(warnings) == 1 and str(checkpoint) in warnings[0] and "global step 1, grad_accum_step 2" in warnings[0]
+
+
 def test_resumed_epoch_reads_only_the_batches_it_trains(
     make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, sigterm_before
 ):
