@@ -278,6 +278,45 @@ def run_torchrun(run_python: Callable[..., subprocess.CompletedProcess]) -> Call
     return lambda *args, **options: run_python(*TORCHRUN_TWO_RANKS, *args, **options)
 
 
+_SIGTERM_ON_ONE_RANK = r"""
+import os, signal, sys
+from projector_kd.errors import run_cli
+from {engine} import progress as real_progress
+import {engine} as engine
+from {entry} import main
+
+rank, epoch, step = (int(value) for value in sys.argv[1:4])
+
+def progress(iterable, **kwargs):
+    if kwargs.get("desc") != f"epoch {{epoch}}" or int(os.environ["RANK"]) != rank:
+        return real_progress(iterable, **kwargs)
+    def batches():
+        for index, batch in enumerate(iterable, start=1):
+            if index == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+    return batches()
+
+engine.progress = progress
+run_cli(main, sys.argv[4:])
+"""
+
+
+@pytest.fixture
+def sigterm_on_one_rank(tmp_path: Path) -> Callable[[str, str], Path]:
+    """``sigterm_on_one_rank(engine, entry)`` -> a script to run under torchrun in place of the entry point:
+    ``script RANK EPOCH STEP ARGS...`` runs ``entry``'s ``main(ARGS)`` and sends SIGTERM to rank RANK alone just
+    before its training step STEP (1-based) of EPOCH starts (by wrapping ``engine``'s progress bar), as a scheduler's
+    stop that reaches one process first would."""
+
+    def write(engine: str, entry: str) -> Path:
+        script = tmp_path / "sigterm_on_one_rank.py"
+        script.write_text(_SIGTERM_ON_ONE_RANK.format(engine=engine, entry=entry))
+        return script
+
+    return write
+
+
 @pytest.fixture
 def start_python(child_env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen]]:
     """``start_python(*args, cwd=REPO, stdout=PIPE, stderr=PIPE)``: this interpreter with ``args`` started in a child

@@ -1,9 +1,12 @@
-"""Under torchrun, an error on one rank ends every rank with that one line (exit 2 for each worker), not with a
-backend traceback from the ranks that were waiting for it."""
+"""Under torchrun: an error on one rank ends every rank with that one line (exit 2 for each worker), not with a
+backend traceback from the ranks that were waiting for it; a stop on one rank stops all and resumes exactly."""
 
 from __future__ import annotations
 
 import re
+
+from projector_kd.checkpoint import load_checkpoint
+from projector_kd.signals import EXIT_STATUS_STOPPED
 
 
 def test_output_folder_refused_on_rank_0_ends_both_ranks_with_one_line(make_recipe, run_entry_on_two_ranks, tmp_path):
@@ -16,3 +19,28 @@ def test_output_folder_refused_on_rank_0_ends_both_ranks_with_one_line(make_reci
     # each worker exits 2, unless torchrun's SIGTERM to the workers still running reaches it first
     codes = re.findall(r"exitcode  : (-?\d+)", result.stderr)
     assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, result.stderr[-3000:]
+
+
+def test_stop_on_one_rank_inside_an_accumulation_window_resumes_bit_identical(
+    make_recipe, teacher_ckpt, run_torchrun, run_entry_on_two_ranks, sigterm_on_one_rank, tmp_path, same_run
+):
+    """Two gloo ranks, 3 steps per epoch, two micro-batches per optimizer step. Only rank 1 gets SIGTERM: the ranks'
+    vote stops both at the same step; the checkpoint holds both ranks' random streams and the open window's
+    gradients, and the resumed run ends bit-identical to an uninterrupted one."""
+    recipe = make_recipe("ddp", teacher_ckpt=teacher_ckpt, epochs=2, batch_size=4, student_dropout=0.2)
+    args = ("--config", recipe, "--seed", "0", "--opts", "train.optimizer.grad_accum_step", "2")
+    script = sigterm_on_one_rank("imagenet.engine", "imagenet.image_classification")
+
+    straight = run_entry_on_two_ranks(*args, "--output_dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = run_torchrun(script, "1", "1", "2", "--device", "cpu", *args, "--output_dir", tmp_path / "interrupted")
+    assert stopped.returncode == 1, stopped.stderr[-3000:]  # torchrun's status when a worker exits non-zero
+    # each worker exits 3 (stopped), unless torchrun's SIGTERM after the first one's exit reaches it first
+    codes = re.findall(r"exitcode  : (-?\d+)", stopped.stderr)
+    assert str(EXIT_STATUS_STOPPED) in codes and set(codes) <= {str(EXIT_STATUS_STOPPED), "-15"}, stopped.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")
+    assert state["epoch"] == 1 and state["global_step"] in (4, 5)  # at once, or one step later through the vote
+    assert len(state["rng_per_rank"]) == 2 and ("accumulated_grads" in state) == (state["global_step"] % 2 == 1)
+    resumed = run_entry_on_two_ranks(*args, "--output_dir", tmp_path / "interrupted")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_run(tmp_path / "straight", tmp_path / "interrupted")
