@@ -6,6 +6,7 @@ import contextlib
 import errno
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -278,40 +280,56 @@ def run_torchrun(run_python: Callable[..., subprocess.CompletedProcess]) -> Call
     return lambda *args, **options: run_python(*TORCHRUN_TWO_RANKS, *args, **options)
 
 
-_SIGTERM_ON_ONE_RANK = r"""
-import os, signal, sys
+def sigterm_before_step(engine: Any, epoch: int, step: int, only_rank: int | None = None) -> Callable:
+    """A stand-in for ``engine.progress`` (the training loop's progress bar) that sends SIGTERM to this process just
+    before training step ``step`` (1-based) of ``epoch`` starts — on the torchrun rank ``only_rank`` alone when given —
+    as a scheduler's stop would arrive."""
+    real = engine.progress
+
+    def progress(iterable, **kwargs):
+        if kwargs.get("desc") != f"epoch {epoch}" or only_rank not in (None, int(os.environ.get("RANK", 0))):
+            return real(iterable, **kwargs)
+
+        def batches():
+            for index, batch in enumerate(iterable, start=1):
+                if index == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        return batches()
+
+    return progress
+
+
+@pytest.fixture(scope="session")
+def sigterm_progress() -> Callable[..., Callable]:
+    """:func:`sigterm_before_step`."""
+    return sigterm_before_step
+
+
+_SIGTERM_ON_ONE_RANK = """
+import importlib, importlib.util, sys
 from projector_kd.errors import run_cli
-from {engine} import progress as real_progress
-import {engine} as engine
-from {entry} import main
 
+spec = importlib.util.spec_from_file_location("suite_helpers", {helpers!r})
+helpers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(helpers)
+engine = importlib.import_module({engine!r})
 rank, epoch, step = (int(value) for value in sys.argv[1:4])
-
-def progress(iterable, **kwargs):
-    if kwargs.get("desc") != f"epoch {{epoch}}" or int(os.environ["RANK"]) != rank:
-        return real_progress(iterable, **kwargs)
-    def batches():
-        for index, batch in enumerate(iterable, start=1):
-            if index == step:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
-    return batches()
-
-engine.progress = progress
-run_cli(main, sys.argv[4:])
+engine.progress = helpers.sigterm_before_step(engine, epoch, step, only_rank=rank)
+run_cli(importlib.import_module({entry!r}).main, sys.argv[4:])
 """
 
 
 @pytest.fixture
 def sigterm_on_one_rank(tmp_path: Path) -> Callable[[str, str], Path]:
     """``sigterm_on_one_rank(engine, entry)`` -> a script to run under torchrun in place of the entry point:
-    ``script RANK EPOCH STEP ARGS...`` runs ``entry``'s ``main(ARGS)`` and sends SIGTERM to rank RANK alone just
-    before its training step STEP (1-based) of EPOCH starts (by wrapping ``engine``'s progress bar), as a scheduler's
-    stop that reaches one process first would."""
+    ``script RANK EPOCH STEP ARGS...`` runs module ``entry``'s ``main(ARGS)`` with :func:`sigterm_before_step` on
+    module ``engine`` for rank RANK alone, as a scheduler's stop that reaches one process first would."""
 
     def write(engine: str, entry: str) -> Path:
         script = tmp_path / "sigterm_on_one_rank.py"
-        script.write_text(_SIGTERM_ON_ONE_RANK.format(engine=engine, entry=entry))
+        script.write_text(_SIGTERM_ON_ONE_RANK.format(helpers=__file__, engine=engine, entry=entry))
         return script
 
     return write

@@ -3,8 +3,6 @@ like the demo ones (WRN-10-1 student, WRN-10-2 teacher, 16 px, 3 classes) and he
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -452,51 +450,44 @@ def train_image_in_batch() -> Callable[..., Path]:
     return find
 
 
-def _sigterm_before(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
-    """Send SIGTERM to this process just before training step ``step`` (1-based) of ``epoch`` starts."""
-    from imagenet import engine
-
-    real = engine.progress
-
-    def progress(iterable, rank=0, **kwargs):
-        if kwargs.get("desc") != f"epoch {epoch}":
-            return real(iterable, rank=rank, **kwargs)
-
-        def batches():
-            for index, batch in enumerate(iterable, start=1):
-                if index == step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield batch
-
-        return batches()
-
-    monkeypatch.setattr(engine, "progress", progress)
-
-
 @pytest.fixture
-def sigterm_before() -> Callable[[pytest.MonkeyPatch, int, int], None]:
+def sigterm_before(sigterm_progress) -> Callable[[pytest.MonkeyPatch, int, int], None]:
     """``sigterm_before(monkeypatch, epoch, step)``: an in-process run receives SIGTERM just before training step
     ``step`` (1-based) of ``epoch`` starts, as a scheduler's stop would arrive."""
-    return _sigterm_before
+    from imagenet import engine
+
+    return lambda monkeypatch, epoch, step: monkeypatch.setattr(
+        engine, "progress", sigterm_progress(engine, epoch, step)
+    )
 
 
 @pytest.fixture
-def straight_and_stopped(cli, tmp_path, monkeypatch) -> Callable[..., tuple[dict, str]]:
-    """``straight_and_stopped(epoch, step, *args)``: the entry point (in this process, :func:`cli`) with ``args`` run
-    into ``tmp_path/straight`` to the end, then into ``tmp_path/interrupted`` with SIGTERM arriving just before
-    training step ``step`` (1-based) of ``epoch``. Asserts the first finished and the second stopped resumably;
-    returns the stopped run's checkpoint and its stderr."""
+def stopped_run(cli, monkeypatch, sigterm_before) -> Callable[..., tuple[dict, str]]:
+    """``stopped_run(epoch, step, output_dir, *args)``: the entry point (in this process, :func:`cli`) with ``args``
+    into ``output_dir``, SIGTERM arriving just before training step ``step`` (1-based) of ``epoch``. Asserts it stopped
+    resumably; returns its checkpoint and its stderr."""
     from projector_kd.checkpoint import load_checkpoint
     from projector_kd.signals import EXIT_STATUS_STOPPED
+
+    def run(epoch: int, step: int, output_dir: Path, *args: str | Path) -> tuple[dict, str]:
+        with monkeypatch.context() as patch:
+            sigterm_before(patch, epoch, step)
+            status, _, err = cli(*args, "--output_dir", output_dir)
+        assert status == EXIT_STATUS_STOPPED, err
+        return load_checkpoint(output_dir / "checkpoint.pth"), err
+
+    return run
+
+
+@pytest.fixture
+def straight_and_stopped(cli, tmp_path, stopped_run) -> Callable[..., tuple[dict, str]]:
+    """``straight_and_stopped(epoch, step, *args)``: the entry point with ``args`` run into ``tmp_path/straight`` to the
+    end, then :func:`stopped_run` into ``tmp_path/interrupted``; returns the stopped run's checkpoint and stderr."""
 
     def run(epoch: int, step: int, *args: str | Path) -> tuple[dict, str]:
         status, _, err = cli(*args, "--output_dir", tmp_path / "straight")
         assert status == 0, err
-        with monkeypatch.context() as patch:
-            _sigterm_before(patch, epoch, step)
-            status, _, err = cli(*args, "--output_dir", tmp_path / "interrupted")
-        assert status == EXIT_STATUS_STOPPED, err
-        return load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth"), err
+        return stopped_run(epoch, step, tmp_path / "interrupted", *args)
 
     return run
 

@@ -10,7 +10,6 @@ import pytest
 
 from projector_kd.checkpoint import atomic_save, load_checkpoint
 from projector_kd.data import CheckedImageFolder
-from projector_kd.signals import EXIT_STATUS_STOPPED
 
 
 @pytest.mark.parametrize(
@@ -77,16 +76,12 @@ def test_stop_inside_an_accumulation_window_resumes_bit_identical(
 
 
 def test_accumulation_checkpoint_with_other_gradients_is_refused_and_one_without_them_warns(
-    make_recipe, teacher_ckpt, cli, cli_error, tmp_path, monkeypatch, sigterm_before
+    make_recipe, teacher_ckpt, cli, cli_error, tmp_path, stopped_run
 ):
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=1)
     common = ("--config", recipe, "--seed", "0", "--opts", "train.optimizer.grad_accum_step", "2")
-    with monkeypatch.context() as patch:
-        sigterm_before(patch, 0, 1)
-        status, _, err = cli(*common, "--output_dir", tmp_path / "run")
-    assert status == EXIT_STATUS_STOPPED, err
+    stopped, _ = stopped_run(0, 1, tmp_path / "run", *common)
     checkpoint = tmp_path / "run" / "checkpoint.pth"
-    stopped = load_checkpoint(checkpoint)
     atomic_save({**stopped, "accumulated_grads": stopped["accumulated_grads"][:-1]}, checkpoint)
     assert cli_error(*common, "--output_dir", tmp_path / "run") == (
         f"error: checkpoint {checkpoint}: its accumulated gradients do not match this config's parameters — use "
@@ -100,18 +95,14 @@ def test_accumulation_checkpoint_with_other_gradients_is_refused_and_one_without
 
 
 def test_resumed_epoch_reads_only_the_batches_it_trains(
-    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, sigterm_before
+    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, stopped_run
 ):
     """Resuming at step 2 of a 3-step epoch reads the 8 images of the last batch only (no decoding to skip), and a
     checkpoint of the earlier layout (``epoch_rng``, batches replayed) resumes with one warning line."""
     recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, num_workers=0)
     common = ("--config", recipe, "--seed", "0")
-    with monkeypatch.context() as patch:
-        sigterm_before(patch, 1, 2)
-        status, _, err = cli(*common, "--output_dir", tmp_path / "run")
-    assert status == EXIT_STATUS_STOPPED, err
+    stopped, _ = stopped_run(1, 2, tmp_path / "run", *common)
     checkpoint = tmp_path / "run" / "checkpoint.pth"
-    stopped = load_checkpoint(checkpoint)
     assert "epoch_rng" not in stopped
 
     reads = []
