@@ -52,7 +52,7 @@ from projector_kd.runs import (
     tensorboard_writer,
     write_json,
 )
-from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
+from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop, stop_cause  # noqa: E402
 
 REPO_ROOT = _HERE.parent
 RESUME_FILE = "checkpoint.pth"
@@ -308,11 +308,12 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         means = trainer.train_epoch(train_loader, epoch, trained_from, stop)
         if means is None:
             message = (
-                f"stopped by {getattr(stop, 'signal_name', None) or 'request'} during epoch {epoch}; "
+                f"stopped by {stop_cause(stop, env.distributed)} during epoch {epoch}; "
                 f"resumable checkpoint {output / RESUME_FILE} written — run the same command to continue"
             )
             logger.warning(message)
-            print(f"stopped: {message}", file=sys.stderr, flush=True)
+            if env.is_main:  # one line for the whole run
+                print(f"stopped: {message}", file=sys.stderr, flush=True)
             return EXIT_STATUS_STOPPED
         last = epoch == epochs - 1
         validate = (epoch + 1) % cfg["train"]["eval_freq"] == 0 or last

@@ -37,6 +37,7 @@ from projector_kd.evaluation import evaluate_classifier
 from projector_kd.fast import autocast_context
 from projector_kd.runs import progress
 from projector_kd.sampling import training_sampler
+from projector_kd.signals import stop_cause
 from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device
 
 logger = logging.getLogger(__name__)
@@ -460,7 +461,7 @@ def train_one_epoch(ctx: LoopContext, run: RunState, recorder: TermRecorder) -> 
             _finish_pending(ctx, run)
             save_checkpoint(ctx, run, best=False)
             raise TrainingStopped(
-                f"stopped by {ctx.stop.signal_name or 'a signal'} at epoch {run.epoch} step {run.step_in_epoch}; "
+                f"stopped by {stop_cause(ctx.stop, ctx.distributed)} at epoch {run.epoch} step {run.step_in_epoch}; "
                 f"resumable checkpoint {ctx.output_dir / LAST_CHECKPOINT} — rerun the same command to continue"
             )
     _finish_pending(ctx, run)

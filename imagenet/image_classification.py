@@ -427,7 +427,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                 run_state = train(ctx, run_state)
         except TrainingStopped as stopped:
             log.warning("%s", stopped)
-            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+            if env.is_main:  # one line for the whole run
+                print(f"stopped: {stopped}", file=sys.stderr, flush=True)
             return EXIT_STATUS_STOPPED
         history = run_state.history
         trained = run_state

@@ -43,3 +43,12 @@ class GracefulStop:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def stop_cause(stop: Any, distributed: bool) -> str:
+    """What stopped a run, for its last line: the signal this process received; else, in a multi-process run,
+    another process's (it reached this one through the ranks' stop vote); else a request from the calling code."""
+    name = getattr(stop, "signal_name", None)
+    if name:
+        return name
+    return "a signal to another process of the run" if distributed else "request"

@@ -46,8 +46,13 @@ def test_stop_on_one_rank_stops_both_and_resumes_bit_identical(tmp_path, train_a
     # each worker exits 3 (stopped), unless torchrun's SIGTERM after the first one's exit reaches it first
     codes = re.findall(r"exitcode  : (-?\d+)", stopped.stderr)
     assert str(EXIT_STATUS_STOPPED) in codes and set(codes) <= {str(EXIT_STATUS_STOPPED), "-15"}, stopped.stderr[-3000:]
-    state = torch.load(tmp_path / "interrupted" / "checkpoint.pth", weights_only=True)
+    checkpoint = tmp_path / "interrupted" / "checkpoint.pth"
+    state = torch.load(checkpoint, weights_only=True)
     assert state["epoch"] == 1 and state["next_batch"] in (2, 3)  # at once, or one step later through the vote
+    assert [line for line in stopped.stderr.splitlines() if line.startswith("stopped: ")] == [
+        f"stopped: stopped by a signal to another process of the run during epoch 1; resumable checkpoint "
+        f"{checkpoint} written — run the same command to continue"
+    ]  # printed once, by rank 0, which did not receive the signal itself
     assert len(state["rng"]) == 2
     resumed = run_torchrun("deit/main.py", *train_argv(tmp_path / "interrupted", "--epochs", "2"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -38,8 +38,13 @@ def test_stop_on_one_rank_inside_an_accumulation_window_resumes_bit_identical(
     # each worker exits 3 (stopped), unless torchrun's SIGTERM after the first one's exit reaches it first
     codes = re.findall(r"exitcode  : (-?\d+)", stopped.stderr)
     assert str(EXIT_STATUS_STOPPED) in codes and set(codes) <= {str(EXIT_STATUS_STOPPED), "-15"}, stopped.stderr[-3000:]
-    state = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pth")
+    checkpoint = tmp_path / "interrupted" / "checkpoint.pth"
+    state = load_checkpoint(checkpoint)
     assert state["epoch"] == 1 and state["global_step"] in (4, 5)  # at once, or one step later through the vote
+    assert [line for line in stopped.stderr.splitlines() if line.startswith("stopped: ")] == [
+        f"stopped: stopped by a signal to another process of the run at epoch 1 step {state['step_in_epoch']}; "
+        f"resumable checkpoint {checkpoint} — rerun the same command to continue"
+    ]  # printed once, by rank 0, which did not receive the signal itself
     assert len(state["rng_per_rank"]) == 2 and ("accumulated_grads" in state) == (state["global_step"] % 2 == 1)
     resumed = run_entry_on_two_ranks(*args, "--output_dir", tmp_path / "interrupted")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch
 
 from projector_kd.distributed import all_reduce_sum, init_distributed, is_main_process, seed_everything
 from projector_kd.errors import UserError
-from projector_kd.signals import GracefulStop
+from projector_kd.signals import GracefulStop, stop_cause
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -19,6 +19,14 @@ def test_signal_sets_flag_and_handlers_are_restored(signum):
         os.kill(os.getpid(), signum)
         assert stop.requested and stop.signal_name == signal.Signals(signum).name
     assert signal.getsignal(signum) == before
+    assert stop_cause(stop, distributed=True) == signal.Signals(signum).name
+
+
+def test_a_stop_without_a_signal_here_names_another_process_or_the_calling_code():
+    with GracefulStop() as stop:
+        stop.requested = True  # as the ranks' vote or a caller's stop object sets it
+        assert stop_cause(stop, distributed=True) == "a signal to another process of the run"
+        assert stop_cause(stop, distributed=False) == "request"
 
 
 def test_plain_run_environment(monkeypatch):
