@@ -32,6 +32,7 @@ from deit.datasets import build_loaders, check_data  # noqa: E402
 from deit.engine import CHECKPOINT_FORMAT, Trainer, evaluate_student  # noqa: E402
 from deit.models import build_student, create_teacher  # noqa: E402
 from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from projector_kd.data import worker_failures_plainly  # noqa: E402
 from projector_kd.distributed import (
     DistEnv,
     cleanup,
@@ -305,7 +306,8 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     for epoch in range(start_epoch, epochs):
         epoch_started = time.perf_counter()
         trained_from, start_batch = start_batch, 0
-        means = trainer.train_epoch(train_loader, epoch, trained_from, stop)
+        with worker_failures_plainly("training"):  # a worker may die while a step runs, not only in a fetch
+            means = trainer.train_epoch(train_loader, epoch, trained_from, stop)
         if means is None:
             message = (
                 f"stopped by {stop_cause(stop, env.distributed)} during epoch {epoch}; "

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
 from projector_kd.checkpoint import atomic_save, capture_rng_state, load_state_exactly, restore_rng_state
-from projector_kd.data import checkpoint_on_data_error
+from projector_kd.data import checkpoint_on_data_error, worker_failures_plainly
 from projector_kd.distributed import barrier
 from projector_kd.errors import NonFiniteLossError, UserError
 from projector_kd.evaluation import evaluate_classifier
@@ -475,7 +475,8 @@ def train(ctx: LoopContext, run: RunState) -> RunState:
     student = unwrap(student_of(box))
     while run.epoch < box.num_epochs:
         trained_from = run.step_in_epoch
-        train_one_epoch(ctx, run, recorder)
+        with worker_failures_plainly("training"):  # a worker may die while a step runs, not only in a fetch
+            train_one_epoch(ctx, run, recorder)
         if not all(math.isfinite(p.detach().float().sum().item()) for p in student.parameters()):
             raise NonFiniteLossError(f"non-finite student weights after epoch {run.epoch}; {_kept_checkpoint(ctx)}")
         if run.step_in_epoch > trained_from:  # the epoch's training is kept before validation can fail or be killed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -202,18 +203,15 @@ def worker_failure(error: BaseException, during: str) -> LoaderWorkerError | Non
     )
 
 
-def raise_worker_errors_plainly(batches: Iterable, during: str) -> Iterator:
-    """Iterate ``batches`` (read ``during``, e.g. ``"training"``); a loader worker's failure ends in one line: a
-    UserError raised in a worker (re-raised by PyTorch with the worker's traceback in its message) with just its own
-    message, a worker that died, timed out or raised anything else with :func:`worker_failure`'s line."""
+@contextlib.contextmanager
+def worker_failures_plainly(during: str) -> Iterator[None]:
+    """Within the block, PyTorch's report of a loader worker that died, timed out or raised becomes
+    :func:`worker_failure`'s one line. Its SIGCHLD handler raises the report wherever the main process is (inside a
+    training step too, not only while a batch is fetched), so the loops run their whole body in this block."""
     try:
-        yield from batches
-    except UserError as err:
-        text = str(err)
-        if "Original Traceback" not in text:
-            raise
-        last = text.rstrip().splitlines()[-1]
-        raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+        yield
+    except UserError:
+        raise
     except Exception as err:
         failure = worker_failure(err, during)
         if failure is None:
@@ -221,20 +219,38 @@ def raise_worker_errors_plainly(batches: Iterable, during: str) -> Iterator:
         raise failure from None
 
 
+def raise_worker_errors_plainly(batches: Iterable, during: str) -> Iterator:
+    """Iterate ``batches`` (read ``during``, e.g. ``"training"``); a loader worker's failure ends in one line: a
+    UserError raised in a worker (re-raised by PyTorch with the worker's traceback in its message) with just its own
+    message, a worker that died, timed out or raised anything else with :func:`worker_failure`'s line."""
+    with worker_failures_plainly(during):
+        try:
+            yield from batches
+        except UserError as err:
+            text = str(err)
+            if "Original Traceback" not in text:
+                raise
+            last = text.rstrip().splitlines()[-1]
+            raise type(err)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
 def checkpoint_on_data_error(batches: Iterable, save: Callable[[], str | None]) -> Iterator:
-    """Iterate a training loader's ``batches``; a :class:`DataError` it raises (an image that turned out unreadable in
-    the middle of an epoch) first calls ``save()``, which writes a resumable checkpoint at the current position and
-    names it (or returns None when there is nothing to save), then is re-raised as one line saying so."""
+    """Iterate a training loader's ``batches``; a :class:`DataError` (an image that turned out unreadable in the
+    middle of an epoch) or a :class:`LoaderWorkerError` (a worker that died, timed out or raised) first calls
+    ``save()``, which writes a resumable checkpoint at the current position and names it (or returns None when there
+    is nothing to save), then is re-raised as one line saying so. The model is intact: only the data failed."""
     try:
         yield from raise_worker_errors_plainly(batches, "training")
-    except DataError as error:
+    except (DataError, LoaderWorkerError) as error:
         saved = save()
         if saved is None:
             raise
-        raise DataError(
-            f"{error}. A resumable checkpoint was written first: {saved} — after fixing the file, run "
-            f"the same command again to continue"
-        ) from None
+        if isinstance(error, DataError):
+            raise DataError(
+                f"{error}. A resumable checkpoint was written first: {saved} — after fixing the file, run "
+                f"the same command again to continue"
+            ) from None
+        raise LoaderWorkerError(f"{error}. A resumable checkpoint was written first: {saved}") from None
 
 
 class CheckedImageFolder(ImageFolder):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from projector_kd.data import raise_worker_errors_plainly
+from projector_kd.data import raise_worker_errors_plainly, worker_failures_plainly
 from projector_kd.distributed import all_reduce_sum
 from projector_kd.fast import autocast_context
 from projector_kd.runs import progress
@@ -38,20 +38,20 @@ def evaluate_classifier(
     autocast = autocast_context(device.type, autocast_dtype)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, dtype=torch.float64, device=device)
+    during = f"evaluating ({desc})"
     try:
-        for batch in progress(
-            raise_worker_errors_plainly(loader, f"evaluating ({desc})"), rank=rank, desc=desc, total=len(loader)
-        ):
-            images = batch[0].to(device, non_blocking=True)
-            targets = batch[1].to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = model(images).float()
-            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
-            loss = criterion(logits, targets) if with_loss else torch.zeros((), device=device)
-            count = torch.tensor(targets.numel(), device=device)
-            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, count]).double()
+        with worker_failures_plainly(during):  # a worker may also die while the model runs
+            for batch in progress(raise_worker_errors_plainly(loader, during), rank=rank, desc=desc, total=len(loader)):
+                images = batch[0].to(device, non_blocking=True)
+                targets = batch[1].to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    logits = model(images).float()
+                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+                loss = criterion(logits, targets) if with_loss else torch.zeros((), device=device)
+                count = torch.tensor(targets.numel(), device=device)
+                sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, count]).double()
         all_reduce_sum(sums)
     finally:
         model.train(was_training)

@@ -1,12 +1,14 @@
-"""Loader workers that die or raise an unexpected error while the ResNet track evaluates end the run in one line naming
-what failed and what to do (exit 2); the epoch's training was checkpointed before its validation, so the rerun of the
-same command validates it and goes on exactly as an uninterrupted run."""
+"""Loader workers that die or raise an unexpected error while the ResNet track trains or evaluates end the run in one
+line naming what failed and what to do (exit 2). In training a resumable checkpoint at that position is written first;
+an epoch's training is checkpointed before its validation. Either way the rerun of the same command goes on exactly as
+an uninterrupted run."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import time
 
 from projector_kd.checkpoint import load_checkpoint
 
@@ -61,6 +63,50 @@ def test_worker_killed_during_validation_is_one_line_and_the_rerun_validates_the
     status, out, err = cli("--config", recipe, "--seed", "0")
     assert status == 0, err
     assert "epoch 1 was trained before the resume: validating it" in out
+    same_run(tmp_path / "straight", tmp_path / "run")
+
+
+def test_worker_killed_during_training_is_one_line_and_the_rerun_continues_exactly(
+    make_recipe, cli, tmp_path, monkeypatch, same_run
+):
+    """Two workers, three batches of 8 per epoch: worker 0 reads batches 0 and 2 and dies at the first image of batch
+    2, a second after reading it, when the main process has trained batches 0 and 1 and waits for batch 2. The model is
+    intact, so it first writes a resumable checkpoint at that position; one line; the rerun of the same command ends
+    exactly as an uninterrupted run. (A death noticed inside a step keeps the last checkpoint instead: the block
+    around the loop names it in one line too, see tests/projector_kd/test_data.py.)"""
+    from projector_kd import data as data_module
+
+    recipe = make_recipe("run", method="baseline", epochs=2, num_workers=2)
+    status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")
+    assert status == 0, err
+    real_load, parent, reads = data_module.load_rgb, os.getpid(), {"count": 0}
+
+    def load_rgb(path, *args, **kwargs):
+        if os.getpid() != parent and f"{os.sep}train{os.sep}" in str(path):
+            reads["count"] += 1  # this worker's own count (forked with 0)
+            if reads["count"] == 9:
+                time.sleep(1.0)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_load(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "load_rgb", load_rgb)
+        status, _, err = cli("--config", recipe, "--seed", "0")
+    assert status == 2
+    checkpoint = tmp_path / "run" / "checkpoint.pth"
+    state = load_checkpoint(checkpoint)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
+    assert re.fullmatch(
+        r"error: a data-loader worker \(pid \d+\) (exited unexpectedly|was killed by signal: Killed) while training — "
+        r"most often the system ran out of memory and killed it: lower the number of loader workers \(num_workers\) "
+        r"or the batch size, or free memory, then run the same command again\. A resumable checkpoint was written "
+        rf"first: {re.escape(str(checkpoint))} \(epoch 0, step 2\)\n",
+        err,
+    ), err
+
+    status, out, err = cli("--config", recipe, "--seed", "0")
+    assert status == 0, err
+    assert f"resuming from {checkpoint} at epoch 0 step 2" in out
     same_run(tmp_path / "straight", tmp_path / "run")
 
 

@@ -1,15 +1,24 @@
-"""Dataset layout checks, unreadable images named or skipped, and the bundled digits ImageFolder."""
+"""Dataset layout checks, unreadable images named or skipped, loader workers' failures in one line, and the bundled
+digits ImageFolder."""
+
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from projector_kd.data import (
     CheckedImageFolder,
     DataError,
+    LoaderWorkerError,
     check_image_folder,
+    checkpoint_on_data_error,
     raise_worker_errors_plainly,
     worker_failure,
+    worker_failures_plainly,
     write_digits_imagefolder,
 )
 from projector_kd.errors import UserError
@@ -194,6 +203,64 @@ def test_loader_worker_failures_end_in_one_line(error, line):
     with pytest.raises(UserError) as raised:
         next(batches)
     assert str(raised.value).startswith(line) and "\n" not in str(raised.value)
+
+
+def test_a_worker_failure_while_training_writes_the_resumable_checkpoint_first():
+    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+    saves = []
+
+    def save():
+        saves.append(1)
+        return "run/checkpoint.pth (epoch 1, step 2)"
+
+    batches = checkpoint_on_data_error(_failing(killed), save)
+    assert next(batches) == 1 and not saves
+    with pytest.raises(LoaderWorkerError) as raised:
+        next(batches)
+    assert saves == [1] and str(raised.value).endswith(
+        "free memory, then run the same command again. A resumable checkpoint was written first: run/checkpoint.pth "
+        "(epoch 1, step 2)"
+    )
+    batches = checkpoint_on_data_error(_failing(killed), lambda: None)  # nothing to save: the line alone
+    next(batches)
+    with pytest.raises(LoaderWorkerError) as raised:
+        next(batches)
+    assert str(raised.value).endswith("then run the same command again")
+
+
+class _Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        time.sleep(0.05)
+        return index
+
+
+def test_a_worker_killed_while_the_main_process_computes_ends_in_one_line():
+    """PyTorch's SIGCHLD handler raises the worker's death wherever the main process is, here in plain Python code
+    between two fetches (as inside a training step): the block turns it into the one line."""
+    batches = iter(torch.utils.data.DataLoader(_Slow(), batch_size=2, num_workers=1))
+    next(batches)
+    worker = batches._workers[0].pid
+    with pytest.raises(LoaderWorkerError) as raised:
+        with worker_failures_plainly("training"):
+            os.kill(worker, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # busy Python code: the handler runs between its bytecodes
+                sum(range(1000))
+    assert str(raised.value).startswith(
+        f"a data-loader worker (pid {worker}) was killed by signal: Killed while training — most often the system "
+    )
+    del batches
+
+
+def test_the_block_passes_other_errors_and_user_errors_through():
+    for error in (RuntimeError("CUDA error: out of memory"), UserError("named file")):
+        with pytest.raises(type(error)) as raised:
+            with worker_failures_plainly("training"):
+                raise error
+        assert raised.value is error
 
 
 def test_other_errors_pass_through_unchanged():
