@@ -42,19 +42,28 @@ def cannot_write(path: str | os.PathLike, error: OSError, kept: str = "") -> Out
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2.
+    """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2, as
+    does a data-loader worker's failure that no loop named (:func:`projector_kd.data.worker_failure`: PyTorch may
+    report it at any point of the main process).
 
     Under torchrun the run prints the line once: every rank exits 2, and a rank whose collective failed because
     another rank stopped on a user error ends quietly instead of with the backend's traceback."""
+    from .data import worker_failure
     from .distributed import peer_reported_error, report_user_error
+
+    def exit_with(error: UserError) -> None:
+        if report_user_error(str(error)):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     try:
         status = main(argv)
     except UserError as error:
-        if report_user_error(str(error)):
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except Exception:
+        exit_with(error)
+    except Exception as error:
+        failure = worker_failure(error, "running")
+        if failure is not None:
+            exit_with(failure)
         if peer_reported_error() is None:
             raise
         sys.exit(2)
