@@ -41,7 +41,7 @@ from projector_kd.distributed import (
     run_on_main,  # noqa: E402
     seed_everything,
 )
-from projector_kd.errors import UserError, run_cli  # noqa: E402
+from projector_kd.errors import UserError, out_of_memory, run_cli  # noqa: E402
 from projector_kd.models import count_parameters  # noqa: E402
 from projector_kd.runs import (
     close_logging,
@@ -57,6 +57,10 @@ from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop, stop_cause  
 
 REPO_ROOT = _HERE.parent
 RESUME_FILE = "checkpoint.pth"
+OUT_OF_MEMORY_HINT = (
+    "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay), or "
+    "add --fast (bf16 activations)"
+)
 logger = logging.getLogger("deit")
 
 
@@ -392,6 +396,8 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
             return train(cfg, args, env, stop)
         with GracefulStop() as signals:
             return train(cfg, args, env, signals)
+    except torch.cuda.OutOfMemoryError as error:
+        raise out_of_memory(error, OUT_OF_MEMORY_HINT) from None
     finally:
         cleanup()
         close_logging()

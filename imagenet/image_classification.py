@@ -56,7 +56,7 @@ from projector_kd.checkpoint import load_checkpoint, load_state_exactly
 from projector_kd.config import apply_overrides
 from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
 from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
-from projector_kd.errors import UserError, run_cli
+from projector_kd.errors import UserError, out_of_memory, run_cli
 from projector_kd.evaluation import evaluate_classifier
 from projector_kd.models import count_parameters
 from projector_kd.runs import (
@@ -75,6 +75,10 @@ from projector_kd.sampling import resumable_loader
 from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
+OUT_OF_MEMORY_HINT = (
+    "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
+    "same factor (the global batch stays), or add --fast (bf16 activations)"
+)
 
 
 def get_argparser() -> argparse.ArgumentParser:
@@ -281,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = init_distributed(args.device)
     try:
         return run(args, recipe, recipe_path, env)
+    except torch.cuda.OutOfMemoryError as error:
+        raise out_of_memory(error, OUT_OF_MEMORY_HINT) from None
     finally:
         cleanup()
         close_logging()

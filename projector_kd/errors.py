@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -39,6 +40,19 @@ def cannot_write(path: str | os.PathLike, error: OSError, kept: str = "") -> Out
     reason = error.strerror or str(error) or type(error).__name__
     hint = _OUTPUT_HINTS.get(error.errno, "check the path and the disk")
     return OutputError(f"cannot write {os.fspath(path)}: {reason} — {hint}" + (f"; {kept}" if kept else ""))
+
+
+def out_of_memory(error: BaseException, hint: str) -> UserError | None:
+    """The one-line :class:`UserError` for PyTorch's out-of-memory error (``torch.cuda.OutOfMemoryError``), naming
+    what the failed allocation asked for and ``hint`` (what to lower); None for any other error. Nothing was written
+    for the step that ran out, so the checkpoints already written are intact."""
+    import torch
+
+    if not isinstance(error, torch.cuda.OutOfMemoryError):
+        return None
+    asked = re.search(r"Tried to allocate ([\d.]+ ?[KMGTP]?i?B)", str(error))
+    what = f" (an allocation of {asked.group(1)} failed)" if asked else ""
+    return UserError(f"out of GPU memory{what} — {hint}; the checkpoints already written are intact")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:

@@ -37,3 +37,31 @@ def test_device_in_a_config_file_uses_the_same_names(cli, tmp_path, train_argv):
     status, err = cli(argv)
     assert status == 2
     assert err == "error: config: device = 'gpu' is out of range (must be cpu, cuda or cuda:N)\n"
+
+
+GPU_OUT_OF_MEMORY = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free."
+)
+
+
+def test_out_of_gpu_memory_in_a_step_is_one_line_with_what_to_lower(cli, tmp_path, train_argv, monkeypatch):
+    from deit.engine import Trainer
+
+    state = {"steps": 0}
+    real_step = Trainer.train_step
+
+    def train_step(self, images, targets):
+        state["steps"] += 1
+        if state["steps"] == 12:  # epoch 1, after epoch 0's checkpoints
+            raise torch.cuda.OutOfMemoryError(GPU_OUT_OF_MEMORY)
+        return real_step(self, images, targets)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    status, err = cli(train_argv(tmp_path / "run"))
+    assert status == 2
+    assert err == (
+        "error: out of GPU memory (an allocation of 2.00 GiB failed) — lower --batch-size and raise --accum-iter by "
+        "the same factor (the global batch and the learning rate stay), or add --fast (bf16 activations); the "
+        "checkpoints already written are intact\n"
+    )
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 1

@@ -29,3 +29,25 @@ def test_cuda_index_past_the_visible_gpus_is_refused(make_recipe, cli, tmp_path,
     assert status == 2
     assert err == "error: --device cuda:1: only 1 CUDA device is visible (cuda:0 to cuda:0)\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_out_of_gpu_memory_in_a_step_is_one_line_with_what_to_lower(make_recipe, cli, tmp_path, monkeypatch):
+    from imagenet import engine
+
+    real_step = engine.train_step
+
+    def train_step(ctx, run, *args):
+        if run.global_step == 4:  # epoch 1, after epoch 0's checkpoints
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has 1 GiB free.")
+        return real_step(ctx, run, *args)
+
+    monkeypatch.setattr(engine, "train_step", train_step)
+    status, _, err = cli("--config", make_recipe("run", method="baseline", epochs=2), "--seed", "0")
+    assert status == 2
+    assert err == (
+        "error: out of GPU memory (an allocation of 512.00 MiB failed) — lower "
+        "train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the same "
+        "factor (the global batch stays), or add --fast (bf16 activations); the checkpoints already written are "
+        "intact\n"
+    )
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 1

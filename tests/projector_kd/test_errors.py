@@ -1,9 +1,10 @@
 """run_cli: a user error, or a loader worker's failure reported outside any loop, is one line and exit status 2;
-anything else keeps its traceback."""
+anything else keeps its traceback. out_of_memory: PyTorch's GPU out-of-memory error as one line."""
 
 import pytest
+import torch
 
-from projector_kd.errors import UserError, run_cli
+from projector_kd.errors import UserError, out_of_memory, run_cli
 
 
 def _run(main, capsys) -> tuple[int, str, str]:
@@ -44,3 +45,13 @@ def test_other_errors_keep_their_traceback_and_a_status_is_passed_on(capsys):
         run_cli(_raise(RuntimeError("CUDA error: out of memory")), [])
     assert _run(lambda argv: 3, capsys)[0] == 3
     assert _run(lambda argv: None, capsys)[0] == 0
+
+
+def test_out_of_memory_names_the_failed_allocation_and_the_hint():
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has 3 MiB free.")
+    assert str(out_of_memory(error, "lower the batch size")) == (
+        "out of GPU memory (an allocation of 20.00 MiB failed) — lower the batch size; the checkpoints already written "
+        "are intact"
+    )
+    assert str(out_of_memory(torch.cuda.OutOfMemoryError("out of memory"), "x")).startswith("out of GPU memory — x;")
+    assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"), "x") is None  # not the OOM type
