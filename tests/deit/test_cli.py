@@ -53,7 +53,7 @@ def test_train_from_inside_deit_then_evaluate_a_release_layout_checkpoint(
     assert f"{release} on 12 val images: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}" in result.stdout
 
 
-def test_evaluation_errors_are_one_line(tmp_path, run_python, repo):
+def test_evaluation_errors_are_one_line(tmp_path, run_python, repo, cli):
     result = run_python(repo / "deit" / "main.py", "--model", "tiny", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(
@@ -63,15 +63,13 @@ def test_evaluation_errors_are_one_line(tmp_path, run_python, repo):
     cfg = load_config("tiny")
     ckpt = tmp_path / "tiny.pth"
     torch.save({"model": build_student(cfg, 3024).state_dict()}, ckpt)
-    result = run_python(
-        "deit/main.py", "--model", "tiny", "--ckpt", ckpt, "--data-path", tmp_path / "imagenet", "--device", "cpu"
+    status, err = cli(
+        ["--model", "tiny", "--ckpt", str(ckpt), "--data-path", str(tmp_path / "imagenet"), "--device", "cpu"]
     )
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert f"error: dataset folder {tmp_path / 'imagenet'} does not exist — expected {tmp_path}/imagenet/val" in (
-        result.stderr
-    )
-    result = run_python("deit/main.py", "--model", "base")
-    assert result.returncode == 2 and "error: unknown model 'base'" in result.stderr
+    assert status == 2 and err.count("\n") == 1
+    assert f"error: dataset folder {tmp_path / 'imagenet'} does not exist — expected {tmp_path}/imagenet/val" in err
+    status, err = cli(["--model", "base"])
+    assert status == 2 and "error: unknown model 'base'" in err
 
 
 def test_throughput_mode(run_python):
