@@ -59,7 +59,7 @@ REPO_ROOT = _HERE.parent
 RESUME_FILE = "checkpoint.pth"
 OUT_OF_MEMORY_HINT = (
     "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay), or "
-    "add --fast (bf16 activations)"
+    "add --fast (bf16 activations); the checkpoints already written are intact"
 )
 logger = logging.getLogger("deit")
 

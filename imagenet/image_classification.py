@@ -77,7 +77,7 @@ from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
 logger = logging.getLogger("imagenet")
 OUT_OF_MEMORY_HINT = (
     "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
-    "same factor (the global batch stays), or add --fast (bf16 activations)"
+    "same factor (the global batch stays), or add --fast (bf16 activations); the checkpoints already written are intact"
 )
 
 

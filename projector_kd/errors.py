@@ -44,21 +44,20 @@ def cannot_write(path: str | os.PathLike, error: OSError, kept: str = "") -> Out
 
 def out_of_memory(error: BaseException, hint: str) -> UserError | None:
     """The one-line :class:`UserError` for PyTorch's out-of-memory error (``torch.cuda.OutOfMemoryError``), naming
-    what the failed allocation asked for and ``hint`` (what to lower); None for any other error. Nothing was written
-    for the step that ran out, so the checkpoints already written are intact."""
+    what the failed allocation asked for and ``hint`` (what to lower); None for any other error."""
     import torch
 
     if not isinstance(error, torch.cuda.OutOfMemoryError):
         return None
     asked = re.search(r"Tried to allocate ([\d.]+ ?[KMGTP]?i?B)", str(error))
     what = f" (an allocation of {asked.group(1)} failed)" if asked else ""
-    return UserError(f"out of GPU memory{what} — {hint}; the checkpoints already written are intact")
+    return UserError(f"out of GPU memory{what} — {hint}")
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2, as
-    does a data-loader worker's failure that no loop named (:func:`projector_kd.data.worker_failure`: PyTorch may
-    report it at any point of the main process).
+    do a data-loader worker's failure that no loop named (:func:`projector_kd.data.worker_failure`: PyTorch may
+    report it at any point of the main process) and running out of GPU memory (:func:`out_of_memory`).
 
     Under torchrun the run prints the line once: every rank exits 2, and a rank whose collective failed because
     another rank stopped on a user error ends quietly instead of with the backend's traceback."""
@@ -75,7 +74,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except UserError as error:
         exit_with(error)
     except Exception as error:
-        failure = worker_failure(error, "running")
+        failure = worker_failure(error, "running") or out_of_memory(error, "lower the batch size")
         if failure is not None:
             exit_with(failure)
         if peer_reported_error() is None:

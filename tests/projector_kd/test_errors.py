@@ -40,6 +40,14 @@ def test_a_worker_failure_reported_outside_the_loops_is_one_line(capsys):
     )
 
 
+def test_out_of_gpu_memory_that_no_entry_point_named_is_one_line(capsys):
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has 1 GiB free.")
+    assert _run(_raise(error), capsys)[::2] == (
+        2,
+        "error: out of GPU memory (an allocation of 8.00 GiB failed) — lower the batch size\n",
+    )
+
+
 def test_other_errors_keep_their_traceback_and_a_status_is_passed_on(capsys):
     with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
         run_cli(_raise(RuntimeError("CUDA error: out of memory")), [])
@@ -50,8 +58,7 @@ def test_other_errors_keep_their_traceback_and_a_status_is_passed_on(capsys):
 def test_out_of_memory_names_the_failed_allocation_and_the_hint():
     error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has 3 MiB free.")
     assert str(out_of_memory(error, "lower the batch size")) == (
-        "out of GPU memory (an allocation of 20.00 MiB failed) — lower the batch size; the checkpoints already written "
-        "are intact"
+        "out of GPU memory (an allocation of 20.00 MiB failed) — lower the batch size"
     )
-    assert str(out_of_memory(torch.cuda.OutOfMemoryError("out of memory"), "x")).startswith("out of GPU memory — x;")
+    assert str(out_of_memory(torch.cuda.OutOfMemoryError("out of memory"), "x")) == "out of GPU memory — x"
     assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"), "x") is None  # not the OOM type
