@@ -94,10 +94,15 @@ def optimized_parameters(box: Any) -> list[nn.Parameter]:
     return [param for group in box.optimizer.param_groups for param in group["params"]]
 
 
+def accumulation_steps(box: Any) -> int:
+    """Micro-batches per optimizer step: torchdistill's ``grad_accum_step`` (1 without accumulation)."""
+    return getattr(box, "grad_accum_step", None) or 1
+
+
 def window_open(box: Any, global_step: int) -> bool:
-    """Whether ``global_step`` micro-batches end inside a gradient-accumulation window (``grad_accum_step`` > 1):
-    gradients are accumulated that the next optimizer step still needs."""
-    return global_step % (getattr(box, "grad_accum_step", None) or 1) != 0
+    """Whether ``global_step`` micro-batches end inside a gradient-accumulation window: gradients are accumulated
+    that the next optimizer step still needs."""
+    return global_step % accumulation_steps(box) != 0
 
 
 def training_state(box: Any, run: RunState, rng_per_rank: list | None = None) -> dict:
@@ -199,7 +204,7 @@ def _restore_accumulated_grads(box: Any, state: dict, path: Path) -> None:
             "without its earlier micro-batches (training continues, but not bit for bit)",
             path,
             global_step,
-            box.grad_accum_step,
+            accumulation_steps(box),
         )
         return
     if not window_open(box, global_step):
@@ -208,7 +213,7 @@ def _restore_accumulated_grads(box: Any, state: dict, path: Path) -> None:
             "run's grad_accum_step %s: they are dropped (training continues, but not bit for bit)",
             path,
             global_step,
-            getattr(box, "grad_accum_step", 1),
+            accumulation_steps(box),
         )
         return
     params = optimized_parameters(box)
