@@ -1,5 +1,5 @@
 """Benchmark and parity helpers of the DeiT track: its training step with random networks, and the check that the
-fast path computes the release recipe's loss and gradients (:mod:`projector_kd.parity`)."""
+fast path computes the release recipe's loss and gradients (:mod:`projector_kd.engine.parity`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from projector_kd.distributed import DistEnv, seed_everything
-from projector_kd.errors import UserError
-from projector_kd.parity import Result, judge_parity, strict_fp32, synthetic_batch
+from projector_kd.engine.distributed import DistEnv, seed_everything
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.parity import Result, judge_parity, strict_fp32, synthetic_batch
 
 from .engine import Trainer
 

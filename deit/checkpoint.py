@@ -1,7 +1,7 @@
 """Loading student checkpoints (release layout or this project's) safely and exactly.
 
 Both layouts are ``{'model': state_dict, ...}``: the release adds ``optimizer``, ``lr_scheduler``, ``max_accuracy``,
-``epoch`` and a pickled yacs ``config`` (read by :func:`projector_kd.checkpoint.load_checkpoint` with
+``epoch`` and a pickled yacs ``config`` (read by :func:`projector_kd.engine.checkpoint.load_checkpoint` with
 ``weights_only=True``); this project adds scaler, RNG and sampler position (see :mod:`deit.engine`).
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from projector_kd.checkpoint import CheckpointError, check_state_matches, load_checkpoint, state_mismatch
-from projector_kd.export import is_weights_export, load_weights_file
+from projector_kd.engine.checkpoint import CheckpointError, check_state_matches, load_checkpoint, state_mismatch
+from projector_kd.engine.export import is_weights_export, load_weights_file
 
 PROJECTOR_PREFIX = "distillation_loss."
 logger = logging.getLogger(__name__)

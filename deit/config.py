@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from projector_kd.config import apply_overrides, load_yaml, merge_configs, validate
-from projector_kd.distributed import DEVICE_NAMES, is_device_name
-from projector_kd.errors import UserError
+from projector_kd.engine.config import apply_overrides, load_yaml, merge_configs, validate
+from projector_kd.engine.distributed import DEVICE_NAMES, is_device_name
+from projector_kd.engine.errors import UserError
 
 _CHECKOUT_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "deit"
 # a checkout reads configs/deit; an installed copy reads the same files shipped as deit/recipes (setup.cfg)

@@ -1,6 +1,6 @@
 """ImageFolder data for the DeiT track: the recipe's transforms, loaders, mixup/cutmix.
 
-Exact resume comes from the shared samplers of :mod:`projector_kd.sampling`: a run resumed at batch k of an epoch
+Exact resume comes from the shared samplers of :mod:`projector_kd.engine.sampling`: a run resumed at batch k of an epoch
 sees exactly the batches an uninterrupted run sees, and never reads the k batches already trained.
 """
 
@@ -17,8 +17,8 @@ from timm.data.auto_augment import RandAugment
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from projector_kd.data import CheckedImageFolder, DataError, check_image_folder, check_num_classes
-from projector_kd.sampling import ResumableSampler, SeededSamples, ShardSampler
+from projector_kd.engine.data import CheckedImageFolder, DataError, check_image_folder, check_num_classes
+from projector_kd.engine.sampling import ResumableSampler, SeededSamples, ShardSampler
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

@@ -28,14 +28,14 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from projector_kd import kd_loss, pool_features
-from projector_kd.checkpoint import atomic_save, capture_rng_state, restore_rng_state
-from projector_kd.data import checkpoint_on_data_error
-from projector_kd.distributed import DistEnv, barrier
-from projector_kd.errors import NonFiniteLossError, UserError
-from projector_kd.evaluation import evaluate_classifier
-from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, autocast_context, enable_fast_cuda_backends
-from projector_kd.runs import progress
-from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device, step_unless
+from projector_kd.engine.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from projector_kd.engine.data import checkpoint_on_data_error
+from projector_kd.engine.distributed import DistEnv, barrier
+from projector_kd.engine.errors import NonFiniteLossError, UserError
+from projector_kd.engine.evaluation import evaluate_classifier
+from projector_kd.engine.fast import CompiledOrEager, CompileFallbackNotice, autocast_context, enable_fast_cuda_backends
+from projector_kd.engine.runs import progress
+from projector_kd.engine.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device, step_unless
 
 from .config import scaled_lrs
 from .datasets import build_mixup
@@ -145,7 +145,7 @@ def place_student(student: nn.Module, cfg: dict, device: torch.device) -> nn.Mod
 
 def evaluate_student(student: nn.Module, loader: Any, cfg: dict, env: DistEnv) -> dict[str, float]:
     """``top1``/``top5`` (%), mean CE ``loss`` and ``num_images`` of the mean of both heads over the whole val set,
-    summed over ranks, in the recipe's precision (:func:`projector_kd.evaluation.evaluate_classifier`)."""
+    summed over ranks, in the recipe's precision (:func:`projector_kd.engine.evaluation.evaluate_classifier`)."""
     autocast_dtype, channels_last = precision(cfg, env.device)
     return evaluate_classifier(
         place_student(student, cfg, env.device),
@@ -387,7 +387,7 @@ class Trainer:
 
     # -- loops --------------------------------------------------------------------------------------------------
     def _stop_agreed(self) -> bool:
-        """Stop now? :meth:`projector_kd.steps.StepMonitor.stop_agreed` for this step's poll."""
+        """Stop now? :meth:`projector_kd.engine.steps.StepMonitor.stop_agreed` for this step's poll."""
         return self.monitor.stop_agreed(self.stop_asked)
 
     def train_epoch(self, loader: Any, epoch: int, start_batch: int = 0, stop: Any = None) -> dict[str, float] | None:

@@ -1,4 +1,4 @@
-"""Export a DeiT-track student as a timm / Hugging Face folder (see :mod:`projector_kd.export`).
+"""Export a DeiT-track student as a timm / Hugging Face folder (see :mod:`projector_kd.engine.export`).
 
 Sources: this project's checkpoints (``checkpoint.pth``, ``ckpt_epoch_N.pth``: they carry the run's config) and the
 release's files (``{'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch', 'config'}``), whose architecture is
@@ -18,9 +18,9 @@ import torch
 
 from deit.checkpoint import PROJECTOR_PREFIX, model_state
 from deit.models import EVAL_INTERPOLATION, STUDENT_PRESETS, TIMM_NAMES, ConvStemDeiT
-from projector_kd.checkpoint import CheckpointError, load_checkpoint, load_state_exactly
-from projector_kd.errors import UserError
-from projector_kd.export import EvalTransform, ModelCard, read_metrics, staged_output_dir, write_model_folder
+from projector_kd.engine.checkpoint import CheckpointError, load_checkpoint, load_state_exactly
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.export import EvalTransform, ModelCard, read_metrics, staged_output_dir, write_model_folder
 
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "stem_channels", "stem_stride", "patch_size")
 ARCH_DEFAULTS = {k: p.default for k, p in inspect.signature(ConvStemDeiT).parameters.items() if k in ARCH_KEYS}

@@ -31,9 +31,10 @@ from deit.config import load_config, rename_old_keys  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
 from deit.engine import CHECKPOINT_FORMAT, Trainer, evaluate_student  # noqa: E402
 from deit.models import build_student, create_teacher  # noqa: E402
-from projector_kd.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
-from projector_kd.data import worker_failures_plainly  # noqa: E402
-from projector_kd.distributed import (
+from projector_kd.engine.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from projector_kd.engine.cli import run_cli  # noqa: E402
+from projector_kd.engine.data import worker_failures_plainly  # noqa: E402
+from projector_kd.engine.distributed import (
     DistEnv,
     cleanup,
     init_distributed,
@@ -41,9 +42,9 @@ from projector_kd.distributed import (
     run_on_main,  # noqa: E402
     seed_everything,
 )
-from projector_kd.errors import UserError, out_of_memory, run_cli  # noqa: E402
-from projector_kd.models import count_parameters  # noqa: E402
-from projector_kd.runs import (
+from projector_kd.engine.errors import UserError, out_of_memory  # noqa: E402
+from projector_kd.engine.models import count_parameters  # noqa: E402
+from projector_kd.engine.runs import (
     close_logging,
     prepare_output_dir,
     release_output_dirs,
@@ -53,7 +54,7 @@ from projector_kd.runs import (
     tensorboard_writer,
     write_json,
 )
-from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop, stop_cause  # noqa: E402
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED, GracefulStop, stop_cause  # noqa: E402
 
 REPO_ROOT = _HERE.parent
 RESUME_FILE = "checkpoint.pth"

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from projector_kd import ProjectorDistillLoss
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -419,7 +419,7 @@ def create_teacher(
     Weights come from ``ckpt`` (a raw state dict or ``{'model': state_dict}``) when that file exists, else from timm's
     pretrained tag ``hub_tag`` when a hub is reachable; neither -> UserError naming the file to provide.
     """
-    from projector_kd.checkpoint import load_checkpoint, load_state_exactly
+    from projector_kd.engine.checkpoint import load_checkpoint, load_state_exactly
 
     try:
         teacher = timm.create_model(name, num_classes=num_classes, pretrained=False)

@@ -4,7 +4,7 @@ Steps: :func:`build_reference_step` (torchdistill's own ``SRDLoss`` + ``SRDModel
 :func:`build_fast_step` (this project's registered loss and wrapper with the fast path) and :func:`build_teacher_step`
 (teacher inference alone, the floor). Each returns a :class:`TrainStep`; calling it runs one step and returns the loss.
 :func:`resnet_parity_pair` and :func:`resnet_parity_check` check that the fast box computes the SRD box's loss and
-gradients (:mod:`projector_kd.parity`).
+gradients (:mod:`projector_kd.engine.parity`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torchvision import models as tv_models
 
 from imagenet.engine import student_of, unwrap
 from imagenet.fast import apply_fast_path, bf16_supported
-from projector_kd.fast import CompiledOrEager, autocast_context
-from projector_kd.parity import Result, judge_parity, strict_fp32, synthetic_batch
+from projector_kd.engine.fast import CompiledOrEager, autocast_context
+from projector_kd.engine.parity import Result, judge_parity, strict_fp32, synthetic_batch
 
 
 def _ce_term() -> dict:

@@ -39,8 +39,8 @@ from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT
 from torchdistill.optim.registry import OPTIM_DICT, SCHEDULER_DICT
 
 import imagenet.registry  # noqa: F401  (this project's names)
-from projector_kd.config import load_yaml, merge_configs, validate
-from projector_kd.errors import UserError
+from projector_kd.engine.config import load_yaml, merge_configs, validate
+from projector_kd.engine.errors import UserError
 
 MAPPING_TAGS = ("!import_get", "!import_call", "!import_call_method", "!call_method", "!access_by_index_or_key")
 SEQUENCE_TAGS = ("!join", "!pathjoin", "!getattr", "!setattr")
@@ -111,8 +111,8 @@ def load_recipe(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     """Parse a torchdistill recipe with its tags kept inert (phase 1).
 
     A recipe may start from another: ``_base_: other.yaml`` (relative to the recipe's folder) is loaded first and the
-    recipe's own keys are merged over it (:func:`projector_kd.config.merge_configs`: plain mappings merge key by key,
-    anything else replaces). YAML anchors do not cross files: an overlay names the values it changes in full.
+    recipe's own keys are merged over it (:func:`projector_kd.engine.config.merge_configs`: plain mappings merge key by
+    key, anything else replaces). YAML anchors do not cross files: an overlay names the values it changes in full.
     """
     path = Path(path)
     recipe = load_yaml(

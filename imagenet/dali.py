@@ -13,12 +13,12 @@ on the CPU every stage runs on the CPU (for tests: about PIL's speed).
 Exact resume: the sample order is the torchdistill loader's own batch sampler, iterated in this process; every random
 parameter (the crop window with torchvision's ``RandomResizedCrop.get_params`` algorithm, the flip) is drawn here in
 Python from a Philox generator keyed by (epoch seed, batch number). Over the training loader's
-:class:`~projector_kd.sampling.ResumableSampler` the epoch seed is a pure function of (seed, epoch) and the numbering
-starts at the sampler's start batch, so batch k of an epoch is a pure function of (seed, epoch, k) and a resumed epoch
-reads and decodes only the batches it trains. Over another sampler (evaluation) the epoch seed is drawn from torch's
-global generator when the epoch starts, as a ``DataLoader`` draws its base seed. File bytes, sizes and parameters go
-to DALI through ``fn.external_source`` — JPEGs and 8-bit opaque PNGs as they are, any other file as the default
-loader's own RGB (:func:`dali_decodes_as_pil`); images that cannot be read are handled before decoding as
+:class:`~projector_kd.engine.sampling.ResumableSampler` the epoch seed is a pure function of (seed, epoch) and the
+numbering starts at the sampler's start batch, so batch k of an epoch is a pure function of (seed, epoch, k) and a
+resumed epoch reads and decodes only the batches it trains. Over another sampler (evaluation) the epoch seed is drawn
+from torch's global generator when the epoch starts, as a ``DataLoader`` draws its base seed. File bytes, sizes and
+parameters go to DALI through ``fn.external_source`` — JPEGs and 8-bit opaque PNGs as they are, any other file as the
+default loader's own RGB (:func:`dali_decodes_as_pil`); images that cannot be read are handled before decoding as
 ``on_bad_image`` says (``fail``: one line naming the file; ``skip``: the next readable image, counted), and a decode
 error inside DALI is traced to its file the same way. docs/dali.md lists what differs from the torchvision loader.
 """
@@ -41,9 +41,9 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from torchvision import transforms as T
 
-from projector_kd.data import UNREADABLE_IMAGE_ERRORS, DataError, load_rgb, unreadable_image
-from projector_kd.errors import UserError
-from projector_kd.sampling import ResumableSampler, SeededSamples, ShardSampler, epoch_seed
+from projector_kd.engine.data import UNREADABLE_IMAGE_ERRORS, DataError, load_rgb, unreadable_image
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.sampling import ResumableSampler, SeededSamples, ShardSampler, epoch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def dali_decodes_as_pil(data: bytes) -> bool:
-    """Whether DALI's decoder gives the default loader's pixels (:func:`projector_kd.data.to_rgb`) for the file in
-    ``data``: a JPEG, or an 8-bit PNG with neither alpha nor a transparent colour (tested). DALI drops transparency
+    """Whether DALI's decoder gives the default loader's pixels (:func:`projector_kd.engine.data.to_rgb`) for the file
+    in ``data``: a JPEG, or an 8-bit PNG with neither alpha nor a transparent colour (tested). DALI drops transparency
     (the default loader composites it over white), scales 16-bit RGB with rounding (PIL keeps the high byte), and other
     formats are not checked against PIL."""
     if data[:2] == b"\xff\xd8":
@@ -284,7 +284,7 @@ def dali_decodes_as_pil(data: bytes) -> bool:
 
 def default_loader_png(path: str, data: bytes) -> bytes:
     """The image file ``path`` (its bytes ``data``) as the default loader reads it
-    (:func:`projector_kd.data.load_rgb`), as a lossless 8-bit RGB PNG for DALI to decode."""
+    (:func:`projector_kd.engine.data.load_rgb`), as a lossless 8-bit RGB PNG for DALI to decode."""
     buffer = io.BytesIO()
     load_rgb(path, data).save(buffer, format="PNG", compress_level=0)
     return buffer.getvalue()

@@ -1,16 +1,16 @@
 """Training and evaluation loops around a torchdistill box, with exact resume, graceful stop and non-finite checks.
 
-Checkpoint layout (``torch.load(weights_only=True)``-loadable, written by :func:`projector_kd.checkpoint.atomic_save`):
-``model`` (the student network's state dict — the torchdistill format ``-test_only`` reads), ``projector`` (the
-ProjectorDistillLoss state, when the student is wrapped), ``optimizer``, ``lr_scheduler``, ``epoch`` and
-``step_in_epoch`` (where training continues), ``best_value`` (best val top-1), ``history`` (val top-1 per epoch),
-``global_step``, ``wall_time_s`` (seconds trained so far, over resumes) and ``rng`` (generator states now); in a
-distributed run also ``rng_per_rank`` (every rank's ``rng``); inside a gradient-accumulation window also
-``accumulated_grads`` (the optimizer's parameters' gradients so far, in its order). Rank 0 writes; all ranks wait. The
-training loader's :class:`projector_kd.sampling.ResumableSampler` makes the batches a pure function of (seed, epoch,
-position), so resuming at step k starts the sampler at batch k and reads nothing it skips. A checkpoint is written when
-an epoch's training ends (``step_in_epoch`` = the epoch's length: resuming from it validates that epoch first) and again
-after its validation.
+Checkpoint layout (``torch.load(weights_only=True)``-loadable, written by
+:func:`projector_kd.engine.checkpoint.atomic_save`): ``model`` (the student network's state dict — the torchdistill
+format ``-test_only`` reads), ``projector`` (the ProjectorDistillLoss state, when the student is wrapped),
+``optimizer``, ``lr_scheduler``, ``epoch`` and ``step_in_epoch`` (where training continues), ``best_value`` (best val
+top-1), ``history`` (val top-1 per epoch), ``global_step``, ``wall_time_s`` (seconds trained so far, over resumes) and
+``rng`` (generator states now); in a distributed run also ``rng_per_rank`` (every rank's ``rng``); inside a
+gradient-accumulation window also ``accumulated_grads`` (the optimizer's parameters' gradients so far, in its order).
+Rank 0 writes; all ranks wait. The training loader's :class:`projector_kd.engine.sampling.ResumableSampler` makes the
+batches a pure function of (seed, epoch, position), so resuming at step k starts the sampler at batch k and reads
+nothing it skips. A checkpoint is written when an epoch's training ends (``step_in_epoch`` = the epoch's length:
+resuming from it validates that epoch first) and again after its validation.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
-from projector_kd.checkpoint import atomic_save, capture_rng_state, load_state_exactly, restore_rng_state
-from projector_kd.data import checkpoint_on_data_error, worker_failures_plainly
-from projector_kd.distributed import barrier
-from projector_kd.errors import NonFiniteLossError, UserError
-from projector_kd.evaluation import evaluate_classifier
-from projector_kd.fast import autocast_context
-from projector_kd.runs import progress
-from projector_kd.sampling import training_sampler
-from projector_kd.signals import stop_cause
-from projector_kd.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device
+from projector_kd.engine.checkpoint import atomic_save, capture_rng_state, load_state_exactly, restore_rng_state
+from projector_kd.engine.data import checkpoint_on_data_error, worker_failures_plainly
+from projector_kd.engine.distributed import barrier
+from projector_kd.engine.errors import NonFiniteLossError, UserError
+from projector_kd.engine.evaluation import evaluate_classifier
+from projector_kd.engine.fast import autocast_context
+from projector_kd.engine.runs import progress
+from projector_kd.engine.sampling import training_sampler
+from projector_kd.engine.signals import stop_cause
+from projector_kd.engine.steps import StepMonitor, StepRecord, non_finite_flag, skips_on_device
 
 logger = logging.getLogger(__name__)
 LAST_CHECKPOINT = "checkpoint.pth"
@@ -375,7 +375,7 @@ def train_step(
     total: int,
 ) -> bool:
     """One step of the box on a host batch; returns whether a stop was requested at this step (the caller stops by
-    :meth:`projector_kd.steps.StepMonitor.stop_agreed`: at once alone, up to a step late from the ranks' vote).
+    :meth:`projector_kd.engine.steps.StepMonitor.stop_agreed`: at once alone, up to a step late from the ranks' vote).
 
     A non-finite loss term stops training with NonFiniteLossError naming the step and the term(s); that update
     is never applied. With a fused optimizer (the fast path) the update is skipped on the device

@@ -1,4 +1,4 @@
-"""Export a ResNet-track student as a timm / Hugging Face folder (see :mod:`projector_kd.export`).
+"""Export a ResNet-track student as a timm / Hugging Face folder (see :mod:`projector_kd.engine.export`).
 
 Sources: a run folder's ``checkpoint.pth`` or best checkpoint (``dst_ckpt``; the recipe is read from the run's
 ``config.yaml``), or the release's torchdistill 0.x file (``{'model', 'optimizer', 'best_value', 'lr_scheduler',
@@ -19,9 +19,9 @@ import yaml
 from torch import nn
 
 from imagenet.models import TORCHVISION_FILE
-from projector_kd.checkpoint import CheckpointError, check_state_matches, load_checkpoint, load_state_exactly
-from projector_kd.errors import UserError
-from projector_kd.export import EvalTransform, ModelCard, read_metrics, staged_output_dir, write_model_folder
+from projector_kd.engine.checkpoint import CheckpointError, check_state_matches, load_checkpoint, load_state_exactly
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.export import EvalTransform, ModelCard, read_metrics, staged_output_dir, write_model_folder
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RELEASE_TEACHER = "torchvision `resnet34` (IMAGENET1K_V1, 73.31 % top-1)"

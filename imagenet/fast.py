@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from imagenet.registry import ProjectorKDModelWrapper
-from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
-from projector_kd.sampling import rebuild_loader
+from projector_kd.engine.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
+from projector_kd.engine.sampling import rebuild_loader
 
 FUSED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 

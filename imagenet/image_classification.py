@@ -52,14 +52,15 @@ from imagenet.models import (
     num_outputs,
     read_checkpoint,
 )
-from projector_kd.checkpoint import load_checkpoint, load_state_exactly
-from projector_kd.config import apply_overrides
-from projector_kd.data import check_image_folder, check_last_batch, check_num_classes
-from projector_kd.distributed import cleanup, init_distributed, run_on_main, seed_everything
-from projector_kd.errors import UserError, out_of_memory, run_cli
-from projector_kd.evaluation import evaluate_classifier
-from projector_kd.models import count_parameters
-from projector_kd.runs import (
+from projector_kd.engine.checkpoint import load_checkpoint, load_state_exactly
+from projector_kd.engine.cli import run_cli
+from projector_kd.engine.config import apply_overrides
+from projector_kd.engine.data import check_image_folder, check_last_batch, check_num_classes
+from projector_kd.engine.distributed import cleanup, init_distributed, run_on_main, seed_everything
+from projector_kd.engine.errors import UserError, out_of_memory
+from projector_kd.engine.evaluation import evaluate_classifier
+from projector_kd.engine.models import count_parameters
+from projector_kd.engine.runs import (
     close_logging,
     counted,
     output_path,
@@ -71,8 +72,8 @@ from projector_kd.runs import (
     tensorboard_writer,
     write_json,
 )
-from projector_kd.sampling import resumable_loader
-from projector_kd.signals import EXIT_STATUS_STOPPED, GracefulStop
+from projector_kd.engine.sampling import resumable_loader
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED, GracefulStop
 
 logger = logging.getLogger("imagenet")
 OUT_OF_MEMORY_HINT = (
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         raise UserError(f"{recipe_path}: models.student_model.dst_ckpt is required (where the best checkpoint goes)")
     dst = Path(student_config["dst_ckpt"]).expanduser()
     if not (args.test_only and dst.exists()):  # weights to evaluate are read where they are; what a run writes is not
-        dst = output_path(dst)  # put into the source tree (see projector_kd.runs.output_path)
+        dst = output_path(dst)  # put into the source tree (see projector_kd.engine.runs.output_path)
     log_file = output_path(args.log) if args.log else None
     student_key = "student_model" if "student_model" in models_config else "model"
     dst_named = f"models.{student_key}.dst_ckpt" in args.opts[::2]

@@ -10,9 +10,9 @@ from torch import nn
 from torchdistill.models.official import get_image_classification_model
 from torchdistill.models.registry import get_model
 
-from projector_kd.checkpoint import load_checkpoint, load_state_exactly
-from projector_kd.errors import UserError
-from projector_kd.export import WEIGHTS_FILE, is_weights_export, load_weights_file
+from projector_kd.engine.checkpoint import load_checkpoint, load_state_exactly
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.export import WEIGHTS_FILE, is_weights_export, load_weights_file
 
 TORCHVISION_FILE = "torchvision_state_dict.safetensors"  # beside model.safetensors in an exported ResNet folder
 

@@ -28,7 +28,7 @@ from torchdistill.models.util import wrap_if_distributed
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from projector_kd import ProjectorDistillLoss, kd_loss
-from projector_kd.fast import CompiledOrEager, CompileFallbackNotice
+from projector_kd.engine.fast import CompiledOrEager, CompileFallbackNotice
 
 IO_KEY = "projector_kd"
 SELF_PATH = "."
@@ -96,8 +96,8 @@ class ProjectorKDModelWrapper(AuxiliaryModelWrapper):
 
     def compile_networks(self, notice: CompileFallbackNotice) -> None:
         """Fast path: run the student network and the feature loss (projector, whitening, distance) through
-        ``torch.compile``, each falling back to eager (:class:`projector_kd.fast.CompiledOrEager`). :attr:`student`
-        and :attr:`distill_loss` still return the plain modules."""
+        ``torch.compile``, each falling back to eager (:class:`projector_kd.engine.fast.CompiledOrEager`).
+        :attr:`student` and :attr:`distill_loss` still return the plain modules."""
         self.model = CompiledOrEager(self.model, "student", notice)
         self.feature_loss = CompiledOrEager(self.feature_loss, "projector loss", notice)
 

@@ -45,9 +45,10 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from projector_kd.errors import UserError, run_cli
-from projector_kd.fast import autocast_context
-from projector_kd.runs import write_json
+from projector_kd.engine.cli import run_cli
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.fast import autocast_context
+from projector_kd.engine.runs import write_json
 
 TRACKS = ("deit", "resnet")
 RESNET_RECIPE = "configs/ilsvrc2012/ours/res3418.yaml"
@@ -265,7 +266,7 @@ def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device)
 
 def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> tuple[list[Row], Any]:
     """Release step, fast step and teacher floor; returns the rows and the fast trainer (for the end-to-end run)."""
-    from projector_kd.parity import synthetic_batch
+    from projector_kd.engine.parity import synthetic_batch
 
     # the release step's mixup mixes its input in place: each step gets a copy
     images, labels = synthetic_batch(args.batch_size, sizes.deit_img_size, sizes.num_classes, device)
@@ -550,7 +551,7 @@ def bench_data(
     from torch.utils.data import DataLoader
 
     from deit.datasets import build_transform
-    from projector_kd.data import load_rgb
+    from projector_kd.engine.data import load_rgb
 
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="benchmark-jpegs-") as tmp:
@@ -733,8 +734,8 @@ def format_resnet_loaders(result: dict[str, Any]) -> str:
 
 
 def check_parity(track: str, sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
-    """The track's parity check (``projector_kd.parity``) on one batch of the timed size, so that Inductor's cache
-    serves the graphs compiled for timing."""
+    """The track's parity check (``projector_kd.engine.parity``) on one batch of the timed size, so that Inductor's
+    cache serves the graphs compiled for timing."""
     if track == "deit":
         from deit.benchmark import deit_parity_check, deit_parity_pair
 

@@ -25,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from projector_kd.data import write_digits_imagefolder  # noqa: E402
-from projector_kd.errors import UserError, run_cli  # noqa: E402
+from projector_kd.engine.cli import run_cli  # noqa: E402
+from projector_kd.engine.data import write_digits_imagefolder  # noqa: E402
+from projector_kd.engine.errors import UserError  # noqa: E402
 
 METHOD_LABELS = {"baseline": "no distillation", "kd": "logit KD only", "projector": "projector KD (ours)"}
 CONFIGS = ROOT / "configs" / "demo"

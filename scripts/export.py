@@ -20,9 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from projector_kd.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from projector_kd.errors import UserError, run_cli  # noqa: E402
-from projector_kd.export import is_weights_export  # noqa: E402
+from projector_kd.engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from projector_kd.engine.cli import run_cli  # noqa: E402
+from projector_kd.engine.errors import UserError  # noqa: E402
+from projector_kd.engine.export import is_weights_export  # noqa: E402
 
 
 def track_of(checkpoint: object, path: Path) -> str:

@@ -153,11 +153,11 @@ def refuse_new_files(monkeypatch):
 
 
 class ImageBrokenOnRead:
-    """The ``nth`` image read through ``projector_kd.data.load_rgb`` turns into ``garbage`` just before it is read,
-    as a file damaged in the middle of an epoch; :meth:`repair` puts its bytes and the loader back."""
+    """The ``nth`` image read through ``projector_kd.engine.data.load_rgb`` turns into ``garbage`` just before it is
+    read, as a file damaged in the middle of an epoch; :meth:`repair` puts its bytes and the loader back."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, nth: int, garbage: bytes) -> None:
-        from projector_kd import data
+        from projector_kd.engine import data
 
         self.path: str | None = None
         self._original = b""
@@ -194,7 +194,7 @@ def hold_output_dir():
     def hold(path: Path) -> subprocess.Popen:
         path.mkdir(parents=True, exist_ok=True)
         code = (
-            "import sys, time; from pathlib import Path; from projector_kd.runs import lock_output_dir; "
+            "import sys, time; from pathlib import Path; from projector_kd.engine.runs import lock_output_dir; "
             "lock_output_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)"
         )
         child = subprocess.Popen(
@@ -309,7 +309,7 @@ def sigterm_progress() -> Callable[..., Callable]:
 
 _SIGTERM_ON_ONE_RANK = """
 import importlib, importlib.util, sys
-from projector_kd.errors import run_cli
+from projector_kd.engine.cli import run_cli
 
 spec = importlib.util.spec_from_file_location("suite_helpers", {helpers!r})
 helpers = importlib.util.module_from_spec(spec)
@@ -376,7 +376,7 @@ def wait_for() -> Callable[..., None]:
 def run_main(capsys) -> Callable[..., subprocess.CompletedProcess]:
     """``run_main(main, argv)``: an entry point's ``main`` in this process through ``run_cli``, exactly as its script
     runs it -> ``CompletedProcess(argv, exit status, stdout, stderr)``."""
-    from projector_kd.errors import run_cli
+    from projector_kd.engine.cli import run_cli
 
     def run(main: Callable, argv) -> subprocess.CompletedProcess:
         argv = [str(arg) for arg in argv]

@@ -11,7 +11,7 @@ from yacs.config import CfgNode
 
 from deit.checkpoint import load_student_checkpoint
 from deit.models import create_student
-from projector_kd.checkpoint import CheckpointError
+from projector_kd.engine.checkpoint import CheckpointError
 
 
 def release_checkpoint(model: torch.nn.Module) -> dict:

@@ -10,7 +10,7 @@ import yaml
 
 from deit.config import load_config
 from deit.main import main
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 
 def test_tiny_recipe_matches_the_release_item_by_item():

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from deit.main import main
-from projector_kd.data import DataError
+from projector_kd.engine.data import DataError
 
 
 def test_missing_folder_and_split_name_the_expected_layout(tmp_path, train_argv, data_copy):

@@ -13,8 +13,8 @@ from deit.config import load_config, scaled_lrs
 from deit.datasets import build_loaders
 from deit.engine import DistillationObjective, Trainer, evaluate_student, param_groups
 from deit.models import build_student, create_student, create_teacher
-from projector_kd.distributed import DistEnv
-from projector_kd.errors import NonFiniteLossError
+from projector_kd.engine.distributed import DistEnv
+from projector_kd.engine.errors import NonFiniteLossError
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -16,7 +16,7 @@ from deit.config import load_config
 from deit.export import export_student, read_student, timm_args
 from deit.main import main
 from deit.models import build_student, create_student
-from projector_kd.checkpoint import CheckpointError
+from projector_kd.engine.checkpoint import CheckpointError
 
 from .test_checkpoint import _randomise_buffers, release_checkpoint
 

@@ -19,8 +19,8 @@ from deit.datasets import build_transform
 from deit.main import main
 from deit.models import build_student, create_student
 from projector_kd import ProjectorDistillLoss
-from projector_kd.checkpoint import CheckpointError
-from projector_kd.errors import UserError
+from projector_kd.engine.checkpoint import CheckpointError
+from projector_kd.engine.errors import UserError
 
 PHOTO = Path(sklearn.datasets.__file__).parent / "images" / "china.jpg"  # a real 640 x 427 JPEG
 

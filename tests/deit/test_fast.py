@@ -75,11 +75,11 @@ def test_compile_failure_runs_teacher_and_objective_eagerly_with_one_line(monkey
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     step, trainer = build_train_step("fast", **SMALL)
-    with caplog.at_level(logging.WARNING, logger="projector_kd.fast"):
+    with caplog.at_level(logging.WARNING, logger="projector_kd.engine.fast"):
         values = step(torch.rand(8, 3, 16, 16), torch.arange(8))
     assert trainer.objective.compiled is None and trainer.teacher_forward.compiled is None
     assert all(torch.isfinite(value) for value in values.values()) and trainer.global_step == 1
-    assert [r.getMessage() for r in caplog.records if r.name == "projector_kd.fast"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "projector_kd.engine.fast"] == [
         "fast path: torch.compile is unavailable here (RuntimeError: inductor backend unavailable); running the "
         "networks eagerly — the rest of the fast path stays on"
     ]

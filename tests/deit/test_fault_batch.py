@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deit.main import main
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 
 def test_batch_of_one_without_mixup_is_refused_before_any_work(tmp_path, train_argv):

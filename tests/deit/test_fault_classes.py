@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from deit.main import main
-from projector_kd.data import DataError
+from projector_kd.engine.data import DataError
 
 
 def test_num_classes_differing_from_the_class_folders_is_refused_before_any_work(tmp_path, train_argv, image_folder):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deit.main import main
-from projector_kd.data import DataError
+from projector_kd.engine.data import DataError
 
 
 def test_empty_image_is_caught_before_any_work(tmp_path, train_argv, data_copy):

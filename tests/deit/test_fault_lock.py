@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deit.main import main
-from projector_kd.errors import OutputError
+from projector_kd.engine.errors import OutputError
 
 
 def test_folder_in_use_is_refused_and_free_again_once_the_holder_is_killed(tmp_path, train_argv, hold_output_dir):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deit.main import main
-from projector_kd import runs
+from projector_kd.engine import runs
 
 
 @pytest.fixture

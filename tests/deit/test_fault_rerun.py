@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from deit.main import main
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 
 def test_rerun_with_the_right_teacher_after_a_missing_one(tmp_path, train_argv, teacher_ckpt):

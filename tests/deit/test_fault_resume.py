@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deit.main import main
-from projector_kd.signals import EXIT_STATUS_STOPPED
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED
 
 
 class StopAfter:

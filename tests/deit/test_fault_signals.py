@@ -27,7 +27,7 @@ def slow_save(obj, handle, *args, **kwargs):
     time.sleep(600)
 torch.save = slow_save
 from deit.main import main
-from projector_kd.errors import run_cli
+from projector_kd.engine.cli import run_cli
 run_cli(main, sys.argv[2:])
 """
 SLOWER = ["--opts", "model.img_size", "48", "model.embed_dim", "32", "train.epochs", "3"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from deit.config import load_config
-from projector_kd.data import CheckedImageFolder
-from projector_kd.sampling import ResumableSampler
-from projector_kd.signals import EXIT_STATUS_STOPPED
+from projector_kd.engine.data import CheckedImageFolder
+from projector_kd.engine.sampling import ResumableSampler
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED
 
 
 def test_unreadable_image_on_one_rank_ends_both_ranks_with_one_line(

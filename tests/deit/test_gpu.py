@@ -13,7 +13,7 @@ from deit.benchmark import build_train_step
 from deit.config import load_config
 from deit.datasets import build_loaders
 from deit.engine import Trainer
-from projector_kd.distributed import DistEnv
+from projector_kd.engine.distributed import DistEnv
 
 pytestmark = pytest.mark.gpu
 SMALL = dict(

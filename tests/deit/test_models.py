@@ -9,8 +9,8 @@ import torchvision
 
 from deit.models import ConvStemDeiT, create_student, create_teacher
 from projector_kd import ProjectorDistillLoss
-from projector_kd.errors import UserError
-from projector_kd.models import count_parameters
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.models import count_parameters
 
 
 def test_tiny_token_layout_and_heads():

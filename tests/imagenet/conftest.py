@@ -115,13 +115,13 @@ _data_root: &data_root !import_call
 
 datasets:
   &train_id tiny/train: !import_call
-    key: 'projector_kd.data.CheckedImageFolder'
+    key: 'projector_kd.engine.data.CheckedImageFolder'
     init:
       kwargs:
         root: !pathjoin [*data_root, 'train']
         on_bad_image: '{on_bad_image}'
 {transform_train}  &val_id tiny/val: !import_call
-    key: 'projector_kd.data.CheckedImageFolder'
+    key: 'projector_kd.engine.data.CheckedImageFolder'
     init:
       kwargs:
         root: !pathjoin [*data_root, 'val']
@@ -436,11 +436,11 @@ def same_state() -> Callable[..., None]:
 @pytest.fixture
 def train_image_in_batch() -> Callable[..., Path]:
     """``(data, batch, batch_size=8, seed=0)`` -> the first file of batch ``batch`` (0-based) of epoch 0 that a
-    single-process run with ``--seed seed`` trains on (the order of :class:`projector_kd.sampling.ResumableSampler`
-    over ImageFolder's sorted files)."""
+    single-process run with ``--seed seed`` trains on (the order of
+    :class:`projector_kd.engine.sampling.ResumableSampler` over ImageFolder's sorted files)."""
     from torchvision.datasets import ImageFolder
 
-    from projector_kd.sampling import ResumableSampler
+    from projector_kd.engine.sampling import ResumableSampler
 
     def find(data: Path, batch: int, batch_size: int = 8, seed: int = 0) -> Path:
         files = ImageFolder(data / "train").samples
@@ -466,8 +466,8 @@ def stopped_run(cli, monkeypatch, sigterm_before) -> Callable[..., tuple[dict, s
     """``stopped_run(epoch, step, output_dir, *args)``: the entry point (in this process, :func:`cli`) with ``args``
     into ``output_dir``, SIGTERM arriving just before training step ``step`` (1-based) of ``epoch``. Asserts it stopped
     resumably; returns its checkpoint and its stderr."""
-    from projector_kd.checkpoint import load_checkpoint
-    from projector_kd.signals import EXIT_STATUS_STOPPED
+    from projector_kd.engine.checkpoint import load_checkpoint
+    from projector_kd.engine.signals import EXIT_STATUS_STOPPED
 
     def run(epoch: int, step: int, output_dir: Path, *args: str | Path) -> tuple[dict, str]:
         with monkeypatch.context() as patch:
@@ -496,7 +496,7 @@ def straight_and_stopped(cli, tmp_path, stopped_run) -> Callable[..., tuple[dict
 def same_run() -> Callable[[Path, Path], None]:
     """``same_run(expected, actual)``: the ``checkpoint.pth`` and ``best.pth`` of two run folders are equal bit for
     bit (:func:`assert_same_state`)."""
-    from projector_kd.checkpoint import load_checkpoint
+    from projector_kd.engine.checkpoint import load_checkpoint
 
     def compare(expected: Path, actual: Path) -> None:
         for name in ("checkpoint.pth", "best.pth"):

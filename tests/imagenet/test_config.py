@@ -9,8 +9,8 @@ import pytest
 
 from imagenet import config as recipes
 from imagenet.image_classification import get_argparser
-from projector_kd.config import apply_overrides
-from projector_kd.errors import UserError
+from projector_kd.engine.config import apply_overrides
+from projector_kd.engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "configs/ilsvrc2012/ours/res3418.yaml"

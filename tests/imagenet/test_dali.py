@@ -23,10 +23,10 @@ from torchvision import transforms as T
 
 from imagenet import dali
 from imagenet.config import check_recipe, find_recipe, load_recipe, resolve
-from projector_kd.checkpoint import load_checkpoint
-from projector_kd.data import CheckedImageFolder, DataError, load_rgb
-from projector_kd.errors import UserError
-from projector_kd.sampling import resumable_loader, training_sampler
+from projector_kd.engine.checkpoint import load_checkpoint
+from projector_kd.engine.data import CheckedImageFolder, DataError, load_rgb
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.sampling import resumable_loader, training_sampler
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # (height, width): landscape, portrait, square, odd sizes (centre crops that round half to even) and a strip so wide

@@ -15,7 +15,7 @@ import torchvision
 import yaml
 
 from imagenet.export import TORCHVISION_FILE, eval_transform, export_student, torchvision_to_timm
-from projector_kd.checkpoint import CheckpointError, load_checkpoint
+from projector_kd.engine.checkpoint import CheckpointError, load_checkpoint
 
 RELEASE_CONFIG = {  # the release's recipe as torchdistill 0.x loaded it from YAML (abridged)
     "datasets": {

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from projector_kd.checkpoint import load_checkpoint
-from projector_kd.errors import NonFiniteLossError
+from projector_kd.engine.checkpoint import load_checkpoint
+from projector_kd.engine.errors import NonFiniteLossError
 
 
 def _compile_fails_when_wrapping(module, *args, **kwargs):
@@ -142,7 +142,7 @@ def test_fast_loader_keeps_the_loader_and_adds_pinning_and_persistent_workers():
     from torch.utils.data import DataLoader, TensorDataset
 
     from imagenet.fast import _fast_loader
-    from projector_kd.sampling import resumable_loader, training_sampler
+    from projector_kd.engine.sampling import resumable_loader, training_sampler
 
     data = TensorDataset(torch.arange(10))
     recipe_loader = DataLoader(

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.engine.checkpoint import load_checkpoint
 
 
 class _RunsCode:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.engine.checkpoint import load_checkpoint
 
 
 def test_unknown_key_in_the_file_is_named(make_recipe, cli_error, tmp_path):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.engine.checkpoint import load_checkpoint
 
 
 @pytest.fixture

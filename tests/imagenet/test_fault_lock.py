@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.engine.checkpoint import load_checkpoint
 
 
 def test_folder_in_use_is_refused_and_free_again_once_the_holder_is_killed(make_recipe, cli, tmp_path, hold_output_dir):

@@ -8,7 +8,7 @@ import re
 import torch
 
 from imagenet import registry
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.engine.checkpoint import load_checkpoint
 
 
 def test_nan_kd_term_names_step_and_term_and_keeps_the_checkpoint(

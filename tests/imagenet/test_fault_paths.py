@@ -63,7 +63,7 @@ def test_test_only_without_output_dir_writes_nothing_beside_the_weights(make_rec
 
 
 def test_run_started_inside_imagenet_writes_under_the_repository_root(make_recipe, cli, tmp_path, monkeypatch):
-    from projector_kd import runs
+    from projector_kd.engine import runs
 
     repo = tmp_path / "repo"
     (repo / "imagenet").mkdir(parents=True)

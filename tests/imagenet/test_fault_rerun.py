@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import yaml
 
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.engine.checkpoint import load_checkpoint
 
 
 def test_rerun_with_a_fixed_teacher_after_a_failed_first_step(make_recipe, tiny_models, teacher_ckpt, cli, tmp_path):

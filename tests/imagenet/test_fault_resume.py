@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from projector_kd.checkpoint import atomic_save, load_checkpoint
-from projector_kd.data import CheckedImageFolder
+from projector_kd.engine.checkpoint import atomic_save, load_checkpoint
+from projector_kd.engine.data import CheckedImageFolder
 
 
 @pytest.mark.parametrize(

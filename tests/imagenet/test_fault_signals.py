@@ -9,8 +9,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from projector_kd.checkpoint import load_checkpoint
-from projector_kd.signals import EXIT_STATUS_STOPPED
+from projector_kd.engine.checkpoint import load_checkpoint
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "imagenet" / "image_classification.py"
@@ -47,7 +47,7 @@ torch.save = save
 sys.argv = [sys.argv[2]] + sys.argv[3:]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0]))))
 from imagenet.image_classification import main
-from projector_kd.errors import run_cli
+from projector_kd.engine.cli import run_cli
 run_cli(main)
 """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from projector_kd.checkpoint import load_checkpoint
-from projector_kd.signals import EXIT_STATUS_STOPPED
+from projector_kd.engine.checkpoint import load_checkpoint
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED
 
 
 def test_output_folder_refused_on_rank_0_ends_both_ranks_with_one_line(make_recipe, run_entry_on_two_ranks, tmp_path):

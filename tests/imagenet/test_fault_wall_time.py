@@ -7,8 +7,8 @@ import signal
 import time
 
 from imagenet import registry
-from projector_kd.checkpoint import load_checkpoint
-from projector_kd.signals import EXIT_STATUS_STOPPED
+from projector_kd.engine.checkpoint import load_checkpoint
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED
 
 
 def test_wall_time_adds_up_across_a_resume(make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch):

@@ -10,14 +10,14 @@ import re
 import signal
 import time
 
-from projector_kd.checkpoint import load_checkpoint
+from projector_kd.engine.checkpoint import load_checkpoint
 
 
 def _fail_reading_val_images(monkeypatch, how: str, from_pass: int) -> None:
     """From the ``from_pass``-th validation pass (0-based) on, a loader worker that reads a val image dies (SIGKILL)
     or raises a two-line RuntimeError. Workers are forked at each pass, so they see the pass count of that moment."""
     from imagenet import engine
-    from projector_kd import data as data_module
+    from projector_kd.engine import data as data_module
 
     passes = {"started": 0}
     real_evaluate, real_load = engine.evaluate_classifier, data_module.load_rgb
@@ -74,7 +74,7 @@ def test_worker_killed_during_training_is_one_line_and_the_rerun_continues_exact
     intact, so it first writes a resumable checkpoint at that position; one line; the rerun of the same command ends
     exactly as an uninterrupted run. (A death noticed inside a step keeps the last checkpoint instead: the block
     around the loop names it in one line too, see tests/projector_kd/test_data.py.)"""
-    from projector_kd import data as data_module
+    from projector_kd.engine import data as data_module
 
     recipe = make_recipe("run", method="baseline", epochs=2, num_workers=2)
     status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "straight")

@@ -11,7 +11,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from imagenet import engine
 from imagenet.benchmark import projector_box_config
 from imagenet.fast import apply_fast_path
-from projector_kd.fast import CompiledOrEager
+from projector_kd.engine.fast import CompiledOrEager
 
 pytestmark = pytest.mark.gpu
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from torchvision.datasets import ImageFolder
 
-from projector_kd.checkpoint import load_checkpoint
-from projector_kd.sampling import ResumableSampler
+from projector_kd.engine.checkpoint import load_checkpoint
+from projector_kd.engine.sampling import ResumableSampler
 
 
 @pytest.mark.parametrize("drop_last, steps", [(True, 3), (False, 4)])

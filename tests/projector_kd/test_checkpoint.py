@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from projector_kd.checkpoint import (
+from projector_kd.engine.checkpoint import (
     CheckpointError,
     atomic_save,
     capture_rng_state,
@@ -36,7 +36,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     atomic_save({"generation": torch.tensor(0), "blob": torch.zeros(10)}, target)
     writer = textwrap.dedent(f"""
         import torch
-        from projector_kd.checkpoint import atomic_save
+        from projector_kd.engine.checkpoint import atomic_save
         big = torch.randn(16_000_000)  # 64 MB: each save takes a while
         print("ready", flush=True)
         generation = 1

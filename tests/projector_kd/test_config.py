@@ -2,8 +2,8 @@
 
 import pytest
 
-from projector_kd.config import apply_overrides, load_yaml, merge_configs, validate
-from projector_kd.errors import UserError
+from projector_kd.engine.config import apply_overrides, load_yaml, merge_configs, validate
+from projector_kd.engine.errors import UserError
 
 SCHEMA = {
     "train.lr": (float, (lambda v: v > 0, "> 0")),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from projector_kd.data import (
+from projector_kd.engine.data import (
     CheckedImageFolder,
     DataError,
     LoaderWorkerError,
@@ -21,7 +21,7 @@ from projector_kd.data import (
     worker_failures_plainly,
     write_digits_imagefolder,
 )
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 
 def make_tree(root, classes=("a", "b"), splits=("train", "val"), per_class=2):

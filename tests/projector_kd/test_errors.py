@@ -4,7 +4,8 @@ anything else keeps its traceback. out_of_memory: PyTorch's GPU out-of-memory er
 import pytest
 import torch
 
-from projector_kd.errors import UserError, out_of_memory, run_cli
+from projector_kd.engine.cli import run_cli
+from projector_kd.engine.errors import UserError, out_of_memory
 
 
 def _run(main, capsys) -> tuple[int, str, str]:

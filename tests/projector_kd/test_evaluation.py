@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from projector_kd.evaluation import evaluate_classifier
+from projector_kd.engine.evaluation import evaluate_classifier
 
 
 class FixedLogits(nn.Module):

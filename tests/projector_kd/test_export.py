@@ -7,9 +7,9 @@ import safetensors.torch
 import torch
 import yaml
 
-from projector_kd.checkpoint import CheckpointError
-from projector_kd.errors import UserError
-from projector_kd.export import (
+from projector_kd.engine.checkpoint import CheckpointError
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.export import (
     CITATION,
     EvalTransform,
     ModelCard,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from projector_kd.errors import UserError
-from projector_kd.fast import CompiledOrEager, CompileFallbackNotice, autocast_context
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.fast import CompiledOrEager, CompileFallbackNotice, autocast_context
 
 
 def _compile_failing_when_wrapping(module):
@@ -27,7 +27,9 @@ def _compile_failing_at_call(error):
 
 
 def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "projector_kd.fast" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "projector_kd.engine.fast" and r.levelno == logging.WARNING
+    ]
 
 
 @pytest.mark.parametrize("when", ["wrapping", "first-call"])
@@ -42,7 +44,7 @@ def test_compile_failure_runs_eagerly_with_one_line_for_all_modules(monkeypatch,
     first, second = nn.Linear(3, 2), nn.Linear(2, 4)
     notice = CompileFallbackNotice()
     x = torch.randn(5, 3)
-    with caplog.at_level(logging.DEBUG, logger="projector_kd.fast"):
+    with caplog.at_level(logging.DEBUG, logger="projector_kd.engine.fast"):
         wrapped = [CompiledOrEager(first, "student", notice), CompiledOrEager(second, "teacher", notice)]
         for _ in range(2):
             out = wrapped[1](wrapped[0](x))
@@ -69,7 +71,7 @@ def test_a_recompile_failure_after_the_first_call_falls_back(monkeypatch, caplog
     monkeypatch.setattr(torch, "compile", compile_)
     layer = nn.Linear(3, 2)
     wrapped = CompiledOrEager(layer, "student")
-    with caplog.at_level(logging.WARNING, logger="projector_kd.fast"):
+    with caplog.at_level(logging.WARNING, logger="projector_kd.engine.fast"):
         for batch in (4, 3, 2):
             x = torch.randn(batch, 3)
             torch.testing.assert_close(wrapped(x), layer(x), rtol=0, atol=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projector_kd.data import load_rgb
+from projector_kd.engine.data import load_rgb
 
 GREY = [0, 1, 128, 255]
 RGBA_PIXELS = [(200, 10, 20, 255), (200, 10, 20, 0), (0, 0, 0, 128), (10, 20, 30, 255)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from projector_kd.steps import StepMonitor, non_finite_flag, step_unless
+from projector_kd.engine.steps import StepMonitor, non_finite_flag, step_unless
 
 pytestmark = pytest.mark.gpu
 

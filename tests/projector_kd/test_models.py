@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from projector_kd import ProjectorDistillLoss
-from projector_kd.models import count_parameters
+from projector_kd.engine.models import count_parameters
 
 
 def test_counts_split_the_projector_from_the_student():

@@ -18,7 +18,7 @@ from deit.engine import Trainer
 from deit.models import build_student
 from imagenet.registry import ProjectorKDModelWrapper
 from projector_kd import ProjectorDistillLoss
-from projector_kd.distributed import init_distributed
+from projector_kd.engine.distributed import init_distributed
 
 env = init_distributed("cpu")
 assert env.world_size == 2

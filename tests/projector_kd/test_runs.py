@@ -6,8 +6,8 @@ import logging
 import pytest
 import yaml
 
-from projector_kd.errors import UserError
-from projector_kd.runs import (
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.runs import (
     close_logging,
     counted,
     prepare_output_dir,

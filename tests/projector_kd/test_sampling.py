@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler, TensorDataset
 
-from projector_kd.errors import UserError
-from projector_kd.sampling import (
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.sampling import (
     LOADER_SETTINGS,
     ResumableSampler,
     SeededSamples,

@@ -6,9 +6,9 @@ import signal
 import pytest
 import torch
 
-from projector_kd.distributed import all_reduce_sum, init_distributed, is_main_process, seed_everything
-from projector_kd.errors import UserError
-from projector_kd.signals import GracefulStop, stop_cause
+from projector_kd.engine.distributed import all_reduce_sum, init_distributed, is_main_process, seed_everything
+from projector_kd.engine.errors import UserError
+from projector_kd.engine.signals import GracefulStop, stop_cause
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

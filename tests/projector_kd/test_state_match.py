@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from projector_kd.checkpoint import CheckpointError, load_state_exactly, state_mismatch
+from projector_kd.engine.checkpoint import CheckpointError, load_state_exactly, state_mismatch
 
 
 def _net(width: int = 4, classes: int = 3) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from projector_kd.steps import StepMonitor, non_finite_flag, skips_on_device, step_unless
+from projector_kd.engine.steps import StepMonitor, non_finite_flag, skips_on_device, step_unless
 
 
 def test_guard_catches_every_kind_of_host_read(no_host_reads):

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models import resnet18, resnet34
 
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_SECONDS = 240  # about 40 s on an idle 2-core machine; generous for a loaded one

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")

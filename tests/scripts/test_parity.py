@@ -2,9 +2,9 @@
 fails where it should: a changed method, unsynchronised weights, gradients or losses outside their budgets.
 
 Built with the tracks' own step builders (``deit.benchmark``, ``imagenet.benchmark``) and judged by
-``projector_kd.parity`` as ``scripts/benchmark.py`` does, on the CPU with tiny models. With autocast and compile off,
-both fast paths must match their reference to float32 tolerance. As they run: the DeiT fast path is float32 on the CPU
-(so float32 tolerance again), the ResNet fast path autocasts to bf16 (so it may deviate only about as much as bf16
+``projector_kd.engine.parity`` as ``scripts/benchmark.py`` does, on the CPU with tiny models. With autocast and compile
+off, both fast paths must match their reference to float32 tolerance. As they run: the DeiT fast path is float32 on the
+CPU (so float32 tolerance again), the ResNet fast path autocasts to bf16 (so it may deviate only about as much as bf16
 rounding moves torchdistill's SRD box). torch.compile runs with the ``aot_eager`` backend: it captures the same graphs
 (dynamo + AOT autograd) as Inductor but skips Inductor's C++ code generation, which takes about 90 s per model on two
 cores.
@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 
 from deit.benchmark import deit_parity_check, deit_parity_pair
 from imagenet.benchmark import resnet_parity_check, resnet_parity_pair
-from projector_kd.parity import FP32_GRAD_RTOL, judge_parity
+from projector_kd.engine.parity import FP32_GRAD_RTOL, judge_parity
 
 
 @pytest.fixture

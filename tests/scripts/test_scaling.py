@@ -13,8 +13,8 @@ from torchvision.models import resnet18
 from deit.config import load_config, scaled_lrs
 from imagenet.benchmark import projector_box_config
 from imagenet.config import check_recipe, find_recipe, load_recipe
-from projector_kd.config import apply_overrides
-from projector_kd.errors import UserError
+from projector_kd.engine.config import apply_overrides
+from projector_kd.engine.errors import UserError
 
 RECIPE = "configs/ilsvrc2012/ours/res3418.yaml"
 

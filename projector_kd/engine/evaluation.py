@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from projector_kd.data import raise_worker_errors_plainly, worker_failures_plainly
-from projector_kd.distributed import all_reduce_sum
-from projector_kd.fast import autocast_context
-from projector_kd.runs import progress
-from projector_kd.sampling import unpadded_eval_loader
+from projector_kd.engine.data import raise_worker_errors_plainly, worker_failures_plainly
+from projector_kd.engine.distributed import all_reduce_sum
+from projector_kd.engine.fast import autocast_context
+from projector_kd.engine.runs import progress
+from projector_kd.engine.sampling import unpadded_eval_loader
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from projector_kd.errors import UserError
+from projector_kd.engine.errors import UserError
 
 
 def _derived_seed(*entropy: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .losses import ProjectorDistillLoss
+from ..losses import ProjectorDistillLoss
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -20,7 +20,7 @@ from .checkpoint import atomic_write
 from .errors import OutputError, UserError, cannot_write
 
 CONFIG_FILE = "config.yaml"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_FOLDERS = ("deit", "imagenet", "projector_kd")
 LOCK_FILE = ".lock"
 _held_locks: dict[Path, int] = {}

@@ -1,0 +1,37 @@
+"""The entry points' ``main`` wrapper: every user-facing failure ends in one ``error:`` line and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from .data import worker_failure
+from .distributed import peer_reported_error, report_user_error
+from .errors import UserError, out_of_memory
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2, as
+    do a data-loader worker's failure that no loop named (:func:`projector_kd.engine.data.worker_failure`: PyTorch may
+    report it at any point of the main process) and running out of GPU memory (:func:`out_of_memory`).
+
+    Under torchrun the run prints the line once: every rank exits 2, and a rank whose collective failed because
+    another rank stopped on a user error ends quietly instead of with the backend's traceback."""
+
+    def exit_with(error: UserError) -> None:
+        if report_user_error(str(error)):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    try:
+        status = main(argv)
+    except UserError as error:
+        exit_with(error)
+    except Exception as error:
+        failure = worker_failure(error, "running") or out_of_memory(error, "lower the batch size")
+        if failure is not None:
+            exit_with(failure)
+        if peer_reported_error() is None:
+            raise
+        sys.exit(2)
+    sys.exit(status or 0)
