@@ -1,8 +1,13 @@
-"""Loading student checkpoints (release layout or this project's) safely and exactly.
+"""DeiT-track checkpoints: the release's layout and this project's, loaded safely and exactly.
 
-Both layouts are ``{'model': state_dict, ...}``: the release adds ``optimizer``, ``lr_scheduler``, ``max_accuracy``,
+Every layout is ``{'model': state_dict, ...}``. The release adds ``optimizer``, ``lr_scheduler``, ``max_accuracy``,
 ``epoch`` and a pickled yacs ``config`` (read by :func:`projector_kd.engine.checkpoint.load_checkpoint` with
-``weights_only=True``); this project adds scaler, RNG and sampler position (see :mod:`deit.engine`).
+``weights_only=True``), and keeps the projector inside the student's keys as ``distillation_loss.*``. This project's
+layouts carry a ``format`` tag: :data:`CHECKPOINT_FORMAT` (``projector_kd.deit/2``) holds the student alone under
+``model`` and the projector under ``projector`` (the run's fields are :mod:`projector_kd.engine.loop`'s);
+``projector_kd.deit/1`` held the projector inside ``model`` as the release does, the optimizer's parameter groups as
+(decay, no decay), and named the position ``next_batch`` and the best top-1 ``max_accuracy``
+(:func:`upgrade_checkpoint` reads it).
 """
 
 from __future__ import annotations
@@ -15,48 +20,57 @@ from typing import Any
 import torch
 from torch import nn
 
-from projector_kd.engine.checkpoint import CheckpointError, check_state_matches, load_checkpoint, state_mismatch
+from projector_kd.engine.checkpoint import CheckpointError, check_state_matches, load_checkpoint, load_state_exactly
 from projector_kd.engine.export import is_weights_export, load_weights_file
 
+CHECKPOINT_FORMAT = "projector_kd.deit/2"
+EARLIER_FORMAT = "projector_kd.deit/1"
 PROJECTOR_PREFIX = "distillation_loss."
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_student_checkpoint` did: ``loaded`` keys, projector keys left out and why, checkpoint meta."""
+    """What :func:`load_student_checkpoint` did: the ``loaded`` keys, the projector's keys left out, checkpoint meta."""
 
     path: Path
     loaded: list[str]
     projector_skipped: list[str] = field(default_factory=list)
-    projector_note: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
 
 def model_state(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The student state dict inside a checkpoint (``{'model': sd}`` or a raw state dict), without ``module.``."""
+    """The student state dict inside a checkpoint (``{'model': sd}`` or a raw state dict), without ``module.`` and
+    without the release's projector keys (``distillation_loss.*``)."""
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f'{path} holds no model state dict (expected a dict of tensors or {{"model": ...}})')
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
 
 
-def _subset(state: dict, projector: bool) -> dict:
-    """The projector's entries of ``state`` (``projector``) or all others."""
-    return {k: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX) == projector}
+def projector_state(checkpoint: Any) -> dict[str, torch.Tensor] | None:
+    """The projector's state in a checkpoint of any layout (``projector``, or the release's ``distillation_loss.*``
+    keys of ``model``), or None when it holds none."""
+    if not isinstance(checkpoint, dict):
+        return None
+    if checkpoint.get("projector") is not None:
+        return checkpoint["projector"]
+    state = checkpoint.get("model")
+    if not isinstance(state, dict):
+        return None
+    inner = {k.removeprefix("module."): v for k, v in state.items()}
+    found = {k.removeprefix(PROJECTOR_PREFIX): v for k, v in inner.items() if k.startswith(PROJECTOR_PREFIX)}
+    return found or None
 
 
 def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool = False) -> LoadReport:
     """Load a student checkpoint into ``model`` exactly; returns a :class:`LoadReport`.
 
     ``path``: a checkpoint (release or project layout), an exported folder or a ``.safetensors`` file
-    (scripts/export.py; read without unpickling).
-
-    Every key outside the projector (``distillation_loss.*``) must exist on both sides with the same shape, else
-    CheckpointError naming the file and the keys (a wrong ``num_classes`` is named as such). The projector is not
-    needed to predict: when its width differs from the model's, or one side has none, its keys are left out and the
-    report says so (one warning line) instead of failing. Resuming training checks with :func:`check_resume_model`
-    instead, where such a projector is an error.
+    (scripts/export.py; read without unpickling). Every student key must exist on both sides with the same shape,
+    else CheckpointError naming the file and the keys (a wrong ``num_classes`` is named as such). The projector is not
+    needed to predict: its keys are left out (and listed in the report).
     """
     path = Path(path)
     checkpoint = load_weights_file(path) if is_weights_export(path) else load_checkpoint(path, trusted=trusted)
@@ -68,55 +82,68 @@ def load_student_checkpoint(model: nn.Module, path: str | Path, *, trusted: bool
             f"{own['head.weight'].shape[0]} (model.num_classes); set model.num_classes to match"
         )
     check_state_matches(
-        _subset(own, projector=False),
-        _subset(state, projector=False),
+        own,
+        state,
         path,
         f"the model ({type(model).__name__})",
         "check --model, the width (model.embed_dim/depth) and model.img_size",
     )
-    proj_own, proj_ckpt = _subset(own, projector=True), _subset(state, projector=True)
-    report = LoadReport(path=path, loaded=sorted(_subset(own, projector=False)), meta=_meta(checkpoint))
-    if not state_mismatch(proj_own, proj_ckpt):
-        report.loaded += sorted(proj_own)
-    elif proj_ckpt or proj_own:
-        report.projector_skipped = sorted(proj_ckpt)
-        report.projector_note = (
-            f"projector of {path} not loaded: checkpoint {_projector_shape(state)} vs model "
-            f"{_projector_shape(own)}; predictions do not use it, but training would restart it"
-        )
-        logger.warning(report.projector_note)
-    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
-    return report
-
-
-def check_resume_model(model: nn.Module, checkpoint: Any, path: str | Path) -> None:
-    """Before resuming training from ``checkpoint``: its ``model`` must hold exactly ``model``'s keys and shapes,
-    the projector included (unlike evaluation, training would silently restart a projector it cannot load).
-    Raises CheckpointError naming the file and what differs; a checkpoint without a ``model`` dict is left to the
-    resume code."""
-    state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        return
-    own = model.state_dict()
-    if state_mismatch(_subset(own, projector=True), _subset(state, projector=True)):
-        raise CheckpointError(
-            f"{path} cannot be resumed: its projector ({_projector_shape(state)}) differs from "
-            f"this run's ({_projector_shape(own)}); resume with the distillation settings and "
-            "teacher it was trained with, or start a new --output"
-        )
-    check_state_matches(
-        own, state, path, f"this run's student ({type(model).__name__})", "use the same config or a new --output"
+    model.load_state_dict(state, strict=True)
+    projector = projector_state(checkpoint) or {}
+    return LoadReport(
+        path=path, loaded=sorted(state), projector_skipped=sorted(projector), meta=checkpoint_meta(checkpoint)
     )
 
 
-def _projector_shape(state: dict) -> str:
-    weight = state.get(PROJECTOR_PREFIX + "embed.weight")
-    if weight is None:
-        return "none" if not any(k.startswith(PROJECTOR_PREFIX) for k in state) else "non-linear projector"
-    return f"Linear({weight.shape[1]}, {weight.shape[0]})"
+def check_resume_state(student: nn.Module, projector: nn.Module | None, checkpoint: dict, path: str | Path) -> None:
+    """Before resuming training from ``checkpoint`` (today's layout): load its ``model`` into ``student`` and its
+    ``projector`` into ``projector`` exactly, or raise CheckpointError naming the file and what differs (unlike
+    evaluation, training would silently restart a projector it cannot load)."""
+    saved = checkpoint.get("projector")
+    if (saved is None) != (projector is None):
+        raise CheckpointError(
+            f"{path} cannot be resumed: it was trained {'without' if saved is None else 'with'} a projector and this "
+            f"run {'has' if projector is not None else 'has none'} — resume with the distillation settings it was "
+            "trained with, or start a new --output"
+        )
+    hint = "use the same config or a new --output"
+    load_state_exactly(student, checkpoint["model"], path, "this run's student", hint=hint)
+    if projector is not None:
+        load_state_exactly(projector, saved, path, "this run's projector (teacher width, distillation.projector)", hint)
 
 
-def _meta(checkpoint: Any) -> dict[str, Any]:
+def checkpoint_meta(checkpoint: Any) -> dict[str, Any]:
+    """The ``epoch`` and the best top-1 (``best_top1``; the release's ``max_accuracy``) a checkpoint records."""
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         return {}
-    return {k: checkpoint[k] for k in ("epoch", "max_accuracy") if isinstance(checkpoint.get(k), (int, float))}
+    meta = {k: checkpoint[k] for k in ("epoch", "best_top1") if isinstance(checkpoint.get(k), (int, float))}
+    if "best_top1" not in meta and isinstance(checkpoint.get("max_accuracy"), (int, float)):
+        meta["best_top1"] = checkpoint["max_accuracy"]
+    return meta
+
+
+def upgrade_checkpoint(state: Any, path: Path, cfg: dict) -> Any:
+    """A ``projector_kd.deit/1`` checkpoint in today's layout (any other content unchanged): the projector moves out
+    of ``model``, the optimizer's two parameter groups swap to (no decay, decay) as timm orders them, and the
+    position, best top-1 and history take today's names. ``cfg``: this run's config (its ``eval_freq`` says which
+    of the recorded epochs were validated)."""
+    if not isinstance(state, dict) or state.get("format") != EARLIER_FORMAT:
+        return state
+    groups = state["optimizer"]["param_groups"]
+    if len(groups) != 2:
+        raise CheckpointError(
+            f"{path} ({EARLIER_FORMAT}) has {len(groups)} parameter groups, expected 2 — use a new --output"
+        )
+    history = state["history"]
+    eval_freq, epochs = cfg["train"]["eval_freq"], cfg["train"]["epochs"]
+    validated = [e for e in history["epoch"] if (e + 1) % eval_freq == 0 or e == epochs - 1]
+    return {
+        **{k: v for k, v in state.items() if k not in ("next_batch", "max_accuracy")},
+        "format": CHECKPOINT_FORMAT,
+        "model": model_state(state, path),
+        "projector": projector_state(state),
+        "optimizer": {**state["optimizer"], "param_groups": [groups[1], groups[0]]},
+        "step_in_epoch": state["next_batch"],
+        "best_top1": state["max_accuracy"],
+        "history": {**history, "val_epoch": validated[: len(history["val_top1"])]},
+    }

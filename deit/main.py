@@ -22,39 +22,33 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+from timm.utils import random_seed  # noqa: E402
 
-from deit.checkpoint import check_resume_model, load_student_checkpoint  # noqa: E402
+from deit.checkpoint import load_student_checkpoint  # noqa: E402
 from deit.config import load_config, rename_old_keys  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
-from deit.engine import CHECKPOINT_FORMAT, Trainer, evaluate_student  # noqa: E402
+from deit.engine import DeiTTrack, evaluate_student  # noqa: E402
 from deit.models import build_student, create_teacher  # noqa: E402
 from projector_kd.engine.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from projector_kd.engine.cli import run_cli  # noqa: E402
-from projector_kd.engine.data import worker_failures_plainly  # noqa: E402
-from projector_kd.engine.distributed import (
-    DistEnv,
-    cleanup,
-    init_distributed,
-    parse_device,
-    run_on_main,  # noqa: E402
-    seed_everything,
-)
+from projector_kd.engine.distributed import DistEnv, cleanup, init_distributed, parse_device, run_on_main  # noqa: E402
 from projector_kd.engine.errors import UserError, out_of_memory  # noqa: E402
+from projector_kd.engine.loop import TrainingLoop  # noqa: E402
 from projector_kd.engine.models import count_parameters  # noqa: E402
-from projector_kd.engine.runs import (
+from projector_kd.engine.runs import (  # noqa: E402
     close_logging,
     prepare_output_dir,
     release_output_dirs,
     run_folder,
-    setup_logging,  # noqa: E402
+    setup_logging,
     startup_line,
     tensorboard_writer,
     write_json,
 )
-from projector_kd.engine.signals import EXIT_STATUS_STOPPED, GracefulStop, stop_cause  # noqa: E402
+from projector_kd.engine.signals import EXIT_STATUS_STOPPED, GracefulStop  # noqa: E402
 
 REPO_ROOT = _HERE.parent
 RESUME_FILE = "checkpoint.pth"
@@ -169,20 +163,9 @@ def release_checkpoint(model: str) -> Path:
     )
 
 
-def teacher_width(cfg: dict) -> int:
-    """Width of the teacher's pooled features (the projector's output), without loading weights."""
-    import timm
-
-    try:
-        return timm.create_model(
-            cfg["teacher"]["name"], num_classes=cfg["model"]["num_classes"], pretrained=False
-        ).num_features
-    except RuntimeError as err:
-        raise UserError(f"unknown teacher model {cfg['teacher']['name']!r} (teacher.name): {err}") from None
-
-
-def log_parameters(student: torch.nn.Module) -> dict[str, int]:
-    counts = count_parameters(student)
+def log_parameters(student: torch.nn.Module, projector: torch.nn.Module | None = None) -> dict[str, int]:
+    """Log and return the parameter counts of the student and the projector trained beside it."""
+    counts = count_parameters(torch.nn.ModuleList([student, *([projector] if projector is not None else [])]))
     logger.info(
         "student parameters: %.2fM (+%.2fM projector, %.2fM total)",
         counts["student"] / 1e6,
@@ -214,7 +197,7 @@ def throughput(student: torch.nn.Module, cfg: dict, device: torch.device) -> flo
 
 def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
     setup_logging(args.output, env.rank, name="deit")
-    student = build_student(cfg, teacher_width(cfg))  # with the projector, as released checkpoints hold one
+    student, _ = build_student(cfg, None)
     counts = log_parameters(student)
     if args.throughput:
         throughput(student, cfg, env.device)
@@ -236,7 +219,7 @@ def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
     if args.output and env.is_main:
         write_json(
             Path(args.output) / "eval_metrics.json",
-            {**stats, "checkpoint": str(path), "params": counts, "projector_note": report.projector_note},
+            {**stats, "checkpoint": str(path), "params": counts},
         )
     return 0
 
@@ -264,7 +247,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
 
     run_on_main(prepare)  # a refused folder ends every rank with rank 0's line
     setup_logging(output, env.rank, name="deit")
-    seed_everything(cfg["seed"], env.rank)
+    random_seed(cfg["seed"], env.rank)
     writer = tensorboard_writer(output, env.rank)
     train_loader, val_loader = build_loaders(
         cfg, env.rank, env.world_size, pin_memory=cfg["data"]["pin_memory"] and env.device.type == "cuda"
@@ -280,11 +263,11 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
             trusted=tcfg["trusted"],
         )
         logger.info("teacher %s loaded from %s", tcfg["name"], source)
-    student = build_student(cfg, teacher.num_features if cfg["distillation"]["method"] == "projector" else None)
-    counts = log_parameters(student)
-    steps = train_loader.sampler.batches_per_epoch
-    trainer = Trainer(cfg, env, student, teacher, steps, output_dir=output, writer=writer)
-    trainer.clock = started
+    width = teacher.num_features if cfg["distillation"]["method"] == "projector" else None
+    student, projector = build_student(cfg, width)
+    counts = log_parameters(student, projector)
+    track = DeiTTrack(cfg, env, student, projector, teacher, train_loader, val_loader, output_dir=output)
+    loop = TrainingLoop(track, output, env.rank, env.world_size, writer, clock=started)
     logger.info(
         startup_line(
             "DeiT track",
@@ -294,68 +277,23 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
             cfg["fast"],
             batch_size=cfg["data"]["batch_size"],
             accum_iter=cfg["train"]["accum_iter"],
-            lr=trainer.lrs["lr"],
-            steps_per_epoch=steps,
+            lr=track.lrs["lr"],
+            steps_per_epoch=track.steps_per_epoch,
         )
     )
-    start_epoch, start_batch = 0, 0
     explicit = args.resume not in (None, "auto")
     resume_path = find_file(args.resume) if explicit else latest_checkpoint(output, RESUME_FILE)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, trusted=args.trust_checkpoint)
-        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:  # others: the trainer names the format
-            check_resume_model(student, state, resume_path)
-        start_epoch, start_batch = trainer.load_state_dict(state, resume_path)
-        logger.info("resumed from %s at epoch %d, batch %d", resume_path, start_epoch, start_batch)
-    epochs = cfg["train"]["epochs"]
-    for epoch in range(start_epoch, epochs):
-        epoch_started = time.perf_counter()
-        trained_from, start_batch = start_batch, 0
-        with worker_failures_plainly("training"):  # a worker may die while a step runs, not only in a fetch
-            means = trainer.train_epoch(train_loader, epoch, trained_from, stop)
-        if means is None:
-            message = (
-                f"stopped by {stop_cause(stop, env.distributed)} during epoch {epoch}; "
-                f"resumable checkpoint {output / RESUME_FILE} written — run the same command to continue"
-            )
-            logger.warning(message)
-            if env.is_main:  # one line for the whole run
-                print(f"stopped: {message}", file=sys.stderr, flush=True)
-            return EXIT_STATUS_STOPPED
-        last = epoch == epochs - 1
-        validate = (epoch + 1) % cfg["train"]["eval_freq"] == 0 or last
-        if validate and trained_from < steps:  # the epoch's training is kept before validation can fail or be killed
-            trainer.save(epoch, steps, [RESUME_FILE])
-        elif validate:
-            logger.info("epoch %d was trained before the resume: validating it", epoch)
-        trainer.history["epoch"].append(epoch)
-        trainer.history["train_loss"].append(means.get("loss", float("nan")))
-        if validate:
-            stats = evaluate_student(trainer.student, val_loader, cfg, env)
-            trainer.max_accuracy = max(trainer.max_accuracy, stats["top1"])
-            trainer.history["val_top1"].append(stats["top1"])
-            trainer.history["val_top5"].append(stats["top5"])
-            logger.info(
-                "epoch %d: val top-1 %.2f top-5 %.2f (best %.2f), %.1fs",
-                epoch,
-                stats["top1"],
-                stats["top5"],
-                trainer.max_accuracy,
-                time.perf_counter() - epoch_started,
-            )
-            if writer is not None:
-                writer.add_scalar("val/top1", stats["top1"], epoch)
-                writer.add_scalar("val/top5", stats["top5"], epoch)
-        names = [RESUME_FILE]
-        if (epoch + 1) % cfg["train"]["save_freq"] == 0 or last:
-            names.append(f"ckpt_epoch_{epoch}.pth")
-        trainer.save(epoch + 1, 0, names)
-    final = evaluate_student(trainer.student, val_loader, cfg, env) if start_epoch >= epochs else None
-    history = trainer.history
+        loop.load(load_checkpoint(resume_path, trusted=args.trust_checkpoint), resume_path)
+    start_epoch, epochs = loop.position.epoch, cfg["train"]["epochs"]
+    if not loop.fit(stop):
+        return EXIT_STATUS_STOPPED
+    final = evaluate_student(student, val_loader, cfg, env) if start_epoch >= epochs else None
+    history = loop.history
     metrics = {
         "top1": final["top1"] if final else history["val_top1"][-1],
         "top5": final["top5"] if final else history["val_top5"][-1],
-        "max_top1": trainer.max_accuracy,
+        "max_top1": loop.best_top1,
         "val_top1_per_epoch": history["val_top1"],
         "val_top5_per_epoch": history["val_top5"],
         "train_loss": history["train_loss"],
@@ -364,7 +302,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         "student": cfg["model"]["name"],
         "student_params": counts["student"],
         "params": counts,
-        "wall_time_s": trainer.elapsed(),
+        "wall_time_s": loop.elapsed(),
         "world_size": env.world_size,
     }
     if env.is_main:

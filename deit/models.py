@@ -2,9 +2,10 @@
 
 Student token layout: ``[cls, conv, patch_1 .. patch_N]`` + learned position embedding, where the conv token is the
 mean of the patch embeddings. ``head`` reads token 0, ``head_conv`` (the distillation head) reads token 1; in eval
-mode the prediction is the mean of both heads' logits. The projector used by the distillation loss lives in the
-student as ``distillation_loss`` (a :class:`projector_kd.ProjectorDistillLoss`) so checkpoints keep the release's
-key names (``distillation_loss.embed``, ``distillation_loss.bn_s``, ``distillation_loss.bn_t``).
+mode the prediction is the mean of both heads' logits. The student holds no projector: :func:`build_student` builds
+the :class:`projector_kd.ProjectorDistillLoss` beside it (the training objective holds both, see
+:mod:`deit.engine`); the release's checkpoints keep it inside the student's keys as ``distillation_loss.*``, which
+:mod:`deit.checkpoint` maps.
 """
 
 from contextlib import nullcontext
@@ -96,16 +97,11 @@ class ConvStemDeiT(nn.Module):
         stem_channels: int = 64,
         stem_stride: int = 2,
         patch_size: int = 8,
-        teacher_dim: int | None = None,
-        distance: str = "log_corr",
-        exponent: float = 4.0,
-        projector_eps: float = 0.0,
-        projector: str = "linear",
         init: str = "release",
         in_chans: int = 3,
     ) -> None:
         super().__init__()
-        if init not in INIT_SCHEMES:
+        if init not in (*INIT_SCHEMES, "skip"):
             raise UserError(f"model.init={init!r} is not one of {', '.join(INIT_SCHEMES)}")
         img_size = _square_size(img_size)
         if img_size % (stem_stride * patch_size):
@@ -138,12 +134,8 @@ class ConvStemDeiT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head_conv = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.distillation_loss = None
-        if teacher_dim:
-            self.distillation_loss = ProjectorDistillLoss(
-                embed_dim, teacher_dim, distance=distance, exponent=exponent, eps=projector_eps, projector=projector
-            )
-        init_weights(self, init)
+        if init != "skip":  # "skip" (as timm's weight_init): PyTorch's defaults, the caller initialises
+            init_weights(self, init)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -313,7 +305,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def init_weights(model: ConvStemDeiT, scheme: str = "release") -> None:
-    """Initialise a student's weights; the projector (``distillation_loss``) keeps PyTorch's defaults.
+    """Initialise a student's weights (the projector, built beside the student, keeps PyTorch's defaults).
 
     Both schemes: pos_embed and every Linear weight ``trunc_normal_(std=0.02)`` (timm's, cut at +-2 absolute, so in
     effect N(0, 0.02^2)), Linear biases 0, norms 1/0. ``release`` (the release's code): cls_token N(0, 1e-6) and every
@@ -329,8 +321,8 @@ def init_weights(model: ConvStemDeiT, scheme: str = "release") -> None:
                 nn.init.kaiming_normal_(module.weight)
     else:
         trunc_normal_(model.cls_token, std=0.02)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not name.startswith("distillation_loss"):
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
             trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
 
@@ -384,8 +376,8 @@ def create_student(name: str, num_classes: int = 1000, img_size: int | None = No
 
     ``img_size`` None: the preset's (224 for tiny/small, 32 for demo). ``kwargs`` override the preset
     (``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, ``stem_channels``, ``stem_stride``, ``patch_size``,
-    ``teacher_dim`` = projector output width or None for no projector, ``distance``, ``projector_eps``, ``init``
-    = ``release`` (default) or ``deit``, see :func:`init_weights`, ...). Drop path defaults to 0, as the release.
+    ``init`` = ``release`` (default), ``deit`` (see :func:`init_weights`) or ``skip``, ...). Drop path defaults to 0,
+    as the release.
     """
     timm_name = TIMM_NAMES.get(name, name)
     if timm_name not in TIMM_NAMES.values():
@@ -393,22 +385,31 @@ def create_student(name: str, num_classes: int = 1000, img_size: int | None = No
     return timm.create_model(timm_name, num_classes=num_classes, img_size=img_size, **kwargs)
 
 
-def build_student(cfg: dict, teacher_dim: int | None) -> ConvStemDeiT:
-    """The student described by ``cfg['model']`` with a projector to ``teacher_dim`` (None: no projector)."""
+def build_student(cfg: dict, teacher_dim: int | None) -> tuple[ConvStemDeiT, ProjectorDistillLoss | None]:
+    """The student described by ``cfg['model']`` and its projector to ``teacher_dim`` (None: no projector), drawn
+    from the random stream in the release's order — the student's layers, the projector, then the student's
+    initialisation (:func:`init_weights`) — so a seed gives the same weights as the release's builder."""
     model, distill = cfg["model"], cfg["distillation"]
-    return create_student(
+    student = create_student(
         model["name"],
         num_classes=model["num_classes"],
         img_size=model["img_size"],
         drop_path_rate=model["drop_path"],
-        teacher_dim=teacher_dim,
-        distance=distill["distance"],
-        exponent=distill["exponent"],
-        projector_eps=distill["eps"],
-        projector=distill["projector"],
-        init=model["init"],
+        init="skip",
         **{k: model[k] for k in ("embed_dim", "depth", "num_heads", "stem_channels", "stem_stride", "patch_size")},
     )
+    projector = None
+    if teacher_dim:
+        projector = ProjectorDistillLoss(
+            student.embed_dim,
+            teacher_dim,
+            distance=distill["distance"],
+            exponent=distill["exponent"],
+            eps=distill["eps"],
+            projector=distill["projector"],
+        )
+    init_weights(student, model["init"])
+    return student, projector
 
 
 def create_teacher(

@@ -46,7 +46,6 @@ def _fuse_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     for group in optimizer.param_groups:
         group["fused"] = True
         group["foreach"] = False
-    optimizer._step_supports_amp_scaling = True
     return True
 
 

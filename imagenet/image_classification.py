@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
     sys.path.insert(0, str(_here.parent))
 
 import torch
+from timm.utils import random_seed
 from torch.nn.parallel import DistributedDataParallel
 from torchdistill.common.main_util import import_dependencies
 from torchdistill.core.distillation import get_distillation_box
@@ -34,17 +35,7 @@ from torchdistill.datasets.util import build_data_loader
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from imagenet import config as recipes
-from imagenet.engine import (
-    LAST_CHECKPOINT,
-    LoopContext,
-    RunState,
-    TrainingStopped,
-    projector_of,
-    restore_training_state,
-    student_of,
-    train,
-    unwrap,
-)
+from imagenet.engine import BoxTrack, projector_of, student_of, unwrap
 from imagenet.fast import apply_fast_path, channels_last_networks
 from imagenet.models import (
     build_model,
@@ -56,9 +47,10 @@ from projector_kd.engine.checkpoint import load_checkpoint, load_state_exactly
 from projector_kd.engine.cli import run_cli
 from projector_kd.engine.config import apply_overrides
 from projector_kd.engine.data import check_image_folder, check_last_batch, check_num_classes
-from projector_kd.engine.distributed import cleanup, init_distributed, run_on_main, seed_everything
+from projector_kd.engine.distributed import cleanup, init_distributed, run_on_main
 from projector_kd.engine.errors import UserError, out_of_memory
 from projector_kd.engine.evaluation import evaluate_classifier
+from projector_kd.engine.loop import LAST_CHECKPOINT, Position, TrainingLoop
 from projector_kd.engine.models import count_parameters
 from projector_kd.engine.runs import (
     close_logging,
@@ -331,7 +323,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     }
     log = setup_logging(None, env.rank, name="imagenet", extra_log_file=log_file)
     if args.seed is not None:
-        seed_everything(args.seed, env.rank)
+        random_seed(args.seed, env.rank)
     # what can fail on the user's inputs (data layout, teacher weights) fails before the run folder is written
     memo: dict = {}
     dataset_ids = _loader_dataset_ids(recipe, args.test_only)
@@ -351,7 +343,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     dataset_dict = build_datasets(recipe, dataset_ids, memo)
     log.info("student %s: %d parameters", student_config["key"], count_parameters(student)["student"])
     history: list[float] = []
-    trained: RunState | None = None  # the training's run state, which counts its wall time over resumes
+    trained: TrainingLoop | None = None  # the training loop, which counts its wall time over resumes
     writer = tensorboard_writer(output_dir, env.rank) if output_dir is not None else None
     if not args.test_only:
         train_config = recipes.resolve(recipe["train"], memo)
@@ -392,53 +384,33 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
             log.info("fast path: %s", settings)
         box.train_data_loader = swap_loader(box.train_data_loader, recipe, env.device, True, "train.train_data_loader")
         box.val_data_loader = swap_loader(box.val_data_loader, recipe, env.device, False, "train.val_data_loader")
-        run_state = RunState()
+        track = BoxTrack(
+            box,
+            teacher,
+            env.device,
+            env.rank,
+            best_path,
+            log_freq=int(train_config.get("log_freq", 100)),
+            autocast_dtype=settings.autocast_dtype if settings else None,
+            channels_last=bool(settings),
+        )
+        loop = TrainingLoop(track, output_dir, env.rank, env.world_size, writer, clock=started)
         last = output_dir / LAST_CHECKPOINT
         if last.is_file():
-            run_state = restore_training_state(
-                box, load_checkpoint(last, trusted=args.trust_checkpoint), last, env.rank, env.world_size
-            )
-            log.info("resuming from %s at epoch %d step %d", last, run_state.epoch, run_state.step_in_epoch)
+            loop.load(load_checkpoint(last, trusted=args.trust_checkpoint), last)
         else:
             if student_config.get("src_ckpt"):
                 source = load_weights(
                     unwrap(student_of(box)), student_config["src_ckpt"], "models.student_model", args.trust_checkpoint
                 )
                 if "optimizer" in source:
-                    run_state = restore_training_state(
-                        box,
-                        {**source, "epoch": args.start_epoch, "step_in_epoch": 0},
-                        student_config["src_ckpt"],
-                        env.rank,
-                        env.world_size,
-                    )
-            run_state.epoch = args.start_epoch
-        run_state.clock = started
-        ctx = LoopContext(
-            box=box,
-            teacher=teacher,
-            device=env.device,
-            output_dir=output_dir,
-            best_path=best_path,
-            distributed=env.distributed,
-            rank=env.rank,
-            stop=None,
-            writer=writer,
-            autocast_dtype=settings.autocast_dtype if settings else None,
-            channels_last=bool(settings),
-            log_freq=int(train_config.get("log_freq", 100)),
-        )
-        try:
-            with GracefulStop() as stop:
-                ctx.stop = stop
-                run_state = train(ctx, run_state)
-        except TrainingStopped as stopped:
-            log.warning("%s", stopped)
-            if env.is_main:  # one line for the whole run
-                print(f"stopped: {stopped}", file=sys.stderr, flush=True)
-            return EXIT_STATUS_STOPPED
-        history = run_state.history
-        trained = run_state
+                    track.load_state_dict(source, Path(student_config["src_ckpt"]), Position(args.start_epoch))
+            loop.position = Position(args.start_epoch)
+        with GracefulStop() as stop:
+            if not loop.fit(stop):
+                return EXIT_STATUS_STOPPED
+        history = loop.history["val_top1"]
+        trained = loop
     checkpoint = read_checkpoint(best_path, trusted=args.trust_checkpoint)
     load_weights_from = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     load_state_exactly(student, load_weights_from, best_path, f"models.student_model ({student_config['key']})")

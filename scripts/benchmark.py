@@ -257,15 +257,15 @@ def deit_kwargs(sizes: Sizes) -> dict[str, Any]:
 
 
 def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device) -> Any:
-    """The DeiT track's trainer for ``recipe`` ('release' | 'fast') with random weights (its ``build_train_step``)."""
+    """The DeiT track's training loop for ``recipe`` ('release' | 'fast') with random weights (its
+    ``build_train_step``)."""
     from deit.benchmark import build_train_step
 
-    _, trainer = build_train_step(recipe, batch_size=batch_size, device=device, **deit_kwargs(sizes))
-    return trainer
+    return build_train_step(recipe, batch_size=batch_size, device=device, **deit_kwargs(sizes))
 
 
 def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> tuple[list[Row], Any]:
-    """Release step, fast step and teacher floor; returns the rows and the fast trainer (for the end-to-end run)."""
+    """Release step, fast step and teacher floor; returns the rows and the fast loop (for the end-to-end run)."""
     from projector_kd.engine.parity import synthetic_batch
 
     # the release step's mixup mixes its input in place: each step gets a copy
@@ -273,14 +273,14 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
     rows = []
     reset_memory(device)
     release = build_deit("release", sizes, args.batch_size, device)
-    flops = count_flops(lambda: release.train_step(images.clone(), labels)) / args.batch_size
+    flops = count_flops(lambda: release.train_step((images.clone(), labels))) / args.batch_size
     rows.append(
         measure_row(
             "deit",
             "release",
             f"DeiT-{sizes.deit_model} <- {sizes.deit_teacher}, release recipe "
             "(fp16 autocast + GradScaler on CUDA, eager, AdamW)",
-            lambda: release.train_step(images.clone(), labels),
+            lambda: release.train_step((images.clone(), labels)),
             args.batch_size,
             (args.steps, max(args.warmup - 1, 0)),  # the counted step was the first warm-up step
             device,
@@ -288,7 +288,7 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
             peak,
         )
     )
-    release = None  # frees the trainer (the timed lambdas hold only its name)
+    release = None  # frees the release loop (the timed lambdas hold only its name)
     reset_memory(device)
     fast = build_deit("fast", sizes, args.batch_size, device)
     rows.append(
@@ -296,7 +296,7 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
             "deit",
             "fast",
             "same math, fast path (bf16 + channels_last + torch.compile + fused AdamW on CUDA)",
-            lambda: fast.train_step(images.clone(), labels),
+            lambda: fast.train_step((images.clone(), labels)),
             args.batch_size,
             (args.steps, args.warmup),
             device,
@@ -305,12 +305,13 @@ def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, pea
         )
     )
     reset_memory(device)
-    teacher_images = images.contiguous(memory_format=torch.channels_last) if fast.channels_last else images
-    teacher_flops = count_flops(lambda: fast.teacher(teacher_images)) / args.batch_size
+    track = fast.track
+    teacher_images = images.contiguous(memory_format=torch.channels_last) if track.channels_last else images
+    teacher_flops = count_flops(lambda: track.teacher(teacher_images)) / args.batch_size
 
     def teacher_step() -> None:
-        with fast.autocast():
-            fast.teacher_forward(teacher_images)
+        with autocast_context(device.type, track.autocast_dtype):
+            track.teacher_forward(teacher_images)
 
     rows.append(
         measure_row(
@@ -575,7 +576,9 @@ def bench_data(
             if fast_deit is not None:
                 workers = max(args.workers)
                 loader = deit_loader(sizes, root, args.batch_size, workers, device)
-                img_s = time_loader(loader, sizes.loader_batches, device, step=fast_deit.train_step)
+                img_s = time_loader(
+                    loader, sizes.loader_batches, device, step=lambda x, y: fast_deit.train_step((x, y))
+                )
                 entry["end_to_end"] = {"workers": workers, "img_per_s": img_s, "step_only_img_per_s": fast_deit_img_s}
                 del loader
         if "resnet" in tracks:
@@ -862,7 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} does not exist; create it or pick another path")
     if args.no_compile:
-        torch._dynamo.config.disable = True
+        torch.compiler.set_stance("force_eager")
     tracks = [args.only] if args.only else list(TRACKS)
     env = environment(device, not args.no_compile)
     claims = device.type == "cuda" and not args.tiny

@@ -405,3 +405,18 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 def one_error_line() -> Callable[[subprocess.CompletedProcess], str]:
     """:func:`error_line`."""
     return error_line
+
+
+def release_model_state(student: torch.nn.Module, projector: torch.nn.Module | None = None) -> dict:
+    """A DeiT student's ``model`` state as the release saved it: the student's keys, then the projector's (a
+    ProjectorDistillLoss) under ``distillation_loss.``."""
+    state = dict(student.state_dict())
+    if projector is not None:
+        state.update({f"distillation_loss.{k}": v for k, v in projector.state_dict().items()})
+    return state
+
+
+@pytest.fixture(scope="session")
+def release_state() -> Callable[..., dict]:
+    """:func:`release_model_state`."""
+    return release_model_state

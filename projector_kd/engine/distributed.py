@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import threading
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -101,10 +99,16 @@ def init_distributed(device: str | None = None) -> DistEnv:
         torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if wants_cuda else "gloo"
+        # torchrun's env:// rendezvous, as init_process_group performs it, keeping the store to share user errors
+        store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, device_id=torch_device if wants_cuda else None
+            backend=backend,
+            store=dist.PrefixStore("default_pg", store),
+            rank=rank,
+            world_size=world_size,
+            device_id=torch_device if wants_cuda else None,
         )
-        _shared["store"] = dist.distributed_c10d._get_default_store()
+        _shared["store"] = store
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
@@ -130,14 +134,6 @@ def cleanup() -> None:
     """Leave the process group if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch (all devices) with ``seed + rank``."""
-    value = seed + rank
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
 
 
 def run_on_main(work: Callable[[], T]) -> T | None:

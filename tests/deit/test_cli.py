@@ -62,7 +62,7 @@ def test_evaluation_errors_are_one_line(tmp_path, run_python, repo, cli):
     )
     cfg = load_config("tiny")
     ckpt = tmp_path / "tiny.pth"
-    torch.save({"model": build_student(cfg, 3024).state_dict()}, ckpt)
+    torch.save({"model": build_student(cfg, 3024)[0].state_dict()}, ckpt)
     status, err = cli(
         ["--model", "tiny", "--ckpt", str(ckpt), "--data-path", str(tmp_path / "imagenet"), "--device", "cpu"]
     )

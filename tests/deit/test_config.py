@@ -139,7 +139,7 @@ def test_output_folder_of_another_run_is_refused_unless_resuming(tmp_path, train
     with pytest.raises(UserError, match=r"holds a different run \(config differs in: train.base_lr\)"):
         main(train_argv(output, "--epochs", "1", "--opts", "train.base_lr", "2e-3"))
     assert main(train_argv(output, "--epochs", "2", "--resume")) == 0
-    assert "resumed from" in (output / "log.txt").read_text()
+    assert "resuming from" in (output / "log.txt").read_text()
 
 
 def test_imagenet_path_comes_from_the_environment_like_the_resnet_track(monkeypatch):

@@ -11,20 +11,22 @@ from timm.scheduler import CosineLRScheduler
 
 from deit.config import load_config, scaled_lrs
 from deit.datasets import build_loaders
-from deit.engine import DistillationObjective, Trainer, evaluate_student, param_groups
+from deit.engine import DeiTTrack, DistillationObjective, evaluate_student
 from deit.models import build_student, create_student, create_teacher
+from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.distributed import DistEnv
 from projector_kd.engine.errors import NonFiniteLossError
+from projector_kd.engine.loop import Position, TrainingLoop
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def test_loss_terms_equal_a_float64_hand_computation():
     torch.manual_seed(0)
-    student = create_student(
-        "demo", num_classes=5, img_size=16, embed_dim=16, depth=1, num_heads=2, stem_channels=4, teacher_dim=12
-    ).double()
-    objective = DistillationObjective(student, "projector", soft_targets=True, smoothing=0.1)
+    student = create_student("demo", num_classes=5, img_size=16, embed_dim=16, depth=1, num_heads=2, stem_channels=4)
+    projector = ProjectorDistillLoss(16, 12, distance="log_corr", eps=0.0)
+    student, projector = student.double(), projector.double()
+    objective = DistillationObjective(student, projector, "projector", soft_targets=True, smoothing=0.1)
     images = torch.randn(6, 3, 16, 16, dtype=torch.float64)
     targets = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
     teacher_features = torch.randn(6, 12, dtype=torch.float64)
@@ -38,7 +40,7 @@ def test_loss_terms_equal_a_float64_hand_computation():
     ce = -(targets * torch.log_softmax(cls_logits, 1)).sum(1).mean()
     p_t = torch.softmax(teacher_logits, 1)
     kd = (p_t * (torch.log(p_t) - torch.log_softmax(dist_logits, 1))).sum() / 6
-    z = tokens[:, 2:].mean(1) @ student.distillation_loss.embed.weight.T + student.distillation_loss.embed.bias
+    z = tokens[:, 2:].mean(1) @ projector.embed.weight.T + projector.embed.bias
     s = (z - z.mean(0)) / z.var(0, unbiased=False).sqrt()  # eps = 0
     t = (teacher_features - teacher_features.mean(0)) / teacher_features.var(0, unbiased=False).sqrt()
     corr = (s * t).mean(0)
@@ -53,15 +55,15 @@ def test_method_none_trains_both_heads_on_labels_and_kd_has_no_projector_term():
     torch.manual_seed(0)
     student = create_student("demo", num_classes=4, img_size=16, embed_dim=16, depth=1, num_heads=2)
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
-    terms = DistillationObjective(student, "none", soft_targets=False, smoothing=0.0)(images, labels)
+    terms = DistillationObjective(student, None, "none", soft_targets=False, smoothing=0.0)(images, labels)
     cls_logits, dist_logits = student.forward_heads(student.forward_features(images))
     assert set(terms) == {"ce", "ce_dist"}
-    kd_terms = DistillationObjective(student, "kd", soft_targets=False, smoothing=0.0)(
+    kd_terms = DistillationObjective(student, None, "kd", soft_targets=False, smoothing=0.0)(
         images, labels, torch.randn(4, 8), torch.randn(4, 4)
     )
     assert set(kd_terms) == {"ce", "kd"}
-    with pytest.raises(Exception, match="needs a student built with a projector"):
-        DistillationObjective(student, "projector", soft_targets=False, smoothing=0.0)
+    with pytest.raises(Exception, match="needs a projector"):
+        DistillationObjective(student, None, "projector", soft_targets=False, smoothing=0.0)
 
 
 NO_MIXING = ("aug.mixup", "0.0", "aug.cutmix", "0.0")
@@ -69,27 +71,36 @@ NO_MIXING = ("aug.mixup", "0.0", "aug.cutmix", "0.0")
 PLAIN_STEPS = (*NO_MIXING, "model.drop_path", "0.0", "train.warmup_epochs", "0")
 
 
-def _trainer(tiny_config, image_folder, teacher_ckpt, *opts: str) -> tuple[Trainer, object]:
+def _loop(tiny_config, image_folder, teacher_ckpt, *opts: str, output=None) -> tuple[TrainingLoop, object]:
+    """The shared loop over the DeiT track of the tiny recipe (``loop.track``), writing into ``output``."""
     cfg = load_config(
         "demo", str(tiny_config), {"data.path": str(image_folder), "teacher.ckpt": str(teacher_ckpt)}, list(opts)
     )
     torch.manual_seed(0)
     teacher, _ = create_teacher(cfg["teacher"]["name"], cfg["model"]["num_classes"], teacher_ckpt)
-    student = build_student(cfg, teacher.num_features)
-    train_loader, _ = build_loaders(cfg, 0, 1, pin_memory=False)
-    return Trainer(cfg, CPU, student, teacher, train_loader.sampler.batches_per_epoch), train_loader
+    student, projector = build_student(cfg, teacher.num_features)
+    train_loader, val_loader = build_loaders(cfg, 0, 1, pin_memory=False)
+    track = DeiTTrack(cfg, CPU, student, projector, teacher, train_loader, val_loader, output_dir=output)
+    return TrainingLoop(track, output), train_loader
+
+
+def _terms(step) -> dict[str, float]:
+    return dict(zip(step.names, step.values.tolist()))
+
+
+def _at(loop: TrainingLoop, global_step: int) -> None:
+    """Place ``loop`` before step ``global_step`` of the run (0-based)."""
+    spe = loop.track.steps_per_epoch
+    loop.position = Position(global_step // spe, global_step % spe, global_step)
 
 
 def test_training_steps_reduce_the_loss(tiny_config, image_folder, teacher_ckpt):
-    trainer, loader = _trainer(
+    loop, loader = _loop(
         tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS, "train.epochs", "20", "train.base_lr", "3e-3"
     )
     loader.sampler.set_epoch(0)
-    images, labels = next(iter(loader))
-    losses = []
-    for step in range(12):
-        trainer.global_step = step
-        losses.append(trainer.train_step(images, labels))
+    batch = next(iter(loader))
+    losses = [_terms(loop.train_step(batch)) for _ in range(12)]
     assert losses[-1]["loss"] < losses[0]["loss"] - 1.0  # the log-scale projector term falls by > 1 nat
     assert losses[-1]["ce"] < losses[0]["ce"] and losses[-1]["proj"] < losses[0]["proj"]
 
@@ -99,13 +110,13 @@ def test_lr_is_scaled_by_global_batch_with_per_step_warmup_and_cosine(tiny_confi
     assert scaled_lrs(recipe, world_size=4) == pytest.approx(
         {"lr": 5e-4 * 1024 / 512, "warmup_lr": 5e-7 * 2, "min_lr": 5e-6 * 2}
     )
-    trainer, _ = _trainer(tiny_config, image_folder, teacher_ckpt, "train.epochs", "4", "train.warmup_epochs", "1")
-    steps = trainer.steps_per_epoch  # 9
-    lrs = trainer.lrs
+    track = _loop(tiny_config, image_folder, teacher_ckpt, "train.epochs", "4", "train.warmup_epochs", "1")[0].track
+    steps = track.steps_per_epoch  # 9
+    lrs = track.lrs
     seen = []
     for step in range(4 * steps):
-        trainer.scheduler.step_update(step)
-        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        track.scheduler.step_update(step)
+        seen.append(track.optimizer.param_groups[0]["lr"])
     assert seen[0] == pytest.approx(lrs["warmup_lr"])
     assert seen[steps // 2] == pytest.approx(lrs["warmup_lr"] + steps // 2 * (lrs["lr"] - lrs["warmup_lr"]) / steps)
     t = 4 * steps - 1
@@ -114,32 +125,38 @@ def test_lr_is_scaled_by_global_batch_with_per_step_warmup_and_cosine(tiny_confi
     assert all(a >= b for a, b in zip(seen[steps:], seen[steps + 1 :]))
 
 
-def test_no_weight_decay_on_1d_params_biases_pos_embed_and_cls_token():
-    model = create_student("demo", num_classes=3, teacher_dim=8)
-    decay, no_decay = param_groups(model, 0.05)
-    names = {id(p): n for n, p in model.named_parameters()}
+def test_no_weight_decay_on_1d_params_biases_pos_embed_and_cls_token(tiny_config, image_folder, teacher_ckpt):
+    track = _loop(tiny_config, image_folder, teacher_ckpt)[0].track
+    names = {id(p): n for n, p in track.trained.named_parameters()}
+    no_decay, decay = track.optimizer.param_groups
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert {"pos_embed", "cls_token", "norm.weight", "head.bias", "distillation_loss.embed.bias"}.isdisjoint(decayed)
     assert {
-        "head.weight",
-        "blocks.0.attn.qkv.weight",
-        "distillation_loss.embed.weight",
-        "conv_embed.conv.0.weight",
+        "student.pos_embed",
+        "student.cls_token",
+        "student.norm.weight",
+        "student.head.bias",
+        "projector_loss.embed.bias",
+    }.isdisjoint(decayed)
+    assert {
+        "student.head.weight",
+        "student.blocks.0.attn.qkv.weight",
+        "projector_loss.embed.weight",
+        "student.conv_embed.conv.0.weight",
     } <= decayed
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
 @pytest.mark.parametrize("poison, term", [("logits", "kd"), ("features", "proj")])
 def test_non_finite_term_stops_with_step_and_term_and_keeps_the_good_checkpoint(
     tmp_path, tiny_config, image_folder, teacher_ckpt, poison, term
 ):
-    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt)
-    trainer.output_dir = tmp_path
-    trainer.save(0, 0, ["checkpoint.pth"])
+    loop, loader = _loop(tiny_config, image_folder, teacher_ckpt, output=tmp_path)
+    track = loop.track
+    loop.save()
     good = (tmp_path / "checkpoint.pth").read_bytes()
-    weights = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
-    teacher = trainer.teacher_forward
+    weights = {k: v.detach().clone() for k, v in track.trained.named_parameters()}
+    teacher = track.teacher_forward
 
     def poisoned(images):
         features, logits = teacher(images)
@@ -147,103 +164,106 @@ def test_non_finite_term_stops_with_step_and_term_and_keeps_the_good_checkpoint(
             return features, torch.full_like(logits, float("nan"))
         return features.index_fill(0, torch.tensor([0]), float("inf")), logits
 
-    trainer.teacher_forward = poisoned
+    track.teacher_forward = poisoned
     loader.sampler.set_epoch(0)
-    images, labels = next(iter(loader))
-    trainer.global_step = 7
-    with pytest.raises(NonFiniteLossError, match=f"step 7 .*{term}"):
-        trainer.train_step(images, labels)
-    assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # no update applied
+    batch = next(iter(loader))
+    _at(loop, 7)
+    with pytest.raises(NonFiniteLossError, match=rf"epoch 0 step 8/9 \(global step 8\): .*{term}"):
+        loop.train_step(batch)
+    assert all(torch.equal(weights[k], v) for k, v in track.trained.named_parameters())  # no update applied
     assert (tmp_path / "checkpoint.pth").read_bytes() == good
     with torch.no_grad():
-        next(trainer.student.parameters()).fill_(float("nan"))
+        next(track.trained.parameters()).fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="weights became non-finite"):
-        trainer.save(0, 1, ["checkpoint.pth"])
+        loop.save()
     assert (tmp_path / "checkpoint.pth").read_bytes() == good
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients_and_scales_lr(tiny_config, image_folder, teacher_ckpt):
     """accum_iter = 2: one step on a loader batch of 2B = the mean of the two micro-batches' gradients (each whitened
     and normalised on its own, as on two GPUs), one AdamW step; the lr is scaled by the global batch 2B."""
-    trainer, loader = _trainer(tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS, "train.accum_iter", "2")
-    single, _ = _trainer(tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS)
-    assert trainer.lrs["lr"] == pytest.approx(2 * single.lrs["lr"])
+    loop, loader = _loop(tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS, "train.accum_iter", "2")
+    track, single = loop.track, _loop(tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS)[0].track
+    assert track.lrs["lr"] == pytest.approx(2 * single.lrs["lr"])
     assert loader.batch_size == 2 * single.cfg["data"]["batch_size"]
-    reference = copy.deepcopy(trainer.student)
+    reference = copy.deepcopy(track.trained)
     loader.sampler.set_epoch(0)
     images, labels = next(iter(loader))
-    values = trainer.train_step(images, labels)
+    values = _terms(loop.train_step((images, labels)))
 
-    objective = DistillationObjective(reference, "projector", soft_targets=False, smoothing=0.1)
-    teacher = trainer.teacher
+    objective = DistillationObjective(
+        reference.student, reference.projector_loss, "projector", soft_targets=False, smoothing=0.1
+    )
+    cfg = track.cfg["train"]
+    skip = [f"student.{n}" for n in reference.student.no_weight_decay()]
+    decay = [p for n, p in reference.named_parameters() if p.ndim > 1 and n not in skip]
+    no_decay = [p for n, p in reference.named_parameters() if p.ndim <= 1 or n in skip]
     optimizer = torch.optim.AdamW(
-        param_groups(reference, trainer.cfg["train"]["weight_decay"]),
-        lr=trainer.optimizer.param_groups[0]["lr"],
-        betas=tuple(trainer.cfg["train"]["betas"]),
-        eps=trainer.cfg["train"]["opt_eps"],
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg["weight_decay"]}],
+        lr=track.optimizer.param_groups[0]["lr"],
+        betas=tuple(cfg["betas"]),
+        eps=cfg["opt_eps"],
     )
     expected_terms = {}
     for half_images, half_labels in zip(images.chunk(2), labels.chunk(2)):
         with torch.no_grad():
-            features, logits = teacher(half_images)
+            features, logits = track.teacher(half_images)
         terms = objective(half_images, half_labels, features, logits)
         (sum(terms.values()) / 2).backward()
         for name, term in terms.items():
             expected_terms[name] = expected_terms.get(name, 0.0) + term.item() / 2
-    torch.nn.utils.clip_grad_norm_(reference.parameters(), trainer.cfg["train"]["clip_grad"])
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg["clip_grad"])
     optimizer.step()
     for name, term in expected_terms.items():
         assert values[name] == pytest.approx(term, rel=1e-6)
-    for (name, ours), theirs in zip(trainer.student.state_dict().items(), reference.state_dict().values()):
+    for (name, ours), theirs in zip(track.trained.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt, *opts: str):
+def _fast_loop(monkeypatch, tiny_config, image_folder, teacher_ckpt, *opts: str):
     monkeypatch.setattr(torch, "compile", lambda module: module)  # compiling costs a minute on 2 CPU cores
-    return _trainer(tiny_config, image_folder, teacher_ckpt, "fast", "true", *NO_MIXING, *opts)
+    return _loop(tiny_config, image_folder, teacher_ckpt, "fast", "true", *NO_MIXING, *opts)
 
 
 def test_fast_step_reads_no_device_value(monkeypatch, tiny_config, image_folder, teacher_ckpt, no_host_reads):
-    trainer, loader = _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt)
-    assert trainer.optimizer.param_groups[0]["fused"]
+    loop, loader = _fast_loop(monkeypatch, tiny_config, image_folder, teacher_ckpt)
+    assert loop.track.optimizer.param_groups[0]["fused"] and loop.track.skips_on_device
     loader.sampler.set_epoch(0)
-    images, labels = next(iter(loader))
-    with no_host_reads(lambda t: any(t is b for b in trainer.monitor.host_buffers)):
-        for step in range(3):
-            trainer.global_step = step
-            values = trainer.train_step(images, labels)
-    assert set(values) == {"ce", "kd", "proj", "loss"} and values["loss"].dim() == 0
-    assert trainer.epoch_sums["steps"] == 2 and len(trainer.monitor.pending) == 1  # step 2 is still in flight
-    trainer.finish_pending()
-    assert trainer.epoch_sums["steps"] == 3
-    assert trainer.last_record.terms["loss"] == pytest.approx(values["loss"].item())
-    release, _ = _trainer(tiny_config, image_folder, teacher_ckpt)
-    with no_host_reads(), pytest.raises(AssertionError, match="read a"):  # the guard sees the release's checks
-        release.train_step(images, labels)
+    batch = next(iter(loader))
+    with no_host_reads(lambda t: any(t is b for b in loop.monitor.host_buffers)):
+        for _ in range(3):
+            step = loop.train_step(batch)
+    assert step.names == ["ce", "kd", "proj", "loss"] and step.values.shape == (4,)
+    assert loop.epoch_sums["steps"] == 2 and len(loop.monitor.pending) == 1  # step 2 is still in flight
+    loop.finish_pending()
+    assert loop.epoch_sums["steps"] == 3
+    assert loop.last_record.terms["loss"] == pytest.approx(step.values[-1].item())
+    release, _ = _loop(tiny_config, image_folder, teacher_ckpt)
+    with no_host_reads(), pytest.raises(AssertionError, match="read a"):  # the guard sees the release's check
+        release.train_step(batch)
 
 
 def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(
     monkeypatch, tiny_config, image_folder, teacher_ckpt
 ):
-    trainer, loader = _fast_trainer(monkeypatch, tiny_config, image_folder, teacher_ckpt)
-    trainer.output_dir = None
+    loop, loader = _fast_loop(monkeypatch, tiny_config, image_folder, teacher_ckpt)
+    track = loop.track
     loader.sampler.set_epoch(0)
-    images, labels = next(iter(loader))
-    teacher = trainer.teacher_forward
-    for step in range(2):
-        trainer.global_step = step
-        trainer.train_step(images, labels)
-    weights = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
-    trainer.teacher_forward = lambda x: (teacher(x)[0], torch.full_like(teacher(x)[1], float("nan")))
-    trainer.global_step = 2
-    trainer.train_step(images, labels)  # queued: the check reads it at the next step
-    assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # skipped on the device
-    trainer.teacher_forward = teacher
-    trainer.global_step = 3
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(epoch 0, batch 2\): term 'kd' = nan"):
-        trainer.train_step(images, labels)
-    assert all(torch.equal(weights[k], v) for k, v in trainer.student.named_parameters())  # nor step 3 applied
-    steps = {state["step"].item() for state in trainer.optimizer.state.values()}
+    batch = next(iter(loader))
+    teacher = track.teacher_forward
+    for _ in range(2):
+        loop.train_step(batch)
+    weights = {k: v.detach().clone() for k, v in track.trained.named_parameters()}
+    track.teacher_forward = lambda x: (teacher(x)[0], torch.full_like(teacher(x)[1], float("nan")))
+    loop.train_step(batch)  # queued: the check reads it at the next step
+    assert all(torch.equal(weights[k], v) for k, v in track.trained.named_parameters())  # skipped on the device
+    track.teacher_forward = teacher
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss at epoch 0 step 3/9 \(global step 3\): term\(s\) kd"
+    ):
+        loop.train_step(batch)
+    assert all(torch.equal(weights[k], v) for k, v in track.trained.named_parameters())  # nor step 4 applied
+    steps = {state["step"].item() for state in track.optimizer.state.values()}
     assert steps == {2.0}  # the optimizer counted the two good steps only
 
 
@@ -256,26 +276,28 @@ def test_release_clipping_of_scaled_gradients_matches_a_hand_computed_adamw_step
     scale = 2.0**12
     deltas = {}
     for clip_scaled in (True, False):
-        trainer, loader = _trainer(
+        loop, loader = _loop(
             tiny_config, image_folder, teacher_ckpt, *PLAIN_STEPS, "train.clip_scaled_grads", str(clip_scaled).lower()
         )
-        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        track = loop.track
+        track.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
         loader.sampler.set_epoch(0)
         images, labels = next(iter(loader))
-        x, y = trainer.prepare_batch(images, labels)
-        sum(trainer.compute_terms(x, y).values()).backward()
-        grads = {n: p.grad.double() for n, p in trainer.student.named_parameters() if p.grad is not None}
-        trainer.optimizer.zero_grad(set_to_none=True)
+        x, y = track.prepare_batch(images, labels)
+        sum(track.compute_terms(x, y).values()).backward()
+        named = dict(track.trained.named_parameters())
+        grads = {n: p.grad.double() for n, p in named.items() if p.grad is not None}
+        track.optimizer.zero_grad(set_to_none=True)
         norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
-        clip = trainer.cfg["train"]["clip_grad"]
+        clip = track.cfg["train"]["clip_grad"]
         factor = min(1.0, clip / (float(norm) * (scale if clip_scaled else 1.0) + 1e-6))
-        before = {n: p.detach().double().clone() for n, p in trainer.student.named_parameters()}
-        trainer.train_step(images, labels)
-        eps = trainer.cfg["train"]["opt_eps"]
+        before = {n: p.detach().double().clone() for n, p in named.items()}
+        loop.train_step((images, labels))
+        eps = track.cfg["train"]["opt_eps"]
         deltas[clip_scaled] = {}
-        for group in trainer.optimizer.param_groups:
+        for group in track.optimizer.param_groups:
             for param in group["params"]:
-                name = next(n for n, p in trainer.student.named_parameters() if p is param)
+                name = next(n for n, p in named.items() if p is param)
                 if name not in grads:
                     continue
                 g = grads[name] * factor
@@ -290,7 +312,7 @@ def test_lr_each_step_used_follows_the_schedule_after_or_before_the_step(
     tiny_config, image_folder, teacher_ckpt, after
 ):
     """lr_after_step (the release): step k runs with lr(k - 1), step 0 with the initial warm-up lr; otherwise lr(k)."""
-    trainer, loader = _trainer(
+    loop, loader = _loop(
         tiny_config,
         image_folder,
         teacher_ckpt,
@@ -301,28 +323,26 @@ def test_lr_each_step_used_follows_the_schedule_after_or_before_the_step(
         "train.lr_after_step",
         str(after).lower(),
     )
+    track = loop.track
     used = []
-    trainer.optimizer.register_step_pre_hook(
-        lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"])
-    )
+    track.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
     loader.sampler.set_epoch(0)
-    images, labels = next(iter(loader))
+    batch = next(iter(loader))
     steps = 6
-    for step in range(steps):
-        trainer.global_step = step
-        trainer.train_step(images, labels)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=trainer.lrs["lr"])
+    for _ in range(steps):
+        loop.train_step(batch)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=track.lrs["lr"])
     reference = CosineLRScheduler(
         optimizer,
-        t_initial=2 * trainer.steps_per_epoch,
-        lr_min=trainer.lrs["min_lr"],
-        warmup_lr_init=trainer.lrs["warmup_lr"],
-        warmup_t=int(0.5 * trainer.steps_per_epoch),
+        t_initial=2 * track.steps_per_epoch,
+        lr_min=track.lrs["min_lr"],
+        warmup_lr_init=track.lrs["warmup_lr"],
+        warmup_t=int(0.5 * track.steps_per_epoch),
         cycle_limit=1,
         t_in_epochs=False,
     )
     schedule = [reference._get_lr(t)[0] for t in range(steps)]
-    expected = [trainer.lrs["warmup_lr"], *schedule[:-1]] if after else schedule
+    expected = [track.lrs["warmup_lr"], *schedule[:-1]] if after else schedule
     assert used == pytest.approx(expected, rel=1e-12)
     # warm-up then cosine: every lr(t) differs; lr(0) is the initial warm-up lr, so after the step it runs twice
     assert len(set(used)) == (steps - 1 if after else steps)
@@ -332,7 +352,7 @@ def test_evaluation_needs_only_the_model_and_a_loader(tiny_config, image_folder,
     """The mean of both heads over the whole val set, as a hand computation; no optimizer or schedule is built."""
     cfg = load_config("demo", str(tiny_config), {"data.path": str(image_folder), "teacher.ckpt": str(teacher_ckpt)})
     torch.manual_seed(0)
-    student = build_student(cfg, 16).train()
+    student = build_student(cfg, 16)[0].train()
     _, val_loader = build_loaders(cfg, 0, 1, pin_memory=False, train=False)
     stats = evaluate_student(student, val_loader, cfg, CPU)
     assert student.training

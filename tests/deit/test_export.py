@@ -35,15 +35,15 @@ def _assert_same_logits(expected: torch.Tensor, folder, name: str, images: torch
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_release_layout_round_trip_gives_the_same_logits(tmp_path, preset):
     torch.manual_seed(0)
-    source = create_student(preset, teacher_dim=3024)
+    source = create_student(preset)
     _randomise_buffers(source)
     path = tmp_path / "ckpt_epoch_299.pth"
-    torch.save(release_checkpoint(source), path)
+    torch.save(release_checkpoint(source, teacher_dim=3024), path)
     folder = export_student(path, tmp_path / "export")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
     assert not [k for k in weights if k.startswith("distillation_loss.")]
-    assert sorted(weights) == sorted(k for k in source.state_dict() if not k.startswith("distillation_loss."))
+    assert sorted(weights) == sorted(source.state_dict())
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = source.eval()(images)
@@ -63,9 +63,9 @@ def test_release_layout_round_trip_gives_the_same_logits(tmp_path, preset):
 
 def test_layout_equals_timms_save_for_hf(tmp_path):
     torch.manual_seed(0)
-    source = create_student("demo", num_classes=10, teacher_dim=64)
+    source = create_student("demo", num_classes=10)
     path = tmp_path / "ckpt_epoch_9.pth"
-    torch.save(release_checkpoint(source), path)
+    torch.save(release_checkpoint(source, teacher_dim=64), path)
     ours = export_student(path, tmp_path / "ours")
     reference = timm.create_model("deit_conv_demo", num_classes=10)
     reference.load_state_dict({k: v for k, v in source.state_dict().items() if not k.startswith("distillation_")})
@@ -153,11 +153,16 @@ def test_exported_weights_are_loaded_exactly(tmp_path):
         load_student_checkpoint(source, tmp_path / "empty")
 
 
-def test_run_config_with_the_presets_widths_and_bilinear_default(tmp_path):
+def test_run_config_with_the_presets_widths_and_bilinear_default(tmp_path, release_state):
     cfg = load_config("tiny")  # embed_dim / depth / num_heads null: the preset's
     cfg["data"].pop("eval_interpolation", None)  # a run recorded before the evaluation resize had its own key
     torch.save(
-        {"format": "projector_kd.deit/1", "model": build_student(cfg, 3024).state_dict(), "config": cfg, "epoch": 300},
+        {
+            "format": "projector_kd.deit/1",
+            "model": release_state(*build_student(cfg, 3024)),
+            "config": cfg,
+            "epoch": 300,
+        },
         tmp_path / "checkpoint.pth",
     )
     source = read_student(tmp_path / "checkpoint.pth")

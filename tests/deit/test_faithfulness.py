@@ -65,10 +65,10 @@ def _drop_paths(model: nn.Module) -> list[float]:
 def test_no_drop_path_by_default_and_the_deit_recipe_as_a_switch():
     for model in ("tiny", "small"):
         assert load_config(model)["model"]["drop_path"] == 0.0
-    assert _drop_paths(build_student(load_config("tiny"), 3024)) == []
+    assert _drop_paths(build_student(load_config("tiny"), 3024)[0]) == []
     assert _drop_paths(create_student("tiny")) == []
     assert all(isinstance(block.drop_path1, nn.Identity) for block in create_student("tiny").blocks)
-    rates = _drop_paths(build_student(load_config("tiny", opts=["model.drop_path", "0.1"]), 3024))
+    rates = _drop_paths(build_student(load_config("tiny", opts=["model.drop_path", "0.1"]), 3024)[0])
     expected = torch.linspace(0, 0.1, 12).tolist()[1:]  # block 0 has rate 0 (Identity); two DropPaths per block
     assert rates == pytest.approx([r for r in expected for _ in range(2)])
 
@@ -79,7 +79,7 @@ def _stem_convs(model: nn.Module) -> list[nn.Conv2d]:
 
 def test_release_init_by_default():
     torch.manual_seed(0)
-    model = build_student(load_config("tiny"), 3024)
+    model, projector = build_student(load_config("tiny"), 3024)
     convs = _stem_convs(model)
     assert [tuple(c.weight.shape) for c in convs] == [(64, 3, 7, 7), (64, 64, 3, 3), (64, 64, 3, 3), (192, 64, 8, 8)]
     for conv in convs:
@@ -97,15 +97,17 @@ def test_release_init_by_default():
     # (4.55 %), not cut away as a cut at +-2 std would do
     beyond = (pos.abs() > 0.04).float().mean().item()
     assert 0.0455 - 0.006 < beyond < 0.0455 + 0.006
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not name.startswith("distillation_loss"):
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
             assert module.weight.std().item() == pytest.approx(0.02, rel=0.05) and not module.bias.any()
+    bound = 1 / math.sqrt(192)  # the projector keeps PyTorch's Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert projector.embed.weight.abs().max().item() <= bound and projector.embed.bias.abs().max().item() <= bound
     assert create_student("tiny").cls_token.abs().max().item() < 1e-5  # create_student defaults to the release init
 
 
 def test_deit_init_is_the_switch_and_differs():
     torch.manual_seed(0)
-    model = build_student(load_config("tiny", opts=["model.init", "deit"]), 3024)
+    model = build_student(load_config("tiny", opts=["model.init", "deit"]), 3024)[0]
     for conv in _stem_convs(model):
         fan_in = conv.weight[0].numel()
         # PyTorch's default conv init: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -117,35 +119,28 @@ def test_deit_init_is_the_switch_and_differs():
         load_config("tiny", opts=["model.init", "timm"])
 
 
-def _swap_projector(state: dict, tiny_config, width: int) -> dict:
-    """``state`` (a tiny-recipe student's) with its projector replaced by one of output ``width``."""
-    other = build_student(load_config("demo", str(tiny_config)), width).state_dict()
-    model = {k: v for k, v in state["model"].items() if not k.startswith("distillation_loss.")}
-    model.update({k: v for k, v in other.items() if k.startswith("distillation_loss.")})
-    return {**state, "model": model}
-
-
-def test_mismatched_projector_warns_once_in_evaluation_and_stops_a_resume(tmp_path, train_argv, eval_argv, tiny_config):
+def test_another_projector_does_not_matter_in_evaluation_and_stops_a_resume(
+    tmp_path, train_argv, eval_argv, tiny_config
+):
     first = tmp_path / "first"
     assert main(train_argv(first, "--epochs", "1")) == 0
     state = torch.load(first / "checkpoint.pth", weights_only=True)
-    assert state["model"]["distillation_loss.embed.weight"].shape == (512, 16)
+    assert state["projector"]["embed.weight"].shape == (512, 16)
+    assert not [k for k in state["model"] if k.startswith("distillation_loss.")]  # the student alone
     other = tmp_path / "other_projector.pth"
-    torch.save(_swap_projector(state, tiny_config, 256), other)
+    narrow = build_student(load_config("demo", str(tiny_config)), 256)[1]
+    torch.save({**state, "projector": narrow.state_dict()}, other)
 
     evaluation = tmp_path / "eval"
     assert main(eval_argv(other, evaluation)) == 0
-    warnings = [line for line in (evaluation / "log.txt").read_text().splitlines() if " WARNING " in line]
-    assert len(warnings) == 1
-    assert f"projector of {other} not loaded: checkpoint Linear(16, 256) vs model Linear(16, 512)" in warnings[0]
+    assert " WARNING " not in (evaluation / "log.txt").read_text()
 
     resumed = tmp_path / "resumed"
     with pytest.raises(CheckpointError) as error:
         main(train_argv(resumed, "--epochs", "2", "--resume", str(other)))
-    assert str(error.value) == (
-        f"{other} cannot be resumed: its projector (Linear(16, 256)) differs from this run's "
-        f"(Linear(16, 512)); resume with the distillation settings and teacher it was trained "
-        f"with, or start a new --output"
+    assert str(error.value).startswith(
+        f"checkpoint {other} does not match this run's projector (teacher width, distillation.projector) "
+        "(ProjectorDistillLoss): shape mismatch: embed.weight (256, 16) vs model (512, 16)"
     )
     assert not (resumed / "checkpoint.pth").exists()
 

@@ -31,7 +31,8 @@ def _terms_and_grads(trainer, images, labels):
     terms = trainer.compute_terms(prepared, targets)
     trainer.optimizer.zero_grad(set_to_none=True)
     sum(terms.values()).backward()
-    grads = {n: p.grad.detach().float().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+    named = trainer.trained.named_parameters()
+    grads = {n: p.grad.detach().float().clone() for n, p in named if p.grad is not None}
     return {k: v.detach().float() for k, v in terms.items()}, grads
 
 
@@ -40,16 +41,16 @@ def test_fast_path_math_matches_the_release_recipe_within_bf16_tolerance(monkeyp
     torch.compile is swapped for eager here (compiling costs a minute on 2 CPU cores)."""
     monkeypatch.setattr(torch, "compile", lambda module: module)
     torch.manual_seed(0)
-    _, reference = build_train_step("release", **SMALL)
+    reference = build_train_step("release", **SMALL).track
     torch.manual_seed(0)
-    _, fast = build_train_step("fast", **SMALL)
-    fast.student.load_state_dict(reference.student.state_dict())
+    fast = build_train_step("fast", **SMALL).track
+    fast.trained.load_state_dict(reference.trained.state_dict())
     fast.teacher.load_state_dict(reference.teacher.state_dict())
     fast.autocast_dtype, fast.channels_last = torch.bfloat16, True
-    fast.student.conv_embed.to(memory_format=torch.channels_last)
+    fast.student_module.conv_embed.to(memory_format=torch.channels_last)
     fast.teacher.to(memory_format=torch.channels_last)
     for trainer in (reference, fast):  # deterministic forward: no stochastic depth
-        for block in trainer.student.blocks:
+        for block in trainer.student_module.blocks:
             block.drop_path1 = block.drop_path2 = torch.nn.Identity()
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8)
     ref_terms, ref_grads = _terms_and_grads(reference, images, labels)
@@ -58,7 +59,7 @@ def test_fast_path_math_matches_the_release_recipe_within_bf16_tolerance(monkeyp
     for name in ref_terms:
         torch.testing.assert_close(fast_terms[name], ref_terms[name], rtol=3e-2, atol=3e-2)
     for name, grad in ref_grads.items():
-        if name == "distillation_loss.embed.bias":  # batch whitening removes the mean: its true gradient is 0
+        if name == "projector_loss.embed.bias":  # batch whitening removes the mean: its true gradient is 0
             assert grad.abs().max() < 1e-6 and fast_grads[name].abs().max() < 1e-3
             continue
         cosine = torch.nn.functional.cosine_similarity(fast_grads[name].flatten(), grad.flatten(), dim=0)
@@ -74,11 +75,11 @@ def test_compile_failure_runs_teacher_and_objective_eagerly_with_one_line(monkey
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    step, trainer = build_train_step("fast", **SMALL)
+    loop = build_train_step("fast", **SMALL)
     with caplog.at_level(logging.WARNING, logger="projector_kd.engine.fast"):
-        values = step(torch.rand(8, 3, 16, 16), torch.arange(8))
-    assert trainer.objective.compiled is None and trainer.teacher_forward.compiled is None
-    assert all(torch.isfinite(value) for value in values.values()) and trainer.global_step == 1
+        step = loop.train_step((torch.rand(8, 3, 16, 16), torch.arange(8)))
+    assert loop.track.objective.compiled is None and loop.track.teacher_forward.compiled is None
+    assert torch.isfinite(step.values).all() and loop.position.global_step == 1
     assert [r.getMessage() for r in caplog.records if r.name == "projector_kd.engine.fast"] == [
         "fast path: torch.compile is unavailable here (RuntimeError: inductor backend unavailable); running the "
         "networks eagerly — the rest of the fast path stays on"
@@ -88,9 +89,9 @@ def test_compile_failure_runs_teacher_and_objective_eagerly_with_one_line(monkey
 def test_fast_switch_defaults_off_and_sets_the_loader_and_optimizer(tmp_path):
     assert load_config("tiny")["fast"] is False
     assert load_config("tiny", flags={"fast": True})["fast"] is True
-    step, trainer = build_train_step("release", **SMALL)
-    assert trainer.autocast_dtype is None and trainer.scaler is None  # CPU: float32 in both recipes
-    values = step(torch.randint(0, 255, (8, 3, 16, 16)).float() / 255, torch.randint(0, 10, (8,)))
-    assert set(values) == {"ce", "kd", "proj", "loss"} and trainer.global_step == 1
+    loop = build_train_step("release", **SMALL)
+    assert loop.track.autocast_dtype is None and loop.track.scaler is None  # CPU: float32 in both recipes
+    step = loop.train_step((torch.randint(0, 255, (8, 3, 16, 16)).float() / 255, torch.randint(0, 10, (8,))))
+    assert step.names == ["ce", "kd", "proj", "loss"] and loop.position.global_step == 1
     with pytest.raises(Exception, match="recipe must be 'release' or 'fast'"):
         build_train_step("turbo", **SMALL)

@@ -31,17 +31,17 @@ def test_image_unreadable_mid_epoch_costs_no_work(tmp_path, train_argv, data_cop
     message = str(error.value)
     assert message.startswith(f"unreadable image {broken.path} (UnidentifiedImageError") and "\n" not in message
     assert message.endswith(
-        f"A resumable checkpoint was written first: {output / 'checkpoint.pth'} (epoch 0, batch 2) "
+        f"A resumable checkpoint was written first: {output / 'checkpoint.pth'} (epoch 0, step 2) "
         f"— after fixing the file, run the same command again to continue"
     )
     saved = torch.load(output / "checkpoint.pth", weights_only=True)
-    assert (saved["epoch"], saved["next_batch"]) == (0, 2)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (0, 2)
 
     broken.repair()
     assert main(train_argv(output, "--epochs", "1", data=data_copy)) == 0
-    assert "resumed from" in (output / "log.txt").read_text()
+    assert "resuming from" in (output / "log.txt").read_text()
     a = torch.load(straight / "checkpoint.pth", weights_only=True)
     b = torch.load(output / "checkpoint.pth", weights_only=True)
-    assert (a["epoch"], a["next_batch"]) == (b["epoch"], b["next_batch"]) == (1, 0)
+    assert (a["epoch"], a["step_in_epoch"]) == (b["epoch"], b["step_in_epoch"]) == (1, 0)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -45,18 +45,18 @@ GPU_OUT_OF_MEMORY = (
 
 
 def test_out_of_gpu_memory_in_a_step_is_one_line_with_what_to_lower(cli, tmp_path, train_argv, monkeypatch):
-    from deit.engine import Trainer
+    from deit.engine import DeiTTrack
 
     state = {"steps": 0}
-    real_step = Trainer.train_step
+    real_forward = DeiTTrack.forward
 
-    def train_step(self, images, targets):
+    def forward(self, batch, position):
         state["steps"] += 1
         if state["steps"] == 12:  # epoch 1, after epoch 0's checkpoints
             raise torch.cuda.OutOfMemoryError(GPU_OUT_OF_MEMORY)
-        return real_step(self, images, targets)
+        return real_forward(self, batch, position)
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(DeiTTrack, "forward", forward)
     status, err = cli(train_argv(tmp_path / "run"))
     assert status == 2
     assert err == (

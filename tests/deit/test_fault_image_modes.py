@@ -31,7 +31,7 @@ def test_16_bit_val_images_evaluate_like_8_bit(tmp_path, image_folder, tiny_conf
     cfg = load_config("demo", str(tiny_config))
     ckpt = tmp_path / "student.pth"
     torch.save(
-        {"model": build_student(cfg, timm.create_model("resnet10t", num_classes=3).num_features).state_dict()}, ckpt
+        {"model": build_student(cfg, timm.create_model("resnet10t", num_classes=3).num_features)[0].state_dict()}, ckpt
     )
     results = []
     for root in (eight, sixteen):

@@ -31,7 +31,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert ka == kb
         for name in va:
             assert torch.equal(va[name], vb[name]), (ka, name)
-    for key in ("epoch", "next_batch", "global_step", "max_accuracy", "history"):
+    for key in ("epoch", "step_in_epoch", "global_step", "best_top1", "history"):
         assert a[key] == b[key], key
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
@@ -43,12 +43,12 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, train_argv):
     interrupted = tmp_path / "interrupted"
     assert main(train_argv(interrupted), stop=StopAfter(9 + 5)) == EXIT_STATUS_STOPPED
     stopped = torch.load(interrupted / "checkpoint.pth", weights_only=True)
-    assert (stopped["epoch"], stopped["next_batch"]) == (1, 5)
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 5)
     assert main(train_argv(interrupted)) == 0
     a = torch.load(straight / "checkpoint.pth", weights_only=True)
     b = torch.load(interrupted / "checkpoint.pth", weights_only=True)
     _assert_same_state(a, b)
-    assert (a["epoch"], a["next_batch"]) == (2, 0)
+    assert (a["epoch"], a["step_in_epoch"]) == (2, 0)
     metrics_a = json.loads((straight / "metrics.json").read_text())
     metrics_b = json.loads((interrupted / "metrics.json").read_text())
     assert (
@@ -79,14 +79,14 @@ def test_fast_path_with_the_release_lr_order_resumes_bit_identical(tmp_path, tra
     interrupted = tmp_path / "interrupted"
     assert main(train_argv(interrupted, *extra), stop=StopAfter(4)) == EXIT_STATUS_STOPPED
     stopped = torch.load(interrupted / "checkpoint.pth", weights_only=True)
-    assert (stopped["epoch"], stopped["next_batch"]) == (0, 4) and stopped["epoch_sums"]["steps"] == 4
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (0, 4) and stopped["epoch_sums"]["steps"] == 4
     assert {s["step"].item() for s in stopped["optimizer"]["state"].values()} == {4.0}
     assert main(train_argv(interrupted, *extra)) == 0
     a = torch.load(straight / "checkpoint.pth", weights_only=True)
     b = torch.load(interrupted / "checkpoint.pth", weights_only=True)
     _assert_same_state(a, b)
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    assert a["epoch_sums"] == b["epoch_sums"] and a["epoch_sums"]["steps"] == 9
+    assert a["history"]["train_loss"] == b["history"]["train_loss"] and len(a["history"]["train_loss"]) == 1
 
 
 class _Killed(BaseException):
@@ -94,7 +94,7 @@ class _Killed(BaseException):
 
 
 def test_run_killed_during_validation_keeps_the_trained_epoch_and_resumes_exactly(tmp_path, train_argv, monkeypatch):
-    from deit import main as entry
+    from deit import engine as entry
 
     straight = tmp_path / "straight"
     assert main(train_argv(straight)) == 0
@@ -113,7 +113,7 @@ def test_run_killed_during_validation_keeps_the_trained_epoch_and_resumes_exactl
         with pytest.raises(_Killed):
             main(train_argv(killed))
     pending = torch.load(killed / "checkpoint.pth", weights_only=True)
-    assert (pending["epoch"], pending["next_batch"], pending["global_step"]) == (1, 9, 18)
+    assert (pending["epoch"], pending["step_in_epoch"], pending["global_step"]) == (1, 9, 18)
     assert pending["epoch_sums"]["steps"] == 9  # the epoch's loss means survive the restart
     assert len(pending["history"]["val_top1"]) == len(pending["history"]["train_loss"]) == 1  # epoch 0's only
     assert main(train_argv(killed)) == 0

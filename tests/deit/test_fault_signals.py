@@ -46,9 +46,9 @@ def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, train_argv, s
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 3, stderr
-    assert f"stopped: stopped by {signum.name} during epoch 1" in stderr
+    assert f"stopped: stopped by {signum.name} at epoch 1 step" in stderr
     stopped = torch.load(output / "checkpoint.pth", weights_only=True)
-    assert stopped["epoch"] == 1 and 2 <= stopped["next_batch"] <= 9
+    assert stopped["epoch"] == 1 and 2 <= stopped["step_in_epoch"] <= 9
     assert main(train_argv(output, *SLOWER)) == 0
     straight = tmp_path / "straight"
     assert main(train_argv(straight, *SLOWER)) == 0
@@ -58,9 +58,9 @@ def test_signal_stops_after_the_step_and_resume_is_exact(tmp_path, train_argv, s
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, train_argv, start_python, wait_for):
     output = tmp_path / "run"
-    # saves 1-4 are real (epoch 0 trained: checkpoint.pth; epoch 0 validated: checkpoint.pth, ckpt_epoch_0.pth; epoch 1
-    # trained: checkpoint.pth); save 5 (epoch 1 validated: checkpoint.pth) hangs half-written
-    process = start_python("-c", SLOW_SAVE_LAUNCHER, "4", *train_argv(output, *SLOWER))
+    # saves 1-5 are real (epoch 0 trained: checkpoint.pth; epoch 0 validated: ckpt_epoch_0.pth, checkpoint.pth; epoch 1
+    # trained: checkpoint.pth; epoch 1 validated: ckpt_epoch_1.pth); save 6 (then checkpoint.pth) hangs half-written
+    process = start_python("-c", SLOW_SAVE_LAUNCHER, "5", *train_argv(output, *SLOWER))
     wait_for(
         lambda: any(output.glob(".checkpoint.pth.*.tmp")) and "epoch 1: val top-1" in (output / "log.txt").read_text(),
         process,
@@ -71,7 +71,7 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(tmp_path, train_argv
     [partial] = output.glob(".checkpoint.pth.*.tmp")
     assert partial.stat().st_size > 0
     survivor = torch.load(output / "checkpoint.pth", weights_only=True)
-    assert (survivor["epoch"], survivor["next_batch"]) == (1, 9)  # epoch 1 trained, its validation not recorded
+    assert (survivor["epoch"], survivor["step_in_epoch"]) == (1, 9)  # epoch 1 trained, its validation not recorded
     assert main(train_argv(output, *SLOWER)) == 0  # auto-resumes from the surviving checkpoint
     assert not any(output.glob(".checkpoint.pth.*.tmp"))
     assert "epoch 1 was trained before the resume: validating it" in (output / "log.txt").read_text()

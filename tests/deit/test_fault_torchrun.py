@@ -38,7 +38,7 @@ def test_unreadable_image_on_one_rank_ends_both_ranks_with_one_line(
 def test_stop_on_one_rank_stops_both_and_resumes_bit_identical(tmp_path, train_argv, run_torchrun, sigterm_on_one_rank):
     """Two gloo ranks, 4 steps per epoch; only rank 1 gets SIGTERM: the ranks' vote stops both at the same step, the
     checkpoint holds both ranks' random streams, and the resumed run ends bit-identical to an uninterrupted one."""
-    script = sigterm_on_one_rank("deit.engine", "deit.main")
+    script = sigterm_on_one_rank("projector_kd.engine.loop", "deit.main")
     straight = run_torchrun("deit/main.py", *train_argv(tmp_path / "straight", "--epochs", "2"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     stopped = run_torchrun(script, "1", "1", "2", *train_argv(tmp_path / "interrupted", "--epochs", "2"))
@@ -48,10 +48,10 @@ def test_stop_on_one_rank_stops_both_and_resumes_bit_identical(tmp_path, train_a
     assert str(EXIT_STATUS_STOPPED) in codes and set(codes) <= {str(EXIT_STATUS_STOPPED), "-15"}, stopped.stderr[-3000:]
     checkpoint = tmp_path / "interrupted" / "checkpoint.pth"
     state = torch.load(checkpoint, weights_only=True)
-    assert state["epoch"] == 1 and state["next_batch"] in (2, 3)  # at once, or one step later through the vote
+    assert state["epoch"] == 1 and state["step_in_epoch"] in (2, 3)  # at once, or one step later through the vote
     assert [line for line in stopped.stderr.splitlines() if line.startswith("stopped: ")] == [
-        f"stopped: stopped by a signal to another process of the run during epoch 1; resumable checkpoint "
-        f"{checkpoint} written — run the same command to continue"
+        f"stopped: stopped by a signal to another process of the run at epoch 1 step {state['step_in_epoch']}; "
+        f"resumable checkpoint {checkpoint} — rerun the same command to continue"
     ]  # printed once, by rank 0, which did not receive the signal itself
     assert len(state["rng"]) == 2
     resumed = run_torchrun("deit/main.py", *train_argv(tmp_path / "interrupted", "--epochs", "2"))

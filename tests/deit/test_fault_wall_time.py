@@ -31,7 +31,7 @@ def test_wall_time_adds_up_across_a_mid_epoch_resume(tmp_path, train_argv):
     output = tmp_path / "run"
     assert main(train_argv(output, "--epochs", "1"), stop=SlowStop(3)) == EXIT_STATUS_STOPPED
     stopped = torch.load(output / "checkpoint.pth", weights_only=True)
-    assert (stopped["epoch"], stopped["next_batch"]) == (0, 3) and stopped["wall_time_s"] >= 1.5
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (0, 3) and stopped["wall_time_s"] >= 1.5
 
     started = time.perf_counter()
     assert main(train_argv(output, "--epochs", "1")) == 0

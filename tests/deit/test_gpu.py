@@ -12,8 +12,10 @@ import torch
 from deit.benchmark import build_train_step
 from deit.config import load_config
 from deit.datasets import build_loaders
-from deit.engine import Trainer
+from deit.engine import DeiTTrack
 from projector_kd.engine.distributed import DistEnv
+from projector_kd.engine.loop import TrainingLoop
+from projector_kd.engine.steps import StepMonitor
 
 pytestmark = pytest.mark.gpu
 SMALL = dict(
@@ -36,44 +38,43 @@ def _batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_release_fp16_step_with_grad_scaler_clips_the_scaled_gradients(gpu_device):
     torch.manual_seed(0)
-    step, trainer = build_train_step("release", device=gpu_device, **SMALL)
+    loop = build_train_step("release", device=gpu_device, **SMALL)
+    track = loop.track
     if gpu_device.type == "cuda":
-        assert trainer.autocast_dtype == torch.float16 and trainer.scaler is not None
-    assert trainer.clip_scaled_grads and not trainer.fast
+        assert track.autocast_dtype == torch.float16 and track.scaler is not None
+    assert track.clip_scaled_grads and not track.fast
     images, labels = _batch(gpu_device)
-    before = [p.detach().clone() for p in trainer.student.parameters()]
-    for index in range(6):
-        trainer.global_step = index
-        values = step(images.clone(), labels)
-        assert torch.isfinite(values["loss"])
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters()))
-    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
+    before = [p.detach().clone() for p in track.trained.parameters()]
+    for _ in range(6):
+        step = loop.train_step((images.clone(), labels))
+        assert torch.isfinite(step.values).all()
+    assert any(not torch.equal(a, p) for a, p in zip(before, track.trained.parameters()))
+    assert all(torch.isfinite(p).all() for p in track.trained.parameters())
 
 
 def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(gpu_device, sync_debug_errors):
     torch.manual_seed(0)
-    step, trainer = build_train_step("fast", device=gpu_device, **SMALL)
-    assert trainer.optimizer.param_groups[0]["fused"] and trainer.scaler is None
+    loop = build_train_step("fast", device=gpu_device, **SMALL)
+    track = loop.track
+    assert track.optimizer.param_groups[0]["fused"] and track.scaler is None
     if gpu_device.type == "cuda":
-        assert trainer.autocast_dtype == torch.bfloat16 and trainer.channels_last
+        assert track.autocast_dtype == torch.bfloat16 and track.channels_last
         assert torch.backends.cudnn.benchmark
         assert all(
             p.is_contiguous(memory_format=torch.channels_last)
-            for p in trainer.student.conv_embed.parameters()
+            for p in track.student_module.conv_embed.parameters()
             if p.dim() == 4
         )
     images, labels = _batch(gpu_device)
-    for index in range(3):  # warm-up: compilation, cuDNN autotuning, the monitor's pinned buffers
-        trainer.global_step = index
-        step(images.clone(), labels)
+    for _ in range(3):  # warm-up: compilation, cuDNN autotuning, the monitor's pinned buffers
+        loop.train_step((images.clone(), labels))
     with sync_debug_errors(gpu_device):
-        for index in range(3, 7):
-            trainer.global_step = index
-            step(images.clone(), labels)
-    trainer.finish_pending()
-    assert trainer.objective.compiled is not None and trainer.teacher_forward.compiled is not None  # no fallback
-    assert trainer.epoch_sums["steps"] == 7 and all(
-        torch.isfinite(torch.tensor(v)) for v in trainer.last_record.terms.values()
+        for _ in range(3, 7):
+            loop.train_step((images.clone(), labels))
+    loop.finish_pending()
+    assert track.objective.compiled is not None and track.teacher_forward.compiled is not None  # no fallback
+    assert loop.epoch_sums["steps"] == 7 and all(
+        torch.isfinite(torch.tensor(v)) for v in loop.last_record.terms.values()
     )
 
 
@@ -110,19 +111,28 @@ class _StopNow:
 def test_one_rank_nccl_ddp_trainer_steps_and_agrees_to_stop(gpu_device, one_rank_group):
     with one_rank_group(gpu_device):
         torch.manual_seed(0)
-        _, single = build_train_step("release", device=gpu_device, **SMALL)
+        single = build_train_step("release", device=gpu_device, **SMALL).track
         env = _OneRankDistributed(rank=0, world_size=1, local_rank=gpu_device.index or 0, device=gpu_device)
-        trainer = Trainer(single.cfg, env, single.student, single.teacher.teacher, steps_per_epoch=1000)
-        assert trainer.ddp is not None and trainer.monitor.distributed
+        track = DeiTTrack(
+            single.cfg,
+            env,
+            single.student_module,
+            single.projector_loss,
+            single.teacher.teacher,
+            None,
+            None,
+            None,
+            1000,
+        )
+        loop = TrainingLoop(track, None)
+        loop.monitor = StepMonitor(gpu_device, distributed=True)  # the all-reduced vote of a multi-rank run
+        assert track.ddp is not None
         images, labels = _batch(gpu_device)
-        trainer.global_step = 0
-        trainer.train_step(images.clone(), labels)
-        assert not trainer._stop_agreed()
-        trainer.stop = _StopNow()
-        trainer.global_step = 1
-        trainer.train_step(images.clone(), labels)
-        assert not trainer._stop_agreed()  # the summed vote travels with the step's record, read at the next step
-        trainer.global_step = 2
-        trainer.train_step(images.clone(), labels)
-        assert trainer._stop_agreed()
-        assert trainer.epoch_sums["steps"] == 2 and math.isfinite(trainer.last_record.terms["loss"])
+        loop.train_step((images.clone(), labels))
+        assert not loop.monitor.stop_agreed(loop._stop_asked)
+        loop.stop = _StopNow()
+        loop.train_step((images.clone(), labels))
+        assert not loop.monitor.stop_agreed(loop._stop_asked)  # the summed vote travels with the step's record
+        loop.train_step((images.clone(), labels))
+        assert loop.monitor.stop_agreed(loop._stop_asked)
+        assert loop.epoch_sums["steps"] == 2 and math.isfinite(loop.last_record.terms["loss"])

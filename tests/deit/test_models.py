@@ -7,7 +7,8 @@ import timm
 import torch
 import torchvision
 
-from deit.models import ConvStemDeiT, create_student, create_teacher
+from deit.config import load_config
+from deit.models import ConvStemDeiT, build_student, create_student, create_teacher
 from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.errors import UserError
 from projector_kd.engine.models import count_parameters
@@ -15,7 +16,7 @@ from projector_kd.engine.models import count_parameters
 
 def test_tiny_token_layout_and_heads():
     torch.manual_seed(0)
-    model = create_student("tiny", num_classes=7, teacher_dim=3024).eval()
+    model = create_student("tiny", num_classes=7).eval()
     images = torch.randn(2, 3, 224, 224)
     tokens = model.forward_features(images)
     assert tokens.shape == (2, 198, 192)
@@ -48,22 +49,34 @@ def test_conv_token_is_the_mean_of_patch_embeddings():
 
 
 def test_parameter_counts_match_the_release():
-    tiny = count_parameters(create_student("tiny", teacher_dim=3024))
+    tiny = count_parameters(torch.nn.ModuleList(build_student(load_config("tiny"), 3024)))
     assert round(tiny["student"] / 1e6, 2) == 6.63
     assert tiny["projector"] == 192 * 3024 + 3024  # 0.58M: Linear(192, 3024)
-    small = count_parameters(create_student("small", teacher_dim=3024))
+    small = count_parameters(torch.nn.ModuleList(build_student(load_config("small"), 3024)))
     assert small["projector"] == 384 * 3024 + 3024
     assert 23.7e6 < small["student"] < 23.9e6
+    assert count_parameters(create_student("tiny"))["projector"] == 0  # the timm model holds no projector
+
+
+def test_student_and_projector_draw_the_weights_of_the_builder_with_the_projector_inside():
+    """Seed 0, the demo recipe, a 512-wide projector: the float64 sums of the projector's and the cls head's weights
+    that the earlier builder drew, which held the projector inside the student (built after the student's layers,
+    before their initialisation) — so runs started with a seed before and after the change begin equal."""
+    torch.manual_seed(0)
+    student, projector = build_student(load_config("demo"), 512)
+    assert projector.embed.weight.detach().double().sum().item() == -28.340418502688408
+    assert student.head.weight.detach().double().sum().item() == -0.48727029772271635
 
 
 def test_registered_with_timm_and_configurable():
     model = timm.create_model("deit_conv_tiny", num_classes=10, img_size=64, embed_dim=48, depth=2, num_heads=2)
     assert isinstance(model, ConvStemDeiT)
     assert model.num_patches == 16 and model.pos_embed.shape == (1, 18, 48)
-    demo = create_student("demo", num_classes=10, teacher_dim=512)
-    assert isinstance(demo.distillation_loss, ProjectorDistillLoss)
-    assert demo.distillation_loss.embed.weight.shape == (512, 64)
-    assert demo.distillation_loss.bn_s.eps == 0.0
+    demo, projector = build_student(load_config("demo"), 512)
+    assert isinstance(projector, ProjectorDistillLoss) and not isinstance(demo, ProjectorDistillLoss)
+    assert not any(isinstance(m, ProjectorDistillLoss) for m in demo.modules())
+    assert projector.embed.weight.shape == (512, 64)
+    assert projector.bn_s.eps == 0.0
     assert demo.num_patches == 64
 
 

@@ -132,7 +132,7 @@ def test_torchscript_and_fx_give_the_same_logits():
 
 
 def test_optimizer_groups_device_and_dtype():
-    model = create_student("demo", num_classes=5, teacher_dim=32)
+    model = create_student("demo", num_classes=5)
     groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     assert groups["cls_token"] == groups["pos_embed"] == groups["conv_embed.proj.weight"] == 0
     assert groups["blocks.0.attn.qkv.weight"] == 1 and groups["blocks.3.mlp.fc2.bias"] == 4

@@ -454,11 +454,9 @@ def train_image_in_batch() -> Callable[..., Path]:
 def sigterm_before(sigterm_progress) -> Callable[[pytest.MonkeyPatch, int, int], None]:
     """``sigterm_before(monkeypatch, epoch, step)``: an in-process run receives SIGTERM just before training step
     ``step`` (1-based) of ``epoch`` starts, as a scheduler's stop would arrive."""
-    from imagenet import engine
+    from projector_kd.engine import loop
 
-    return lambda monkeypatch, epoch, step: monkeypatch.setattr(
-        engine, "progress", sigterm_progress(engine, epoch, step)
-    )
+    return lambda monkeypatch, epoch, step: monkeypatch.setattr(loop, "progress", sigterm_progress(loop, epoch, step))
 
 
 @pytest.fixture
@@ -505,31 +503,18 @@ def same_run() -> Callable[[Path, Path], None]:
     return compare
 
 
-class _NoStop:
-    requested = False
-    signal_name = None
-
-
 @pytest.fixture(scope="session")
-def engine_loop() -> Callable[..., tuple]:
-    """``engine_loop(box, teacher, device, output_dir, autocast_dtype)`` -> ``(ctx, run, recorder)``: the engine's
-    state for single-process channels_last training steps (``engine.train_step``) on ``box``, never asked to stop."""
-    from imagenet import engine
+def engine_loop() -> Callable[..., object]:
+    """``engine_loop(box, teacher, device, output_dir, autocast_dtype)`` -> the shared training loop over ``box`` (a
+    :class:`imagenet.engine.BoxTrack` with channels_last inputs, 10 steps per epoch), writing into ``output_dir``:
+    ``loop.train_step((images, labels, None))`` is the training step."""
+    from imagenet.engine import BoxTrack
+    from projector_kd.engine.loop import TrainingLoop
 
-    def build(box, teacher: torch.nn.Module, device: torch.device, output_dir: Path, autocast_dtype) -> tuple:
-        ctx = engine.LoopContext(
-            box=box,
-            teacher=teacher,
-            device=device,
-            output_dir=output_dir,
-            best_path=output_dir / "best.pth",
-            distributed=False,
-            rank=0,
-            stop=_NoStop(),
-            autocast_dtype=autocast_dtype,
-            channels_last=True,
+    def build(box, teacher: torch.nn.Module, device: torch.device, output_dir: Path, autocast_dtype) -> object:
+        track = BoxTrack(
+            box, teacher, device, 0, output_dir / "best.pth", 1, autocast_dtype, channels_last=True, steps_per_epoch=10
         )
-        ctx.monitor = engine.StepMonitor(device)
-        return ctx, engine.RunState(), engine.TermRecorder(box.criterion)
+        return TrainingLoop(track, output_dir)
 
     return build

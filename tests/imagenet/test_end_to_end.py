@@ -118,8 +118,8 @@ def test_torchrun_two_gloo_ranks_train_and_evaluate(
     state = load_checkpoint(run_dir / "checkpoint.pth")
     assert state["optimizer"]["param_groups"][0]["initial_lr"] == 0.04  # -adjust_lr: 0.02 x 2 processes
     assert state["global_step"] == 3  # 30 images / (2 ranks x 4) = 3 steps per rank (drop_last)
-    assert len(state["rng_per_rank"]) == 2
-    assert not torch.equal(state["rng_per_rank"][0]["rng"]["torch"], state["rng_per_rank"][1]["rng"]["torch"])
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     # only rank 0 writes: one log with one final line, one event file, no stray temporaries
     assert (run_dir / "log.txt").read_text().count("[student wide_resnet] top-1") == 1
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1

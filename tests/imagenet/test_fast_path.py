@@ -62,7 +62,6 @@ def _fast_box_step(tmp_path, engine_loop):
     """The engine's real step on a fast-path ProjectorKD box (ResNet18 <- ResNet34, 32 px, compile off), on the CPU."""
     from torchdistill.core.distillation import get_distillation_box
 
-    from imagenet import engine
     from imagenet.benchmark import _networks, projector_box_config
     from imagenet.fast import apply_fast_path
 
@@ -71,23 +70,20 @@ def _fast_box_step(tmp_path, engine_loop):
     box = get_distillation_box(teacher, student, {}, projector_box_config(t_dim, s_dim), device, None, False, 1)
     box.pre_epoch_process(epoch=0)
     settings = apply_fast_path(box, teacher, device, compile_models=False)
-    ctx, run, recorder = engine_loop(box, teacher, device, tmp_path, settings.autocast_dtype)
+    loop = engine_loop(box, teacher, device, tmp_path, settings.autocast_dtype)
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 10, (4,), generator=generator)
-
-    def step() -> bool:
-        return engine.train_step(ctx, run, recorder, images, labels, None, total=10)
-
-    return step, ctx, run, box
+    return lambda: loop.train_step((images, labels, None)), loop, box
 
 
 def test_fast_step_reads_no_device_value(tmp_path, engine_loop, no_host_reads):
-    step, ctx, run, box = _fast_box_step(tmp_path, engine_loop)
-    assert box.optimizer.param_groups[0]["fused"]
-    with no_host_reads(lambda t: any(t is b for b in ctx.monitor.host_buffers)):
+    step, loop, box = _fast_box_step(tmp_path, engine_loop)
+    assert box.optimizer.param_groups[0]["fused"] and loop.track.skips_on_device
+    with no_host_reads(lambda t: any(t is b for b in loop.monitor.host_buffers)):
         for _ in range(3):
-            assert step() is False
-    assert run.global_step == 3 and len(ctx.monitor.pending) == 1 and run.last_loss > 0  # step 3 still in flight
+            step()
+    assert loop.position.global_step == 3 and len(loop.monitor.pending) == 1  # step 3 still in flight
+    assert loop.last_record.terms["loss"] > 0 and not loop._stop_asked
 
 
 def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(
@@ -95,7 +91,7 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
 ):
     from imagenet import engine, registry
 
-    step, ctx, run, box = _fast_box_step(tmp_path, engine_loop)
+    step, loop, box = _fast_box_step(tmp_path, engine_loop)
     step()
     real_kd_loss, calls = registry.kd_loss, []
 
@@ -135,7 +131,7 @@ def test_fast_path_under_torchrun_lays_out_ddp_buckets_for_channels_last(
     assert "fast path: FastSettings(" in result.stdout + result.stderr
     assert "bucket view strides" not in result.stderr
     state = load_checkpoint(recipe.parent / "ddp_fast" / "checkpoint.pth")
-    assert state["global_step"] == 3 and len(state["rng_per_rank"]) == 2  # 30 images / (2 ranks x 4), drop_last
+    assert state["global_step"] == 3 and len(state["rng"]) == 2  # 30 images / (2 ranks x 4), drop_last
 
 
 def test_fast_loader_keeps_the_loader_and_adds_pinning_and_persistent_workers():

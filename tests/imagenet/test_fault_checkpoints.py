@@ -100,7 +100,9 @@ def test_bad_resume_checkpoint_is_named_and_left_untouched(
         last.write_bytes(last.read_bytes()[:1000])
         expected = f"error: checkpoint {last} is truncated or corrupt ("
     else:
-        torch.save({"model": tiny_models(2).state_dict(), "optimizer": {}, "epoch": 0}, last)
+        # the earlier layout of this track (no format tag), which is read as today's
+        state = {"model": tiny_models(2).state_dict(), "optimizer": {}, "epoch": 0, "step_in_epoch": 0, "rng": {}}
+        torch.save({**state, "global_step": 0, "best_value": 0.0, "history": [], "wall_time_s": 1.0}, last)
         expected = f"error: checkpoint {last} does not match the student (WideResNet4Cifar): shape mismatch: "
     before = last.read_bytes()
     line = cli_error("--config", recipe)
@@ -114,5 +116,5 @@ def test_written_checkpoints_load_safely(make_recipe, teacher_ckpt, cli, tmp_pat
     assert status == 0, err
     for name in ("checkpoint.pth", "best.pth"):
         state = torch.load(tmp_path / "run" / name, weights_only=True)
-        assert set(state) >= {"model", "projector", "optimizer", "lr_scheduler", "epoch", "rng", "best_value"}
+        assert set(state) >= {"model", "projector", "optimizer", "lr_scheduler", "epoch", "rng", "best_top1"}
     assert load_checkpoint(tmp_path / "run" / "best.pth")["epoch"] == 1

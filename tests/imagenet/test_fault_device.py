@@ -32,16 +32,16 @@ def test_cuda_index_past_the_visible_gpus_is_refused(make_recipe, cli, tmp_path,
 
 
 def test_out_of_gpu_memory_in_a_step_is_one_line_with_what_to_lower(make_recipe, cli, tmp_path, monkeypatch):
-    from imagenet import engine
+    from imagenet.engine import BoxTrack
 
-    real_step = engine.train_step
+    real_forward = BoxTrack.forward
 
-    def train_step(ctx, run, *args):
-        if run.global_step == 4:  # epoch 1, after epoch 0's checkpoints
+    def forward(self, batch, position):
+        if position.global_step == 4:  # epoch 1, after epoch 0's checkpoints
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has 1 GiB free.")
-        return real_step(ctx, run, *args)
+        return real_forward(self, batch, position)
 
-    monkeypatch.setattr(engine, "train_step", train_step)
+    monkeypatch.setattr(BoxTrack, "forward", forward)
     status, _, err = cli("--config", make_recipe("run", method="baseline", epochs=2), "--seed", "0")
     assert status == 2
     assert err == (

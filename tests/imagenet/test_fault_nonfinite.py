@@ -36,8 +36,8 @@ def test_nan_kd_term_names_step_and_term_and_keeps_the_checkpoint(
     assert re.fullmatch(
         r"error: non-finite loss at epoch 1 step 1/3 \(global step 4\): term\(s\) projector_kd, projector_kd.kd went "
         r"non-finite \[ce = [0-9.]+; projector_kd = nan \(projector_kd.feature = [0-9.]+, projector_kd.kd = nan\)\]; "
-        r"nothing was written for this step — the last good checkpoint \S+ is intact; lower the learning rate or "
-        r"check the data",
+        r"this step's update was not applied and nothing was written for it — the last good checkpoint \S+ is intact; "
+        r"lower the learning rate \(or turn off fp16 mixed precision\) or check the data",
         lines[0],
     ), lines[0]
     assert f"the last good checkpoint {out / 'checkpoint.pth'} is intact" in lines[0]
@@ -55,6 +55,7 @@ def test_nan_teacher_weights_stop_at_the_first_step(make_recipe, tiny_models, cl
     assert status == 2
     assert err.strip().splitlines() == [
         "error: non-finite loss at epoch 0 step 1/3 (global step 1): the projector feature term got non-finite values "
-        "(NaN or inf) in the student or teacher features; nothing was written for this step (no checkpoint yet)"
+        "(NaN or inf) in the student or teacher features; this step's update was not applied and nothing was written "
+        "for it"
     ]
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()

@@ -29,7 +29,7 @@ def test_stop_on_one_rank_inside_an_accumulation_window_resumes_bit_identical(
     gradients, and the resumed run ends bit-identical to an uninterrupted one."""
     recipe = make_recipe("ddp", teacher_ckpt=teacher_ckpt, epochs=2, batch_size=4, student_dropout=0.2)
     args = ("--config", recipe, "--seed", "0", "--opts", "train.optimizer.grad_accum_step", "2")
-    script = sigterm_on_one_rank("imagenet.engine", "imagenet.image_classification")
+    script = sigterm_on_one_rank("projector_kd.engine.loop", "imagenet.image_classification")
 
     straight = run_entry_on_two_ranks(*args, "--output_dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -45,7 +45,7 @@ def test_stop_on_one_rank_inside_an_accumulation_window_resumes_bit_identical(
         f"stopped: stopped by a signal to another process of the run at epoch 1 step {state['step_in_epoch']}; "
         f"resumable checkpoint {checkpoint} — rerun the same command to continue"
     ]  # printed once, by rank 0, which did not receive the signal itself
-    assert len(state["rng_per_rank"]) == 2 and ("accumulated_grads" in state) == (state["global_step"] % 2 == 1)
+    assert len(state["rng"]) == 2 and ("accumulated_grads" in state) == (state["global_step"] % 2 == 1)
     resumed = run_entry_on_two_ranks(*args, "--output_dir", tmp_path / "interrupted")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_run(tmp_path / "straight", tmp_path / "interrupted")

@@ -57,7 +57,12 @@ def test_worker_killed_during_validation_is_one_line_and_the_rerun_validates_the
         err,
     ), err
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")  # epoch 1 trained, written before its validation
-    assert (state["epoch"], state["step_in_epoch"], state["global_step"], len(state["history"])) == (1, 3, 6, 1)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"], len(state["history"]["val_top1"])) == (
+        1,
+        3,
+        6,
+        1,
+    )
     assert (tmp_path / "run" / "best.pth").is_file()
 
     status, out, err = cli("--config", recipe, "--seed", "0")
@@ -122,5 +127,5 @@ def test_worker_raising_during_evaluation_is_one_line_and_logged(make_recipe, cl
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "data-loader worker 0 failed while evaluating (val 0):" in log and "second line of the message" in log
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")  # epoch 0 trained, not yet validated
-    assert (state["epoch"], state["step_in_epoch"], state["history"]) == (0, 3, [])
+    assert (state["epoch"], state["step_in_epoch"], state["history"]["val_top1"]) == (0, 3, [])
     assert not (tmp_path / "run" / "best.pth").exists()

@@ -8,7 +8,6 @@ import torch
 from torchdistill.core.distillation import get_distillation_box
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from imagenet import engine
 from imagenet.benchmark import projector_box_config
 from imagenet.fast import apply_fast_path
 from projector_kd.engine.fast import CompiledOrEager
@@ -28,16 +27,16 @@ def test_fast_step_is_compiled_bf16_channels_last_and_never_synchronises(
     assert settings.fused_optimizer and settings.channels_last
     if gpu_device.type == "cuda":
         assert settings.autocast_dtype == torch.bfloat16 and torch.backends.cudnn.benchmark
-    ctx, run, recorder = engine_loop(box, teacher, gpu_device, tmp_path, settings.autocast_dtype)
+    loop = engine_loop(box, teacher, gpu_device, tmp_path, settings.autocast_dtype)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 64, 64, generator=generator).to(gpu_device)
     labels = torch.randint(0, 10, (8,), generator=generator).to(gpu_device)
     for _ in range(3):  # warm-up: compilation, cuDNN autotuning, the monitor's pinned buffers
-        engine.train_step(ctx, run, recorder, images, labels, None, total=10)
+        loop.train_step((images, labels, None))
     with sync_debug_errors(gpu_device):
         for _ in range(4):
-            assert engine.train_step(ctx, run, recorder, images, labels, None, total=10) is False
-    engine._finish_pending(ctx, run)
+            loop.train_step((images, labels, None))
+    loop.finish_pending()
     for wrapped in (box.student_model.model, box.student_model.feature_loss, box.teacher_model):
         assert isinstance(wrapped, CompiledOrEager) and wrapped.compiled is not None  # no eager fallback
-    assert run.global_step == 7 and torch.isfinite(torch.tensor(run.last_loss))
+    assert loop.position.global_step == 7 and torch.isfinite(torch.tensor(loop.last_record.terms["loss"]))

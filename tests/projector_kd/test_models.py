@@ -10,8 +10,8 @@ from projector_kd.engine.models import count_parameters
 
 def test_counts_split_the_projector_from_the_student():
     student = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))  # 15 + 6 parameters
-    student.distillation_loss = ProjectorDistillLoss(3, 5)  # Linear(3, 5): 20 parameters; the whitening has none
-    assert count_parameters(student) == {"student": 21, "projector": 20, "total": 41}
+    projector = ProjectorDistillLoss(3, 5)  # Linear(3, 5): 20 parameters; the whitening has none
+    assert count_parameters(nn.ModuleList([student, projector])) == {"student": 21, "projector": 20, "total": 41}
 
 
 def test_a_network_without_a_projector_counts_zero_projector_parameters():

@@ -14,11 +14,12 @@ import timm
 from torch import nn
 
 from deit.config import load_config
-from deit.engine import Trainer
+from deit.engine import DeiTTrack
 from deit.models import build_student
 from imagenet.registry import ProjectorKDModelWrapper
 from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.distributed import init_distributed
+from projector_kd.engine.loop import Position
 
 env = init_distributed("cpu")
 assert env.world_size == 2
@@ -47,19 +48,20 @@ synced, drifted = spread(wrapper.distill_loss.embed.weight), spread(bare.embed.w
 assert synced == 0, synced
 assert drifted > 1e-3, drifted
 
-# DeiT track: the projector is a submodule of the student inside the DDP-wrapped objective
+# DeiT track: the projector sits beside the student in the DDP-wrapped objective
 cfg = load_config("demo", opts=["model.num_classes", "3", "model.img_size", "16", "model.embed_dim", "16",
                                 "model.depth", "1", "model.num_heads", "2", "model.stem_channels", "8",
                                 "data.batch_size", "4", "aug.mixup", "0.0", "aug.cutmix", "0.0",
                                 "teacher.name", "resnet10t", "device", "cpu"])
 torch.manual_seed(0)
 teacher = timm.create_model("resnet10t", num_classes=3).eval()
-student = build_student(cfg, teacher.num_features)
-trainer = Trainer(cfg, env, student, teacher, steps_per_epoch=1)
-before = student.distillation_loss.embed.weight.detach().clone()
+student, projector = build_student(cfg, teacher.num_features)
+track = DeiTTrack(cfg, env, student, projector, teacher, None, None, steps_per_epoch=1)
+before = projector.embed.weight.detach().clone()
 generator = torch.Generator().manual_seed(200 + env.rank)
-trainer.train_step(torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator))
-after = student.distillation_loss.embed.weight
+batch = torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+track.apply_update(track.forward(batch, Position()).found_inf)
+after = projector.embed.weight
 assert (after - before).abs().max().item() > 0
 deit_spread = spread(after)
 assert deit_spread == 0, deit_spread

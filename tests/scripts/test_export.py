@@ -41,7 +41,7 @@ def export_cli(run_main):
 def release_demo(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """A release-layout DeiT file (pickled yacs config) of the demo student, with inputs and expected logits."""
     torch.manual_seed(0)
-    model = create_student("demo", num_classes=10, teacher_dim=64).eval()
+    model = create_student("demo", num_classes=10).eval()
     path = tmp_path_factory.mktemp("release") / "ckpt_epoch_299.pth"
     torch.save(
         {

@@ -84,7 +84,7 @@ def test_resnet_fast_path_matches_torchdistill_srd_box(aot_eager_compile):
 def test_parity_check_catches_a_changed_method(no_compile):
     """A fast path whose loss differs from the reference (soft-maximum exponent 2 instead of 4) fails both checks."""
     release, fast = deit_parity_pair(BATCH, CPU, **DEIT_TINY)
-    fast.student.distillation_loss.exponent = 2.0
+    fast.projector_loss.exponent = 2.0
     result = deit_parity_check(release, fast, BATCH, CPU)
     assert not result["ok"] and not result["math"]["ok"]
     assert result["math"]["loss_abs_diff"] > 100 * result["math"]["loss_tolerance"]
