@@ -31,8 +31,9 @@ from deit.config import load_config, rename_old_keys  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
 from deit.engine import CHECKPOINT_FORMAT, Trainer, evaluate_student  # noqa: E402
 from deit.models import build_student, create_teacher  # noqa: E402
-from projector_kd.engine.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from projector_kd.engine.checkpoint import checkpoint_in, latest_checkpoint, load_checkpoint  # noqa: E402
 from projector_kd.engine.cli import run_cli  # noqa: E402
+from projector_kd.engine.config import add_overrides_argument  # noqa: E402
 from projector_kd.engine.data import worker_failures_plainly  # noqa: E402
 from projector_kd.engine.distributed import (
     DistEnv,
@@ -102,8 +103,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         const="auto",
         default=None,
         metavar="CKPT",
-        help="continue a run even if its config changed; with a path, resume from that checkpoint "
-        "(auto-resume from <output>/checkpoint.pth happens anyway when the config matches)",
+        help="continue a run even if its config changed; with a path, resume from that checkpoint (a run folder: "
+        "its checkpoint.pth; auto-resume from <output>/checkpoint.pth happens anyway when the config matches)",
     )
     parser.add_argument(
         "--ckpt",
@@ -124,13 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument(
-        "--opts",
-        nargs="+",
-        default=[],
-        metavar="KEY VALUE",
-        help="config overrides, e.g. --opts train.base_lr 1e-3 data.num_workers 4",
-    )
+    add_overrides_argument(parser, "train.base_lr 1e-3 data.num_workers 4")
     return parser
 
 
@@ -300,7 +295,9 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     )
     start_epoch, start_batch = 0, 0
     explicit = args.resume not in (None, "auto")
-    resume_path = find_file(args.resume) if explicit else latest_checkpoint(output, RESUME_FILE)
+    resume_path = (
+        checkpoint_in(find_file(args.resume), RESUME_FILE) if explicit else latest_checkpoint(output, RESUME_FILE)
+    )
     if resume_path is not None:
         state = load_checkpoint(resume_path, trusted=args.trust_checkpoint)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:  # others: the trainer names the format
