@@ -45,34 +45,38 @@ def check_num_classes(split_dir: str | Path, num_classes: int, setting: str, how
         )
 
 
-def _files_below(folder: Path) -> Iterator[Path]:
-    """The files below class folder ``folder`` (links to files included), as torchvision's ImageFolder lists them. A
-    link to a folder below it is a DataError naming the link: ImageFolder follows such links, so one that loops back
-    (to the class folder, the split, ...) or leads to another class would add images again and again, or under the
-    wrong label. The class folder itself may be a link."""
+def _walk_class_folder(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """``(folder path, file names)`` for every folder below class folder ``folder``, as torchvision's ImageFolder walks
+    it (links to files are files). A link to a folder below it is a DataError naming the link: ImageFolder follows such
+    links, so one that loops back (to the class folder, the split, ...) or leads to another class would add images again
+    and again, or under the wrong label. The class folder itself may be a link."""
     for root, folders, files in os.walk(folder):  # not following links: os.walk lists links to folders in `folders`
         for name in folders:
-            link = Path(root, name)
-            if link.is_symlink():
+            link = os.path.join(root, name)
+            if os.path.islink(link):
                 raise DataError(
                     f"class folder {folder} holds {link}, a link to the folder {os.readlink(link)}: links to folders "
                     f"below a class folder are refused (one that loops back or leads to another class would add "
                     f"images again and again, or under the wrong label) — remove it, or link the image files or the "
                     f"whole class folder instead"
                 )
-        yield from (Path(root, name) for name in files)
+        yield root, files
 
 
 def _check_images(folder: Path, on_bad_image: str) -> None:
-    """DataError when ``folder`` holds a link to a folder (:func:`_files_below`), no image, or (``on_bad_image:
+    """DataError when ``folder`` holds a link to a folder (:func:`_walk_class_folder`), no image, or (``on_bad_image:
     fail``) an image file of 0 bytes."""
     found = False
-    for image in _files_below(folder):
-        if image.suffix.lower() not in IMG_EXTENSIONS or (found and on_bad_image != "fail") or not image.is_file():
-            continue
-        found = True
-        if on_bad_image == "fail" and image.stat().st_size == 0:
-            raise DataError(f"image {image} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
+    for root, files in _walk_class_folder(folder):
+        for name in files:
+            if os.path.splitext(name)[1].lower() not in IMG_EXTENSIONS or (found and on_bad_image != "fail"):
+                continue
+            image = Path(root, name)
+            if not image.is_file():
+                continue
+            found = True
+            if on_bad_image == "fail" and image.stat().st_size == 0:
+                raise DataError(f"image {image} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
     if not found:
         raise DataError(
             f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
@@ -327,10 +331,10 @@ class CheckedImageFolder(ImageFolder):
         is_valid_file: Callable[[str], bool] | None = None,
         allow_empty: bool = False,
     ) -> list[tuple[str, int]]:
-        """torchvision's file list, once no class folder holds a link to a folder (:func:`_files_below`, which
+        """torchvision's file list, once no class folder holds a link to a folder (:func:`_walk_class_folder`, which
         torchvision would follow)."""
         for name in class_to_idx:
-            for _ in _files_below(Path(directory).expanduser() / name):
+            for _ in _walk_class_folder(Path(directory).expanduser() / name):
                 pass
         return ImageFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
 
