@@ -73,6 +73,7 @@ def test_a_run_folder_exports_the_checkpoint_its_metrics_describe(deit_checkpoin
     torch.save({"model": best.state_dict()}, resnet_run / "best.pth")
     recorded = "/where/it/was/trained/best.pth"  # the folder has moved since
     (resnet_run / "metrics.json").write_text(json.dumps({"checkpoint": recorded, "top1": 50.0}))
+    (resnet_run / "config.yaml").write_bytes(b"recipe: # \xff edited by hand\n")  # neither UTF-8 nor used
     result = export_cli(resnet_run, tmp_path / "resnet_out")
     assert result.returncode == 0, result.stderr
     assert f"student of {resnet_run / 'best.pth'} to" in result.stdout
