@@ -168,6 +168,19 @@ def rename_old_opts(opts: Sequence[str]) -> list[str]:
     return renamed
 
 
+def imagenet_root() -> str:
+    """Where ``data.path: null`` points: ``$IMAGENET_ROOT``, by default ~/datasets/ilsvrc2012 (user folder expanded)."""
+    return os.path.expanduser(os.environ.get("IMAGENET_ROOT", DEFAULT_IMAGENET_ROOT))
+
+
+def data_path_hint(cfg: dict) -> str:
+    """How to point the run at its data: ``--data-path``, and ``IMAGENET_ROOT`` where ``data.path`` is the folder that
+    variable gives (what ``data.path: null`` reads; a recipe that names its folder, as the demo's, ignores it)."""
+    if cfg["data"]["path"] == imagenet_root():
+        return "pass --data-path DIR or set IMAGENET_ROOT"
+    return "pass --data-path DIR"
+
+
 def load_config(
     model: str, config_file: str | None = None, flags: dict[str, Any] | None = None, opts: Sequence[str] = ()
 ) -> dict:
@@ -191,7 +204,7 @@ def load_config(
     cfg = apply_overrides(cfg, rename_old_opts(opts), check_file=lambda merged: validate(merged, SCHEMA))
     validate(cfg, SCHEMA)
     if cfg["data"]["path"] is None:
-        cfg["data"]["path"] = os.path.expanduser(os.environ.get("IMAGENET_ROOT", DEFAULT_IMAGENET_ROOT))
+        cfg["data"]["path"] = imagenet_root()
     if cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0:
         if cfg["data"]["batch_size"] % 2:
             raise UserError(f"data.batch_size = {cfg['data']['batch_size']} must be even with mixup/cutmix on")

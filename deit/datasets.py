@@ -17,6 +17,7 @@ from timm.data.auto_augment import RandAugment
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from deit.config import data_path_hint
 from projector_kd.engine.data import CheckedImageFolder, DataError, check_image_folder, check_num_classes
 from projector_kd.engine.sampling import ResumableSampler, SeededSamples, ShardSampler
 
@@ -101,7 +102,7 @@ def check_data(cfg: dict, splits: tuple[str, ...]) -> None:
     check_image_folder(
         cfg["data"]["path"],
         splits=splits,
-        how_to_set="pass --data-path DIR or set IMAGENET_ROOT",
+        how_to_set=data_path_hint(cfg),
         on_bad_image=cfg["data"]["on_bad_image"],
     )
     for split in splits:

@@ -32,8 +32,9 @@ from deit.config import load_config, rename_old_keys  # noqa: E402
 from deit.datasets import build_loaders, check_data  # noqa: E402
 from deit.engine import DeiTTrack, evaluate_student  # noqa: E402
 from deit.models import build_student, create_teacher  # noqa: E402
-from projector_kd.engine.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from projector_kd.engine.checkpoint import checkpoint_in, latest_checkpoint, load_checkpoint  # noqa: E402
 from projector_kd.engine.cli import run_cli  # noqa: E402
+from projector_kd.engine.config import add_overrides_argument  # noqa: E402
 from projector_kd.engine.distributed import DistEnv, cleanup, init_distributed, parse_device, run_on_main  # noqa: E402
 from projector_kd.engine.errors import UserError, out_of_memory  # noqa: E402
 from projector_kd.engine.loop import TrainingLoop  # noqa: E402
@@ -96,8 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         const="auto",
         default=None,
         metavar="CKPT",
-        help="continue a run even if its config changed; with a path, resume from that checkpoint "
-        "(auto-resume from <output>/checkpoint.pth happens anyway when the config matches)",
+        help="continue a run even if its config changed; with a path, resume from that checkpoint (a run folder: "
+        "its checkpoint.pth; auto-resume from <output>/checkpoint.pth happens anyway when the config matches)",
     )
     parser.add_argument(
         "--ckpt",
@@ -118,13 +119,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument(
-        "--opts",
-        nargs="+",
-        default=[],
-        metavar="KEY VALUE",
-        help="config overrides, e.g. --opts train.base_lr 1e-3 data.num_workers 4",
-    )
+    add_overrides_argument(parser, "train.base_lr 1e-3 data.num_workers 4")
     return parser
 
 
@@ -282,7 +277,9 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
         )
     )
     explicit = args.resume not in (None, "auto")
-    resume_path = find_file(args.resume) if explicit else latest_checkpoint(output, RESUME_FILE)
+    resume_path = (
+        checkpoint_in(find_file(args.resume), RESUME_FILE) if explicit else latest_checkpoint(output, RESUME_FILE)
+    )
     if resume_path is not None:
         loop.load(load_checkpoint(resume_path, trusted=args.trust_checkpoint), resume_path)
     start_epoch, epochs = loop.position.epoch, cfg["train"]["epochs"]

@@ -39,7 +39,7 @@ from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT
 from torchdistill.optim.registry import OPTIM_DICT, SCHEDULER_DICT
 
 import imagenet.registry  # noqa: F401  (this project's names)
-from projector_kd.engine.config import load_yaml, merge_configs, validate
+from projector_kd.engine.config import check_finite, load_yaml, merge_configs, validate
 from projector_kd.engine.errors import UserError
 
 MAPPING_TAGS = ("!import_get", "!import_call", "!import_call_method", "!call_method", "!access_by_index_or_key")
@@ -564,7 +564,9 @@ def _check_criterion(criterion: Any, where: str, source: str) -> None:
 
 def check_recipe(recipe: dict, source: str) -> None:
     """Reject unknown keys, unregistered names, arguments a class does not take and out-of-range values (naming the
-    key) — everything torchdistill would ignore or only trip over mid-run."""
+    key) — everything torchdistill would ignore or only trip over mid-run; an infinite or NaN number anywhere is named
+    first (:func:`projector_kd.engine.config.check_finite`)."""
+    check_finite(recipe, source)
     _keys(recipe, TOP_KEYS, "", source)
     datasets = recipe.get("datasets")
     if not isinstance(datasets, dict) or not datasets:
@@ -628,3 +630,17 @@ def check_recipe(recipe: dict, source: str) -> None:
     _check_loader(test.get("test_data_loader"), "test.test_data_loader", source, datasets, train=False)
     validate(_keys(recipe.get("runtime"), RUNTIME_KEYS, "runtime", source), RUNTIME_SCHEMA, source=f"{source}: runtime")
     _check_imports(recipe, source)
+
+
+def check_start_epoch(start_epoch: int, recipe: dict, source: str, trains: bool) -> None:
+    """Refuse a ``--start_epoch`` that is negative, or (``trains``: the run trains) not below the recipe's
+    ``train.num_epochs``: the run would train no epoch and then look for a best checkpoint that was never written."""
+    if start_epoch < 0:
+        raise UserError(f"--start_epoch {start_epoch} is negative — epochs are counted from 0")
+    epochs = (recipe.get("train") or {}).get("num_epochs")
+    if trains and isinstance(epochs, int) and start_epoch >= epochs:
+        raise UserError(
+            f"--start_epoch {start_epoch} is past the last epoch of {source} (train.num_epochs = {epochs}: epochs 0 "
+            f"to {epochs - 1}), so there is nothing to train — pass a smaller --start_epoch or raise "
+            f"train.num_epochs with --opts; to evaluate a checkpoint, pass -test_only"
+        )

@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from torchvision import transforms as T
 
-from projector_kd.engine.data import UNREADABLE_IMAGE_ERRORS, DataError, load_rgb, unreadable_image
+from projector_kd.engine.data import UNREADABLE_IMAGE_ERRORS, DataError, load_rgb, open_image, unreadable_image
 from projector_kd.engine.errors import UserError
 from projector_kd.engine.sampling import ResumableSampler, SeededSamples, ShardSampler, epoch_seed
 
@@ -293,12 +293,15 @@ def default_loader_png(path: str, data: bytes) -> bytes:
 def image_size(path: str, data: bytes) -> tuple[int, int]:
     """(height, width) of the image in ``data`` as PIL sees it (EXIF orientation not applied, as in the torchvision
     loader); a JPEG without its end-of-image marker is decoded by PIL to see whether it is complete. Raises
-    :class:`DataError` naming ``path`` — the default loader's message — when PIL cannot read it."""
+    :class:`DataError` naming ``path`` — the default loader's message — when PIL cannot read it, also when it is over
+    Pillow's pixel limit (:func:`projector_kd.engine.data.open_image`; a JPEG's header size is checked against it)."""
     size = jpeg_size(data)
-    if size is not None and data.rfind(b"\xff\xd9", max(len(data) - EOI_SEARCH_BYTES, 0)) >= 0:
+    limit = Image.MAX_IMAGE_PIXELS
+    within_limit = size is not None and (limit is None or size[0] * size[1] <= limit)
+    if within_limit and data.rfind(b"\xff\xd9", max(len(data) - EOI_SEARCH_BYTES, 0)) >= 0:
         return size
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data)) as image:
             if size is not None:  # a JPEG that may be truncated: decode it as the torchvision loader would
                 image.convert("RGB")
             return image.size[1], image.size[0]

@@ -137,7 +137,7 @@ def read_student(path: str | Path, trusted: bool = False, checkpoint: Any = None
     if run_config.is_file():
         try:
             recorded = yaml.safe_load(run_config.read_text()) or {}
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):  # a hand-edited record: the recipe's defaults are used
             recorded = {}
         recipe = recorded.get("recipe", recipe) if isinstance(recorded, dict) else recipe
     meta = {k: checkpoint[k] for k in ("epoch", "best_value") if isinstance(checkpoint.get(k), (int, float))}

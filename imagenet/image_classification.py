@@ -45,7 +45,7 @@ from imagenet.models import (
 )
 from projector_kd.engine.checkpoint import load_checkpoint, load_state_exactly
 from projector_kd.engine.cli import run_cli
-from projector_kd.engine.config import apply_overrides
+from projector_kd.engine.config import add_overrides_argument, apply_overrides
 from projector_kd.engine.data import check_image_folder, check_last_batch, check_num_classes
 from projector_kd.engine.distributed import cleanup, init_distributed, run_on_main
 from projector_kd.engine.errors import UserError, out_of_memory
@@ -135,13 +135,7 @@ def get_argparser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow full (unsafe) unpickling of the checkpoints this run loads",
     )
-    parser.add_argument(
-        "--opts",
-        nargs="+",
-        default=[],
-        metavar="KEY VALUE",
-        help="override recipe values, e.g. --opts train.num_epochs 2 train.optimizer.kwargs.lr 0.05",
-    )
+    add_overrides_argument(parser, "train.num_epochs 2 train.optimizer.kwargs.lr 0.05")
     return parser
 
 
@@ -165,6 +159,7 @@ def prepare_recipe(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.dist_url != "env://":
         raise UserError(f"--dist_url {args.dist_url}: only env:// is supported — launch with torchrun")
     recipes.check_recipe(recipe, str(path))
+    recipes.check_start_epoch(args.start_epoch, recipe, str(path), trains=not args.test_only)
     if recipe.get("runtime", {}).get("loader") == "dali":
         from imagenet.dali import require_dali
 
@@ -193,11 +188,16 @@ def check_datasets(recipe: dict, ids: list[str], memo: dict) -> list[Path]:
             roots.setdefault(path.parent, []).append(path.name)
             if kwargs.get("on_bad_image", "fail") != "fail":
                 policies[path.parent] = kwargs["on_bad_image"]
+    lookups = [
+        (node.get("init") or {}).get("args") for node in recipes.env_lookups(recipe) if "_overridden" not in node
+    ]
+    variables = [args[0] for args in lookups if args and isinstance(args[0], str)]
+    how_to_set = "pass --data-root DIR" + (f" or set {' / '.join(dict.fromkeys(variables))}" if variables else "")
     for parent, splits in roots.items():
         check_image_folder(
             parent,
             splits=tuple(dict.fromkeys(splits)),
-            how_to_set="pass --data-root DIR (or set the recipe's environment variable, e.g. IMAGENET_ROOT)",
+            how_to_set=how_to_set,
             on_bad_image=policies.get(parent, "fail"),
         )
     return [parent / split for parent, splits in roots.items() for split in dict.fromkeys(splits)]
@@ -235,7 +235,7 @@ def build_models(recipe: dict, args: argparse.Namespace, distributed: bool, devi
     student_key = "student_model" if "student_model" in models_config else "model"
     teacher_config = models_config.get("teacher_model")
     teacher = None
-    if teacher_config is not None:
+    if teacher_config is not None and not (args.test_only and args.student_only):  # no teacher to evaluate
         teacher = build_model(teacher_config, "teacher_model", distributed)
         if teacher_config.get("src_ckpt"):
             load_weights(teacher, teacher_config["src_ckpt"], "models.teacher_model", args.trust_checkpoint)

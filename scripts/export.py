@@ -5,8 +5,10 @@
 
 SRC: a DeiT-track checkpoint (``checkpoint.pth``, ``ckpt_epoch_N.pth`` or the release's DeiT-Ti/S file) or a
 ResNet-track one (a run's ``checkpoint.pth`` or best checkpoint, or the release's ResNet18 file); the track is told
-from the weights. OUT_DIR receives ``model.safetensors`` (the student only), ``config.json`` (timm's format, with the
-evaluation transform) and ``README.md`` (model card); ResNet students also ``torchvision_state_dict.safetensors``.
+from the weights. A run folder stands for the checkpoint its metrics describe: the best checkpoint its metrics.json
+names (ResNet track), else its ``checkpoint.pth`` (the DeiT track's last epoch, or a run still in progress).
+OUT_DIR receives ``model.safetensors`` (the student only), ``config.json`` (timm's format, with the evaluation
+transform) and ``README.md`` (model card); ResNet students also ``torchvision_state_dict.safetensors``.
 Load it with ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` (``import deit`` first for DeiT students).
 """
 
@@ -23,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from projector_kd.engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from projector_kd.engine.cli import run_cli  # noqa: E402
 from projector_kd.engine.errors import UserError  # noqa: E402
-from projector_kd.engine.export import is_weights_export  # noqa: E402
+from projector_kd.engine.export import WEIGHTS_FILE, is_weights_export, run_checkpoint  # noqa: E402
 
 
 def track_of(checkpoint: object, path: Path) -> str:
@@ -44,9 +46,18 @@ def track_of(checkpoint: object, path: Path) -> str:
     )
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder that is not an export (which holds ``model.safetensors``): a run folder."""
+    return path.is_dir() and not (path / WEIGHTS_FILE).is_file()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("source", help="student checkpoint (.pth / .pt) of either track")
+    parser.add_argument(
+        "source",
+        help="student checkpoint (.pth / .pt) of either track, or a run folder (its best checkpoint, else its "
+        "checkpoint.pth)",
+    )
     parser.add_argument("output", help="folder to write (must be empty or missing, unless --force)")
     parser.add_argument(
         "--model",
@@ -60,11 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     source = Path(args.source)
-    if source.exists() and is_weights_export(source):
+    if source.exists() and is_weights_export(source) and not is_run_folder(source):
         raise UserError(
             f"{source} is already exported weights (a folder or .safetensors file); export the training "
             "checkpoint it came from, or copy the folder"
         )
+    if source.is_dir():
+        source = run_checkpoint(source)
     checkpoint = load_checkpoint(source, trusted=args.trust_checkpoint)
     track = track_of(checkpoint, source)
     if track == "deit":

@@ -110,7 +110,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     try:
         _replace_atomically(path, write)
     except OSError as error:
-        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+        kept = f"the previous {path.name} is intact" if os.path.isfile(path) else "nothing was written"
         raise cannot_write(path, error, kept) from None
 
 
@@ -136,7 +136,7 @@ class _RecordingWriter:
         return self.handle.fileno()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask (reading it means setting it: set it straight back)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -149,7 +149,7 @@ def _replace_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
         stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private: use the umask, as open() does
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make it private: the umask, as open() does
         with os.fdopen(fd, "wb") as handle:
             writer = _RecordingWriter(handle)
             try:
@@ -212,6 +212,17 @@ def load_checkpoint(path: str | os.PathLike, *, trusted: bool = False, map_locat
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({reason}) — re-download or re-create it"
         ) from None
+
+
+def checkpoint_in(path: str | os.PathLike, name: str) -> Path:
+    """``path``, or ``path/name`` when ``path`` is a folder: a run folder stands for its resumable checkpoint ``name``;
+    a folder without one is a :class:`CheckpointError` naming both."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / name).is_file():
+        raise CheckpointError(f"folder {path} holds no {name} to resume from — pass a run folder or a checkpoint file")
+    return path / name
 
 
 def latest_checkpoint(folder: str | os.PathLike, pattern: str = "checkpoint*.pth") -> Path | None:

@@ -7,13 +7,14 @@ from collections.abc import Callable, Sequence
 
 from .data import worker_failure
 from .distributed import peer_reported_error, report_user_error
-from .errors import UserError, out_of_memory
+from .errors import UserError, name_too_long, out_of_memory
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)`` and exit with its status; a :class:`UserError` prints ``error: <message>`` and exits 2, as
     do a data-loader worker's failure that no loop named (:func:`projector_kd.engine.data.worker_failure`: PyTorch may
-    report it at any point of the main process) and running out of GPU memory (:func:`out_of_memory`).
+    report it at any point of the main process), running out of GPU memory (:func:`out_of_memory`) and a path whose
+    name the file system refuses as too long (:func:`name_too_long`).
 
     Under torchrun the run prints the line once: every rank exits 2, and a rank whose collective failed because
     another rank stopped on a user error ends quietly instead of with the backend's traceback."""
@@ -28,7 +29,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except UserError as error:
         exit_with(error)
     except Exception as error:
-        failure = worker_failure(error, "running") or out_of_memory(error, "lower the batch size")
+        failure = (
+            worker_failure(error, "running") or out_of_memory(error, "lower the batch size") or name_too_long(error)
+        )
         if failure is not None:
             exit_with(failure)
         if peer_reported_error() is None:

@@ -8,8 +8,10 @@ its contents are not checked.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,21 +36,38 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
-def load_yaml(path: str | Path, loader: type = RecipeLoader, missing_hint: str = "") -> dict:
-    """Read a YAML mapping with ``loader``; UserError naming the file when missing, not valid YAML or not a mapping."""
+def read_text(path: Path, what: str = "config file") -> str:
+    """The content of ``path`` as UTF-8 text; UserError naming the file, and the line and column of the first byte
+    that is not UTF-8 (e.g. a file saved as Latin-1), when it is not."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise UserError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at line {line}, column {column}) "
+            f"— save it as UTF-8"
+        ) from None
+
+
+def load_yaml(path: str | Path, loader: type = RecipeLoader, missing_hint: str = "", what: str = "config file") -> dict:
+    """Read a YAML mapping with ``loader``; UserError naming the file (``what`` says what it is) when missing, not
+    UTF-8, not valid YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}{missing_hint}")
+        raise UserError(f"{what} not found: {path}{missing_hint}")
+    text = read_text(path, what)
     try:
-        data = yaml.load(path.read_text(), Loader=loader)
+        data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        raise UserError(f"{what} {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+        raise UserError(f"{what} {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
 
 
@@ -76,6 +95,31 @@ def _parse_scalar(text: str) -> Any:
         return yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError:
         return text
+
+
+class OverridesAction(argparse.Action):
+    """``--opts KEY VALUE [KEY VALUE ...]`` that may be given several times: every group counts, in the order given
+    (a key named twice takes its last value). A group with an odd number of items is a UserError naming it."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        if len(values) % 2:
+            raise UserError(f"{option} takes KEY VALUE pairs; got an odd number of items: {' '.join(values)}")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values])
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """The entry points' ``--opts`` (:class:`OverridesAction`); ``example``: KEY VALUE pairs for the help."""
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        action=OverridesAction,
+        default=[],
+        metavar="KEY VALUE",
+        help=f"config overrides, e.g. --opts {example}; may be given several times: every pair counts, in order, "
+        "and a key given twice takes its last value",
+    )
 
 
 def apply_overrides(cfg: dict, opts: Sequence[str], check_file: Callable[[dict], None] | None = None) -> dict:
@@ -137,8 +181,24 @@ def _type_name(types: type | tuple[type, ...]) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
+def check_finite(node: Any, source: str, key: str = "") -> None:
+    """Raise UserError naming the first number in ``node`` (mappings and lists, walked recursively) that is infinite
+    or NaN: ``1e400`` or ``.inf`` in YAML read as infinity, which no setting means."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            check_finite(value, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            check_finite(value, source, f"{key}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        why = "not a number" if math.isnan(node) else "not a finite number (a value beyond ±1.8e308 reads as infinity)"
+        raise UserError(f"{source}: {key} = {node} is {why} — give a finite value")
+
+
 def validate(cfg: dict, schema: Schema, source: str = "config") -> None:
-    """Raise UserError naming the first unknown key, wrongly typed value or out-of-range value in ``cfg``."""
+    """Raise UserError naming the first infinite or NaN number (:func:`check_finite`), unknown key, wrongly typed
+    value or out-of-range value in ``cfg``."""
+    check_finite(cfg, source)
     for key, value in _flatten(cfg, schema).items():
         if key not in schema:
             hint = difflib.get_close_matches(key, list(schema), n=1)

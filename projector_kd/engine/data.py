@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import shutil
+import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -42,19 +45,38 @@ def check_num_classes(split_dir: str | Path, num_classes: int, setting: str, how
         )
 
 
-def _images(folder: Path) -> Iterator[Path]:
-    return (p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+def _walk_class_folder(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """``(folder path, file names)`` for every folder below class folder ``folder``, as torchvision's ImageFolder walks
+    it (links to files are files). A link to a folder below it is a DataError naming the link: ImageFolder follows such
+    links, so one that loops back (to the class folder, the split, ...) or leads to another class would add images again
+    and again, or under the wrong label. The class folder itself may be a link."""
+    for root, folders, files in os.walk(folder):  # not following links: os.walk lists links to folders in `folders`
+        for name in folders:
+            link = os.path.join(root, name)
+            if os.path.islink(link):
+                raise DataError(
+                    f"class folder {folder} holds {link}, a link to the folder {os.readlink(link)}: links to folders "
+                    f"below a class folder are refused (one that loops back or leads to another class would add "
+                    f"images again and again, or under the wrong label) — remove it, or link the image files or the "
+                    f"whole class folder instead"
+                )
+        yield root, files
 
 
 def _check_images(folder: Path, on_bad_image: str) -> None:
-    """DataError when ``folder`` holds no image, or (``on_bad_image: fail``) an image file of 0 bytes."""
+    """DataError when ``folder`` holds a link to a folder (:func:`_walk_class_folder`), no image, or (``on_bad_image:
+    fail``) an image file of 0 bytes."""
     found = False
-    for image in _images(folder):
-        found = True
-        if on_bad_image != "fail":
-            return
-        if image.stat().st_size == 0:
-            raise DataError(f"image {image} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
+    for root, files in _walk_class_folder(folder):
+        for name in files:
+            if os.path.splitext(name)[1].lower() not in IMG_EXTENSIONS or (found and on_bad_image != "fail"):
+                continue
+            image = Path(root, name)
+            if not image.is_file():
+                continue
+            found = True
+            if on_bad_image == "fail" and image.stat().st_size == 0:
+                raise DataError(f"image {image} is empty (0 bytes) — replace or delete it, or set on_bad_image: skip")
     if not found:
         raise DataError(
             f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) "
@@ -68,8 +90,9 @@ def check_image_folder(
     how_to_set: str = "set the data path",
     on_bad_image: str = "fail",
 ) -> None:
-    """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty, every
-    split has the same classes as the first, and (``on_bad_image: fail``) no image file is empty. Raises
+    """Check ``root/<split>/<class>/<image>`` before any work: every split exists, no class folder is empty or holds a
+    link to a folder, every split has the same classes as the first, and (``on_bad_image: fail``) no image file is
+    empty. Raises
     :class:`DataError` naming the path and the fix (``how_to_set`` tells the user how to point the run at their
     data)."""
     root = Path(root)
@@ -98,18 +121,47 @@ def check_image_folder(
             )
 
 
-UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+UNREADABLE_IMAGE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+_PIXEL_LIMIT = threading.Lock()  # warnings.catch_warnings is process-wide: one image is opened under it at a time
+
+
+def open_image(handle: BinaryIO) -> Image.Image:
+    """``PIL.Image.open(handle)``, where an image over Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, a
+    possible decompression bomb) raises ``DecompressionBombWarning`` instead of only warning: such an image is
+    unreadable (Pillow itself refuses those over twice the limit with ``DecompressionBombError``)."""
+    with _PIXEL_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(handle)
 
 
 def unreadable_image(path: str, error: BaseException) -> DataError:
     """The one-line error for an image that cannot be read (``error``: why), naming the file and the fixes."""
-    return DataError(
-        f"unreadable image {path} ({type(error).__name__}: {error}) — fix or delete the file, or set on_bad_image: skip"
-    )
+    fix = "fix or delete the file"
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        fix = "shrink the file below Pillow's pixel limit (PIL.Image.MAX_IMAGE_PIXELS) or delete it"
+    return DataError(f"unreadable image {path} ({type(error).__name__}: {error}) — {fix}, or set on_bad_image: skip")
 
 
 WHITE = (255, 255, 255)
 ALPHA_MODES = ("LA", "PA", "RGBA")
+
+
+def _check_float_scale(values: np.ndarray) -> None:
+    """ValueError for float pixels whose scale cannot be told (see :func:`to_rgb`)."""
+    if not np.isfinite(values).all():
+        raise ValueError("a 32-bit float (mode F) image with NaN or infinite values — save it as 8- or 16-bit")
+    if values.size and 0 < values.max() <= 1:
+        raise ValueError(
+            "a 32-bit float (mode F) image with every value in [0, 1]: float images are read on the 0..255 scale, "
+            "where it would be black — save it as 8-bit (values x 255) or 16-bit (values x 65535)"
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -117,14 +169,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     16-bit and 32-bit integer greyscale (``I;16*``, ``I``) is read on the 16-bit scale: ``round(v / 257)``, so 65535
     is white (Pillow's own conversion clips every value above 255 to white). Float greyscale (``F``) is on the 0..255
-    scale, rounded and clipped. Transparency (``LA``, ``PA``, ``RGBA``, and palette, greyscale or RGB images with a
+    scale, rounded and clipped, as Pillow reads it; a float image whose values all lie at or below 1 with some above 0
+    (one saved on a 0..1 scale, which would load as black) and one with NaN or infinite values raise ValueError: their
+    scale cannot be told. Transparency (``LA``, ``PA``, ``RGBA``, and palette, greyscale or RGB images with a
     transparent colour) is composited over white. Every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``,
     ``HSV``, ``RGB``) uses Pillow's conversion.
     """
     mode = image.mode
     if mode == "I" or mode.startswith("I;16") or mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        if mode != "F":
+        if mode == "F":
+            _check_float_scale(values)
+        else:
             values = values / 257.0
         grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
@@ -136,10 +192,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
     """Open the image at ``path`` as RGB (:func:`to_rgb`), from ``data`` when its bytes are already read; raises
-    :class:`DataError` naming the file when it is unreadable."""
+    :class:`DataError` naming the file when it is unreadable (also when it is over Pillow's pixel limit:
+    :func:`open_image`)."""
     try:
         with open(path, "rb") if data is None else io.BytesIO(data) as handle:
-            image = Image.open(handle)
+            image = open_image(handle)
             image.load()
             return to_rgb(image)
     except UNREADABLE_IMAGE_ERRORS as error:
@@ -265,6 +322,21 @@ class CheckedImageFolder(ImageFolder):
         super().__init__(str(root), transform=transform, loader=load_rgb, **kwargs)
         self.on_bad_image = on_bad_image
         self.skipped: set[int] = set()
+
+    @staticmethod
+    def make_dataset(
+        directory: str | Path,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """torchvision's file list, once no class folder holds a link to a folder (:func:`_walk_class_folder`, which
+        torchvision would follow)."""
+        for name in class_to_idx:
+            for _ in _walk_class_folder(Path(directory).expanduser() / name):
+                pass
+        return ImageFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         """Class folders as :func:`check_image_folder` sees them: hidden folders are not classes."""

@@ -29,6 +29,8 @@ _OUTPUT_HINTS = {
     errno.ENOTDIR: "a file is in the way of a folder on that path: remove it or choose another folder",
     errno.EEXIST: "a file is in the way of a folder on that path: remove it or choose another folder",
     errno.EISDIR: "a folder is in the way of a file on that path: name a file, not a folder",
+    errno.ENAMETOOLONG: "a name on that path is longer than the file system allows (usually 255 bytes): choose a "
+    "shorter one",
 }
 
 
@@ -50,3 +52,12 @@ def out_of_memory(error: BaseException, hint: str) -> UserError | None:
     asked = re.search(r"Tried to allocate ([\d.]+ ?[KMGTP]?i?B)", str(error))
     what = f" (an allocation of {asked.group(1)} failed)" if asked else ""
     return UserError(f"out of GPU memory{what} — {hint}")
+
+
+def name_too_long(error: BaseException) -> UserError | None:
+    """The one-line :class:`UserError` for an ``OSError`` saying a path's name is longer than the file system allows
+    (``ENAMETOOLONG``, which pathlib's checks raise on any path, read or written), naming the path; None for any other
+    error."""
+    if not isinstance(error, OSError) or error.errno != errno.ENAMETOOLONG:
+        return None
+    return UserError(f"{os.fspath(error.filename)}: {error.strerror} — {_OUTPUT_HINTS[errno.ENAMETOOLONG]}")

@@ -7,6 +7,7 @@ their own modules turn a training checkpoint into a timm model first (:mod:`deit
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import shutil
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .errors import UserError
+from .checkpoint import CheckpointError, current_umask
+from .errors import UserError, cannot_write
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -80,29 +81,53 @@ class ModelCard:
     params: int = 0
 
 
+def _follow_umask(folder: Path) -> None:
+    """Give ``folder`` and the files in it the permissions a new folder and files get under the process umask
+    (``tempfile.mkdtemp`` makes the folder private, and safetensors writes its files 0600)."""
+    mask = current_umask()
+    folder.chmod(0o777 & ~mask)
+    for item in folder.iterdir():
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def staged_output_dir(path: str | Path, force: bool, source: str | Path) -> Iterator[Path]:
-    """A fresh folder to write the export into, moved to ``path`` when the block succeeds (removed if it fails).
+    """A fresh folder to write the export into, moved to ``path`` when the block succeeds (removed if it fails), with
+    the permissions the umask gives.
 
-    An existing non-empty ``path`` is replaced only with ``force``, and never when it holds ``source``.
+    An existing non-empty ``path`` is replaced only with ``force``, and never when it holds ``source``. The staging
+    folder is ``.<name>.<random>.tmp`` beside ``path``; those left by an export that was killed are removed first (one
+    export per output folder). An ``OSError`` on the way (a file in the way, a name too long, a full disk) is an
+    :class:`OutputError` naming ``path``; the folder there is then untouched.
     """
     path, source = Path(path), Path(source)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output {path} exists and is not a folder; choose a folder path")
-    if path.is_dir() and any(path.iterdir()):
-        if not force:
-            raise UserError(
-                f"output folder {path} is not empty; choose a new folder or pass --force to replace its contents"
-            )
-        if source.resolve().is_relative_to(path.resolve()):
-            raise UserError(f"output folder {path} holds the source {source}; choose another output folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"output {path} exists and is not a folder; choose a folder path")
+        if path.is_dir() and any(path.iterdir()):
+            if not force:
+                raise UserError(
+                    f"output folder {path} is not empty; choose a new folder or pass --force to replace its contents"
+                )
+            if source.resolve().is_relative_to(path.resolve()):
+                raise UserError(f"output folder {path} holds the source {source}; choose another output folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as error:
+        raise cannot_write(path, error, "nothing was written") from None
     try:
         yield staging
+        _follow_umask(staging)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
+    except OSError as error:
+        raise cannot_write(path, error) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -211,6 +236,26 @@ def render_model_card(card: ModelCard) -> str:
         ]
     lines += ["## License", "", "MIT.", "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+RUN_CHECKPOINT = "checkpoint.pth"
+
+
+def run_checkpoint(folder: Path) -> Path:
+    """The checkpoint a run folder's results describe: the one its ``metrics.json`` names under ``checkpoint`` (the
+    ResNet track's best checkpoint, looked for in ``folder`` first, then where it was recorded), else its
+    ``checkpoint.pth`` (the DeiT track's last epoch, or a run not finished yet). UserError when there is neither."""
+    recorded = read_metrics(folder / METRICS_FILE).get("checkpoint")
+    if isinstance(recorded, str) and recorded:
+        for candidate in (folder / Path(recorded).name, Path(recorded)):
+            if candidate.is_file():
+                return candidate
+    if (folder / RUN_CHECKPOINT).is_file():
+        return folder / RUN_CHECKPOINT
+    raise UserError(
+        f"{folder} is a folder without {RUN_CHECKPOINT} or a best checkpoint named in {METRICS_FILE} — pass a run "
+        f"folder, or the checkpoint file itself"
+    )
 
 
 def is_weights_export(path: str | Path) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .checkpoint import atomic_write
+from .config import load_yaml
 from .errors import OutputError, UserError, cannot_write
 
 CONFIG_FILE = "config.yaml"
@@ -62,9 +63,9 @@ def run_folder(value: str | os.PathLike, flag: str) -> Path:
 def make_writable_folder(path: Path) -> Path:
     """Create ``path`` (and its parents) and check that a file can be created in it, before any work: an
     :class:`OutputError` names the path when a file is in the way or the folder is not writable."""
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output folder {path} is a file — remove it or choose another output folder")
     try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"output folder {path} is a file — remove it or choose another output folder")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
@@ -107,6 +108,18 @@ def release_output_dirs() -> None:
     _held_locks.clear()
 
 
+def _recorded_config(path: Path) -> dict:
+    """The config a run recorded in ``path`` (its ``config.yaml``); a file that is no longer a valid YAML mapping
+    (edited by hand) is a UserError naming it and the ways on."""
+    try:
+        return load_yaml(path, loader=yaml.SafeLoader, what="the run's config file")
+    except UserError as error:
+        raise UserError(
+            f"{error}; fix or restore it, or pass --resume to continue that run with this command's settings "
+            f"(config.yaml is then written anew)"
+        ) from None
+
+
 def prepare_output_dir(
     path: str | Path,
     config: dict,
@@ -127,7 +140,7 @@ def prepare_output_dir(
     recorded_file = path / CONFIG_FILE
     normalised = yaml.safe_load(yaml.safe_dump(config))
     if recorded_file.is_file() and (path / checkpoint_name).exists() and not resume:
-        recorded = yaml.safe_load(recorded_file.read_text()) or {}
+        recorded = _recorded_config(recorded_file)
         if upgrade_recorded is not None:
             recorded = upgrade_recorded(recorded)
         differing = _differing_keys(recorded, normalised)
@@ -143,9 +156,7 @@ def prepare_output_dir(
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda handle: handle.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+    atomic_write(Path(path), lambda handle: handle.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def close_logging() -> None:
@@ -172,9 +183,9 @@ def setup_logging(
         files.add(Path(extra_log_file).expanduser())
     for log_file in sorted({f.resolve() for f in files}) if rank == 0 else []:
         try:
-            if log_file.is_dir():
-                raise OutputError(f"log file {log_file} is a folder — name a file, e.g. {log_file / 'output.txt'}")
             try:
+                if log_file.is_dir():
+                    raise OutputError(f"log file {log_file} is a folder — name a file, e.g. {log_file / 'output.txt'}")
                 log_file.parent.mkdir(parents=True, exist_ok=True)
                 handlers.append(logging.FileHandler(log_file))
             except OSError as error:

@@ -1,8 +1,17 @@
 """Recipe loading, --opts overrides and schema validation: every bad value is named before any work starts."""
 
+import argparse
+
 import pytest
 
-from projector_kd.engine.config import apply_overrides, load_yaml, merge_configs, validate
+from projector_kd.engine.config import (
+    add_overrides_argument,
+    apply_overrides,
+    check_finite,
+    load_yaml,
+    merge_configs,
+    validate,
+)
 from projector_kd.engine.errors import UserError
 
 SCHEMA = {
@@ -87,3 +96,44 @@ def test_merge_configs_merges_plain_mappings_and_keeps_inputs_and_aliases():
     assert base["train"]["lr"] == 0.1 and overlay == {"train": {"lr": 0.05, "betas": [0.5]}, "extra": {"x": 1}}
     merged["extra"]["x"] = 2
     assert overlay["extra"]["x"] == 1
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_place_of_the_first_bad_byte(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("train:\n  lr: 0.1  # réglé\n".encode("latin-1"))
+    with pytest.raises(UserError) as error:
+        load_yaml(latin1)
+    assert str(error.value) == (
+        f"config file {latin1} is not UTF-8 text (byte 0xe9 at line 2, column 15) — save it as UTF-8"
+    )
+    (tmp_path / "utf8.yaml").write_text("name: réglé\n", encoding="utf-8")
+    assert load_yaml(tmp_path / "utf8.yaml") == {"name": "réglé"}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: .inf\n", "train.lr = inf is not a finite number"),
+        ("train:\n  lr: 1.0e400\n", "train.lr = inf is not a finite number"),
+        ("train:\n  lr: -.inf\n", "train.lr = -inf is not a finite number"),
+        ("model:\n  kwargs: {scale: [1.0, .nan]}\n", r"model.kwargs.scale\[1\] = nan is not a number"),
+    ],
+)
+def test_infinite_and_nan_numbers_are_refused_naming_the_key(tmp_path, text, message):
+    (tmp_path / "a.yaml").write_text(text)
+    with pytest.raises(UserError, match=f"^a.yaml: {message}"):
+        validate(merge_configs(GOOD, load_yaml(tmp_path / "a.yaml")), SCHEMA, source="a.yaml")
+    with pytest.raises(UserError, match=f"^a.yaml: {message}"):
+        check_finite(load_yaml(tmp_path / "a.yaml"), "a.yaml")
+
+
+def test_opts_given_several_times_all_count_in_order():
+    parser = argparse.ArgumentParser()
+    add_overrides_argument(parser, "train.lr 0.1")
+    args = parser.parse_args(["--opts", "train.lr", "1", "--opts", "train.batch_size", "8", "train.lr", "2"])
+    assert args.opts == ["train.lr", "1", "train.batch_size", "8", "train.lr", "2"]
+    cfg = apply_overrides(GOOD, args.opts)
+    assert (cfg["train"]["lr"], cfg["train"]["batch_size"]) == (2, 8)  # a key given twice: its last value
+    assert parser.parse_args([]).opts == [] and parser.parse_args([]).opts is not args.opts
+    with pytest.raises(UserError, match="^--opts takes KEY VALUE pairs; got an odd number of items: train.lr$"):
+        parser.parse_args(["--opts", "train.lr", "--opts", "1"])

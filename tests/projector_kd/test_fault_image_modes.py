@@ -1,4 +1,5 @@
-"""Images of every mode Pillow opens load as the RGB they show (16-bit greyscale used to come out blank white)."""
+"""Images of every mode Pillow opens load as the RGB they show (16-bit greyscale used to come out blank white); a float
+image whose scale cannot be told (values in [0, 1], which would load black) is refused, naming the file."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projector_kd.engine.data import load_rgb
+from projector_kd.engine.data import DataError, load_rgb
 
 GREY = [0, 1, 128, 255]
 RGBA_PIXELS = [(200, 10, 20, 255), (200, 10, 20, 0), (0, 0, 0, 128), (10, 20, 30, 255)]
@@ -108,3 +109,21 @@ def test_CMYK(tmp_path, name):
     assert Image.open(path).mode == "CMYK"
     expected = np.array([[255, 255, 255], [0, 255, 255], [0, 0, 0], [255, 0, 0]])
     assert np.abs(np.array(_pixels(path)) - expected).max() <= (8 if name.endswith("jpg") else 0)
+
+
+@pytest.mark.parametrize("values", [[0.0, 0.25, 0.5, 1.0], [-0.5, 0.0, 0.3, 0.9]])
+def test_mode_F_on_a_0_to_1_scale_is_refused_naming_the_file(tmp_path, values):
+    path = _save(tmp_path, _grey(values, "F"), "a.tif")
+    with pytest.raises(DataError) as error:
+        load_rgb(path)
+    assert str(error.value) == (
+        f"unreadable image {path} (ValueError: a 32-bit float (mode F) image with every value in [0, 1]: float images "
+        "are read on the 0..255 scale, where it would be black — save it as 8-bit (values x 255) or 16-bit (values x "
+        "65535)) — fix or delete the file, or set on_bad_image: skip"
+    )
+
+
+def test_mode_F_with_nan_is_refused_and_all_black_loads(tmp_path):
+    with pytest.raises(DataError, match=r"\(ValueError: a 32-bit float \(mode F\) image with NaN or infinite values"):
+        load_rgb(_save(tmp_path, _grey([0.0, float("nan"), 3.0, 4.0], "F"), "nan.tif"))
+    assert _pixels(_save(tmp_path, _grey([0.0, 0.0, 0.0, 0.0], "F"), "black.tif")) == _expected_grey([0, 0, 0, 0])

@@ -1,4 +1,5 @@
-"""Fixtures for the tests of ``scripts/``: the benchmark script imported as a module."""
+"""Fixtures for the tests of ``scripts/``: the benchmark script imported as a module, the export script run in this
+process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
+EXPORT = ROOT / "scripts" / "export.py"
 
 
 def load_script(path: Path, name: str) -> ModuleType:
@@ -27,3 +29,10 @@ def load_script(path: Path, name: str) -> ModuleType:
 @pytest.fixture(scope="session")
 def bench() -> ModuleType:
     return load_script(BENCHMARK, "benchmark_script")
+
+
+@pytest.fixture
+def export_cli(run_main):
+    """``scripts/export.py``'s ``main`` in this process through ``run_cli`` (what it runs) -> CompletedProcess."""
+    script = load_script(EXPORT, "export_script")
+    return lambda *args: run_main(script.main, args)

@@ -17,8 +17,6 @@ from yacs.config import CfgNode
 
 from deit.models import create_student
 
-from .conftest import load_script
-
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "export.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -28,13 +26,6 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=120
     )
-
-
-@pytest.fixture
-def export_cli(run_main):
-    """The script's ``main`` in this process through ``run_cli`` (what the script runs): -> CompletedProcess."""
-    script = load_script(SCRIPT, "export_script")
-    return lambda *args: run_main(script.main, args)
 
 
 @pytest.fixture(scope="module")
