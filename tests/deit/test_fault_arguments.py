@@ -12,7 +12,7 @@ def test_resume_accepts_a_run_folder(tmp_path, train_argv, cli):
     second = tmp_path / "second"
     status, err = cli(train_argv(second, "--epochs", "2", "--resume", first))
     assert status == 0, err
-    assert f"resumed from {first / 'checkpoint.pth'} at epoch 1, batch 0" in (second / "log.txt").read_text()
+    assert f"resuming from {first / 'checkpoint.pth'} at epoch 1 step 0" in (second / "log.txt").read_text()
     empty = tmp_path / "empty"
     empty.mkdir()
     status, err = cli(train_argv(tmp_path / "third", "--epochs", "2", "--resume", empty))

@@ -25,6 +25,6 @@ def test_an_image_over_the_pixel_limit_read_by_a_worker_is_named_after_a_checkpo
         "pixels, could be decompression bomb DOS attack.) — shrink the file below Pillow's pixel limit"
     )
     assert lines[0].endswith(
-        f"A resumable checkpoint was written first: {output / 'checkpoint.pth'} (epoch 0, batch 2) — after fixing the "
+        f"A resumable checkpoint was written first: {output / 'checkpoint.pth'} (epoch 0, step 2) — after fixing the "
         "file, run the same command again to continue"
     )

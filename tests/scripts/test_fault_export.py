@@ -21,7 +21,7 @@ def deit_checkpoint(tmp_path_factory):
     """A DeiT-track demo student saved as ``{'model': state_dict}``."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("deit") / "student.pth"
-    torch.save({"model": create_student("demo", num_classes=10, teacher_dim=64).state_dict()}, path)
+    torch.save({"model": create_student("demo", num_classes=10).state_dict()}, path)
     return path
 
 
