@@ -80,6 +80,7 @@ SCHEMA: dict[str, tuple] = {
     "data.eval_interpolation": (str, _one_of("bicubic", "bilinear", "nearest")),
     "data.crop_pct": (float, (lambda v: 0 < v <= 1, "in (0, 1]")),
     "data.on_bad_image": (str, _one_of("fail", "skip")),
+    "data.fast_loader": (bool, None),
     "aug.scale": (
         list,
         (

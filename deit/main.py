@@ -267,7 +267,11 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     seed_everything(cfg["seed"], env.rank)
     writer = tensorboard_writer(output, env.rank)
     train_loader, val_loader = build_loaders(
-        cfg, env.rank, env.world_size, pin_memory=cfg["data"]["pin_memory"] and env.device.type == "cuda"
+        cfg,
+        env.rank,
+        env.world_size,
+        pin_memory=cfg["data"]["pin_memory"] and env.device.type == "cuda",
+        device=env.device,
     )
     teacher = None
     if cfg["distillation"]["method"] != "none":

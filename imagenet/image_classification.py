@@ -45,7 +45,7 @@ from imagenet.engine import (
     train,
     unwrap,
 )
-from imagenet.fast import apply_fast_path, channels_last_networks
+from imagenet.fast import apply_fast_path, channels_last_networks, wants_fast_loader
 from imagenet.models import (
     build_model,
     load_weights,
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         box.train_data_loader = loader
         if env.distributed:
             _ensure_ddp(box, env.device, env.local_rank)
-        settings = apply_fast_path(box, teacher, env.device) if fast else None
+        settings = apply_fast_path(box, teacher, env.device, fast_loader=wants_fast_loader(recipe)) if fast else None
         if settings is not None:
             log.info("fast path: %s", settings)
         box.train_data_loader = swap_loader(box.train_data_loader, recipe, env.device, True, "train.train_data_loader")

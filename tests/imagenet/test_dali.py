@@ -29,10 +29,7 @@ from projector_kd.engine.errors import UserError
 from projector_kd.engine.sampling import resumable_loader, training_sampler
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# (height, width): landscape, portrait, square, odd sizes (centre crops that round half to even) and a strip so wide
-# that no RandomResizedCrop attempt fits (the central fallback)
-JPEG_SIZES = [(30, 40), (40, 30), (32, 32), (27, 41), (41, 27), (12, 60)]
-CROP = 16
+CROP = 16  # the crop_recipe fixture's crop size
 PIXEL_LEVEL = 1 / 255  # one 8-bit level after ToTensor
 
 
@@ -45,28 +42,6 @@ def assert_close_to_pil(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert ours.shape == reference.shape
     assert levels.max().item() <= 3 + 1e-3 and levels.mean().item() <= 0.25
     assert (levels > 1 + 1e-3).float().mean().item() <= 0.01
-
-
-def write_jpeg_folder(root: Path, train_per_class: int = 10, val_per_class: int = 7) -> Path:
-    """3 classes of smooth colour fields plus grain, JPEG quality 90, in :data:`JPEG_SIZES` (class-tinted)."""
-    rng = np.random.default_rng(0)
-    tints = np.array([[60, 0, 0], [0, 60, 0], [0, 0, 60]], dtype=np.float32)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for label in range(3):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                height, width = JPEG_SIZES[(index + label) % len(JPEG_SIZES)]
-                field = rng.uniform(40, 200, (3, 4, 3)).astype(np.uint8)
-                smooth = np.asarray(Image.fromarray(field).resize((width, height), Image.BICUBIC), dtype=np.float32)
-                pixels = np.clip(smooth + tints[label] + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index:02d}.jpg", quality=90)
-    return root
-
-
-@pytest.fixture(scope="module")
-def jpeg_data(tmp_path_factory) -> Path:
-    return write_jpeg_folder(tmp_path_factory.mktemp("jpeg-imagefolder"))
 
 
 def train_transform(size: int = CROP) -> T.Compose:
@@ -524,40 +499,14 @@ def test_mixed_pipeline_on_the_gpu_gives_the_cpu_pipelines_batches(jpeg_data, gp
 # ----------------------------------------------------------------------------------------- through the entry point
 
 
-def dali_recipe(make_recipe, name: str, data: Path, **kwargs) -> Path:
-    """The tiny recipe with the release recipe's kind of transforms: RandomResizedCrop + flip, Resize + CenterCrop."""
-    path = make_recipe(name, method="baseline", data_root=data, **kwargs)
-    text = path.read_text()
-    flip = "                - !import_call\n                  key: 'torchvision.transforms.RandomHorizontalFlip'\n"
-    crop = (
-        f"                - !import_call\n                  key: 'torchvision.transforms.RandomResizedCrop'\n"
-        f"                  init:\n                    kwargs:\n                      size: {CROP}\n"
-    )
-    to_tensor = (
-        "              transforms:\n                - !import_call\n"
-        "                  key: 'torchvision.transforms.ToTensor'\n"
-    )
-    resize = (
-        f"              transforms:\n                - !import_call\n"
-        f"                  key: 'torchvision.transforms.Resize'\n                  init:\n"
-        f"                    kwargs:\n                      size: {CROP + 2}\n"
-        f"                - !import_call\n                  key: 'torchvision.transforms.CenterCrop'\n"
-        f"                  init:\n                    kwargs:\n                      size: {CROP}\n"
-        f"                - !import_call\n                  key: 'torchvision.transforms.ToTensor'\n"
-    )
-    assert text.count(flip) == 1 and text.count(to_tensor) == 1
-    path.write_text(text.replace(flip, crop + flip).replace(to_tensor, resize))
-    return path
-
-
 @pytest.mark.parametrize(
     "epoch, step, decoded", [(1, 2, [2]), (0, 3, [0, 1, 2])], ids=["mid-epoch", "after-the-epochs-last-step"]
 )
 def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_batches(
-    make_recipe, jpeg_data, cli, tmp_path, monkeypatch, straight_and_stopped, same_run, epoch, step, decoded
+    crop_recipe, jpeg_data, cli, tmp_path, monkeypatch, straight_and_stopped, same_run, epoch, step, decoded
 ):
     """Stopped after the last step of an epoch, the rerun reads no training batch of it (it validates it first)."""
-    recipe = dali_recipe(make_recipe, "resume", jpeg_data, epochs=2, student_dropout=0.2)
+    recipe = crop_recipe("resume", jpeg_data, epochs=2, student_dropout=0.2)
     common = ("--config", recipe, "--seed", "0", "--loader", "dali")
     stopped, _ = straight_and_stopped(epoch, step, *common)
     assert (stopped["epoch"], stopped["step_in_epoch"]) == (epoch, step)
@@ -578,8 +527,8 @@ def test_stopped_and_resumed_dali_run_is_bit_identical_without_decoding_skipped_
     same_run(tmp_path / "straight", tmp_path / "interrupted")
 
 
-def test_test_only_accuracy_equals_the_torchvision_loader(make_recipe, jpeg_data, cli, tmp_path):
-    recipe = dali_recipe(make_recipe, "eval", jpeg_data, epochs=2)
+def test_test_only_accuracy_equals_the_torchvision_loader(crop_recipe, jpeg_data, cli, tmp_path):
+    recipe = crop_recipe("eval", jpeg_data, epochs=2)
     status, _, err = cli("--config", recipe, "--seed", "0", "--output_dir", tmp_path / "run")
     assert status == 0, err
     results = {}
@@ -593,11 +542,11 @@ def test_test_only_accuracy_equals_the_torchvision_loader(make_recipe, jpeg_data
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
-def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path, policy, train_image_in_batch):
+def test_bad_image_through_the_entry_point(crop_recipe, jpeg_data, cli, tmp_path, policy, train_image_in_batch):
     data = shutil.copytree(jpeg_data, tmp_path / "data")
     bad = train_image_in_batch(data, 0)  # in the first batch: no step trained, no checkpoint to write
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    recipe = dali_recipe(make_recipe, "bad", data, on_bad_image=policy)
+    recipe = crop_recipe("bad", data, on_bad_image=policy)
     status, _, err = cli("--config", recipe, "--seed", "0", "--loader", "dali")
     if policy == "fail":
         assert status == 2
@@ -613,9 +562,9 @@ def test_bad_image_through_the_entry_point(make_recipe, jpeg_data, cli, tmp_path
 
 
 def test_two_gloo_ranks_shard_training_and_count_each_val_image_once(
-    make_recipe, jpeg_data, run_entry_on_two_ranks, cli, tmp_path
+    crop_recipe, jpeg_data, run_entry_on_two_ranks, cli, tmp_path
 ):
-    recipe = dali_recipe(make_recipe, "ddp", jpeg_data, batch_size=4)
+    recipe = crop_recipe("ddp", jpeg_data, batch_size=4)
     result = run_entry_on_two_ranks("--config", recipe, "--world_size", "2", "--seed", "0", "--loader", "dali")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
