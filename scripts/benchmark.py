@@ -676,8 +676,8 @@ def data_loader(
 # (PIL decode + RandomResizedCrop + flip + normalise in N worker processes), the fast CPU loader (``--fast``: the crop
 # window decoded at the DCT scale it needs, uint8 batches normalised on the device) and the DALI loader
 # (``--loader dali``: nvJPEG decoding of the crop window and the same transform on the GPU; on a CPU, DALI's CPU
-# pipeline), with N DALI threads. img/s over the batches after the first (worker / pipeline start-up), each batch also training one step;
-# the main process runs torch on one thread meanwhile (the cores go to the loaders).
+# pipeline), with N DALI threads. img/s over the batches after the first (worker / pipeline start-up), each batch
+# also training one step; the main process runs torch on one thread meanwhile (the cores go to the loaders).
 
 
 def resnet_loader(kind: str, sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device) -> Any:
