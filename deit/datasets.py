@@ -126,7 +126,9 @@ def build_loaders(
     come from a private generator so they never touch the global RNG state that is checkpointed. On the fast path
     (``fast: true``) with ``data.fast_loader`` the train loader is the fast CPU loader
     (:func:`projector_kd.engine.fast_data.fast_training_loader`: crop-window decoding, uint8 batches normalised and
-    randomly erased on ``device``)."""
+    randomly erased on ``device``); with ``data.loader: dali`` both loaders are DALI's
+    (:class:`projector_kd.engine.dali.DaliLoader` on ``device``: the same files, sampler and transform, random erasing
+    on the device)."""
     data = cfg["data"]
     workers = data["num_workers"]
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0 and cfg["fast"])
@@ -137,6 +139,11 @@ def build_loaders(
         sampler=ShardSampler(len(val_set), rank, world_size),
         **common,
     )
+    dali = data["loader"] == "dali"
+    if dali:
+        from projector_kd.engine.dali import DaliLoader
+
+        val_loader = DaliLoader(val_loader, device or torch.device("cpu"), train=False, name="val")
     if not train:
         return None, val_loader
     train_set = build_dataset("train", cfg)
@@ -157,6 +164,8 @@ def build_loaders(
         generator=generator,
         **common,
     )
+    if dali:
+        return DaliLoader(train_loader, device or torch.device("cpu"), train=True, name="train"), val_loader
     if cfg["fast"] and data["fast_loader"] and device is not None:
         return fast_training_loader(train_loader, device, "train"), val_loader
     return train_loader, val_loader

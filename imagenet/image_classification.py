@@ -174,7 +174,7 @@ def prepare_recipe(args: argparse.Namespace) -> tuple[dict, Path]:
         raise UserError(f"--dist_url {args.dist_url}: only env:// is supported — launch with torchrun")
     recipes.check_recipe(recipe, str(path))
     if recipe.get("runtime", {}).get("loader") == "dali":
-        from imagenet.dali import require_dali
+        from projector_kd.engine.dali import require_dali
 
         require_dali()
     return recipe, path
