@@ -169,3 +169,24 @@ def test_an_unreadable_image_fails_naming_it_or_is_skipped(tmp_path, dali_argv, 
     else:
         assert result.returncode == 0, result.stderr
         assert f"skipping unreadable image {bad}" in (tmp_path / "run" / "log.txt").read_text()
+
+
+@pytest.mark.gpu
+def test_mixed_pipeline_on_the_gpu_repeats_its_batches_and_keeps_the_cpu_pipelines_labels(
+    tiny_config, image_folder, gpu_device
+):
+    """On CUDA: nvJPEG decoding, RandAugment and erasing on the GPU give float32 NCHW batches on the device with the
+    CPU pipeline's labels (same order), and an epoch read twice with the same seed repeats them exactly."""
+    from deit.datasets import build_loaders
+
+    cfg = load_config("demo", str(tiny_config), {"data.path": str(image_folder), "data.loader": "dali"})
+    epochs = []
+    for device in (torch.device("cpu"), gpu_device, gpu_device):
+        train, _ = build_loaders(cfg, 0, 1, pin_memory=False, device=device)
+        train.sampler.set_epoch(0)
+        epochs.append(list(train))
+    on_cpu, on_gpu, again = epochs
+    assert len(on_gpu) == len(on_cpu) == 9
+    for (images, labels), (_, cpu_labels), (repeat, _) in zip(on_gpu, on_cpu, again):
+        assert images.device == gpu_device and images.dtype == torch.float32 and images.shape == (4, 3, 16, 16)
+        assert torch.equal(labels.cpu(), cpu_labels) and torch.equal(images, repeat)
