@@ -121,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--fast",
         action="store_true",
         default=None,
-        help="fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)",
+        help="fast path: bf16, channels_last, torch.compile, fused AdamW, fast CPU loader (fast: true)",
     )
     parser.add_argument(
         "--loader",

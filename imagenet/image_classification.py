@@ -126,7 +126,9 @@ def get_argparser() -> argparse.ArgumentParser:
         dest="teacher_ckpt",
         help="teacher weights {'model': state_dict} (sets models.teacher_model.src_ckpt)",
     )
-    parser.add_argument("--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD")
+    parser.add_argument(
+        "--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD, fast CPU loader"
+    )
     parser.add_argument(
         "--loader",
         choices=recipes.LOADERS,

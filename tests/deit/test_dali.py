@@ -81,11 +81,11 @@ def test_rand_augment_value_operations_give_timms_pixels():
     from deit.datasets import safe_posterize
 
     image = np.random.default_rng(0).uniform(30, 200, (24, 32, 3)).astype(np.uint8)
-    plan = dali.RandAugmentPlan(1, dali.RAND_AUGMENT_OPS, 1.0, 9.0, 0.0, 128, 0.45)
-    ops = dali.dali_rand_augment_ops(plan)
+    names = tuple(dict.fromkeys(name for name, *_ in VALUE_CASES))  # only these: a smaller graph to build
+    ops = dali.dali_rand_augment_ops(dali.RandAugmentPlan(1, names, 1.0, 9.0, 0.0, 128, 0.45))
     columns = (
         [image] * len(VALUE_CASES),
-        [np.int32(dali.RAND_AUGMENT_OPS.index(name)) for name, *_ in VALUE_CASES],
+        [np.int32(names.index(name)) for name, *_ in VALUE_CASES],
         [np.int32(round(magnitude * 10)) for _, magnitude, *_ in VALUE_CASES],
         [np.int32(sign) for _, _, sign, _ in VALUE_CASES],
     )
