@@ -80,6 +80,8 @@ SCHEMA: dict[str, tuple] = {
     "data.eval_interpolation": (str, _one_of("bicubic", "bilinear", "nearest")),
     "data.crop_pct": (float, (lambda v: 0 < v <= 1, "in (0, 1]")),
     "data.on_bad_image": (str, _one_of("fail", "skip")),
+    "data.fast_loader": (bool, None),
+    "data.loader": (str, _one_of("torchvision", "dali")),
     "aug.scale": (
         list,
         (
@@ -203,6 +205,10 @@ def load_config(
             node[leaf] = value
     cfg = apply_overrides(cfg, rename_old_opts(opts), check_file=lambda merged: validate(merged, SCHEMA))
     validate(cfg, SCHEMA)
+    if cfg["data"]["loader"] == "dali":
+        from projector_kd.engine.dali import require_dali
+
+        require_dali()  # before any work: one line saying how to install it
     if cfg["data"]["path"] is None:
         cfg["data"]["path"] = imagenet_root()
     if cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0:

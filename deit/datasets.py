@@ -19,6 +19,7 @@ from torchvision import transforms
 
 from deit.config import data_path_hint
 from projector_kd.engine.data import CheckedImageFolder, DataError, check_image_folder, check_num_classes
+from projector_kd.engine.fast_data import fast_training_loader
 from projector_kd.engine.sampling import ResumableSampler, SeededSamples, ShardSampler
 
 
@@ -115,10 +116,20 @@ def check_data(cfg: dict, splits: tuple[str, ...]) -> None:
 
 
 def build_loaders(
-    cfg: dict, rank: int, world_size: int, pin_memory: bool, train: bool = True
-) -> tuple[DataLoader | None, DataLoader]:
+    cfg: dict,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
+    train: bool = True,
+    device: torch.device | None = None,
+) -> tuple[Any, DataLoader]:
     """(train loader or None, val loader). The train loader's sampler is a :class:`ResumableSampler`; loader RNG draws
-    come from a private generator so they never touch the global RNG state that is checkpointed."""
+    come from a private generator so they never touch the global RNG state that is checkpointed. On the fast path
+    (``fast: true``) with ``data.fast_loader`` the train loader is the fast CPU loader
+    (:func:`projector_kd.engine.fast_data.fast_training_loader`: crop-window decoding, uint8 batches normalised and
+    randomly erased on ``device``); with ``data.loader: dali`` both loaders are DALI's
+    (:class:`projector_kd.engine.dali.DaliLoader` on ``device``: the same files, sampler and transform, random erasing
+    on the device)."""
     data = cfg["data"]
     workers = data["num_workers"]
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0 and cfg["fast"])
@@ -129,6 +140,11 @@ def build_loaders(
         sampler=ShardSampler(len(val_set), rank, world_size),
         **common,
     )
+    dali = data["loader"] == "dali"
+    if dali:
+        from projector_kd.engine.dali import DaliLoader
+
+        val_loader = DaliLoader(val_loader, device or torch.device("cpu"), train=False, name="val")
     if not train:
         return None, val_loader
     train_set = build_dataset("train", cfg)
@@ -149,6 +165,10 @@ def build_loaders(
         generator=generator,
         **common,
     )
+    if dali:
+        return DaliLoader(train_loader, device or torch.device("cpu"), train=True, name="train"), val_loader
+    if cfg["fast"] and data["fast_loader"] and device is not None:
+        return fast_training_loader(train_loader, device, "train"), val_loader
     return train_loader, val_loader
 
 

@@ -116,7 +116,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--fast",
         action="store_true",
         default=None,
-        help="fast path: bf16, channels_last, torch.compile, fused AdamW (fast: true)",
+        help="fast path: bf16, channels_last, torch.compile, fused AdamW, fast CPU loader (fast: true)",
+    )
+    parser.add_argument(
+        "--loader",
+        choices=("torchvision", "dali"),
+        help="data loader (data.loader; default torchvision): dali decodes and augments on the GPU with NVIDIA DALI "
+        "(pip install '.[dali]'), see docs/dali.md",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_overrides_argument(parser, "train.base_lr 1e-3 data.num_workers 4")
@@ -132,6 +138,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "train.accum_iter": args.accum_iter,
         "teacher.ckpt": args.teacher_ckpt,
         "fast": args.fast,
+        "data.loader": args.loader,
         "device": args.device,
     }
     return load_config(args.model, args.config, flags, args.opts)
@@ -201,7 +208,9 @@ def evaluate(cfg: dict, args: argparse.Namespace, env: DistEnv) -> int:
     report = load_student_checkpoint(student, path, trusted=args.trust_checkpoint)
     logger.info("loaded %d tensors from %s %s", len(report.loaded), path, report.meta or "")
     check_data(cfg, splits=("val",))
-    _, val_loader = build_loaders(cfg, env.rank, env.world_size, pin_memory=env.device.type == "cuda", train=False)
+    _, val_loader = build_loaders(
+        cfg, env.rank, env.world_size, pin_memory=env.device.type == "cuda", train=False, device=env.device
+    )
     stats = evaluate_student(student, val_loader, cfg, env)
     logger.info(
         "%s on %d val images: top-1 %.2f top-5 %.2f loss %.4f",
@@ -245,7 +254,11 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     random_seed(cfg["seed"], env.rank)
     writer = tensorboard_writer(output, env.rank)
     train_loader, val_loader = build_loaders(
-        cfg, env.rank, env.world_size, pin_memory=cfg["data"]["pin_memory"] and env.device.type == "cuda"
+        cfg,
+        env.rank,
+        env.world_size,
+        pin_memory=cfg["data"]["pin_memory"] and env.device.type == "cuda",
+        device=env.device,
     )
     teacher = None
     if cfg["distillation"]["method"] != "none":

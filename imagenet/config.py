@@ -241,7 +241,7 @@ def to_plain(node: Any) -> Any:
 TOP_KEYS = {"dependencies", "datasets", "models", "train", "test", "runtime"}  # what this entry point reads
 OWN_MODEL_KEYS = {"src_ckpt", "dst_ckpt"}  # read by imagenet/image_classification.py
 OWN_TRAIN_KEYS = {"log_freq"}  # read by imagenet.engine
-RUNTIME_KEYS = {"fast", "loader"}
+RUNTIME_KEYS = {"fast", "loader", "fast_loader"}
 WRAPPER_SUPPLIED = {"device", "device_ids", "distributed", "teacher_model", "student_model"}
 
 
@@ -356,7 +356,11 @@ def torchdistill_keys() -> dict[str, frozenset[str]]:
 
 
 LOADERS = ("torchvision", "dali")
-RUNTIME_SCHEMA = {"fast": (bool, None), "loader": (str, (lambda v: v in LOADERS, " or ".join(LOADERS)))}
+RUNTIME_SCHEMA = {
+    "fast": (bool, None),
+    "loader": (str, (lambda v: v in LOADERS, " or ".join(LOADERS))),
+    "fast_loader": (bool, None),
+}
 OPTIMIZER_VALUES = {
     "lr": (float, (lambda v: v > 0, "> 0")),
     "momentum": (float, (lambda v: 0 <= v < 1, "in [0, 1)")),

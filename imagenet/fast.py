@@ -7,7 +7,10 @@ each falls back to eager, with one warning in all, where compilation fails), cuD
 SGD/AdamW/Adam kernels (which skip a non-finite step on the device, so the engine's step reads nothing to the host),
 pinned host memory with non-blocking copies (CUDA), persistent loader workers, and no per-step input validation sync
 in the projector loss. Numerics change only by bf16 rounding (the loss itself runs in float32 inside
-ProjectorDistillLoss). The benchmark's step builders are in :mod:`imagenet.benchmark`.
+ProjectorDistillLoss). The training loader becomes the fast CPU loader (``runtime.fast_loader``, default on, with the
+recipe's torchvision loader: :func:`projector_kd.engine.fast_data.fast_training_loader`, crop-window decoding and
+normalisation on the device; its pixels differ slightly, docs/faithfulness.md). The benchmark's step builders are in
+:mod:`imagenet.benchmark`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from imagenet.registry import ProjectorKDModelWrapper
 from projector_kd.engine.fast import CompiledOrEager, CompileFallbackNotice, enable_fast_cuda_backends
+from projector_kd.engine.fast_data import DeviceFinishedLoader, fast_training_loader
 from projector_kd.engine.sampling import rebuild_loader
 
 FUSED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -35,6 +39,7 @@ class FastSettings:
     compiled: bool
     fused_optimizer: bool
     pinned_memory: bool
+    fast_loader: bool
 
 
 def _fuse_optimizer(optimizer: torch.optim.Optimizer) -> bool:
@@ -51,6 +56,13 @@ def _fuse_optimizer(optimizer: torch.optim.Optimizer) -> bool:
 
 def _fast_loader(loader: DataLoader | None, pin_memory: bool) -> DataLoader | None:
     return None if loader is None else rebuild_loader(loader, pin_memory=pin_memory, persistent_workers=True)
+
+
+def wants_fast_loader(recipe: dict) -> bool:
+    """Whether the fast path's training loader is the fast CPU loader: ``runtime.fast_loader`` (default true) with the
+    recipe's torchvision loader (``--loader dali`` replaces it by DALI's)."""
+    runtime = recipe.get("runtime", {})
+    return bool(runtime.get("fast_loader", True)) and runtime.get("loader", "torchvision") == "torchvision"
 
 
 def channels_last_networks(*networks: nn.Module | None) -> None:
@@ -70,9 +82,10 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def apply_fast_path(
-    box: Any, teacher: nn.Module | None, device: torch.device, compile_models: bool = True
+    box: Any, teacher: nn.Module | None, device: torch.device, compile_models: bool = True, fast_loader: bool = False
 ) -> FastSettings:
-    """Switch an already-built torchdistill box onto the fast path (see the module docstring)."""
+    """Switch an already-built torchdistill box onto the fast path (see the module docstring); ``fast_loader``: the
+    training loader becomes the fast CPU loader (:func:`wants_fast_loader`)."""
     enable_fast_cuda_backends(device)
     student_holder = box.student_model if hasattr(box, "student_model") else box.model
     notice = CompileFallbackNotice()
@@ -91,7 +104,10 @@ def apply_fast_path(
         box.teacher_model = CompiledOrEager(box.teacher_model, "teacher", notice)
     fused = _fuse_optimizer(box.optimizer)
     pin = device.type == "cuda"
-    box.train_data_loader = _fast_loader(box.train_data_loader, pin)
+    if fast_loader and box.train_data_loader is not None:
+        box.train_data_loader = fast_training_loader(box.train_data_loader, device, "train.train_data_loader")
+    else:
+        box.train_data_loader = _fast_loader(box.train_data_loader, pin)
     box.val_data_loader = _fast_loader(box.val_data_loader, pin)
     return FastSettings(
         autocast_dtype=torch.bfloat16 if bf16_supported(device) else None,
@@ -99,4 +115,5 @@ def apply_fast_path(
         compiled=compile_models,
         fused_optimizer=fused,
         pinned_memory=pin,
+        fast_loader=isinstance(box.train_data_loader, DeviceFinishedLoader),
     )

@@ -36,7 +36,7 @@ from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from imagenet import config as recipes
 from imagenet.engine import BoxTrack, projector_of, student_of, unwrap
-from imagenet.fast import apply_fast_path, channels_last_networks
+from imagenet.fast import apply_fast_path, channels_last_networks, wants_fast_loader
 from imagenet.models import (
     build_model,
     load_weights,
@@ -118,7 +118,9 @@ def get_argparser() -> argparse.ArgumentParser:
         dest="teacher_ckpt",
         help="teacher weights {'model': state_dict} (sets models.teacher_model.src_ckpt)",
     )
-    parser.add_argument("--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD")
+    parser.add_argument(
+        "--fast", action="store_true", help="fast path: bf16, channels_last, compile, fused SGD, fast CPU loader"
+    )
     parser.add_argument(
         "--loader",
         choices=recipes.LOADERS,
@@ -161,7 +163,7 @@ def prepare_recipe(args: argparse.Namespace) -> tuple[dict, Path]:
     recipes.check_recipe(recipe, str(path))
     recipes.check_start_epoch(args.start_epoch, recipe, str(path), trains=not args.test_only)
     if recipe.get("runtime", {}).get("loader") == "dali":
-        from imagenet.dali import require_dali
+        from projector_kd.engine.dali import require_dali
 
         require_dali()
     return recipe, path
@@ -379,7 +381,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         box.train_data_loader = loader
         if env.distributed:
             _ensure_ddp(box, env.device, env.local_rank)
-        settings = apply_fast_path(box, teacher, env.device) if fast else None
+        settings = apply_fast_path(box, teacher, env.device, fast_loader=wants_fast_loader(recipe)) if fast else None
         if settings is not None:
             log.info("fast path: %s", settings)
         box.train_data_loader = swap_loader(box.train_data_loader, recipe, env.device, True, "train.train_data_loader")

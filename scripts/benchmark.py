@@ -10,23 +10,26 @@ FLOPs per image (``torch.utils.flop_counter.FlopCounterMode`` on one eager step:
     MFU = FLOPs per image * img/s / measured bf16 matmul peak      (peak: timed square bf16 matmuls on the same device)
 
 A parity check runs both recipes on one batch with the same weights and compares the loss and the student's gradients.
-The data section times each track's training transform on synthetic ImageNet-size JPEGs decoded by PIL, in img/s on
-one core (DeiT: timm ``create_transform`` with the recipe's RandAugment, colour jitter and random erasing, through
-``deit.datasets.build_transform``; ResNet: the recipe's own dataset), then each loader's ceiling with N workers, and
-for DeiT an end-to-end figure (loader feeding the fast step), so the bottleneck is visible; for ResNet, end-to-end
-figures of the recipe's torchvision loader and of the DALI loader (``--loader dali``), with the same worker count.
+The data section, per track, times on the same files — synthetic ImageNet-size JPEGs and scikit-learn's two real
+photos — decoding alone (the default loader's ``load_rgb``), the recipe's training transform after it (DeiT: timm
+``create_transform`` with the recipe's RandAugment and random erasing, through ``deit.datasets.build_transform``;
+ResNet: the recipe's own dataset) and the fast CPU loader's transform (``projector_kd.engine.fast_data``: the crop
+window decoded at the DCT scale it needs, uint8 out), each in img/s per core (CPU seconds of this process, one thread);
+then both loaders' ceilings with N workers, and end to end each loader feeding the fast step (DeiT here; ResNet: the
+torchvision, fast CPU and DALI loaders, ``--loader dali``, with the same worker count), so the bottleneck is visible.
+``--data-only`` times just the data section (no models: transforms per core and loader ceilings) on any machine.
 
 GPU timings use CUDA events after warm-up steps (which also absorb torch.compile). ``--tiny`` runs small models on
 small images so CI can smoke-test the script on a CPU; CPU figures are not performance claims.
 
     python scripts/benchmark.py --json benchmark.json                 # full sizes (GPU)
     python scripts/benchmark.py --tiny --no-compile --json out.json   # CPU smoke test
+    python scripts/benchmark.py --data-only --workers 2 --json data.json  # data section alone, ImageNet sizes
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import importlib.metadata
 import math
@@ -446,7 +449,21 @@ def write_jpeg_imagefolder(
     return unique
 
 
-def deit_data_config(sizes: Sizes, root: Path, batch_size: int, workers: int) -> dict:
+def sample_photos() -> list[Path]:
+    """scikit-learn's two real photographs (640 x 427 JPEGs: china.jpg, flower.jpg)."""
+    import sklearn.datasets
+
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    return [folder / "china.jpg", folder / "flower.jpg"]
+
+
+def transform_files(synthetic: list[Path]) -> list[Path]:
+    """The files the per-core transform rows decode: the synthetic ImageNet-size JPEGs and the two real photos, these
+    repeated so that they make about a third of the list."""
+    return synthetic + sample_photos() * max(len(synthetic) // 4, 1)
+
+
+def deit_data_config(sizes: Sizes, root: Path, batch_size: int, workers: int, fast_loader: bool = True) -> dict:
     from deit.config import load_config
 
     return load_config(
@@ -455,6 +472,7 @@ def deit_data_config(sizes: Sizes, root: Path, batch_size: int, workers: int) ->
             "data.path": str(root),
             "data.batch_size": batch_size,
             "data.num_workers": workers,
+            "data.fast_loader": fast_loader,
             "fast": True,
             "model.img_size": sizes.deit_img_size,
             "model.num_classes": 10,
@@ -472,20 +490,70 @@ def resnet_train_dataset(root: Path) -> Any:
     return resolve(recipe["datasets"][recipe["train"]["train_data_loader"]["dataset_id"]])
 
 
-def time_transform(load_and_transform: Callable[[str], Any], files: list[Path], images: int) -> dict[str, float]:
-    """img/s of ``load_and_transform(path)`` (PIL decode + training transform) on one core."""
+def track_transform(track: str, sizes: Sizes, root: Path) -> Any:
+    """The track's recipe training transform at the benchmark's image size (DeiT: ``deit.datasets.build_transform``;
+    ResNet: the recipe's own dataset's)."""
+    if track == "deit":
+        from deit.datasets import build_transform
+
+        return build_transform(True, deit_data_config(sizes, root, 2, 0))
+    transform = resnet_train_dataset(root).transform
+    transform.transforms[0].size = (sizes.resnet_img_size, sizes.resnet_img_size)
+    return transform
+
+
+TIMING_ROUNDS = 3
+
+
+def time_per_core(cases: dict[str, Callable[[str], Any]], files: list[Path], images: int) -> dict[str, float]:
+    """img/s per core of each case (``case(path)``: read, decode, transform one file) on the same ``images`` files:
+    images / CPU seconds of this process, torch on one thread, the cases interleaved over :data:`TIMING_ROUNDS`
+    rounds so that a busy machine slows them alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    seconds = dict.fromkeys(cases, 0.0)
+    per_round = max(images // TIMING_ROUNDS, 1)
     try:
-        for path in files[:4]:
-            load_and_transform(str(path))
-        started = time.perf_counter()
-        for index in range(images):
-            load_and_transform(str(files[index % len(files)]))
-        elapsed = time.perf_counter() - started
+        for case in cases.values():
+            for path in files[:4]:
+                case(str(path))
+        for round_ in range(TIMING_ROUNDS):
+            for name, case in cases.items():
+                started = time.process_time()
+                for index in range(round_ * per_round, (round_ + 1) * per_round):
+                    case(str(files[index % len(files)]))
+                seconds[name] += time.process_time() - started
     finally:
         torch.set_num_threads(threads)
-    return {"img_per_s_per_core": images / elapsed, "images": images}
+    return {name: per_round * TIMING_ROUNDS / max(value, 1e-9) for name, value in seconds.items()}
+
+
+def time_transforms(track: str, sizes: Sizes, root: Path, files: list[Path]) -> dict[str, Any]:
+    """Per core on the same files: decoding alone (the default loader's ``load_rgb``: the ceiling of any CPU loader
+    that decodes whole images), the recipe's training transform after it, and the fast CPU loader's transform
+    (``projector_kd.engine.fast_data.FastTrainTransform``) — each as a loader worker runs it per image."""
+    from projector_kd.engine.data import load_rgb
+    from projector_kd.engine.fast_data import FastTrainTransform, read_encoded, recipe_stages
+
+    recipe = track_transform(track, sizes, root)
+    fast = FastTrainTransform(recipe_stages(recipe))
+    rates = time_per_core(
+        {
+            "decode": load_rgb,
+            "recipe": lambda path: recipe(load_rgb(path)),
+            "fast": lambda path: fast(read_encoded(path)),
+        },
+        files,
+        sizes.transform_images,
+    )
+    return {
+        "decode_img_per_s_per_core": rates["decode"],
+        "recipe_img_per_s_per_core": rates["recipe"],
+        "fast_img_per_s_per_core": rates["fast"],
+        "fast_vs_recipe": rates["fast"] / rates["recipe"],
+        "images": TIMING_ROUNDS * max(sizes.transform_images // TIMING_ROUNDS, 1),
+        "files": {"synthetic": sizes.unique_jpegs, "photos": [p.name for p in sample_photos()]},
+    }
 
 
 def loader_batches_needed(workers: int, batches: int) -> int:
@@ -508,7 +576,7 @@ def time_loader(
     timed = max(batches, workers)
     count = 0
     started = 0.0
-    for index, (images, labels) in enumerate(loader):
+    for index, (images, labels, *_) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if step is not None:
@@ -527,16 +595,26 @@ def time_loader(
     return count / (time.perf_counter() - started)
 
 
-def deit_loader(sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device) -> Any:
-    """The DeiT track's training loader (``deit.datasets.build_loaders``: resumable seeded sampling, pinned memory on
-    CUDA, persistent workers) over ``root``."""
+def deit_loader(
+    sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device, fast: bool = False
+) -> Any:
+    """The DeiT track's training loader on the fast path (``deit.datasets.build_loaders``: resumable seeded sampling,
+    pinned memory on CUDA, persistent workers) over ``root``: the recipe's loader, or with ``fast`` the fast CPU
+    loader (``data.fast_loader``)."""
     from deit.datasets import build_loaders
 
     loader, _ = build_loaders(
-        deit_data_config(sizes, root, batch_size, workers), rank=0, world_size=1, pin_memory=device.type == "cuda"
+        deit_data_config(sizes, root, batch_size, workers, fast_loader=fast),
+        rank=0,
+        world_size=1,
+        pin_memory=device.type == "cuda",
+        device=device,
     )
     loader.sampler.set_epoch(0)
     return loader
+
+
+LOADERS = ("recipe", "fast")
 
 
 def bench_data(
@@ -547,76 +625,73 @@ def bench_data(
     fast_deit: Any,
     fast_deit_img_s: float | None,
 ) -> dict[str, Any]:
-    """Per track: the training transform on one core, the loader's ceiling with each worker count, and for DeiT the
-    loader feeding the fast step (end-to-end)."""
-    from torch.utils.data import DataLoader
-
-    from deit.datasets import build_transform
-    from projector_kd.engine.data import load_rgb
-
+    """Per track on the same files: decoding alone, the recipe's and the fast CPU loader's training transform per
+    core (:func:`time_transforms`); both loaders' ceilings with each worker count; and for DeiT, when its fast
+    trainer is given, each loader feeding the fast step (end-to-end). The ResNet end-to-end rows are
+    :func:`bench_resnet_loaders`."""
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="benchmark-jpegs-") as tmp:
         root = Path(tmp)
-        files = write_jpeg_imagefolder(
+        synthetic = write_jpeg_imagefolder(
             root, sizes, loader_batches_needed(max(args.workers), sizes.loader_batches) + 1, args.batch_size
         )
-        common = {"jpeg_sizes": [list(s) for s in sizes.jpeg_sizes], "loader": []}
-        if "deit" in tracks:
-            transform = build_transform(True, deit_data_config(sizes, root, 2, 0))
-            entry = result["deit"] = {
-                "transform": time_transform(lambda p: transform(load_rgb(p)), files, sizes.transform_images),
-                **copy.deepcopy(common),
+        files = transform_files(synthetic)
+        for track in tracks:
+            entry = result[track] = {
+                "transform": time_transforms(track, sizes, root, files),
+                "jpeg_sizes": [list(s) for s in sizes.jpeg_sizes],
+                "loader": [],
             }
             for workers in args.workers:
-                loader = deit_loader(sizes, root, args.batch_size, workers, device)
-                entry["loader"].append(
-                    {"workers": workers, "img_per_s": time_loader(loader, sizes.loader_batches, device)}
-                )
-                del loader
-            if fast_deit is not None:
+                row = {"workers": workers}
+                for kind in LOADERS:
+                    loader = data_loader(track, kind, sizes, root, args.batch_size, workers, device)
+                    row[f"{kind}_img_per_s"] = time_loader(loader, sizes.loader_batches, device, workers=workers)
+                    del loader
+                entry["loader"].append(row)
+            if track == "deit" and fast_deit is not None:
                 workers = max(args.workers)
-                loader = deit_loader(sizes, root, args.batch_size, workers, device)
-                img_s = time_loader(
-                    loader, sizes.loader_batches, device, step=lambda x, y: fast_deit.train_step((x, y))
-                )
-                entry["end_to_end"] = {"workers": workers, "img_per_s": img_s, "step_only_img_per_s": fast_deit_img_s}
-                del loader
-        if "resnet" in tracks:
-            dataset = resnet_train_dataset(root)
-            entry = result["resnet"] = {
-                "transform": time_transform(lambda p: dataset.transform(load_rgb(p)), files, sizes.transform_images),
-                **copy.deepcopy(common),
-            }
-            for workers in args.workers:
-                loader = DataLoader(
-                    dataset,
-                    batch_size=args.batch_size,
-                    shuffle=True,
-                    num_workers=workers,
-                    pin_memory=device.type == "cuda",
-                    drop_last=True,
-                    generator=torch.Generator().manual_seed(0),
-                )
-                entry["loader"].append(
-                    {"workers": workers, "img_per_s": time_loader(loader, sizes.loader_batches, device)}
-                )
-                del loader
+                row = {"workers": workers, "step_only_img_per_s": fast_deit_img_s}
+                for kind in LOADERS:
+                    loader = deit_loader(sizes, root, args.batch_size, workers, device, fast=kind == "fast")
+                    row[f"{kind}_img_per_s"] = time_loader(
+                        loader,
+                        sizes.loader_batches,
+                        device,
+                        step=lambda x, y: fast_deit.train_step((x, y)),
+                        workers=workers,
+                    )
+                    del loader
+                entry["end_to_end"] = row
     return result
+
+
+def data_loader(
+    track: str, kind: str, sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device
+) -> Any:
+    """The track's training loader over ``root``: the recipe's (``kind`` 'recipe') or the fast CPU loader ('fast')."""
+    if track == "deit":
+        return deit_loader(sizes, root, batch_size, workers, device, fast=kind == "fast")
+    return resnet_loader("torchvision" if kind == "recipe" else "fast", sizes, root, batch_size, workers, device)
 
 
 # ------------------------------------------------------------------------------------ ResNet loaders, end to end
 #
 # The ResNet track's loaders feeding its fast training step on the synthetic JPEGs: the recipe's torchvision loader
-# (PIL decode + RandomResizedCrop + flip + normalise in N worker processes) and the DALI loader (``--loader dali``:
-# nvJPEG decoding of the crop window and the same transform on the GPU; on a CPU, DALI's CPU pipeline), with N DALI
-# threads. img/s over the batches after the first (worker / pipeline start-up), each batch also training one step;
-# the main process runs torch on one thread meanwhile (the cores go to the loaders).
+# (PIL decode + RandomResizedCrop + flip + normalise in N worker processes), the fast CPU loader (``--fast``: the crop
+# window decoded at the DCT scale it needs, uint8 batches normalised on the device) and the DALI loader
+# (``--loader dali``: nvJPEG decoding of the crop window and the same transform on the GPU; on a CPU, DALI's CPU
+# pipeline), with N DALI threads. img/s over the batches after the first (worker / pipeline start-up), each batch
+# also training one step; the main process runs torch on one thread meanwhile (the cores go to the loaders).
 
 
 def resnet_loader(kind: str, sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device) -> Any:
-    """The ResNet recipe's training loader over ``root`` ('torchvision' or 'dali'), its crop at the benchmark's
-    ResNet image size, yielding ``(images, labels)``."""
+    """The ResNet recipe's training loader over ``root`` ('torchvision', 'fast': the fast CPU loader, or 'dali'), its
+    crop at the benchmark's ResNet image size, yielding ``(images, labels)``."""
     from torch.utils.data import DataLoader, RandomSampler
+
+    from projector_kd.engine.fast_data import fast_training_loader
+    from projector_kd.engine.sampling import resumable_loader
 
     dataset = resnet_train_dataset(root)
     dataset.transform.transforms[0].size = (sizes.resnet_img_size, sizes.resnet_img_size)
@@ -631,6 +706,8 @@ def resnet_loader(kind: str, sizes: Sizes, root: Path, batch_size: int, workers:
     )
     if kind == "torchvision":
         return loader
+    if kind == "fast":
+        return fast_training_loader(resumable_loader(loader, seed=0), device, "benchmark")
     from imagenet.dali import DaliLoader
 
     dali_loader = DaliLoader(loader, device, train=True, name="benchmark", threads=workers)
@@ -665,7 +742,7 @@ def time_resnet_loaders(
     with tempfile.TemporaryDirectory(prefix="benchmark-loaders-") as tmp:
         root = Path(tmp)
         write_jpeg_imagefolder(root, sizes, loader_batches_needed(workers, batches) + 1, args.batch_size)
-        for kind in ("torchvision", "dali"):
+        for kind in RESNET_LOADERS:
             if kind == "dali" and not dali_installed():
                 rows.append(
                     {
@@ -677,11 +754,11 @@ def time_resnet_loaders(
                     }
                 )
                 continue
-            decoding = (
-                f"PIL, {workers} worker processes"
-                if kind == "torchvision"
-                else f"{'nvJPEG on the GPU' if device.type == 'cuda' else 'DALI CPU'}, {workers} threads"
-            )
+            decoding = {
+                "torchvision": f"PIL, {workers} worker processes",
+                "fast": f"PIL crop window, {workers} worker processes",
+                "dali": f"{'nvJPEG on the GPU' if device.type == 'cuda' else 'DALI CPU'}, {workers} threads",
+            }[kind]
             img_s = time_loader(
                 resnet_loader(kind, sizes, root, args.batch_size, workers, device),
                 batches,
@@ -701,11 +778,15 @@ def time_resnet_loaders(
     return rows
 
 
+RESNET_LOADERS = ("torchvision", "fast", "dali")
+
+
 def bench_resnet_loaders(
     sizes: Sizes, args: argparse.Namespace, device: torch.device, step_only_img_s: float
 ) -> dict[str, Any]:
-    """img/s of the torchvision and the DALI loader each feeding the ResNet fast step, with the same worker / thread
-    count (the largest of ``--workers``); the DALI row says 'DALI not installed' where it is missing."""
+    """img/s of the torchvision, the fast CPU and the DALI loader each feeding the ResNet fast step, with the same
+    worker / thread count (the largest of ``--workers``); the DALI row says 'DALI not installed' where it is
+    missing."""
     workers = max(args.workers)
     batches = 1 if args.tiny else 4 * sizes.loader_batches
     threads = torch.get_num_threads()
@@ -790,23 +871,25 @@ def format_rows(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def format_data(track: str, entry: dict[str, Any], cores: int | None, fast_img_s: float) -> str:
+def format_data(track: str, entry: dict[str, Any], cores: int | None, fast_img_s: float | None) -> str:
     name = {"deit": "DeiT (RandAugment etc.)", "resnet": "ResNet (RandomResizedCrop + flip)"}[track]
+    rates = entry["transform"]
     lines = [
-        f"data {track}: {name} train transform with PIL decode: "
-        f"{entry['transform']['img_per_s_per_core']:.1f} img/s on one core ({cores} cores here)"
+        f"data {track}: {name} train transform per core ({cores} cores here, one thread): decode only "
+        f"{rates['decode_img_per_s_per_core']:.1f} img/s | recipe {rates['recipe_img_per_s_per_core']:.1f} | fast CPU "
+        f"loader {rates['fast_img_per_s_per_core']:.1f} ({rates['fast_vs_recipe']:.2f}x the recipe)"
     ]
     for loader in entry["loader"]:
-        bound = "loader-bound" if loader["img_per_s"] < fast_img_s else "step-bound"
-        lines.append(
-            f"data {track}: loader ceiling with {loader['workers']} workers: {loader['img_per_s']:.1f} img/s "
-            f"vs fast step {fast_img_s:.1f} img/s -> {bound}"
-        )
+        figures = f"recipe {loader['recipe_img_per_s']:.1f} img/s, fast {loader['fast_img_per_s']:.1f} img/s"
+        if fast_img_s is not None:
+            bound = "loader-bound" if loader["fast_img_per_s"] < fast_img_s else "step-bound"
+            figures += f" vs fast step {fast_img_s:.1f} img/s -> {bound} with the fast loader"
+        lines.append(f"data {track}: loader ceiling with {loader['workers']} workers: {figures}")
     if entry.get("end_to_end"):
         e2e = entry["end_to_end"]
         lines.append(
-            f"data {track}: end-to-end, the loader ({e2e['workers']} workers) feeding the fast step: "
-            f"{e2e['img_per_s']:.1f} img/s"
+            f"data {track}: end-to-end, each loader ({e2e['workers']} workers) feeding the fast step: recipe "
+            f"{e2e['recipe_img_per_s']:.1f} img/s, fast {e2e['fast_img_per_s']:.1f} img/s"
         )
     return "\n".join(lines)
 
@@ -838,6 +921,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--no-compile", action="store_true", help="disable torch.compile (the fast path runs eager)")
     parser.add_argument("--no-data", action="store_true", help="skip the transform / loader / end-to-end section")
+    parser.add_argument(
+        "--data-only",
+        action="store_true",
+        help="time only the data section (transforms per core, loader ceilings; no models), any machine",
+    )
     parser.add_argument("--no-parity", action="store_true", help="skip the release-vs-fast parity check")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -853,6 +941,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         raise UserError(f"--batch-size must be even and >= 2 (batch whitening and mixup), got {args.batch_size}")
     if args.warmup < 0 or any(w < 0 for w in args.workers):
         raise UserError("--warmup and --workers must be >= 0")
+    if args.data_only and args.no_data:
+        raise UserError("--data-only and --no-data exclude each other")
     return args
 
 
@@ -868,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.compiler.set_stance("force_eager")
     tracks = [args.only] if args.only else list(TRACKS)
     env = environment(device, not args.no_compile)
-    claims = device.type == "cuda" and not args.tiny
+    claims = (device.type == "cuda" or args.data_only) and not args.tiny  # per-core data rates hold on any machine
     print(
         f"benchmark on {env['device']} | torch {env['versions']['torch']} | timm {env['versions']['timm']} | "
         f"torchdistill {env['versions']['torchdistill']} | batch {args.batch_size} | {args.steps} timed steps after "
@@ -877,8 +967,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not claims:
         print(CLAIM_NOTE, flush=True)
-    peak = matmul_peak_flops(device, sizes.matmul_size)
-    print(f"bf16 matmul peak ({sizes.matmul_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
+    peak = None if args.data_only else matmul_peak_flops(device, sizes.matmul_size)
+    if peak is not None:
+        print(f"bf16 matmul peak ({sizes.matmul_size}^3): {peak / 1e12:.2f} TFLOP/s", flush=True)
     rows: list[Row] = []
     parity: dict[str, Any] = {}
     data: dict[str, Any] = {}
@@ -899,9 +990,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "steps": args.steps,
                     "warmup": args.warmup,
                     "tracks": tracks,
+                    "data_only": args.data_only,
+                    "workers": args.workers,
                     "sizes": asdict(sizes),
                 },
-                "matmul_peak_tflops": peak / 1e12,
+                "matmul_peak_tflops": None if peak is None else peak / 1e12,
                 "rows": [asdict(r) for r in rows],
                 "data": data or None,
                 "parity": parity,
@@ -910,34 +1003,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     for track in tracks:
-        print(f"[{track}] timing release, fast, teacher ...", flush=True)
-        started = time.perf_counter()
-        if track == "deit":
-            track_rows, fast_deit = bench_deit(sizes, args, device, peak)
-        else:
-            track_rows, fast_deit = bench_resnet(sizes, args, device, peak), None
-        release_img_s = track_rows[0].img_per_s
-        for row in track_rows[1:]:
-            row.vs_release = row.img_per_s / release_img_s
-        rows += track_rows
-        print(format_rows(track_rows), flush=True)
-        seconds[track] = time.perf_counter() - started
+        fast_deit, fast_img_s = None, None
+        if not args.data_only:
+            print(f"[{track}] timing release, fast, teacher ...", flush=True)
+            started = time.perf_counter()
+            if track == "deit":
+                track_rows, fast_deit = bench_deit(sizes, args, device, peak)
+            else:
+                track_rows = bench_resnet(sizes, args, device, peak)
+            release_img_s = track_rows[0].img_per_s
+            for row in track_rows[1:]:
+                row.vs_release = row.img_per_s / release_img_s
+            rows += track_rows
+            fast_img_s = track_rows[1].img_per_s
+            print(format_rows(track_rows), flush=True)
+            seconds[track] = time.perf_counter() - started
         if not args.no_data:
             print(
-                f"[{track}] data: train transform, loader ceiling{', end-to-end' * (fast_deit is not None)} ...",
+                f"[{track}] data: train transforms per core, loader ceilings"
+                f"{', end-to-end' * (not args.data_only)} ...",
                 flush=True,
             )
             started = time.perf_counter()
-            data.update(bench_data(sizes, args, device, [track], fast_deit, track_rows[1].img_per_s))
-            if track == "resnet":
-                loaders = data["resnet"]["end_to_end_loaders"] = bench_resnet_loaders(
-                    sizes, args, device, track_rows[1].img_per_s
-                )
+            data.update(bench_data(sizes, args, device, [track], fast_deit, fast_img_s))
+            print(format_data(track, data[track], env["cpu_cores"], fast_img_s), flush=True)
+            if track == "resnet" and not args.data_only:
+                loaders = data["resnet"]["end_to_end_loaders"] = bench_resnet_loaders(sizes, args, device, fast_img_s)
                 print(format_resnet_loaders(loaders), flush=True)
             seconds[f"{track}_data"] = time.perf_counter() - started
         del fast_deit
         reset_memory(device)
-        if not args.no_parity:
+        if not args.no_parity and not args.data_only:
             print(f"[{track}] parity ...", flush=True)
             started = time.perf_counter()
             parity[track] = check_parity(track, sizes, args.batch_size, device)
@@ -947,13 +1043,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json is not None:
             write_report(complete=False)
     print()
-    print(format_rows(rows))
+    if rows:
+        print(format_rows(rows))
     for track, entry in data.items():
-        print(
-            format_data(
-                track, entry, env["cpu_cores"], next(r.img_per_s for r in rows if (r.track, r.case) == (track, "fast"))
-            )
-        )
+        fast_img_s = next((r.img_per_s for r in rows if (r.track, r.case) == (track, "fast")), None)
+        print(format_data(track, entry, env["cpu_cores"], fast_img_s))
         if "end_to_end_loaders" in entry:
             print(format_resnet_loaders(entry["end_to_end_loaders"]))
     for track, result in parity.items():

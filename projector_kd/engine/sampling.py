@@ -38,6 +38,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return _derived_seed(seed, epoch, index)
 
 
+BATCH_STREAM = 0xBA7C4  # keeps batch seeds apart from the sample seeds of the same numbers
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch, batch number, rank): for draws made once per batch on
+    one process (e.g. random erasing on the device), different on each rank."""
+    return _derived_seed(seed, epoch, batch, rank, BATCH_STREAM)
+
+
 class SeededSamples(Dataset):
     """Wraps a dataset so that item ``(epoch, index)`` is drawn with python/numpy/torch seeded from
     ``(seed, epoch, index)``; the caller's generator states are restored afterwards. A plain int index is passed

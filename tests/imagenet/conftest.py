@@ -283,6 +283,66 @@ def make_recipe(tmp_path, tiny_data) -> Callable[..., Path]:
     return make
 
 
+# (height, width): landscape, portrait, square, odd sizes (centre crops that round half to even) and a strip so wide
+# that no RandomResizedCrop attempt fits (the central fallback)
+JPEG_SIZES = [(30, 40), (40, 30), (32, 32), (27, 41), (41, 27), (12, 60)]
+
+
+def write_jpeg_folder(root: Path, train_per_class: int = 10, val_per_class: int = 7) -> Path:
+    """3 classes of smooth colour fields plus grain, JPEG quality 90, in :data:`JPEG_SIZES` (class-tinted)."""
+    rng = np.random.default_rng(0)
+    tints = np.array([[60, 0, 0], [0, 60, 0], [0, 0, 60]], dtype=np.float32)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(3):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                height, width = JPEG_SIZES[(index + label) % len(JPEG_SIZES)]
+                field = rng.uniform(40, 200, (3, 4, 3)).astype(np.uint8)
+                smooth = np.asarray(Image.fromarray(field).resize((width, height), Image.BICUBIC), dtype=np.float32)
+                pixels = np.clip(smooth + tints[label] + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:02d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def jpeg_data(tmp_path_factory) -> Path:
+    """:func:`write_jpeg_folder` (3 classes, 30 training and 21 validation JPEGs)."""
+    return write_jpeg_folder(tmp_path_factory.mktemp("jpeg-imagefolder"))
+
+
+@pytest.fixture
+def crop_recipe(make_recipe) -> Callable[..., Path]:
+    """``crop_recipe(name, data, crop=16, **kwargs)``: the tiny recipe (no teacher) with the release recipe's kind of
+    transforms: RandomResizedCrop(crop) + flip for training, Resize(crop + 2) + CenterCrop(crop) for evaluation."""
+
+    def make(name: str, data: Path, crop: int = 16, **kwargs) -> Path:
+        path = make_recipe(name, method="baseline", data_root=data, **kwargs)
+        text = path.read_text()
+        flip = "                - !import_call\n                  key: 'torchvision.transforms.RandomHorizontalFlip'\n"
+        random_crop = (
+            f"                - !import_call\n                  key: 'torchvision.transforms.RandomResizedCrop'\n"
+            f"                  init:\n                    kwargs:\n                      size: {crop}\n"
+        )
+        to_tensor = (
+            "              transforms:\n                - !import_call\n"
+            "                  key: 'torchvision.transforms.ToTensor'\n"
+        )
+        resize = (
+            f"              transforms:\n                - !import_call\n"
+            f"                  key: 'torchvision.transforms.Resize'\n                  init:\n"
+            f"                    kwargs:\n                      size: {crop + 2}\n"
+            f"                - !import_call\n                  key: 'torchvision.transforms.CenterCrop'\n"
+            f"                  init:\n                    kwargs:\n                      size: {crop}\n"
+            f"                - !import_call\n                  key: 'torchvision.transforms.ToTensor'\n"
+        )
+        assert text.count(flip) == 1 and text.count(to_tensor) == 1
+        path.write_text(text.replace(flip, random_crop + flip).replace(to_tensor, resize))
+        return path
+
+    return make
+
+
 @pytest.fixture
 def run_entry(run_python) -> Callable[..., subprocess.CompletedProcess]:
     """Run ``imagenet/image_classification.py --device cpu`` with ``args`` in a child process; returns the completed

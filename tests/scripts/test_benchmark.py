@@ -108,30 +108,55 @@ def test_smoke_run_parity_and_data_sections(smoke):
     assert report["parity"]["resnet"]["fast_dtype"] == "bfloat16"
     for track in ("deit", "resnet"):
         data = report["data"][track]
-        assert data["transform"]["img_per_s_per_core"] > 0 and data["transform"]["images"] == 32
-        assert [entry["workers"] for entry in data["loader"]] == [2] and data["loader"][0]["img_per_s"] > 0
-        assert f"data {track}: loader ceiling with 2 workers" in process.stdout
+        rates = data["transform"]
+        for key in ("decode", "recipe", "fast"):
+            assert rates[f"{key}_img_per_s_per_core"] > 0
+        assert rates["fast_vs_recipe"] == pytest.approx(
+            rates["fast_img_per_s_per_core"] / rates["recipe_img_per_s_per_core"]
+        )
+        assert rates["images"] == 30 and rates["files"]["photos"] == ["china.jpg", "flower.jpg"]
+        assert [entry["workers"] for entry in data["loader"]] == [2]
+        assert data["loader"][0]["recipe_img_per_s"] > 0 and data["loader"][0]["fast_img_per_s"] > 0
+        assert f"data {track}: loader ceiling with 2 workers: recipe " in process.stdout
+        assert f"fast CPU loader {rates['fast_img_per_s_per_core']:.1f}" in process.stdout
     end_to_end = report["data"]["deit"]["end_to_end"]
-    assert end_to_end["workers"] == 2 and end_to_end["img_per_s"] > 0 and "end_to_end" not in report["data"]["resnet"]
+    assert end_to_end["workers"] == 2 and end_to_end["recipe_img_per_s"] > 0 and end_to_end["fast_img_per_s"] > 0
+    assert "end_to_end" not in report["data"]["resnet"]
     assert set(report["seconds_per_phase"]) == {
         f"{track}{phase}" for track in ("deit", "resnet") for phase in ("", "_data", "_parity")
     }
 
 
-def test_smoke_run_times_both_resnet_loaders_end_to_end(smoke):
-    """The torchvision loader and the DALI loader (its CPU pipeline here) each feeding the ResNet fast step."""
-    process, report = smoke
-    loaders = report["data"]["resnet"]["end_to_end_loaders"]
-    fast = next(row for row in report["rows"] if (row["track"], row["case"]) == ("resnet", "fast"))
-    assert loaders["workers"] == 2 and loaders["step_only_img_per_s"] == fast["img_per_s"]
-    assert [row["loader"] for row in loaders["rows"]] == ["torchvision", "dali"]
-    assert [row["decoding"] for row in loaders["rows"]] == ["PIL, 2 worker processes", "DALI CPU, 2 threads"]
-    for row in loaders["rows"]:
-        assert row["img_per_s"] > 0 and row["vs_step_only"] == pytest.approx(row["img_per_s"] / fast["img_per_s"])
-        assert (
-            f"end-to-end resnet: {row['loader']} loader ({row['decoding']}) feeding the fast step: "
-            f"{row['img_per_s']:.1f} img/s" in process.stdout
-        )
+def test_data_only_times_the_data_section_alone_and_its_per_core_rates(bench, tmp_path):
+    """``--data-only``: no models, no parity; per track the three per-core rates and both loaders' ceilings."""
+    out = tmp_path / "data.json"
+    process = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--tiny", "--data-only", "--only", "resnet", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_SECONDS,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rows"] == [] and report["parity"] == {} and report["matmul_peak_tflops"] is None
+    assert set(report["data"]) == {"resnet"} and report["settings"]["data_only"] is True
+    rates = report["data"]["resnet"]["transform"]
+    assert {"decode_img_per_s_per_core", "recipe_img_per_s_per_core", "fast_img_per_s_per_core"} <= set(rates)
+    assert "end_to_end_loaders" not in report["data"]["resnet"] and "bf16 matmul peak" not in process.stdout
+    assert "data resnet: ResNet (RandomResizedCrop + flip) train transform per core" in process.stdout
+
+
+def test_per_core_rates_count_this_process_cpu_time_with_the_cases_interleaved(bench, monkeypatch):
+    clock, calls = iter(range(1000)), []
+    monkeypatch.setattr(bench.time, "process_time", lambda: float(next(clock)))
+    rates = bench.time_per_core(
+        {"a": lambda path: calls.append(("a", path)), "b": lambda path: calls.append(("b", path))}, ["x", "y"], 6
+    )
+    assert rates == {"a": 6 / 3, "b": 6 / 3}  # each round of 2 images reads the clock twice: 1 s per round
+    timed = [case for case, _ in calls[4:]]  # after 2 warm-up calls per case
+    assert timed == ["a", "a", "b", "b"] * 3
+    assert [path for _, path in calls[4:6]] == ["x", "y"]
 
 
 def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch):
@@ -143,8 +168,8 @@ def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch)
     args = bench.parse_args(["--tiny", "--no-compile"])
     result = bench.bench_resnet_loaders(bench.TINY, args, torch.device("cpu"), 25.0)
     assert (
-        len(timed) == 1
-        and timed[0][1] == 2
+        len(timed) == 2
+        and [workers for _, workers in timed] == [2, 2]
         and result["rows"]
         == [
             {
@@ -154,10 +179,17 @@ def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch)
                 "vs_step_only": 2.0,
                 "note": None,
             },
+            {
+                "loader": "fast",
+                "decoding": "PIL crop window, 2 worker processes",
+                "img_per_s": 50.0,
+                "vs_step_only": 2.0,
+                "note": None,
+            },
             {"loader": "dali", "decoding": None, "img_per_s": None, "vs_step_only": None, "note": "DALI not installed"},
         ]
     )
-    assert bench.format_resnet_loaders(result).splitlines()[1] == (
+    assert bench.format_resnet_loaders(result).splitlines()[2] == (
         "end-to-end resnet: dali loader (-) feeding the fast step: DALI not installed"
     )
 
