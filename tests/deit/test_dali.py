@@ -139,7 +139,7 @@ def test_one_epoch_stopped_and_resumed_is_bit_identical_and_evaluates(tmp_path, 
     assert "train: DALI loader, CPU decoding, 1 threads, 9 batches of 4" in log and "val: DALI loader" in log
     interrupted = tmp_path / "interrupted"
     assert main(dali_argv(interrupted, "aug.reprob", "1.0"), stop=StopAfter(4)) == EXIT_STATUS_STOPPED
-    assert torch.load(interrupted / "checkpoint.pth", weights_only=True)["next_batch"] == 4
+    assert torch.load(interrupted / "checkpoint.pth", weights_only=True)["step_in_epoch"] == 4
     assert main(dali_argv(interrupted, "aug.reprob", "1.0")) == 0
     a = torch.load(straight / "checkpoint.pth", weights_only=True)
     b = torch.load(interrupted / "checkpoint.pth", weights_only=True)
