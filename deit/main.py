@@ -34,12 +34,21 @@ from deit.engine import DeiTTrack, evaluate_student  # noqa: E402
 from deit.models import build_student, create_teacher  # noqa: E402
 from projector_kd.engine.checkpoint import checkpoint_in, latest_checkpoint, load_checkpoint  # noqa: E402
 from projector_kd.engine.cli import run_cli  # noqa: E402
-from projector_kd.engine.config import add_overrides_argument  # noqa: E402
-from projector_kd.engine.distributed import DistEnv, cleanup, init_distributed, parse_device, run_on_main  # noqa: E402
+from projector_kd.engine.config import add_overrides_argument, config_facts  # noqa: E402
+from projector_kd.engine.data import dataset_facts  # noqa: E402
+from projector_kd.engine.distributed import (  # noqa: E402
+    DistEnv,
+    check_ranks_agree,
+    cleanup,
+    init_distributed,
+    parse_device,
+    run_on_main,
+)
 from projector_kd.engine.errors import UserError, out_of_memory  # noqa: E402
 from projector_kd.engine.loop import TrainingLoop  # noqa: E402
 from projector_kd.engine.models import count_parameters  # noqa: E402
 from projector_kd.engine.runs import (  # noqa: E402
+    begin_run,
     close_logging,
     prepare_output_dir,
     release_output_dirs,
@@ -250,15 +259,17 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
             stale.unlink()
 
     run_on_main(prepare)  # a refused folder ends every rank with rank 0's line
-    setup_logging(output, env.rank, name="deit")
+    setup_logging(output, env.rank, name="deit", hold=True)  # log.txt is written once every check has passed
     random_seed(cfg["seed"], env.rank)
-    writer = tensorboard_writer(output, env.rank)
     train_loader, val_loader = build_loaders(
         cfg,
         env.rank,
         env.world_size,
         pin_memory=cfg["data"]["pin_memory"] and env.device.type == "cuda",
         device=env.device,
+    )
+    check_ranks_agree(
+        {**dataset_facts("train", train_loader.dataset), **dataset_facts("val", val_loader.dataset)}, "dataset"
     )
     teacher = None
     if cfg["distillation"]["method"] != "none":
@@ -275,7 +286,7 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     student, projector = build_student(cfg, width)
     counts = log_parameters(student, projector)
     track = DeiTTrack(cfg, env, student, projector, teacher, train_loader, val_loader, output_dir=output)
-    loop = TrainingLoop(track, output, env.rank, env.world_size, writer, clock=started)
+    loop = TrainingLoop(track, output, env.rank, env.world_size, clock=started)
     logger.info(
         startup_line(
             "DeiT track",
@@ -295,6 +306,8 @@ def train(cfg: dict, args: argparse.Namespace, env: DistEnv, stop: Any) -> int:
     )
     if resume_path is not None:
         loop.load(load_checkpoint(resume_path, trusted=args.trust_checkpoint), resume_path)
+    begin_run(output, cfg, env.rank)
+    loop.writer = writer = tensorboard_writer(output, env.rank)
     start_epoch, epochs = loop.position.epoch, cfg["train"]["epochs"]
     if not loop.fit(stop):
         return EXIT_STATUS_STOPPED
@@ -338,6 +351,7 @@ def main(argv: Sequence[str] | None = None, stop: Any = None) -> int:
     if args.output is not None:
         args.output = cfg["output"]
     env = init_distributed(cfg["device"])
+    check_ranks_agree(config_facts(cfg), "config")
     try:
         if not args.train_student or args.eval or args.throughput:
             return evaluate(cfg, args, env)

@@ -31,6 +31,7 @@ from projector_kd.engine.errors import NonFiniteLossError, UserError
 from projector_kd.engine.evaluation import evaluate_classifier
 from projector_kd.engine.fast import autocast_context
 from projector_kd.engine.loop import TOTAL, Position, StepValues, Track, step_label
+from projector_kd.engine.runs import counted
 from projector_kd.engine.sampling import training_sampler
 from projector_kd.engine.steps import non_finite_flag, skips_on_device
 
@@ -129,8 +130,16 @@ class BoxTrack(Track):
         self.train_loader = box.train_data_loader
         self.epochs = box.num_epochs
         if steps_per_epoch is None:
-            training_sampler(self.train_loader).set_epoch(0, 0)
+            sampler = training_sampler(self.train_loader)
+            sampler.set_epoch(0, 0)
             steps_per_epoch = len(self.train_loader)
+            if steps_per_epoch == 0:
+                raise UserError(
+                    f"train.train_data_loader gives no training batch: {sampler.num_items} images over "
+                    f"{counted(sampler.world_size, 'process', 'processes')} give {sampler.per_rank} per process, fewer "
+                    f"than one batch of {sampler.batch_size} with drop_last — lower the batch size "
+                    f"(train.train_data_loader.kwargs.batch_size) or add images"
+                )
         self.steps_per_epoch = steps_per_epoch
         self.recorder = TermRecorder(box.criterion)
         self.skips_on_device = skips_on_device(box.optimizer)

@@ -45,14 +45,15 @@ from imagenet.models import (
 )
 from projector_kd.engine.checkpoint import load_checkpoint, load_state_exactly
 from projector_kd.engine.cli import run_cli
-from projector_kd.engine.config import add_overrides_argument, apply_overrides
-from projector_kd.engine.data import check_image_folder, check_last_batch, check_num_classes
-from projector_kd.engine.distributed import cleanup, init_distributed, run_on_main
+from projector_kd.engine.config import add_overrides_argument, apply_overrides, config_facts
+from projector_kd.engine.data import check_image_folder, check_last_batch, check_num_classes, dataset_facts
+from projector_kd.engine.distributed import check_ranks_agree, cleanup, init_distributed, run_on_main
 from projector_kd.engine.errors import UserError, out_of_memory
 from projector_kd.engine.evaluation import evaluate_classifier
 from projector_kd.engine.loop import LAST_CHECKPOINT, Position, TrainingLoop
 from projector_kd.engine.models import count_parameters
 from projector_kd.engine.runs import (
+    begin_run,
     close_logging,
     counted,
     output_path,
@@ -323,6 +324,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
         "adjust_lr": args.adjust_lr,
         "test_only": args.test_only,
     }
+    check_ranks_agree(config_facts(run_config), "config")
     log = setup_logging(None, env.rank, name="imagenet", extra_log_file=log_file)
     if args.seed is not None:
         random_seed(args.seed, env.rank)
@@ -337,16 +339,21 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     )
     if output_dir is not None:  # a refused folder ends every rank with rank 0's line
         run_on_main(lambda: prepare_output_dir(output_dir, run_config, resume=args.resume or args.test_only))
-    log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=log_file)
+    # the run folder's log.txt (and --log) are written once every check has passed (begin_run)
+    log = setup_logging(output_dir, env.rank, name="imagenet", extra_log_file=log_file, hold=True)
     fast = bool(recipe.get("runtime", {}).get("fast", False))
     log.info(startup_line("ResNet track", f"recipe {recipe_path}", env.world_size, env.device, fast))
     if args.log_config:
         log.info("recipe: %s", run_config["recipe"])
     dataset_dict = build_datasets(recipe, dataset_ids, memo)
+    check_ranks_agree(
+        {fact: value for i in dataset_ids for fact, value in dataset_facts(f"dataset {i}", dataset_dict[i]).items()},
+        "dataset",
+    )
     log.info("student %s: %d parameters", student_config["key"], count_parameters(student)["student"])
     history: list[float] = []
     trained: TrainingLoop | None = None  # the training loop, which counts its wall time over resumes
-    writer = tensorboard_writer(output_dir, env.rank) if output_dir is not None else None
+    writer = None
     if not args.test_only:
         train_config = recipes.resolve(recipe["train"], memo)
         lr_factor = env.world_size if env.distributed and args.adjust_lr else 1
@@ -396,7 +403,7 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
             autocast_dtype=settings.autocast_dtype if settings else None,
             channels_last=bool(settings),
         )
-        loop = TrainingLoop(track, output_dir, env.rank, env.world_size, writer, clock=started)
+        loop = TrainingLoop(track, output_dir, env.rank, env.world_size, clock=started)
         last = output_dir / LAST_CHECKPOINT
         if last.is_file():
             loop.load(load_checkpoint(last, trusted=args.trust_checkpoint), last)
@@ -408,6 +415,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
                 if "optimizer" in source:
                     track.load_state_dict(source, Path(student_config["src_ckpt"]), Position(args.start_epoch))
             loop.position = Position(args.start_epoch)
+        begin_run(output_dir, run_config, env.rank)
+        loop.writer = writer = tensorboard_writer(output_dir, env.rank)
         with GracefulStop() as stop:
             if not loop.fit(stop):
                 return EXIT_STATUS_STOPPED
@@ -416,6 +425,8 @@ def run(args: argparse.Namespace, recipe: dict, recipe_path: Path, env) -> int:
     checkpoint = read_checkpoint(best_path, trusted=args.trust_checkpoint)
     load_weights_from = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     load_state_exactly(student, load_weights_from, best_path, f"models.student_model ({student_config['key']})")
+    if args.test_only:
+        begin_run(output_dir, run_config, env.rank)
     test_config = recipe.get("test", {}).get("test_data_loader")
     if test_config is None:
         raise UserError(f"{recipe_path}: test.test_data_loader is required for the final evaluation")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+import torch.distributed
+
 from .data import worker_failure
 from .distributed import peer_reported_error, report_user_error
 from .errors import UserError, name_too_long, out_of_memory
@@ -17,7 +19,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     name the file system refuses as too long (:func:`name_too_long`).
 
     Under torchrun the run prints the line once: every rank exits 2, and a rank whose collective failed because
-    another rank stopped on a user error ends quietly instead of with the backend's traceback."""
+    another rank stopped on a user error ends quietly instead of with the backend's traceback; a collective that
+    failed for another reason (timed out, a peer gone) is one line too."""
 
     def exit_with(error: UserError) -> None:
         if report_user_error(str(error)):
@@ -34,7 +37,16 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         )
         if failure is not None:
             exit_with(failure)
-        if peer_reported_error() is None:
-            raise
-        sys.exit(2)
+        if peer_reported_error() is not None:
+            sys.exit(2)
+        if isinstance(error, torch.distributed.DistError):  # a collective timed out, or a peer's connection closed
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            exit_with(
+                UserError(
+                    f"this process lost the other processes of the run ({reason[:200]}) — one of them stopped or "
+                    f"hangs: check every process's output, then rerun the same command to continue from the last "
+                    f"checkpoint"
+                )
+            )
+        raise
     sys.exit(status or 0)

@@ -212,3 +212,14 @@ def validate(cfg: dict, schema: Schema, source: str = "config") -> None:
         predicate, description = check if isinstance(check, tuple) else (check, "a valid value")
         if not predicate(value):
             raise UserError(f"{source}: {key} = {value!r} is out of range (must be {description})")
+
+
+def config_facts(config: Any, prefix: str = "") -> dict[str, str]:
+    """``config`` flattened to ``{"a.b.c": repr(value)}`` (lists are values), for comparing what ranks see
+    (:func:`projector_kd.engine.distributed.check_ranks_agree`)."""
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): repr(config)}
+    facts: dict[str, str] = {}
+    for key, value in config.items():
+        facts.update(config_facts(value, f"{prefix}{key}."))
+    return facts

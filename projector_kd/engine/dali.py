@@ -49,9 +49,9 @@ from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolatio
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from torchvision import transforms as T
 
-from .data import UNREADABLE_IMAGE_ERRORS, DataError, load_rgb, open_image, unreadable_image
+from .data import UNREADABLE_IMAGE_ERRORS, DataError, innermost_dataset, load_rgb, open_image, unreadable_image
 from .errors import UserError
-from .fast_data import DeviceErasing, innermost_dataset
+from .fast_data import DeviceErasing
 from .sampling import ResumableSampler, ShardSampler, batch_seed, epoch_seed
 
 logger = logging.getLogger(__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .errors import UserError
 from .runs import counted
+from .sampling import SeededSamples
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 logger = logging.getLogger(__name__)
@@ -408,3 +410,22 @@ def write_digits_imagefolder(
         image.save(folder / f"{index:04d}.png")
     stamp.write_text(settings)
     return root
+
+
+def innermost_dataset(dataset: Any) -> Any:
+    """The image folder under the wrappers (:class:`SeededSamples`, torchdistill's ``org_dataset`` wrappers)."""
+    while isinstance(dataset, SeededSamples) or hasattr(dataset, "org_dataset"):
+        dataset = dataset.dataset if isinstance(dataset, SeededSamples) else dataset.org_dataset
+    return dataset
+
+
+def dataset_facts(name: str, dataset: Any) -> dict[str, str]:
+    """What every rank of a run must see the same of ``dataset`` (an image folder, or a wrapper around one) named
+    ``name``: ``{name: "N images in C classes, file list <digest>"}``, the digest a SHA-1 of every file's path below
+    the folder's root and its label, in order."""
+    folder = innermost_dataset(dataset)
+    root = Path(folder.root)
+    digest = hashlib.sha1()
+    for path, label in folder.samples:
+        digest.update(f"{Path(path).relative_to(root)}\t{label}\n".encode())
+    return {name: f"{len(folder.samples)} images in {len(folder.classes)} classes, file list {digest.hexdigest()[:12]}"}

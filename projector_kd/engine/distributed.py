@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,8 +17,12 @@ import torch.distributed as dist
 
 from .errors import UserError
 from .runs import counted
+from .signals import requested_stop
 
 T = TypeVar("T")
+TIMEOUT_VARIABLE = "PROJECTOR_KD_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800.0  # PyTorch's own default for a process group
+STOP_GRACE_S = 10.0  # after a stop signal, how long a rank still waits for the others (torchrun kills after 30 s)
 _shared: dict[str, Any] = {}  # the process group's store, kept to tell the other ranks about a user error
 
 
@@ -80,10 +85,26 @@ def parse_device(name: str | None) -> torch.device | None:
     return device
 
 
+def collective_timeout() -> float:
+    """Seconds a collective of a distributed run may wait for the other processes:
+    ``$PROJECTOR_KD_COLLECTIVE_TIMEOUT_S`` or :data:`DEFAULT_TIMEOUT_S`."""
+    value = os.environ.get(TIMEOUT_VARIABLE)
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"{TIMEOUT_VARIABLE}={value!r} is not a positive number of seconds")
+    return seconds
+
+
 def init_distributed(device: str | None = None) -> DistEnv:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); a plain run gets world size 1.
 
-    ``device``: see :func:`parse_device`. Under torchrun each process uses ``cuda:LOCAL_RANK``.
+    ``device``: see :func:`parse_device`. Under torchrun each process uses ``cuda:LOCAL_RANK``. Collectives time out
+    after :func:`collective_timeout` seconds.
     """
     _shared.clear()
     rank = _env_int("RANK", 0)
@@ -99,13 +120,16 @@ def init_distributed(device: str | None = None) -> DistEnv:
         torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if wants_cuda else "gloo"
+        timeout = timedelta(seconds=collective_timeout())
         # torchrun's env:// rendezvous, as init_process_group performs it, keeping the store to share user errors
-        store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+        store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        store.set_timeout(timeout)
         dist.init_process_group(
             backend=backend,
             store=dist.PrefixStore("default_pg", store),
             rank=rank,
             world_size=world_size,
+            timeout=timeout,
             device_id=torch_device if wants_cuda else None,
         )
         _shared["store"] = store
@@ -117,17 +141,82 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wait_for(work: Any, what: str) -> None:
+    """Wait for the asynchronous collective ``work`` (``what`` it is, for messages) while this process still reacts:
+    a stop signal (:func:`projector_kd.engine.signals.requested_stop`) that is not followed by the other processes
+    within :data:`STOP_GRACE_S` seconds, or no completion within :func:`collective_timeout`, ends the run in one line
+    naming the rank and the collective (a blocking wait would sit in C++, where neither the signal nor a timeout
+    message reaches Python)."""
+    started = time.monotonic()
+    deadline = started + collective_timeout()
+    stop_seen: float | None = None
+    pause = 1e-4
+    while not work.is_completed():
+        now = time.monotonic()
+        stop = requested_stop()
+        if stop is not None and stop_seen is None:
+            stop_seen = now
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if stop_seen is not None and now - stop_seen > STOP_GRACE_S:
+            raise UserError(
+                f"stopped by {stop.signal_name} while rank {rank} waited {now - started:.0f} s for the other processes "
+                f"({what}), which did not follow — no checkpoint was written at this point; rerun the same command "
+                f"to continue from the last one"
+            )
+        if now > deadline:
+            raise UserError(
+                f"rank {rank} waited {now - started:.0f} s for the other processes ({what}) — one of them stopped, "
+                f"hangs or runs another step (check every process's output); rerun the same command to continue from "
+                f"the last checkpoint (${TIMEOUT_VARIABLE} sets the wait)"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+    work.wait()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place (no-op without a process group); returns it."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if _distributed():
+        wait_for(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True), "summing over the processes")
     return tensor
 
 
-def barrier() -> None:
-    """Wait for all ranks (no-op without a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def barrier(what: str = "waiting for every process") -> None:
+    """Wait for all ranks (no-op without a process group), reacting to stop signals and timing out in one line
+    (:func:`wait_for`)."""
+    if _distributed():
+        wait_for(dist.barrier(async_op=True), what)
+
+
+def all_gather(value: Any, what: str) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` without a process group. The ranks first meet at
+    a :func:`barrier`, so the gathering itself never waits for a rank that is missing."""
+    if not _distributed():
+        return [value]
+    barrier(what)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def check_ranks_agree(facts: dict[str, Any], what: str) -> None:
+    """In a distributed run, that every rank sees the same ``what`` (e.g. "config", "dataset"): ``facts`` (name ->
+    value) are gathered from every rank; the first that differs from rank 0's is a UserError on every rank naming the
+    rank, the fact and both values (a rank that trains other data or settings would hang the others later)."""
+    gathered = all_gather(facts, f"comparing the {what} every process sees")
+    for rank, other in enumerate(gathered[1:], start=1):
+        for name in sorted(set(gathered[0]) | set(other)):
+            mine, theirs = gathered[0].get(name), other.get(name)
+            if mine != theirs:
+                raise UserError(
+                    f"rank {rank} sees another {what} than rank 0: {name} is {theirs} on rank {rank} but {mine} on "
+                    f"rank 0 — every process must run the same command on the same data (check each node's copy of "
+                    f"the dataset and the config)"
+                )
 
 
 def cleanup() -> None:
@@ -148,6 +237,7 @@ def run_on_main(work: Callable[[], T]) -> T | None:
             result = work()
         except UserError as error:
             message = [str(error)]
+    barrier("waiting for rank 0 to prepare the run")
     dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
         raise UserError(message[0])

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from .data import UNREADABLE_IMAGE_ERRORS, open_image, to_rgb, unreadable_image
+from .data import UNREADABLE_IMAGE_ERRORS, innermost_dataset, open_image, to_rgb, unreadable_image
 from .sampling import SeededSamples, batch_seed, rebuild_loader, training_sampler
 
 logger = logging.getLogger(__name__)
@@ -329,13 +329,6 @@ class DeviceFinishedLoader:
 
 
 # --------------------------------------------------------------------------------------------------- the loader
-
-
-def innermost_dataset(dataset: Any) -> Any:
-    """The image folder under the wrappers (:class:`SeededSamples`, torchdistill's ``org_dataset`` wrappers)."""
-    while isinstance(dataset, SeededSamples) or hasattr(dataset, "org_dataset"):
-        dataset = dataset.dataset if isinstance(dataset, SeededSamples) else dataset.org_dataset
-    return dataset
 
 
 def _with_innermost(dataset: Any, replacement: Any) -> Any:

@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from .data import checkpoint_on_data_error, worker_failures_plainly
-from .distributed import barrier
+from .distributed import all_gather, barrier
 from .errors import NonFiniteLossError, UserError
 from .runs import progress
 from .sampling import training_sampler
@@ -390,12 +389,7 @@ class TrainingLoop:
         return self.wall_time_before + time.perf_counter() - self.clock
 
     def _every_rank_rng(self) -> list[dict]:
-        state = capture_rng_state()
-        if not self.distributed:
-            return [state]
-        states: list[Any] = [None] * self.world_size
-        dist.all_gather_object(states, state)
-        return states
+        return all_gather(capture_rng_state(), "gathering every rank's random state for a checkpoint")
 
     def state_dict(self) -> dict[str, Any]:
         """The whole checkpoint at :attr:`position` (see the module docstring)."""
@@ -437,7 +431,7 @@ class TrainingLoop:
             p = self.position
             names = ", ".join(path.name for path in [*copies, last])
             logger.info("saved %s (epoch %d, step %d)", names, p.epoch, p.step_in_epoch)
-        barrier()
+        barrier("waiting for rank 0 to write a checkpoint")
 
     def load(self, state: Any, path: Path) -> None:
         """Continue from the checkpoint ``state`` read from ``path`` (written by :meth:`save`, or an earlier layout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import logging.handlers
 import os
 import socket
 import sys
@@ -127,13 +128,15 @@ def prepare_output_dir(
     checkpoint_name: str = "checkpoint.pth",
     upgrade_recorded: Callable[[dict], dict] | None = None,
 ) -> Path:
-    """Create the run folder, hold it for this process (:func:`lock_output_dir`) and record ``config`` in
-    ``config.yaml``.
+    """Create the run folder, hold it for this process (:func:`lock_output_dir`) and check that ``config`` may run in
+    it; :func:`record_config` writes ``config.yaml`` once the run's other checks have passed too, so a refused run
+    changes nothing in the folder.
 
     A folder holding another run — a different recorded config and that run's ``checkpoint_name`` — is refused (naming
-    the differing keys) unless ``resume`` is True, in which case the new config replaces the recorded one. A recorded
-    config without a checkpoint is a start that failed before saving anything: the corrected rerun takes its place.
-    ``upgrade_recorded`` brings a recorded config written by an older version to today's key names before comparing.
+    the differing keys) unless ``resume`` is True, in which case the new config will replace the recorded one. A
+    recorded config without a checkpoint is a start that failed before saving anything: the corrected rerun takes its
+    place. ``upgrade_recorded`` brings a recorded config written by an older version to today's key names before
+    comparing.
     """
     path = make_writable_folder(Path(path))
     lock_output_dir(path)
@@ -150,8 +153,22 @@ def prepare_output_dir(
                 f"{', '.join(differing[:6])}) — choose a new output folder, or pass --resume to continue "
                 f"that run with the new settings"
             )
-    atomic_write(recorded_file, lambda handle: handle.write(yaml.safe_dump(normalised, sort_keys=False).encode()))
     return path
+
+
+def record_config(path: str | Path, config: dict) -> None:
+    """Write ``config`` as the run folder ``path``'s ``config.yaml`` (atomically), the record
+    :func:`prepare_output_dir` compares a rerun with."""
+    normalised = yaml.safe_load(yaml.safe_dump(config))
+    atomic_write(Path(path) / CONFIG_FILE, lambda h: h.write(yaml.safe_dump(normalised, sort_keys=False).encode()))
+
+
+def begin_run(path: str | Path | None, config: dict, rank: int = 0) -> None:
+    """Every check of a run has passed: record ``config`` in its folder ``path`` (rank 0; :func:`record_config`) and
+    open the log files held back (:func:`release_held_logs`). Nothing before it writes into an existing run folder."""
+    if path is not None and rank == 0:
+        record_config(path, config)
+    release_held_logs()
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -169,11 +186,44 @@ def close_logging() -> None:
             handler.close()
 
 
+class _HeldLines(logging.handlers.MemoryHandler):
+    """Keeps the lines meant for log files that are not opened yet (:func:`setup_logging` with ``hold``)."""
+
+    def __init__(self, files: list[Path], formatter: logging.Formatter) -> None:
+        super().__init__(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+        self.files, self.formatter_for_files = files, formatter
+
+
+def release_held_logs() -> None:
+    """Open the log files :func:`setup_logging` held back (``hold=True``) and write the lines kept so far into them:
+    a run calls it once every check has passed, so a refused run leaves a folder's ``log.txt`` as it was."""
+    root = logging.getLogger()
+    for held in [h for h in root.handlers if isinstance(h, _HeldLines)]:
+        root.removeHandler(held)
+        for log_file in held.files:
+            try:
+                handler = logging.FileHandler(log_file)
+            except OSError as error:
+                raise cannot_write(log_file, error) from None
+            handler.setFormatter(held.formatter_for_files)
+            handler._projector_kd = True  # type: ignore[attr-defined]
+            for record in held.buffer:
+                handler.handle(record)
+            root.addHandler(handler)
+        held.buffer.clear()
+        held.close()
+
+
 def setup_logging(
-    output_dir: str | Path | None, rank: int = 0, name: str = "projector_kd", extra_log_file: str | Path | None = None
+    output_dir: str | Path | None,
+    rank: int = 0,
+    name: str = "projector_kd",
+    extra_log_file: str | Path | None = None,
+    hold: bool = False,
 ) -> logging.Logger:
     """Log INFO to stdout and to ``output_dir/log.txt`` (and ``extra_log_file``, e.g. the release's ``--log``) on
-    rank 0; only warnings elsewhere. Replaces the handlers of an earlier call."""
+    rank 0; only warnings elsewhere. Replaces the handlers of an earlier call. ``hold``: the files are checked but
+    not opened; their lines are kept until :func:`release_held_logs`."""
     close_logging()
     root = logging.getLogger()
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -181,19 +231,23 @@ def setup_logging(
     files = {Path(output_dir) / "log.txt"} if output_dir is not None else set()
     if extra_log_file is not None:
         files.add(Path(extra_log_file).expanduser())
-    for log_file in sorted({f.resolve() for f in files}) if rank == 0 else []:
+    log_files = sorted({f.resolve() for f in files}) if rank == 0 else []
+    for log_file in log_files:
         try:
             try:
                 if log_file.is_dir():
                     raise OutputError(f"log file {log_file} is a folder — name a file, e.g. {log_file / 'output.txt'}")
                 log_file.parent.mkdir(parents=True, exist_ok=True)
-                handlers.append(logging.FileHandler(log_file))
+                if not hold:
+                    handlers.append(logging.FileHandler(log_file))
             except OSError as error:
                 raise cannot_write(log_file, error) from None
         except OutputError:
             for handler in handlers:
                 handler.close()
             raise
+    if hold and log_files:
+        handlers.append(_HeldLines(log_files, formatter))
     for handler in handlers:
         handler.setFormatter(formatter)
         handler._projector_kd = True  # type: ignore[attr-defined]

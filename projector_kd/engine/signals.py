@@ -32,6 +32,7 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
 
     def __enter__(self) -> GracefulStop:
+        _active.append(self)
         for signum in STOP_SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -43,6 +44,15 @@ class GracefulStop:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        _active.remove(self)
+
+
+_active: list[GracefulStop] = []  # the GracefulStop blocks this process is in, innermost last
+
+
+def requested_stop() -> GracefulStop | None:
+    """The active :class:`GracefulStop` that received a signal, or None."""
+    return next((stop for stop in reversed(_active) if stop.requested), None)
 
 
 def stop_cause(stop: Any, distributed: bool) -> str:

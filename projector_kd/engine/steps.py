@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .distributed import wait_for
+
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` honours ``optimizer.found_inf`` (every param group runs the fused kernels)."""
@@ -89,7 +91,11 @@ class StepMonitor:
         parts = [values.detach().double().reshape(-1), found_inf.detach().double().reshape(-1)]
         if self.distributed:
             vote = torch.full((1,), float(stop_requested), dtype=torch.float64, device=self._vote_device())
-            dist.all_reduce(vote, op=dist.ReduceOp.SUM, async_op=True).wait()  # NCCL: a stream wait, not a host one
+            work = dist.all_reduce(vote, op=dist.ReduceOp.SUM, async_op=True)
+            if vote.device.type == "cuda":
+                work.wait()  # NCCL: a stream wait, not a host one
+            else:
+                wait_for(work, "the stop vote of a training step")
             parts.append(vote.to(self.device, non_blocking=True))
         if len(self.pending) >= 2:  # both host buffers hold unread records: read the oldest before reusing its buffer
             raise RuntimeError("StepMonitor: pop() the queued records before pushing more than two")

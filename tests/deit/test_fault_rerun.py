@@ -1,5 +1,5 @@
-"""A failed start never blocks the corrected rerun: a run folder holding a config but no checkpoint is not another
-run."""
+"""A failed start never blocks the corrected rerun: it records nothing in the run folder (and a folder holding a
+config but no checkpoint is not another run)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_rerun_with_the_right_teacher_after_a_missing_one(tmp_path, train_argv, 
     missing = tmp_path / "no-such-teacher.pth"
     with pytest.raises(UserError, match="no-such-teacher.pth"):
         main([*argv, "--teacher-ckpt", str(missing)])
-    assert (output / "config.yaml").is_file() and not (output / "checkpoint.pth").exists()
+    assert not (output / "config.yaml").exists() and not (output / "checkpoint.pth").exists()
 
     assert main([*argv, "--teacher-ckpt", str(teacher_ckpt)]) == 0
     assert yaml.safe_load((output / "config.yaml").read_text())["teacher"]["ckpt"] == str(teacher_ckpt)

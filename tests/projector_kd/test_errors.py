@@ -63,3 +63,19 @@ def test_out_of_memory_names_the_failed_allocation_and_the_hint():
     )
     assert str(out_of_memory(torch.cuda.OutOfMemoryError("out of memory"), "x")) == "out of GPU memory — x"
     assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"), "x") is None  # not the OOM type
+
+
+def test_a_failed_collective_that_no_peer_explains_is_one_line(capsys):
+    import torch.distributed
+
+    def lose_the_peers(argv):
+        raise torch.distributed.DistBackendError("[gloo] Connection closed by peer [127.0.0.1]:1234\nmore details")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(lose_the_peers, [])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: this process lost the other processes of the run ([gloo] Connection closed by peer [127.0.0.1]:1234) "
+        "— one of them stopped or hangs: check every process's output, then rerun the same command to continue from "
+        "the last checkpoint\n"
+    )

@@ -12,34 +12,42 @@ from projector_kd.engine.runs import (
     counted,
     prepare_output_dir,
     progress,
+    record_config,
+    release_held_logs,
     setup_logging,
     startup_line,
     write_json,
 )
 
 
+def _start(path, config: dict, **options) -> None:
+    """What a run does with its folder: check and hold it, then (every check passed) record its config."""
+    prepare_output_dir(path, config, **options)
+    record_config(path, config)
+
+
 def test_same_config_reuses_folder_different_config_refused(tmp_path):
     config = {"train": {"lr": 0.1, "epochs": 3}, "model": "resnet18"}
-    prepare_output_dir(tmp_path / "run", config, resume=False)
+    _start(tmp_path / "run", config, resume=False)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == config
-    prepare_output_dir(tmp_path / "run", config, resume=False)
+    _start(tmp_path / "run", config, resume=False)
     (tmp_path / "run" / "checkpoint.pth").write_bytes(b"saved")
     changed = {"train": {"lr": 0.2, "epochs": 3}, "model": "resnet34"}
     with pytest.raises(UserError, match=r"holds a different run \(config differs in: model, train.lr\).*--resume"):
         prepare_output_dir(tmp_path / "run", changed, resume=False)
-    prepare_output_dir(tmp_path / "run", changed, resume=True)
+    _start(tmp_path / "run", changed, resume=True)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == changed
 
 
 def test_config_without_checkpoint_is_a_failed_start_not_another_run(tmp_path):
-    prepare_output_dir(tmp_path / "run", {"lr": 0.1}, resume=False)
-    prepare_output_dir(tmp_path / "run", {"lr": 0.2}, resume=False)
+    _start(tmp_path / "run", {"lr": 0.1}, resume=False)
+    _start(tmp_path / "run", {"lr": 0.2}, resume=False)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == {"lr": 0.2}
 
 
 def test_a_recorded_config_with_old_key_names_is_upgraded_before_comparing(tmp_path):
     run = tmp_path / "run"
-    prepare_output_dir(run, {"distillation": {"proj_weight": 1.0}}, resume=False)
+    _start(run, {"distillation": {"proj_weight": 1.0}}, resume=False)
     (run / "checkpoint.pth").write_bytes(b"saved")
     config = {"distillation": {"feature_weight": 1.0}}
 
@@ -49,10 +57,27 @@ def test_a_recorded_config_with_old_key_names_is_upgraded_before_comparing(tmp_p
 
     with pytest.raises(UserError, match=r"differs in: distillation.feature_weight, distillation.proj_weight"):
         prepare_output_dir(run, config, resume=False)
-    prepare_output_dir(run, config, resume=False, upgrade_recorded=upgrade)  # the same run, its key renamed
+    _start(run, config, resume=False, upgrade_recorded=upgrade)  # the same run, its key renamed
     assert yaml.safe_load((run / "config.yaml").read_text()) == config
     with pytest.raises(UserError, match=r"differs in: distillation.feature_weight\)"):
         prepare_output_dir(run, {"distillation": {"feature_weight": 2.0}}, resume=False, upgrade_recorded=upgrade)
+
+
+def test_checking_a_folder_and_held_logs_change_nothing_in_it_until_the_run_begins(tmp_path, capsys):
+    run = tmp_path / "run"
+    _start(run, {"lr": 0.1}, resume=False)
+    (run / "checkpoint.pth").write_bytes(b"saved")
+    before = (run / "config.yaml").read_bytes()
+    prepare_output_dir(run, {"lr": 0.2}, resume=True)  # a resume whose later checks may still refuse it
+    logger = setup_logging(run, name="held", hold=True)
+    logger.info("kept until the run begins")
+    assert (run / "config.yaml").read_bytes() == before and not (run / "log.txt").exists()
+    release_held_logs()
+    logger.info("written at once")
+    close_logging()
+    lines = (run / "log.txt").read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["kept until the run begins", "written at once"]
+    assert "kept until the run begins" in capsys.readouterr().out  # the terminal sees every line at once
 
 
 def test_write_json(tmp_path):

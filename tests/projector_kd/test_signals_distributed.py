@@ -48,3 +48,38 @@ def test_cuda_requested_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cuda requested but CUDA is not available"):
         init_distributed("cuda")
+
+
+class _NeverDone:
+    """An asynchronous collective whose other processes never arrive."""
+
+    def is_completed(self) -> bool:
+        return False
+
+    def wait(self) -> None:
+        raise AssertionError("a collective that never completes must not be waited on")
+
+
+def test_a_collective_that_never_completes_ends_in_one_line_after_the_timeout(monkeypatch):
+    from projector_kd.engine import distributed
+
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "0.2")
+    with pytest.raises(UserError, match=r"^rank 0 waited 0 s for the other processes \(the stop vote\) — one of them"):
+        distributed.wait_for(_NeverDone(), "the stop vote")
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "soon")
+    with pytest.raises(UserError, match="PROJECTOR_KD_COLLECTIVE_TIMEOUT_S='soon' is not a positive number"):
+        distributed.collective_timeout()
+
+
+def test_a_stop_signal_while_waiting_for_absent_processes_ends_the_wait(monkeypatch):
+    import signal
+
+    from projector_kd.engine import distributed
+    from projector_kd.engine.signals import GracefulStop
+
+    monkeypatch.setattr(distributed, "STOP_GRACE_S", 0.1)  # the others get 10 s to follow a stop in a real run
+    with GracefulStop() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
+        with pytest.raises(UserError, match=r"^stopped by SIGTERM while rank 0 waited .* \(a checkpoint barrier\)"):
+            distributed.wait_for(_NeverDone(), "a checkpoint barrier")
