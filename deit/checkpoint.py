@@ -112,6 +112,22 @@ def check_resume_state(student: nn.Module, projector: nn.Module | None, checkpoi
         load_state_exactly(projector, saved, path, "this run's projector (teacher width, distillation.projector)", hint)
 
 
+def load_resume_state(track: Any, state: dict, path: str | Path) -> None:
+    """Resume a :class:`deit.engine.DeiTTrack` from ``state`` (today's layout): student and projector
+    (:func:`check_resume_state`), optimizer, schedule and GradScaler, or one line naming the file and the mismatch."""
+    check_resume_state(track.student_module, track.projector_loss, state, path)
+    try:
+        track.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{path} does not match this run's optimizer ({str(err).splitlines()[0]}); use the same config or a "
+            "new --output"
+        ) from None
+    track.scheduler.load_state_dict(state["lr_scheduler"])
+    if track.scaler is not None and state["scaler"] is not None:
+        track.scaler.load_state_dict(state["scaler"])
+
+
 def checkpoint_meta(checkpoint: Any) -> dict[str, Any]:
     """The ``epoch`` and the best top-1 (``best_top1``; the release's ``max_accuracy``) a checkpoint records."""
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from projector_kd.engine.config import apply_overrides, load_yaml, merge_configs, validate
 from projector_kd.engine.distributed import DEVICE_NAMES, is_device_name
 from projector_kd.engine.errors import UserError
@@ -223,3 +225,12 @@ def scaled_lrs(cfg: dict, world_size: int) -> dict[str, float]:
     train = cfg["train"]
     scale = cfg["data"]["batch_size"] * train["accum_iter"] * world_size / train["lr_scale_batch"]
     return {"lr": train["base_lr"] * scale, "warmup_lr": train["warmup_lr"] * scale, "min_lr": train["min_lr"] * scale}
+
+
+def precision(cfg: dict, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, channels_last) of the recipe on ``device``: on CUDA bf16 + channels_last on the fast path,
+    fp16 when ``train.amp``; float32 and the default layout otherwise."""
+    cuda = device.type == "cuda"
+    fast = cfg["fast"]
+    autocast_dtype = (torch.bfloat16 if fast else torch.float16) if cuda and (fast or cfg["train"]["amp"]) else None
+    return autocast_dtype, fast and cuda

@@ -1,17 +1,7 @@
-"""The DeiT track's training step and evaluation; the epochs, checkpoints and resume are the shared
-:class:`projector_kd.engine.loop.TrainingLoop`'s.
-
-One step (docs/method.md), with y the mixup/cutmix soft targets and x the mixed images seen by both networks::
-
-    loss = SoftTargetCE(head(x), y)                                            'ce'
-         + kd_weight      * KL(softmax(teacher(x)) || softmax(head_conv(x)))   'kd'    (method kd, projector)
-         + feature_weight * L_log_corr(mean patch token -> Linear -> BN, BN(pooled teacher features))
-                                                                               'proj'  (projector)
-
-With ``method: none`` there is no teacher and ``head_conv`` is trained on the labels like ``head`` ('ce_dist').
-The projector is not part of the student: :class:`DistillationObjective` holds both, so DDP and ``torch.compile``
-see one module and checkpoints keep the student alone under ``model``. Evaluation predicts with the mean of both
-heads' logits; counts are summed over ranks.
+"""The DeiT track's training step and evaluation, as a :class:`projector_kd.engine.loop.Track`: the loss is
+:mod:`deit.losses`, the optimizer and schedule :mod:`deit.optim`; epochs, checkpoints and resume are the shared
+:class:`~projector_kd.engine.loop.TrainingLoop`'s. Evaluation predicts with the mean of both heads' logits; counts are
+summed over ranks.
 """
 
 from __future__ import annotations
@@ -22,111 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from projector_kd import ProjectorDistillLoss, kd_loss, pool_features
+from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.distributed import DistEnv
 from projector_kd.engine.errors import NonFiniteLossError, UserError
 from projector_kd.engine.evaluation import evaluate_classifier
-from projector_kd.engine.fast import CompiledOrEager, CompileFallbackNotice, autocast_context, enable_fast_cuda_backends
+from projector_kd.engine.fast import CompiledOrEager, CompileFallbackNotice, autocast_context
 from projector_kd.engine.loop import TOTAL, Position, StepValues, Track, step_label
 from projector_kd.engine.steps import non_finite_flag, skips_on_device, step_unless
 
-from .checkpoint import CHECKPOINT_FORMAT, check_resume_state, upgrade_checkpoint
-from .config import scaled_lrs
+from .checkpoint import CHECKPOINT_FORMAT, load_resume_state, upgrade_checkpoint
+from .config import precision, scaled_lrs
 from .datasets import build_mixup
-
-
-class TeacherOutputs(nn.Module):
-    """Frozen timm classifier -> (pooled features (B, C), logits) from one ``forward_features`` pass."""
-
-    def __init__(self, teacher: nn.Module) -> None:
-        super().__init__()
-        self.teacher = teacher
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.teacher.forward_features(images)
-        return pool_features(features), self.teacher.forward_head(features)
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class DistillationObjective(nn.Module):
-    """The student, its projector (``projector_loss``: a :class:`~projector_kd.ProjectorDistillLoss`, or None) and
-    the loss terms in one module. ``forward(images, targets, teacher_features, teacher_logits)`` returns
-    ``{term name: scalar}`` (see the module docstring)."""
-
-    def __init__(
-        self,
-        student: nn.Module,
-        projector_loss: ProjectorDistillLoss | None,
-        method: str,
-        soft_targets: bool,
-        smoothing: float,
-        kd_weight: float = 1.0,
-        feature_weight: float = 1.0,
-        kd_temperature: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if method == "projector" and projector_loss is None:
-            raise UserError("distillation.method = projector needs a projector (the teacher's feature width)")
-        self.student = student
-        self.projector_loss = projector_loss if method == "projector" else None
-        self.method = method
-        if soft_targets:
-            self.criterion = SoftTargetCrossEntropy()
-        elif smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
-        self.kd_weight = kd_weight
-        self.feature_weight = feature_weight
-        self.kd_temperature = kd_temperature
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        teacher_features: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        tokens = self.student.forward_features(images)
-        cls_logits, dist_logits = self.student.forward_heads(tokens)
-        cls_logits, dist_logits = _at_least_fp32(cls_logits), _at_least_fp32(dist_logits)
-        terms = {"ce": self.criterion(cls_logits, targets)}
-        if self.method == "none":
-            terms["ce_dist"] = self.criterion(dist_logits, targets)
-            return terms
-        terms["kd"] = self.kd_weight * kd_loss(dist_logits, _at_least_fp32(teacher_logits), self.kd_temperature)
-        if self.projector_loss is not None:
-            terms["proj"] = self.feature_weight * self.projector_loss(tokens[:, 2:], teacher_features)
-        return terms
-
-
-def precision(cfg: dict, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, channels_last) of the recipe on ``device``: on CUDA bf16 + channels_last on the fast path,
-    fp16 when ``train.amp``; float32 and the default layout otherwise."""
-    cuda = device.type == "cuda"
-    fast = cfg["fast"]
-    autocast_dtype = (torch.bfloat16 if fast else torch.float16) if cuda and (fast or cfg["train"]["amp"]) else None
-    return autocast_dtype, fast and cuda
-
-
-def place_student(student: nn.Module, cfg: dict, device: torch.device) -> nn.Module:
-    """``student`` on ``device``, its conv stem channels_last where :func:`precision` says so (the fast path also
-    turns on the fast CUDA backends)."""
-    if cfg["fast"]:
-        enable_fast_cuda_backends(device)
-    student = student.to(device)
-    if precision(cfg, device)[1]:
-        student.conv_embed.to(memory_format=torch.channels_last)
-    return student
+from .losses import DistillationObjective, TeacherOutputs
+from .models import place_student
+from .optim import build_optimizer, build_scheduler
 
 
 def evaluate_student(student: nn.Module, loader: Any, cfg: dict, env: DistEnv) -> dict[str, float]:
@@ -134,15 +35,8 @@ def evaluate_student(student: nn.Module, loader: Any, cfg: dict, env: DistEnv) -
     summed over ranks, in the recipe's precision (:func:`projector_kd.engine.evaluation.evaluate_classifier`)."""
     autocast_dtype, channels_last = precision(cfg, env.device)
     student = place_student(student, cfg, env.device)
-    return evaluate_classifier(
-        student,
-        loader,
-        env.device,
-        env.rank,
-        autocast_dtype=autocast_dtype,
-        channels_last=channels_last,
-        with_loss=True,
-    )
+    kwargs = dict(autocast_dtype=autocast_dtype, channels_last=channels_last, with_loss=True)
+    return evaluate_classifier(student, loader, env.device, env.rank, **kwargs)
 
 
 class DeiTTrack(Track):
@@ -188,16 +82,8 @@ class DeiTTrack(Track):
                 teacher.to(memory_format=torch.channels_last)
             self.teacher = TeacherOutputs(teacher)
         self.mixup = build_mixup(cfg)
-        distill = cfg["distillation"]
-        self.trained = DistillationObjective(
-            self.student_module,
-            projector_loss,
-            method,
-            soft_targets=self.mixup is not None,
-            smoothing=cfg["aug"]["smoothing"],
-            kd_weight=distill["kd_weight"],
-            feature_weight=distill["feature_weight"],
-            kd_temperature=distill["kd_temperature"],
+        self.trained = DistillationObjective.from_config(
+            self.student_module, projector_loss, cfg, soft_targets=self.mixup is not None
         ).to(self.device)
         self.projector_loss = self.trained.projector_loss
         if self.fast and self.projector_loss is not None:
@@ -215,23 +101,8 @@ class DeiTTrack(Track):
             if self.teacher is not None:
                 self.teacher_forward = CompiledOrEager(self.teacher, "teacher", notice)
         self.lrs = scaled_lrs(cfg, env.world_size)
-        skip = [f"student.{name}" for name in self.student_module.no_weight_decay()]
-        self.optimizer = torch.optim.AdamW(
-            param_groups_weight_decay(self.trained, train["weight_decay"], no_weight_decay_list=skip),
-            lr=self.lrs["lr"],
-            betas=tuple(train["betas"]),
-            eps=train["opt_eps"],
-            **({"fused": True} if self.fast else {}),
-        )
-        self.scheduler = CosineLRScheduler(
-            self.optimizer,
-            t_initial=train["epochs"] * self.steps_per_epoch,
-            lr_min=self.lrs["min_lr"],
-            warmup_lr_init=self.lrs["warmup_lr"],
-            warmup_t=int(train["warmup_epochs"] * self.steps_per_epoch),
-            cycle_limit=1,
-            t_in_epochs=False,
-        )
+        self.optimizer = build_optimizer(self.trained, cfg, self.lrs["lr"])
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.lrs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.skips_on_device = skips_on_device(self.optimizer) and self.scaler is None
         self.clip_grad, self.clip_scaled_grads = train["clip_grad"], train["clip_scaled_grads"]
@@ -350,17 +221,7 @@ class DeiTTrack(Track):
                 f"{self.steps_per_epoch} (batch size, world size or dataset changed); resume with the "
                 "same data.batch_size and number of processes, or use a new --output"
             )
-        check_resume_state(self.student_module, self.projector_loss, state, path)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(
-                f"{path} does not match this run's optimizer ({str(err).splitlines()[0]}); use the same config or a "
-                "new --output"
-            ) from None
-        self.scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        load_resume_state(self, state, path)
         self.global_step = position.global_step
 
     def upgrade_checkpoint(self, state: Any, path: Path) -> Any:

@@ -26,6 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.errors import UserError
+from projector_kd.engine.fast import enable_fast_cuda_backends
+
+from .config import precision
 
 STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -447,3 +450,14 @@ def create_teacher(
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, source
+
+
+def place_student(student: nn.Module, cfg: dict, device: torch.device) -> nn.Module:
+    """``student`` on ``device``, its conv stem channels_last where :func:`deit.config.precision` says so (the fast
+    path also turns on the fast CUDA backends)."""
+    if cfg["fast"]:
+        enable_fast_cuda_backends(device)
+    student = student.to(device)
+    if precision(cfg, device)[1]:
+        student.conv_embed.to(memory_format=torch.channels_last)
+    return student

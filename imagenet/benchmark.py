@@ -17,7 +17,7 @@ from torch import nn
 from torchdistill.core.distillation import get_distillation_box
 from torchvision import models as tv_models
 
-from imagenet.engine import student_of, unwrap
+from imagenet.box import student_of, unwrap
 from imagenet.fast import apply_fast_path, bf16_supported
 from projector_kd.engine.fast import CompiledOrEager, autocast_context
 from projector_kd.engine.parity import Result, judge_parity, strict_fp32, synthetic_batch

@@ -17,20 +17,26 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from imagenet.registry import LogitKDLoss, ProjectorKDLoss, ProjectorKDModelWrapper
+from imagenet.box import (
+    TermRecorder,
+    optimized_parameters,
+    projector_of,
+    restore_accumulated_grads,
+    student_of,
+    unwrap,
+    window_open,
+)
 from projector_kd.engine.checkpoint import load_state_exactly
 from projector_kd.engine.errors import NonFiniteLossError, UserError
 from projector_kd.engine.evaluation import evaluate_classifier
 from projector_kd.engine.fast import autocast_context
-from projector_kd.engine.loop import TOTAL, Position, StepValues, Track, step_label
+from projector_kd.engine.loop import Position, StepValues, Track, step_label
 from projector_kd.engine.runs import counted
 from projector_kd.engine.sampling import training_sampler
 from projector_kd.engine.steps import non_finite_flag, skips_on_device
@@ -38,70 +44,6 @@ from projector_kd.engine.steps import non_finite_flag, skips_on_device
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "projector_kd.resnet/2"
 SCHEDULER_BEFORE_OPTIMIZER = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The network without DDP / DataParallel."""
-    return module.module if isinstance(module, (DistributedDataParallel, nn.DataParallel)) else module
-
-
-def student_of(box: Any) -> nn.Module:
-    """The student (or trained model) held by a torchdistill box, before any wrapping."""
-    return box.org_student_model if hasattr(box, "org_student_model") else box.org_model
-
-
-def trained_module(box: Any) -> nn.Module:
-    """The module torchdistill trains (the student wrapper, a DDP wrapper, or the student itself)."""
-    return box.student_model if hasattr(box, "student_model") else box.model
-
-
-def projector_of(box: Any) -> nn.Module | None:
-    """The ProjectorDistillLoss of a wrapped student, or None."""
-    module = trained_module(box)
-    return module.distill_loss if isinstance(module, ProjectorKDModelWrapper) else None
-
-
-def optimized_parameters(box: Any) -> list[nn.Parameter]:
-    """The parameters the box's optimizer updates, in its order (student, then the projector when there is one)."""
-    return [param for group in box.optimizer.param_groups for param in group["params"]]
-
-
-def accumulation_steps(box: Any) -> int:
-    """Micro-batches per optimizer step: torchdistill's ``grad_accum_step`` (1 without accumulation)."""
-    return getattr(box, "grad_accum_step", None) or 1
-
-
-class TermRecorder:
-    """Forward hooks on the box's loss terms, so a non-finite total can be traced to the term that caused it.
-    :meth:`snapshot` stacks a step's values on the device (no host read)."""
-
-    def __init__(self, criterion: nn.Module) -> None:
-        self.values: dict[str, torch.Tensor] = {}
-        self.criterion = criterion
-        for name, (module, _weight) in getattr(criterion, "term_dict", {}).items():
-            module.register_forward_hook(self._hook(name))
-
-    def _hook(self, name: str) -> Callable:
-        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            self.values[name] = output.detach()
-
-        return record
-
-    def snapshot(self, loss: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-        """Names and one device vector of a step's values: each term, its inner terms (``term.part``, from
-        ``last_terms``), then the total (:data:`~projector_kd.engine.loop.TOTAL`)."""
-        names, values = [], []
-        for name, value in self.values.items():
-            names.append(name)
-            values.append(value.float().reshape(()))
-            module = self.criterion.term_dict[name][0]
-            inner = getattr(module, "last_terms", {}) if isinstance(module, (ProjectorKDLoss, LogitKDLoss)) else {}
-            for part, tensor in inner.items():
-                names.append(f"{name}.{part}")
-                values.append(tensor.detach().float().reshape(()))
-        names.append(TOTAL)
-        values.append(loss.detach().float().reshape(()))
-        return names, torch.stack(values)
 
 
 class BoxTrack(Track):
@@ -209,10 +151,6 @@ class BoxTrack(Track):
     def student(self) -> nn.Module:
         return unwrap(student_of(self.box))
 
-    def _window_open(self, global_step: int) -> bool:
-        """Whether ``global_step`` micro-batches end inside a gradient-accumulation window."""
-        return global_step % accumulation_steps(self.box) != 0
-
     def state_dict(self, position: Position) -> dict[str, Any]:
         box = self.box
         state = {
@@ -223,7 +161,7 @@ class BoxTrack(Track):
         projector = projector_of(box)
         if projector is not None:
             state["projector"] = projector.state_dict()
-        if self._window_open(position.global_step):  # equal on every rank: DDP averages each micro-batch's gradients
+        if window_open(box, position.global_step):  # equal on every rank: DDP averages each micro-batch's gradients
             state["accumulated_grads"] = [param.grad for param in optimized_parameters(box)]
         return state
 
@@ -262,39 +200,8 @@ class BoxTrack(Track):
                 position.epoch,
                 position.step_in_epoch,
             )
-        self._restore_accumulated_grads(state, path, position.global_step)
+        restore_accumulated_grads(self.box, state, path, position.global_step)
         box.stage_grad_count = position.global_step  # torchdistill's step counter (accumulation, step-wise schedules)
-
-    def _restore_accumulated_grads(self, state: dict, path: Path, global_step: int) -> None:
-        """Put back the gradients a checkpoint written inside an accumulation window holds, so the window's optimizer
-        step sums the same micro-batches as in an uninterrupted run."""
-        grads = state.get("accumulated_grads")
-        window = f"global step {global_step}, grad_accum_step {accumulation_steps(self.box)}"
-        if grads is None and self._window_open(global_step):
-            logger.warning(
-                "checkpoint %s ends inside an accumulation window (%s) but holds no accumulated gradients (an earlier "
-                "version or another grad_accum_step wrote it): the window goes on without its earlier micro-batches "
-                "(training continues, but not bit for bit)",
-                path,
-                window,
-            )
-        if grads is None or not self._window_open(global_step):
-            if grads is not None:
-                logger.warning(
-                    "checkpoint %s holds the gradients of an open accumulation window, but %s closes one: they are "
-                    "dropped (training continues, but not bit for bit)",
-                    path,
-                    window,
-                )
-            return
-        params = optimized_parameters(self.box)
-        if len(grads) != len(params) or any(g is not None and g.shape != p.shape for g, p in zip(grads, params)):
-            raise UserError(
-                f"checkpoint {path}: its accumulated gradients do not match this config's parameters — "
-                f"use another output folder"
-            )
-        for param, grad in zip(params, grads):
-            param.grad = None if grad is None else torch.empty_like(param).copy_(grad)
 
     def upgrade_checkpoint(self, state: Any, path: Path) -> Any:
         """An earlier layout (no ``format``: ``best_value``, ``history`` a list of val top-1, ``rng`` with

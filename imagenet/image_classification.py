@@ -35,7 +35,8 @@ from torchdistill.datasets.util import build_data_loader
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
 from imagenet import config as recipes
-from imagenet.engine import BoxTrack, projector_of, student_of, unwrap
+from imagenet.box import projector_of, student_of, unwrap
+from imagenet.engine import BoxTrack
 from imagenet.fast import apply_fast_path, channels_last_networks, wants_fast_loader
 from imagenet.models import (
     build_model,

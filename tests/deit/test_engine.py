@@ -11,7 +11,8 @@ from timm.scheduler import CosineLRScheduler
 
 from deit.config import load_config, scaled_lrs
 from deit.datasets import build_loaders
-from deit.engine import DeiTTrack, DistillationObjective, evaluate_student
+from deit.engine import DeiTTrack, evaluate_student
+from deit.losses import DistillationObjective
 from deit.models import build_student, create_student, create_teacher
 from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.distributed import DistEnv

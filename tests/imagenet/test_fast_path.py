@@ -89,7 +89,8 @@ def test_fast_step_reads_no_device_value(tmp_path, engine_loop, no_host_reads):
 def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next_step(
     tmp_path, monkeypatch, engine_loop
 ):
-    from imagenet import engine, registry
+    from imagenet import registry
+    from imagenet.box import student_of, unwrap
 
     step, loop, box = _fast_box_step(tmp_path, engine_loop)
     step()
@@ -101,7 +102,7 @@ def test_fast_step_skips_a_non_finite_update_on_the_device_and_stops_at_the_next
         return value * float("nan") if len(calls) == 1 else value
 
     monkeypatch.setattr(registry, "kd_loss", kd_loss)
-    student = engine.unwrap(engine.student_of(box))
+    student = unwrap(student_of(box))
     weights = {k: v.detach().clone() for k, v in student.state_dict().items() if v.is_floating_point()}
     momentum = [box.optimizer.state[p]["momentum_buffer"].clone() for p in student.parameters()]
     step()  # global step 2 is bad: skipped on the device, reported at the next step
