@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.utils import accuracy
 from torch import nn
 
 from projector_kd.engine.data import raise_worker_errors_plainly, worker_failures_plainly
@@ -26,7 +27,8 @@ def evaluate_classifier(
     with_loss: bool = False,
     desc: str = "eval",
 ) -> dict[str, float]:
-    """``top1``/``top5`` = 100 * (images whose label is the first / among the first five logits) / images, over
+    """``top1``/``top5`` = 100 * (images whose label is the first / among the first five logits, by timm's
+    ``accuracy``) / images, over
     every rank's shard (a ``DistributedSampler`` is replaced by unpadded shards, so no image counts twice).
 
     ``with_loss`` adds ``loss`` (mean cross-entropy of the float32 logits) and ``num_images``. The batches are
@@ -48,10 +50,11 @@ def evaluate_classifier(
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     logits = model(images).float()
-                hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+                # timm's top-k accuracy (%) of the batch, back to image counts (exact integers)
+                correct = torch.stack(accuracy(logits, targets, topk=(1, 5))).double() * targets.numel() / 100
                 loss = criterion(logits, targets) if with_loss else torch.zeros((), device=device)
                 count = torch.tensor(targets.numel(), device=device)
-                sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, count]).double()
+                sums += torch.cat([correct.round(), torch.stack([loss, count]).double()])
         all_reduce_sum(sums)
     finally:
         model.train(was_training)
