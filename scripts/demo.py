@@ -343,7 +343,7 @@ def write_report(
     )
     if verdicts:
         verdicts.append(
-            "The seed spread is the larger standard deviation over seeds of the two rows compared;"
+            "\nThe seed spread is the larger standard deviation over seeds of the two rows compared;"
             f"{image_points} a margin within the spread is not a conclusion: another seed can reverse it."
         )
     report = "\n".join(
