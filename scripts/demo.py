@@ -5,6 +5,11 @@ train the student without distillation, with logit KD only, and with projector K
 track's real entry point with a config from ``configs/demo/``; its output folder holds the log, checkpoints and
 ``metrics.json``. A stage whose ``metrics.json`` exists is reused (``--fresh`` starts over). The report
 (``report.md``, ``curves.png``, ``summary.json``) is written to the output folder and the table printed.
+
+Every stage runs with the portable CPU kernels (:mod:`projector_kd.engine.portable`: one thread, fixed kernels), so
+the table is the same, bit for bit, on every x86-64 CPU with AVX2 and FMA, whatever the number of cores or ``--jobs``;
+``--native-kernels`` (or a CPU without AVX2 and FMA) runs with this CPU's own kernels instead: faster, and figures that
+depend on the CPU.
 """
 
 from __future__ import annotations
@@ -28,12 +33,19 @@ sys.path.insert(0, str(ROOT))
 from projector_kd.engine.cli import run_cli  # noqa: E402
 from projector_kd.engine.data import write_digits_imagefolder  # noqa: E402
 from projector_kd.engine.errors import UserError  # noqa: E402
+from projector_kd.engine.portable import (  # noqa: E402
+    PORTABLE_CONDITION,
+    cpu_model,
+    portable_environment,
+    supports_portable_kernels,
+)
 
 METHOD_LABELS = {"baseline": "no distillation", "kd": "logit KD only", "projector": "projector KD (ours)"}
 CONFIGS = ROOT / "configs" / "demo"
 IMAGE_SIZE = 32
 TRAIN_PER_CLASS = 20
 HOLDOUT_PER_CLASS = 30
+PORTABLE_LAUNCHER = ["-m", "projector_kd.engine.portable"]
 METRICS = "metrics.json"
 COMMAND_STAMP = "demo_command.json"
 
@@ -106,11 +118,22 @@ def deit_stage(method: str, seed: int, data: Path, out: Path, teacher_ckpt: Path
     return Stage("DeiT track", method, seed, command, output)
 
 
-def run_stage(stage: Stage, index: int, total: int, threads: int) -> dict:
-    """Run one stage with ``threads`` CPU threads (or reuse its finished output) and return its metrics."""
+def launch(stage: Stage, threads: int, portable: bool) -> tuple[list[str], dict[str, str]]:
+    """The command and environment ``stage`` runs with: through :mod:`projector_kd.engine.portable` with its
+    environment (one thread) when ``portable``, else as is with ``threads`` CPU threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    if not portable:
+        return stage.command, env
+    return [stage.command[0], *PORTABLE_LAUNCHER, *stage.command[1:]], portable_environment(env)
+
+
+def run_stage(stage: Stage, index: int, total: int, threads: int, portable: bool) -> dict:
+    """Run one stage (or reuse its finished output, if it ran with the same command) and return its metrics: with the
+    portable CPU kernels when ``portable``, else with this CPU's own and ``threads`` threads."""
     prefix = f"[{index}/{total}] {stage.title}"
     stamp = stage.output / COMMAND_STAMP
-    arguments = stage.command[1:]  # without the interpreter, so a moved .venv still reuses
+    command, env = launch(stage, threads, portable)
+    arguments = command[1:]  # without the interpreter, so a moved .venv still reuses
     if stage.metrics_file.is_file():
         if not stamp.is_file() or json.loads(stamp.read_text()) != arguments:
             raise UserError(
@@ -126,37 +149,35 @@ def run_stage(stage: Stage, index: int, total: int, threads: int) -> dict:
     print(f"{prefix} ...", flush=True)
     start = time.time()
     with open(console, "w") as log:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        status = subprocess.call(stage.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if status != 0 or not stage.metrics_file.is_file():
         tail = console.read_text().strip().splitlines()[-15:]
         print("\n".join("    " + line for line in tail), file=sys.stderr)
         raise UserError(
-            f"demo stage '{stage.title}' failed (exit {status}); full output in {console}; command: "
-            f"{' '.join(stage.command)}"
+            f"demo stage '{stage.title}' failed (exit {status}); full output in {console}; command: {' '.join(command)}"
         )
     metrics = json.loads(stage.metrics_file.read_text())
     print(f"{prefix}: top-1 {metrics['top1']:.2f} in {time.time() - start:.0f}s", flush=True)
     return metrics
 
 
-def run_all(teacher: Stage, students: list[Stage], jobs: int, threads: int) -> list[tuple[Stage, dict]]:
-    """Run the teacher and the students ``jobs`` at a time with ``threads`` CPU threads each. Students without
-    distillation start beside the teacher; the others wait for it. Within each group the slower DeiT-track runs go
-    first, so that the workers finish together. Returns (stage, metrics) pairs: the teacher, then ``students`` in order.
-    The first failure cancels the stages not yet started."""
+def run_all(teacher: Stage, students: list[Stage], jobs: int, threads: int, portable: bool) -> list[tuple[Stage, dict]]:
+    """Run the teacher and the students ``jobs`` at a time (:func:`run_stage` with ``threads`` and ``portable``).
+    Students without distillation start beside the teacher; the others wait for it. Within each group the slower
+    DeiT-track runs go first, so that the workers finish together. Returns (stage, metrics) pairs: the teacher, then
+    ``students`` in order. The first failure cancels the stages not yet started."""
     total = len(students) + 1
     # baselines before distilled students, DeiT before ResNet within each (sorted is stable: seeds stay in order)
     order = sorted(
         range(len(students)), key=lambda i: (students[i].method != "baseline", students[i].track != "DeiT track")
     )
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        teacher_future = pool.submit(run_stage, teacher, 1, total, threads)
+        teacher_future = pool.submit(run_stage, teacher, 1, total, threads, portable)
 
         def run_student(i: int) -> dict:
             if students[i].method != "baseline":
                 teacher_future.result()
-            return run_stage(students[i], i + 2, total, threads)
+            return run_stage(students[i], i + 2, total, threads, portable)
 
         futures = {i: pool.submit(run_student, i) for i in order}
         try:
@@ -250,6 +271,53 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def seed_spread(*rows: dict) -> float:
+    """The seed spread of a comparison: the largest standard deviation over seeds of the rows compared."""
+    return max(row["top1_std"] for row in rows)
+
+
+def comparison(track: str, by_method: dict[str, dict], seeds: int) -> str:
+    """The report's line for projector KD against no distillation on ``track``: the margin, and whether it exceeds
+    the seed spread; a margin within the spread (or with one seed, no spread at all) is no conclusion."""
+    projector, baseline = by_method["projector"], by_method["baseline"]
+    gain = projector["top1_mean"] - baseline["top1_mean"]
+    versus_kd = ""
+    if "kd" in by_method:
+        versus_kd = f"; logit KD alone: {by_method['kd']['top1_mean'] - baseline['top1_mean']:+.2f}"
+    over = f"mean over {seeds} seed{'s' if seeds != 1 else ''}"
+    if seeds < 2:
+        return (
+            f"- {track}: projector KD {gain:+.2f} top-1 points against no distillation ({over}{versus_kd}); one seed "
+            "measures no seed spread, so this margin is no conclusion."
+        )
+    spread = seed_spread(projector, baseline)
+    if abs(gain) <= spread:
+        return (
+            f"- {track}: no measurable difference at this scale: projector KD {gain:+.2f} top-1 points against no "
+            f"distillation, within the seed spread of {spread:.2f} ({over}{versus_kd})."
+        )
+    side = "above" if gain > 0 else "below"
+    return (
+        f"- {track}: projector KD {side} no distillation by {gain:+.2f} top-1 points, more than the seed spread of "
+        f"{spread:.2f} ({over}{versus_kd})."
+    )
+
+
+def kernels_sentence(portable: bool, cpu: str) -> str:
+    """What the report says of the CPU kernels the runs used, and so of where its figures hold."""
+    if portable:
+        return (
+            f"CPU kernels: portable (ATen's AVX2 build, MKL's COMPATIBLE branch, oneDNN and NNPACK off, one thread per "
+            f"run), so these figures are the same, bit for bit, on {PORTABLE_CONDITION} with this repository's pinned "
+            f"packages; measured on {cpu}."
+        )
+    return (
+        f"CPU kernels: this machine's own ({cpu}), so these figures hold on this machine only: another CPU rounds "
+        "differently and gives other figures (the demo's default, the portable kernels, gives the same figures on "
+        f"{PORTABLE_CONDITION})."
+    )
+
+
 def write_report(
     rows: list[dict],
     out: Path,
@@ -259,6 +327,9 @@ def write_report(
     holdout: bool = False,
     overrides: Sequence[str] = (),
     jobs: int = 2,
+    portable: bool = True,
+    cpu: str = "this CPU",
+    scored_images: int | None = None,
 ) -> str:
     table = format_table(rows)
     runs_time = sum(sum(row["wall_time_s"]) for row in rows)
@@ -266,17 +337,15 @@ def write_report(
     for track in ("ResNet track", "DeiT track"):
         by_method = {row["method"]: row for row in rows if row["track"] == track}
         if "projector" in by_method and "baseline" in by_method:
-            gain = by_method["projector"]["top1_mean"] - by_method["baseline"]["top1_mean"]
-            versus_kd = ""
-            if "kd" in by_method:
-                kd_gain = by_method["kd"]["top1_mean"] - by_method["baseline"]["top1_mean"]
-                versus_kd = f"; logit KD alone: {kd_gain:+.2f}"
-            verdict = "beats no distillation by" if gain > 0 else "does NOT beat no distillation:"
-            verdicts.append(
-                f"- {track}: projector KD {verdict} {gain:+.2f} top-1 points "
-                f"(mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
-                f"{versus_kd})."
-            )
+            verdicts.append(comparison(track, by_method, len(seeds)))
+    image_points = (
+        f" one of the {scored_images} scored images is {100 / scored_images:.2f} points;" if scored_images else ""
+    )
+    if verdicts:
+        verdicts.append(
+            "\nThe seed spread is the larger standard deviation over seeds of the two rows compared;"
+            f"{image_points} a margin within the spread is not a conclusion: another seed can reverse it."
+        )
     report = "\n".join(
         [
             "# Digits demo report",
@@ -286,6 +355,7 @@ def write_report(
             f"images per class; seeds {seeds}; {os.cpu_count()} CPU cores. "
             f"The runs took {runs_time:.0f}s of wall time in all ({jobs} at a time); this call took "
             f"{wall_time:.0f}s (finished runs are reused).",
+            kernels_sentence(portable, cpu),
             "Runs are scored on the "
             + (
                 f"**{HOLDOUT_PER_CLASS} held-out images per class** (`--holdout`: in no training "
@@ -306,7 +376,8 @@ def write_report(
         ]
     )
     (out / "report.md").write_text(report)
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "seeds": seeds, "wall_time_s": wall_time}, indent=2))
+    summary = {"rows": rows, "seeds": seeds, "wall_time_s": wall_time, "kernels": "portable" if portable else "native"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return table + "\n" + "\n".join(verdicts)
 
 
@@ -334,7 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs",
         type=int,
         default=max(1, os.cpu_count() or 1),
-        help="runs at a time (the teacher included), each with cpu_count/jobs threads (default: %(default)s)",
+        help="runs at a time (the teacher included), each with one thread, or cpu_count/jobs threads with "
+        "--native-kernels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--native-kernels",
+        action="store_true",
+        help="run with this CPU's own kernels and threads instead of the portable ones: about twice as fast, and "
+        f"figures that depend on the CPU (the portable kernels give the same figures on {PORTABLE_CONDITION})",
     )
     parser.add_argument(
         "--methods",
@@ -395,14 +473,34 @@ def main(argv: list[str] | None = None) -> int:
 
     cores = os.cpu_count() or 1
     jobs = max(1, min(args.jobs, cores))
-    results = run_all(teacher, stages[1:], jobs, threads=max(1, cores // jobs))
+    portable = not args.native_kernels and supports_portable_kernels()
+    if not args.native_kernels and not portable:
+        print(
+            f"[kernels] the portable CPU kernels need {PORTABLE_CONDITION}: running with this machine's own, so the "
+            "figures will not be the README's",
+            flush=True,
+        )
+    results = run_all(teacher, stages[1:], jobs, threads=max(1, cores // jobs), portable=portable)
     rows = summarise(results)
     wall_time = time.time() - start
     plot_curves(rows, out / "curves.png")
     overrides = [
         f"{track}: {' '.join(opts)}" for track, opts in (("ResNet", args.resnet_opts), ("DeiT", args.deit_opts)) if opts
     ]
-    summary = write_report(rows, out, args.seeds, args.train_per_class, wall_time, args.holdout, overrides, jobs)
+    scored = sum(1 for path in (student_data / "val").rglob("*.png"))
+    summary = write_report(
+        rows,
+        out,
+        args.seeds,
+        args.train_per_class,
+        wall_time,
+        args.holdout,
+        overrides,
+        jobs,
+        portable=portable,
+        cpu=cpu_model(),
+        scored_images=scored,
+    )
     print("\n" + summary)
     print(f"\nreport: {out / 'report.md'}  plot: {out / 'curves.png'}  total wall time: {wall_time:.0f}s")
     return 0
