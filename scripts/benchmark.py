@@ -10,6 +10,8 @@ FLOPs per image (``torch.utils.flop_counter.FlopCounterMode`` on one eager step:
     MFU = FLOPs per image * img/s / measured bf16 matmul peak      (peak: timed square bf16 matmuls on the same device)
 
 A parity check runs both recipes on one batch with the same weights and compares the loss and the student's gradients.
+The rows are one table (:data:`CASES`), each timed by :func:`time_row` with its track's builder (``deit.benchmark``,
+``imagenet.benchmark``); the parity check is ``projector_kd.engine.parity.check_parity`` of the track's ``parity_pair``.
 The data section, per track, times on the same files — synthetic ImageNet-size JPEGs and scikit-learn's two real
 photos — decoding alone (the default loader's ``load_rgb``), the recipe's training transform after it (DeiT: timm
 ``create_transform`` with the recipe's RandAugment and random erasing, through ``deit.datasets.build_transform``;
@@ -30,6 +32,7 @@ small images so CI can smoke-test the script on a CPU; CPU figures are not perfo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import importlib.metadata
@@ -39,7 +42,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,7 +342,6 @@ def bench_rows(track: str, sizes: Sizes, args: argparse.Namespace, device: torch
     for case, row in zip(cases, rows):
         if case.compared_to is not None:
             row.vs_release = row.img_per_s / by_case[case.compared_to].img_per_s
-    reset_memory(device)
     return rows
 
 
@@ -432,15 +434,24 @@ def track_transform(track: str, sizes: Sizes, root: Path) -> Any:
 TIMING_ROUNDS = 3
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread inside the block (the cores go to the case timed or to the loader workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def time_per_core(cases: dict[str, Callable[[str], Any]], files: list[Path], images: int) -> dict[str, float]:
     """img/s per core of each case (``case(path)``: read, decode, transform one file) on the same ``images`` files:
     images / CPU seconds of this process, torch on one thread, the cases interleaved over :data:`TIMING_ROUNDS`
     rounds so that a busy machine slows them alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     seconds = dict.fromkeys(cases, 0.0)
     per_round = max(images // TIMING_ROUNDS, 1)
-    try:
+    with one_torch_thread():
         for case in cases.values():
             for path in files[:4]:
                 case(str(path))
@@ -450,8 +461,6 @@ def time_per_core(cases: dict[str, Callable[[str], Any]], files: list[Path], ima
                 for index in range(round_ * per_round, (round_ + 1) * per_round):
                     case(str(files[index % len(files)]))
                 seconds[name] += time.process_time() - started
-    finally:
-        torch.set_num_threads(threads)
     return {name: per_round * TIMING_ROUNDS / max(value, 1e-9) for name, value in seconds.items()}
 
 
@@ -522,25 +531,6 @@ def time_loader(
     return count / (time.perf_counter() - started)
 
 
-def deit_loader(
-    sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device, fast: bool = False
-) -> Any:
-    """The DeiT track's training loader on the fast path (``deit.datasets.build_loaders``: resumable seeded sampling,
-    pinned memory on CUDA, persistent workers) over ``root``: the recipe's loader, or with ``fast`` the fast CPU
-    loader (``data.fast_loader``)."""
-    from deit.datasets import build_loaders
-
-    loader, _ = build_loaders(
-        deit_data_config(sizes, root, batch_size, workers, fast_loader=fast),
-        rank=0,
-        world_size=1,
-        pin_memory=device.type == "cuda",
-        device=device,
-    )
-    loader.sampler.set_epoch(0)
-    return loader
-
-
 LOADERS = ("recipe", "fast")
 
 
@@ -559,34 +549,43 @@ def bench_data(
         entry: dict[str, Any] = {
             "transform": time_transforms(track, sizes, root, transform_files(synthetic)),
             "jpeg_sizes": [list(s) for s in sizes.jpeg_sizes],
-            "loader": [],
         }
-        for workers in args.workers:
-            row = {"workers": workers}
-            for kind in LOADERS:
-                loader = data_loader(track, kind, sizes, root, args.batch_size, workers, device)
-                row[f"{kind}_img_per_s"] = time_loader(loader, sizes.loader_batches, device, workers=workers)
-                del loader
-            entry["loader"].append(row)
+
+        def rates(workers: int, step: Callable[..., Any] | None = None) -> dict[str, float]:
+            """img/s of each of :data:`LOADERS` with ``workers`` workers, each batch training ``step`` when given."""
+            return {
+                f"{kind}_img_per_s": time_loader(
+                    data_loader(track, kind, sizes, root, args.batch_size, workers, device),
+                    sizes.loader_batches,
+                    device,
+                    step=step,
+                    workers=workers,
+                )
+                for kind in LOADERS
+            }
+
+        entry["loader"] = [{"workers": workers, **rates(workers)} for workers in args.workers]
         if track == "deit" and fast_img_s is not None:
             workers = max(args.workers)
             step = build_step("deit", "build_fast", sizes, args.batch_size, device)
-            row = {"workers": workers, "step_only_img_per_s": fast_img_s}
-            for kind in LOADERS:
-                loader = deit_loader(sizes, root, args.batch_size, workers, device, fast=kind == "fast")
-                row[f"{kind}_img_per_s"] = time_loader(loader, sizes.loader_batches, device, step=step, workers=workers)
-                del loader
-            entry["end_to_end"] = row
+            entry["end_to_end"] = {"workers": workers, "step_only_img_per_s": fast_img_s, **rates(workers, step)}
     return entry
 
 
 def data_loader(
     track: str, kind: str, sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device
 ) -> Any:
-    """The track's training loader over ``root``: the recipe's (``kind`` 'recipe') or the fast CPU loader ('fast')."""
-    if track == "deit":
-        return deit_loader(sizes, root, batch_size, workers, device, fast=kind == "fast")
-    return resnet_loader("torchvision" if kind == "recipe" else "fast", sizes, root, batch_size, workers, device)
+    """The track's training loader over ``root``: the recipe's (``kind`` 'recipe') or the fast CPU loader ('fast').
+    DeiT: ``deit.datasets.build_loaders`` on the fast path (resumable seeded sampling, pinned memory on CUDA,
+    persistent workers; ``data.fast_loader`` for 'fast'); ResNet: :func:`resnet_loader`."""
+    if track == "resnet":
+        return resnet_loader("torchvision" if kind == "recipe" else "fast", sizes, root, batch_size, workers, device)
+    from deit.datasets import build_loaders
+
+    config = deit_data_config(sizes, root, batch_size, workers, fast_loader=kind == "fast")
+    loader, _ = build_loaders(config, rank=0, world_size=1, pin_memory=device.type == "cuda", device=device)
+    loader.sampler.set_epoch(0)
+    return loader
 
 
 # ------------------------------------------------------------------------------------ ResNet loaders, end to end
@@ -636,52 +635,6 @@ def dali_installed() -> bool:
     return True
 
 
-def time_resnet_loaders(
-    sizes: Sizes, args: argparse.Namespace, device: torch.device, workers: int, batches: int, step_only_img_s: float
-) -> list[dict[str, Any]]:
-    """One row per loader for :func:`bench_resnet_loaders`."""
-    step = build_step("resnet", "build_fast", sizes, args.batch_size, device)
-    rows = []
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="benchmark-loaders-") as tmp:
-        root = Path(tmp)
-        write_jpeg_imagefolder(root, sizes, loader_batches_needed(workers, batches) + 1, args.batch_size)
-        for kind in RESNET_LOADERS:
-            if kind == "dali" and not dali_installed():
-                rows.append(
-                    {
-                        "loader": kind,
-                        "decoding": None,
-                        "img_per_s": None,
-                        "vs_step_only": None,
-                        "note": "DALI not installed",
-                    }
-                )
-                continue
-            decoding = {
-                "torchvision": f"PIL, {workers} worker processes",
-                "fast": f"PIL crop window, {workers} worker processes",
-                "dali": f"{'nvJPEG on the GPU' if device.type == 'cuda' else 'DALI CPU'}, {workers} threads",
-            }[kind]
-            img_s = time_loader(
-                resnet_loader(kind, sizes, root, args.batch_size, workers, device),
-                batches,
-                device,
-                step=step,
-                workers=workers,
-            )
-            rows.append(
-                {
-                    "loader": kind,
-                    "decoding": decoding,
-                    "img_per_s": img_s,
-                    "vs_step_only": img_s / step_only_img_s,
-                    "note": None,
-                }
-            )
-    return rows
-
-
 RESNET_LOADERS = ("torchvision", "fast", "dali")
 
 
@@ -689,16 +642,35 @@ def bench_resnet_loaders(
     sizes: Sizes, args: argparse.Namespace, device: torch.device, step_only_img_s: float
 ) -> dict[str, Any]:
     """img/s of the torchvision, the fast CPU and the DALI loader each feeding the ResNet fast step, with the same
-    worker / thread count (the largest of ``--workers``); the DALI row says 'DALI not installed' where it is
-    missing."""
+    worker / thread count (the largest of ``--workers``), torch on one thread in this process; the DALI row says
+    'DALI not installed' where it is missing."""
     workers = max(args.workers)
     batches = 1 if args.tiny else 4 * sizes.loader_batches
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows = time_resnet_loaders(sizes, args, device, workers, batches, step_only_img_s)
-    finally:
-        torch.set_num_threads(threads)
+    decoding = {
+        "torchvision": f"PIL, {workers} worker processes",
+        "fast": f"PIL crop window, {workers} worker processes",
+        "dali": f"{'nvJPEG on the GPU' if device.type == 'cuda' else 'DALI CPU'}, {workers} threads",
+    }
+    rows = []
+    with one_torch_thread(), tempfile.TemporaryDirectory(prefix="benchmark-loaders-") as tmp:
+        step = build_step("resnet", "build_fast", sizes, args.batch_size, device)
+        torch.manual_seed(0)
+        root = Path(tmp)
+        write_jpeg_imagefolder(root, sizes, loader_batches_needed(workers, batches) + 1, args.batch_size)
+        for kind in RESNET_LOADERS:
+            timed = kind != "dali" or dali_installed()
+            loader = resnet_loader(kind, sizes, root, args.batch_size, workers, device) if timed else None
+            img_s = time_loader(loader, batches, device, step=step, workers=workers) if timed else None
+            rows.append(
+                {
+                    "loader": kind,
+                    "decoding": decoding[kind] if timed else None,
+                    "img_per_s": img_s,
+                    "vs_step_only": img_s / step_only_img_s if timed else None,
+                    "note": None if timed else "DALI not installed",
+                }
+            )
+    del step
     reset_memory(device)
     return {"workers": workers, "batches": batches, "step_only_img_per_s": step_only_img_s, "rows": rows}
 
@@ -900,37 +872,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
 
+    @contextlib.contextmanager
+    def phase(track: str, suffix: str, what: str) -> Iterator[None]:
+        """Announce a phase of ``track``, record its seconds under ``track + suffix`` and free the device memory it
+        held."""
+        print(f"[{track}] {what} ...", flush=True)
+        started = time.perf_counter()
+        yield
+        seconds[track + suffix] = time.perf_counter() - started
+        reset_memory(device)
+
     for track in tracks:
         fast_img_s = None
         if not args.data_only:
-            print(f"[{track}] timing release, fast, teacher ...", flush=True)
-            started = time.perf_counter()
-            track_rows = bench_rows(track, sizes, args, device, peak)
-            rows += track_rows
-            fast_img_s = next(row.img_per_s for row in track_rows if row.case == "fast")
-            print(format_rows(track_rows), flush=True)
-            seconds[track] = time.perf_counter() - started
+            with phase(track, "", "timing release, fast, teacher"):
+                track_rows = bench_rows(track, sizes, args, device, peak)
+                rows += track_rows
+                fast_img_s = next(row.img_per_s for row in track_rows if row.case == "fast")
+                print(format_rows(track_rows), flush=True)
         if not args.no_data:
-            print(
-                f"[{track}] data: train transforms per core, loader ceilings"
-                f"{', end-to-end' * (not args.data_only)} ...",
-                flush=True,
-            )
-            started = time.perf_counter()
-            data[track] = bench_data(track, sizes, args, device, fast_img_s)
-            print(format_data(track, data[track], env["cpu_cores"], fast_img_s), flush=True)
-            if track == "resnet" and not args.data_only:
-                loaders = data["resnet"]["end_to_end_loaders"] = bench_resnet_loaders(sizes, args, device, fast_img_s)
-                print(format_resnet_loaders(loaders), flush=True)
-            seconds[f"{track}_data"] = time.perf_counter() - started
-            reset_memory(device)
+            with phase(
+                track,
+                "_data",
+                f"data: train transforms per core, loader ceilings{', end-to-end' * (not args.data_only)}",
+            ):
+                data[track] = bench_data(track, sizes, args, device, fast_img_s)
+                print(format_data(track, data[track], env["cpu_cores"], fast_img_s), flush=True)
+                if track == "resnet" and not args.data_only:
+                    loaders = data[track]["end_to_end_loaders"] = bench_resnet_loaders(sizes, args, device, fast_img_s)
+                    print(format_resnet_loaders(loaders), flush=True)
         if not args.no_parity and not args.data_only:
-            print(f"[{track}] parity ...", flush=True)
-            started = time.perf_counter()
-            parity[track] = run_parity(track, sizes, args.batch_size, device)
-            seconds[f"{track}_parity"] = time.perf_counter() - started
+            with phase(track, "_parity", "parity"):
+                parity[track] = run_parity(track, sizes, args.batch_size, device)
             print(format_parity(track, parity[track]), flush=True)
-            reset_memory(device)
         if args.json is not None:
             write_report(complete=False)
     print()
