@@ -161,11 +161,11 @@ def _networks(
 
 def _box(
     box_config: Callable[[int, int], dict],
-    teacher_arch: str,
-    student_arch: str,
-    num_classes: int,
     device: torch.device,
-    seed: int,
+    teacher_arch: str = "resnet34",
+    student_arch: str = "resnet18",
+    num_classes: int = 1000,
+    seed: int = 0,
 ) -> tuple[Any, nn.Module]:
     """A torchdistill box of ``box_config(teacher_dim, student_dim)`` over fresh torchvision networks (seeded), ready
     for its first epoch, and its teacher."""
@@ -175,32 +175,21 @@ def _box(
     return box, teacher
 
 
-def srd_box(
-    device: torch.device,
-    teacher_arch: str = "resnet34",
-    student_arch: str = "resnet18",
-    num_classes: int = 1000,
-    seed: int = 0,
-) -> Any:
-    """torchdistill's ``SRDLoss`` + ``SRDModelWrapper`` box (the release recipe): teacher network in eval mode, the
-    teacher wrapper's whitening in training mode (batch statistics)."""
-    box, _ = _box(srd_box_config, teacher_arch, student_arch, num_classes, torch.device(device), seed)
+def srd_box(device: torch.device, **models: Any) -> Any:
+    """torchdistill's ``SRDLoss`` + ``SRDModelWrapper`` box (the release recipe) over the networks of ``models``
+    (``teacher_arch``, ``student_arch``, ``num_classes``, ``seed``): teacher network in eval mode, the teacher
+    wrapper's whitening in training mode (batch statistics)."""
+    box, _ = _box(srd_box_config, torch.device(device), **models)
     box.teacher_model.train()
     box.teacher_model.model.eval()
     return box
 
 
-def fast_box(
-    device: torch.device,
-    teacher_arch: str = "resnet34",
-    student_arch: str = "resnet18",
-    num_classes: int = 1000,
-    seed: int = 0,
-) -> tuple[Any, FastSettings]:
-    """This project's ProjectorKD box on the fast path (bf16 autocast, channels_last, compile, fused SGD) and what the
-    fast path switched on."""
+def fast_box(device: torch.device, **models: Any) -> tuple[Any, FastSettings]:
+    """This project's ProjectorKD box on the fast path (bf16 autocast, channels_last, compile, fused SGD) over the
+    networks of ``models`` (as :func:`srd_box`), and what the fast path switched on."""
     device = torch.device(device)
-    box, teacher = _box(projector_box_config, teacher_arch, student_arch, num_classes, device, seed)
+    box, teacher = _box(projector_box_config, device, **models)
     return box, apply_fast_path(box, teacher, device)
 
 
