@@ -1,8 +1,11 @@
-"""Benchmark and parity helpers of the DeiT track: its training step with random networks, and the check that the
-fast path computes the release recipe's loss and gradients (:mod:`projector_kd.engine.parity`)."""
+"""The DeiT track's benchmark steps and parity pair, with random networks: :func:`build_release`, :func:`build_fast`
+and :func:`build_teacher` each return one step on a batch (``step(images, labels)``) for ``scripts/benchmark.py``;
+:func:`parity_pair` returns the release and fast set-ups that :func:`projector_kd.engine.parity.check_parity`
+compares."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,10 +13,13 @@ from timm.utils import random_seed
 
 from projector_kd.engine.distributed import DistEnv
 from projector_kd.engine.errors import UserError
+from projector_kd.engine.fast import autocast_context
 from projector_kd.engine.loop import TrainingLoop
-from projector_kd.engine.parity import Result, judge_parity, strict_fp32, synthetic_batch
+from projector_kd.engine.parity import ParitySide, Result
 
 from .engine import DeiTTrack
+
+Step = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
 def build_train_step(
@@ -61,43 +67,62 @@ def build_train_step(
     return TrainingLoop(track, output_dir=None)
 
 
-def deit_gradients(
-    track: DeiTTrack, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None
-) -> Result:
-    """Loss and gradients (student and projector) of one forward/backward (no optimizer step, no loss scaling) of
-    ``track`` with ``autocast_dtype`` (None: float32); mixup/cutmix seeded identically every call."""
-    saved = track.autocast_dtype
-    track.autocast_dtype = autocast_dtype
-    try:
-        random_seed(0)
-        x, y = track.prepare_batch(images.clone(), labels)  # mixup mixes a batch in place
-        loss = sum(track.compute_terms(x, y).values())
-        track.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    finally:
-        track.autocast_dtype = saved
-    return loss.item(), {n: p.grad.detach().float() for n, p in track.trained.named_parameters() if p.grad is not None}
+def _loop_step(loop: TrainingLoop) -> Step:
+    """``loop``'s training step on a copy of the batch (mixup mixes its input in place, and a benchmark feeds one
+    batch every step)."""
+    return lambda images, labels: loop.train_step((images.clone(), labels))
 
 
-def deit_parity_pair(batch_size: int, device: str | torch.device, **build_kwargs: Any) -> tuple[DeiTTrack, DeiTTrack]:
-    """Release and fast DeiT tracks (:func:`build_train_step` with ``build_kwargs``) with the same weights, drop path
-    off (its random masks differ under compile)."""
-    release = build_train_step("release", batch_size=batch_size, device=device, **build_kwargs, drop_path=0.0).track
-    fast = build_train_step("fast", batch_size=batch_size, device=device, **build_kwargs, drop_path=0.0).track
+def build_release(device: torch.device, **models: Any) -> Step:
+    """The release recipe's training step (:func:`build_train_step` ``'release'`` with ``models``)."""
+    return _loop_step(build_train_step("release", device=device, **models))
+
+
+def build_fast(device: torch.device, **models: Any) -> Step:
+    """The fast path's training step (:func:`build_train_step` ``'fast'`` with ``models``)."""
+    return _loop_step(build_train_step("fast", device=device, **models))
+
+
+def build_teacher(device: torch.device, **models: Any) -> Step:
+    """Teacher inference alone with the fast path's settings (autocast, channels_last, compile): the floor of any
+    design that runs the teacher every step."""
+    track = build_train_step("fast", device=device, **models).track
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if track.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device.type, track.autocast_dtype):
+            return track.teacher_forward(images)
+
+    return step
+
+
+def _gradients(track: DeiTTrack) -> Callable[[torch.Tensor, torch.Tensor, torch.dtype | None], Result]:
+    """Loss and gradients (student and projector) of one forward/backward of ``track`` (no optimizer step, no loss
+    scaling) under the given autocast dtype (None: float32); mixup/cutmix seeded identically every call."""
+
+    def gradients(images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None) -> Result:
+        saved = track.autocast_dtype
+        track.autocast_dtype = autocast_dtype
+        try:
+            random_seed(0)
+            x, y = track.prepare_batch(images.clone(), labels)  # mixup mixes a batch in place
+            loss = sum(track.compute_terms(x, y).values())
+            track.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        finally:
+            track.autocast_dtype = saved
+        trained = track.trained.named_parameters()
+        return loss.item(), {n: p.grad.detach().float() for n, p in trained if p.grad is not None}
+
+    return gradients
+
+
+def parity_pair(device: torch.device, **models: Any) -> tuple[ParitySide, ParitySide]:
+    """Release and fast DeiT tracks (:func:`build_train_step` with ``models``) with the same weights, drop path off
+    (its random masks differ under compile); each side's ``model`` is its :class:`DeiTTrack`."""
+    release = build_train_step("release", device=device, **models, drop_path=0.0).track
+    fast = build_train_step("fast", device=device, **models, drop_path=0.0).track
     fast.trained.load_state_dict(release.trained.state_dict())
     fast.teacher.load_state_dict(release.teacher.state_dict())
-    return release, fast
-
-
-def deit_parity_check(release: DeiTTrack, fast: DeiTTrack, batch_size: int, device: torch.device) -> dict[str, Any]:
-    """Parity verdict of a :func:`deit_parity_pair` on one synthetic batch of the tracks' image size; the release
-    track computes the references."""
-    model = release.cfg["model"]
-    images, labels = synthetic_batch(batch_size, model["img_size"], model["num_classes"], device, seed=1)
-    low = fast.autocast_dtype
-    fast_run = deit_gradients(fast, images, labels, low)  # first: a compile failure falls back to eager here
-    with strict_fp32(), torch.compiler.set_stance("force_eager"):
-        reference = deit_gradients(release, images, labels, None)
-        fast_fp32 = deit_gradients(fast, images, labels, None)
-    rounded = deit_gradients(release, images, labels, low) if low else reference
-    return judge_parity(reference, rounded, fast_run, fast_fp32, low)
+    return ParitySide(release, _gradients(release)), ParitySide(fast, _gradients(fast), fast.autocast_dtype)

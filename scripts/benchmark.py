@@ -10,6 +10,8 @@ FLOPs per image (``torch.utils.flop_counter.FlopCounterMode`` on one eager step:
     MFU = FLOPs per image * img/s / measured bf16 matmul peak      (peak: timed square bf16 matmuls on the same device)
 
 A parity check runs both recipes on one batch with the same weights and compares the loss and the student's gradients.
+The rows are one table (:data:`CASES`), each timed by :func:`time_row` with its track's builder (``deit.benchmark``,
+``imagenet.benchmark``); the parity check is ``projector_kd.engine.parity.check_parity`` of the track's ``parity_pair``.
 The data section, per track, times on the same files — synthetic ImageNet-size JPEGs and scikit-learn's two real
 photos — decoding alone (the default loader's ``load_rgb``), the recipe's training transform after it (DeiT: timm
 ``create_transform`` with the recipe's RandAugment and random erasing, through ``deit.datasets.build_transform``;
@@ -30,7 +32,9 @@ small images so CI can smoke-test the script on a CPU; CPU figures are not perfo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib
 import importlib.metadata
 import math
 import os
@@ -38,7 +42,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from projector_kd.engine.cli import run_cli
 from projector_kd.engine.errors import UserError
-from projector_kd.engine.fast import autocast_context
+from projector_kd.engine.parity import check_parity, synthetic_batch
 from projector_kd.engine.runs import write_json
 
 TRACKS = ("deit", "resnet")
@@ -210,32 +214,117 @@ def matmul_peak_flops(device: torch.device, size: int, repeats: int = 10) -> flo
     return 2 * size**3 / (statistics.mean(times) / 1e3)
 
 
-def measure_row(
-    track: str,
-    case: str,
-    description: str,
-    step: Callable[[], Any],
-    batch_size: int,
-    timing: tuple[int, int],
-    device: torch.device,
-    flops_per_img: float | None,
-    peak_flops: float,
-) -> Row:
-    """Time ``step`` (``timing`` = (timed steps, warm-up steps), :func:`time_steps`), measure its host issue time
-    (:func:`host_issue_ms`) and make its row."""
-    times = time_steps(step, *timing, device)
-    host_ms = host_issue_ms(step, device)
+# -------------------------------------------------------------------------------------------------------- rows
+
+TRACK_MODULES = {"deit": "deit.benchmark", "resnet": "imagenet.benchmark"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: the track's benchmark module's ``builder`` makes its step; ``compared_to``: the row of
+    the same track whose img/s divides this one's (``vs_release``); ``description`` is formatted with the sizes as
+    ``s``."""
+
+    track: str
+    case: str
+    builder: str
+    compared_to: str | None
+    description: str
+
+
+CASES = (
+    Case(
+        "deit",
+        "release",
+        "build_release",
+        None,
+        "DeiT-{s.deit_model} <- {s.deit_teacher}, release recipe (fp16 autocast + GradScaler on CUDA, eager, AdamW)",
+    ),
+    Case(
+        "deit",
+        "fast",
+        "build_fast",
+        "release",
+        "same math, fast path (bf16 + channels_last + torch.compile + fused AdamW on CUDA)",
+    ),
+    Case("deit", "teacher", "build_teacher", "release", "{s.deit_teacher} inference alone, fast-path settings (floor)"),
+    Case(
+        "resnet",
+        "release",
+        "build_release",
+        None,
+        "{s.resnet_student} <- {s.resnet_teacher}, torchdistill SRDLoss + SRDModelWrapper box, fp32, eager, SGD",
+    ),
+    Case(
+        "resnet",
+        "fast",
+        "build_fast",
+        "release",
+        "same math, ProjectorKD box on the fast path (bf16 + channels_last + torch.compile + fused SGD)",
+    ),
+    Case(
+        "resnet",
+        "teacher",
+        "build_teacher",
+        "release",
+        "{s.resnet_teacher} inference alone, fast-path settings (floor)",
+    ),
+)
+
+
+def track_models(track: str, sizes: Sizes, batch_size: int) -> dict[str, Any]:
+    """The keyword arguments of the track's builders and ``parity_pair`` for ``sizes``."""
+    if track == "deit":
+        return dict(
+            model=sizes.deit_model,
+            batch_size=batch_size,
+            img_size=sizes.deit_img_size,
+            teacher=sizes.deit_teacher,
+            num_classes=sizes.num_classes,
+            **sizes.deit_overrides,
+        )
+    return dict(teacher_arch=sizes.resnet_teacher, student_arch=sizes.resnet_student, num_classes=sizes.num_classes)
+
+
+def image_size(track: str, sizes: Sizes) -> int:
+    """The track's image size in ``sizes``."""
+    return sizes.deit_img_size if track == "deit" else sizes.resnet_img_size
+
+
+def build_step(track: str, builder: str, sizes: Sizes, batch_size: int, device: torch.device) -> Callable[..., Any]:
+    """``step(images, labels)`` of the track's benchmark module's ``builder`` with the models of ``sizes``."""
+    module = importlib.import_module(TRACK_MODULES[track])
+    return getattr(module, builder)(device, **track_models(track, sizes, batch_size))
+
+
+def time_row(case: Case, sizes: Sizes, args: argparse.Namespace, device: torch.device, peak_flops: float) -> Row:
+    """Build the case's step and time it on the track's synthetic batch: ``--warmup`` untimed steps (which absorb
+    torch.compile), ``--steps`` timed ones (:func:`time_steps`), the host issue time (:func:`host_issue_ms`) and the
+    peak memory since the build; then the model FLOPs of one step run eagerly (counted after the first call, where
+    the compile-or-eager choice is made)."""
+    reset_memory(device)
+    step = build_step(case.track, case.builder, sizes, args.batch_size, device)
+    images, labels = synthetic_batch(args.batch_size, image_size(case.track, sizes), sizes.num_classes, device)
+
+    def run() -> Any:
+        return step(images, labels)
+
+    times = time_steps(run, args.steps, args.warmup, device)
+    host_ms = host_issue_ms(run, device)
+    memory = peak_memory_mib(device)
+    with torch.compiler.set_stance("force_eager"):
+        flops_per_img = count_flops(run) / args.batch_size
     mean_ms = statistics.mean(times)
-    img_s = batch_size / (mean_ms / 1e3)
+    img_s = args.batch_size / (mean_ms / 1e3)
     return Row(
-        track=track,
-        case=case,
-        description=description,
-        batch_size=batch_size,
+        track=case.track,
+        case=case.case,
+        description=case.description.format(s=sizes),
+        batch_size=args.batch_size,
         step_ms_mean=mean_ms,
         step_ms_median=statistics.median(times),
         img_per_s=img_s,
-        peak_memory_mib=peak_memory_mib(device),
+        peak_memory_mib=memory,
         gflops_per_img=flops_per_img / 1e9 if flops_per_img else None,
         mfu=flops_per_img * img_s / peak_flops if flops_per_img else None,
         host_ms=host_ms,
@@ -245,174 +334,14 @@ def measure_row(
     )
 
 
-# ---------------------------------------------------------------------------------------------------- DeiT track
-
-
-def deit_kwargs(sizes: Sizes) -> dict[str, Any]:
-    """The DeiT models of ``sizes`` as keyword arguments of ``deit.benchmark.build_train_step``."""
-    return dict(
-        model=sizes.deit_model,
-        img_size=sizes.deit_img_size,
-        teacher=sizes.deit_teacher,
-        num_classes=sizes.num_classes,
-        **sizes.deit_overrides,
-    )
-
-
-def build_deit(recipe: str, sizes: Sizes, batch_size: int, device: torch.device) -> Any:
-    """The DeiT track's training loop for ``recipe`` ('release' | 'fast') with random weights (its
-    ``build_train_step``)."""
-    from deit.benchmark import build_train_step
-
-    return build_train_step(recipe, batch_size=batch_size, device=device, **deit_kwargs(sizes))
-
-
-def bench_deit(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> tuple[list[Row], Any]:
-    """Release step, fast step and teacher floor; returns the rows and the fast loop (for the end-to-end run)."""
-    from projector_kd.engine.parity import synthetic_batch
-
-    # the release step's mixup mixes its input in place: each step gets a copy
-    images, labels = synthetic_batch(args.batch_size, sizes.deit_img_size, sizes.num_classes, device)
-    rows = []
-    reset_memory(device)
-    release = build_deit("release", sizes, args.batch_size, device)
-    flops = count_flops(lambda: release.train_step((images.clone(), labels))) / args.batch_size
-    rows.append(
-        measure_row(
-            "deit",
-            "release",
-            f"DeiT-{sizes.deit_model} <- {sizes.deit_teacher}, release recipe "
-            "(fp16 autocast + GradScaler on CUDA, eager, AdamW)",
-            lambda: release.train_step((images.clone(), labels)),
-            args.batch_size,
-            (args.steps, max(args.warmup - 1, 0)),  # the counted step was the first warm-up step
-            device,
-            flops,
-            peak,
-        )
-    )
-    release = None  # frees the release loop (the timed lambdas hold only its name)
-    reset_memory(device)
-    fast = build_deit("fast", sizes, args.batch_size, device)
-    rows.append(
-        measure_row(
-            "deit",
-            "fast",
-            "same math, fast path (bf16 + channels_last + torch.compile + fused AdamW on CUDA)",
-            lambda: fast.train_step((images.clone(), labels)),
-            args.batch_size,
-            (args.steps, args.warmup),
-            device,
-            flops,
-            peak,
-        )
-    )
-    reset_memory(device)
-    track = fast.track
-    teacher_images = images.contiguous(memory_format=torch.channels_last) if track.channels_last else images
-    teacher_flops = count_flops(lambda: track.teacher(teacher_images)) / args.batch_size
-
-    def teacher_step() -> None:
-        with autocast_context(device.type, track.autocast_dtype):
-            track.teacher_forward(teacher_images)
-
-    rows.append(
-        measure_row(
-            "deit",
-            "teacher",
-            f"{sizes.deit_teacher} inference alone, fast-path settings (floor)",
-            teacher_step,
-            args.batch_size,
-            (args.steps, args.warmup),
-            device,
-            teacher_flops,
-            peak,
-        )
-    )
-    return rows, fast
-
-
-# -------------------------------------------------------------------------------------------------- ResNet track
-
-
-def resnet_kwargs(sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
-    return dict(
-        teacher_arch=sizes.resnet_teacher,
-        student_arch=sizes.resnet_student,
-        batch_size=batch_size,
-        image_size=sizes.resnet_img_size,
-        num_classes=sizes.num_classes,
-        device=device,
-    )
-
-
-def bench_resnet(sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> list[Row]:
-    from imagenet.benchmark import build_fast_step, build_reference_step, build_teacher_step
-
-    kwargs = resnet_kwargs(sizes, args.batch_size, device)
-    rows = []
-    reset_memory(device)
-    reference = build_reference_step(**kwargs)
-    flops = count_flops(reference) / args.batch_size
-    rows.append(
-        measure_row(
-            "resnet",
-            "release",
-            f"{sizes.resnet_student} <- {sizes.resnet_teacher}, torchdistill "
-            "SRDLoss + SRDModelWrapper box, fp32, eager, SGD",
-            reference,
-            args.batch_size,
-            (args.steps, max(args.warmup - 1, 0)),  # the counted step was the first warm-up step
-            device,
-            flops,
-            peak,
-        )
-    )
-    del reference
-    reset_memory(device)
-    fast = build_fast_step(**kwargs)
-    rows.append(
-        measure_row(
-            "resnet",
-            "fast",
-            "same math, ProjectorKD box on the fast path (bf16 + channels_last + torch.compile + fused SGD)",
-            fast,
-            args.batch_size,
-            (args.steps, args.warmup),
-            device,
-            flops,
-            peak,
-        )
-    )
-    del fast
-    reset_memory(device)
-    teacher_flops = (
-        count_flops(
-            build_teacher_step(
-                sizes.resnet_teacher,
-                fast=False,
-                **{k: kwargs[k] for k in ("batch_size", "image_size", "num_classes", "device")},
-            )
-        )
-        / args.batch_size
-    )
-    reset_memory(device)
-    teacher = build_teacher_step(
-        sizes.resnet_teacher, fast=True, **{k: kwargs[k] for k in ("batch_size", "image_size", "num_classes", "device")}
-    )
-    rows.append(
-        measure_row(
-            "resnet",
-            "teacher",
-            f"{sizes.resnet_teacher} inference alone, fast-path settings (floor)",
-            teacher,
-            args.batch_size,
-            (args.steps, args.warmup),
-            device,
-            teacher_flops,
-            peak,
-        )
-    )
+def bench_rows(track: str, sizes: Sizes, args: argparse.Namespace, device: torch.device, peak: float) -> list[Row]:
+    """The track's rows of :data:`CASES`, each timed by :func:`time_row` and compared to its ``compared_to`` row."""
+    cases = [case for case in CASES if case.track == track]
+    rows = [time_row(case, sizes, args, device, peak) for case in cases]
+    by_case = {row.case: row for row in rows}
+    for case, row in zip(cases, rows):
+        if case.compared_to is not None:
+            row.vs_release = row.img_per_s / by_case[case.compared_to].img_per_s
     return rows
 
 
@@ -505,15 +434,24 @@ def track_transform(track: str, sizes: Sizes, root: Path) -> Any:
 TIMING_ROUNDS = 3
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread inside the block (the cores go to the case timed or to the loader workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def time_per_core(cases: dict[str, Callable[[str], Any]], files: list[Path], images: int) -> dict[str, float]:
     """img/s per core of each case (``case(path)``: read, decode, transform one file) on the same ``images`` files:
     images / CPU seconds of this process, torch on one thread, the cases interleaved over :data:`TIMING_ROUNDS`
     rounds so that a busy machine slows them alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     seconds = dict.fromkeys(cases, 0.0)
     per_round = max(images // TIMING_ROUNDS, 1)
-    try:
+    with one_torch_thread():
         for case in cases.values():
             for path in files[:4]:
                 case(str(path))
@@ -523,8 +461,6 @@ def time_per_core(cases: dict[str, Callable[[str], Any]], files: list[Path], ima
                 for index in range(round_ * per_round, (round_ + 1) * per_round):
                     case(str(files[index % len(files)]))
                 seconds[name] += time.process_time() - started
-    finally:
-        torch.set_num_threads(threads)
     return {name: per_round * TIMING_ROUNDS / max(value, 1e-9) for name, value in seconds.items()}
 
 
@@ -595,84 +531,61 @@ def time_loader(
     return count / (time.perf_counter() - started)
 
 
-def deit_loader(
-    sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device, fast: bool = False
-) -> Any:
-    """The DeiT track's training loader on the fast path (``deit.datasets.build_loaders``: resumable seeded sampling,
-    pinned memory on CUDA, persistent workers) over ``root``: the recipe's loader, or with ``fast`` the fast CPU
-    loader (``data.fast_loader``)."""
-    from deit.datasets import build_loaders
-
-    loader, _ = build_loaders(
-        deit_data_config(sizes, root, batch_size, workers, fast_loader=fast),
-        rank=0,
-        world_size=1,
-        pin_memory=device.type == "cuda",
-        device=device,
-    )
-    loader.sampler.set_epoch(0)
-    return loader
-
-
 LOADERS = ("recipe", "fast")
 
 
 def bench_data(
-    sizes: Sizes,
-    args: argparse.Namespace,
-    device: torch.device,
-    tracks: list[str],
-    fast_deit: Any,
-    fast_deit_img_s: float | None,
+    track: str, sizes: Sizes, args: argparse.Namespace, device: torch.device, fast_img_s: float | None
 ) -> dict[str, Any]:
-    """Per track on the same files: decoding alone, the recipe's and the fast CPU loader's training transform per
-    core (:func:`time_transforms`); both loaders' ceilings with each worker count; and for DeiT, when its fast
-    trainer is given, each loader feeding the fast step (end-to-end). The ResNet end-to-end rows are
-    :func:`bench_resnet_loaders`."""
-    result: dict[str, Any] = {}
+    """The track's data section on the same files: decoding alone, the recipe's and the fast CPU loader's training
+    transform per core (:func:`time_transforms`); both loaders' ceilings with each worker count; and for DeiT, when
+    the fast step's own rate ``fast_img_s`` is given, each loader feeding a fast step (end-to-end). The ResNet
+    end-to-end rows are :func:`bench_resnet_loaders`."""
     with tempfile.TemporaryDirectory(prefix="benchmark-jpegs-") as tmp:
         root = Path(tmp)
         synthetic = write_jpeg_imagefolder(
             root, sizes, loader_batches_needed(max(args.workers), sizes.loader_batches) + 1, args.batch_size
         )
-        files = transform_files(synthetic)
-        for track in tracks:
-            entry = result[track] = {
-                "transform": time_transforms(track, sizes, root, files),
-                "jpeg_sizes": [list(s) for s in sizes.jpeg_sizes],
-                "loader": [],
+        entry: dict[str, Any] = {
+            "transform": time_transforms(track, sizes, root, transform_files(synthetic)),
+            "jpeg_sizes": [list(s) for s in sizes.jpeg_sizes],
+        }
+
+        def rates(workers: int, step: Callable[..., Any] | None = None) -> dict[str, float]:
+            """img/s of each of :data:`LOADERS` with ``workers`` workers, each batch training ``step`` when given."""
+            return {
+                f"{kind}_img_per_s": time_loader(
+                    data_loader(track, kind, sizes, root, args.batch_size, workers, device),
+                    sizes.loader_batches,
+                    device,
+                    step=step,
+                    workers=workers,
+                )
+                for kind in LOADERS
             }
-            for workers in args.workers:
-                row = {"workers": workers}
-                for kind in LOADERS:
-                    loader = data_loader(track, kind, sizes, root, args.batch_size, workers, device)
-                    row[f"{kind}_img_per_s"] = time_loader(loader, sizes.loader_batches, device, workers=workers)
-                    del loader
-                entry["loader"].append(row)
-            if track == "deit" and fast_deit is not None:
-                workers = max(args.workers)
-                row = {"workers": workers, "step_only_img_per_s": fast_deit_img_s}
-                for kind in LOADERS:
-                    loader = deit_loader(sizes, root, args.batch_size, workers, device, fast=kind == "fast")
-                    row[f"{kind}_img_per_s"] = time_loader(
-                        loader,
-                        sizes.loader_batches,
-                        device,
-                        step=lambda x, y: fast_deit.train_step((x, y)),
-                        workers=workers,
-                    )
-                    del loader
-                entry["end_to_end"] = row
-    return result
+
+        entry["loader"] = [{"workers": workers, **rates(workers)} for workers in args.workers]
+        if track == "deit" and fast_img_s is not None:
+            workers = max(args.workers)
+            step = build_step("deit", "build_fast", sizes, args.batch_size, device)
+            entry["end_to_end"] = {"workers": workers, "step_only_img_per_s": fast_img_s, **rates(workers, step)}
+    return entry
 
 
 def data_loader(
     track: str, kind: str, sizes: Sizes, root: Path, batch_size: int, workers: int, device: torch.device
 ) -> Any:
-    """The track's training loader over ``root``: the recipe's (``kind`` 'recipe') or the fast CPU loader ('fast')."""
-    if track == "deit":
-        return deit_loader(sizes, root, batch_size, workers, device, fast=kind == "fast")
-    return resnet_loader("torchvision" if kind == "recipe" else "fast", sizes, root, batch_size, workers, device)
+    """The track's training loader over ``root``: the recipe's (``kind`` 'recipe') or the fast CPU loader ('fast').
+    DeiT: ``deit.datasets.build_loaders`` on the fast path (resumable seeded sampling, pinned memory on CUDA,
+    persistent workers; ``data.fast_loader`` for 'fast'); ResNet: :func:`resnet_loader`."""
+    if track == "resnet":
+        return resnet_loader("torchvision" if kind == "recipe" else "fast", sizes, root, batch_size, workers, device)
+    from deit.datasets import build_loaders
+
+    config = deit_data_config(sizes, root, batch_size, workers, fast_loader=kind == "fast")
+    loader, _ = build_loaders(config, rank=0, world_size=1, pin_memory=device.type == "cuda", device=device)
+    loader.sampler.set_epoch(0)
+    return loader
 
 
 # ------------------------------------------------------------------------------------ ResNet loaders, end to end
@@ -722,62 +635,6 @@ def dali_installed() -> bool:
     return True
 
 
-def time_resnet_loaders(
-    sizes: Sizes, args: argparse.Namespace, device: torch.device, workers: int, batches: int, step_only_img_s: float
-) -> list[dict[str, Any]]:
-    """One row per loader for :func:`bench_resnet_loaders`."""
-    from imagenet.benchmark import build_fast_step
-    from imagenet.fast import bf16_supported
-
-    box = build_fast_step(**resnet_kwargs(sizes, args.batch_size, device)).box
-    autocast = autocast_context(device.type, torch.bfloat16 if bf16_supported(device) else None)
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        with autocast:
-            loss = box.forward_process(images.contiguous(memory_format=torch.channels_last), labels)
-        box.post_forward_process(loss=loss)
-
-    rows = []
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="benchmark-loaders-") as tmp:
-        root = Path(tmp)
-        write_jpeg_imagefolder(root, sizes, loader_batches_needed(workers, batches) + 1, args.batch_size)
-        for kind in RESNET_LOADERS:
-            if kind == "dali" and not dali_installed():
-                rows.append(
-                    {
-                        "loader": kind,
-                        "decoding": None,
-                        "img_per_s": None,
-                        "vs_step_only": None,
-                        "note": "DALI not installed",
-                    }
-                )
-                continue
-            decoding = {
-                "torchvision": f"PIL, {workers} worker processes",
-                "fast": f"PIL crop window, {workers} worker processes",
-                "dali": f"{'nvJPEG on the GPU' if device.type == 'cuda' else 'DALI CPU'}, {workers} threads",
-            }[kind]
-            img_s = time_loader(
-                resnet_loader(kind, sizes, root, args.batch_size, workers, device),
-                batches,
-                device,
-                step=step,
-                workers=workers,
-            )
-            rows.append(
-                {
-                    "loader": kind,
-                    "decoding": decoding,
-                    "img_per_s": img_s,
-                    "vs_step_only": img_s / step_only_img_s,
-                    "note": None,
-                }
-            )
-    return rows
-
-
 RESNET_LOADERS = ("torchvision", "fast", "dali")
 
 
@@ -785,16 +642,35 @@ def bench_resnet_loaders(
     sizes: Sizes, args: argparse.Namespace, device: torch.device, step_only_img_s: float
 ) -> dict[str, Any]:
     """img/s of the torchvision, the fast CPU and the DALI loader each feeding the ResNet fast step, with the same
-    worker / thread count (the largest of ``--workers``); the DALI row says 'DALI not installed' where it is
-    missing."""
+    worker / thread count (the largest of ``--workers``), torch on one thread in this process; the DALI row says
+    'DALI not installed' where it is missing."""
     workers = max(args.workers)
     batches = 1 if args.tiny else 4 * sizes.loader_batches
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows = time_resnet_loaders(sizes, args, device, workers, batches, step_only_img_s)
-    finally:
-        torch.set_num_threads(threads)
+    decoding = {
+        "torchvision": f"PIL, {workers} worker processes",
+        "fast": f"PIL crop window, {workers} worker processes",
+        "dali": f"{'nvJPEG on the GPU' if device.type == 'cuda' else 'DALI CPU'}, {workers} threads",
+    }
+    rows = []
+    with one_torch_thread(), tempfile.TemporaryDirectory(prefix="benchmark-loaders-") as tmp:
+        step = build_step("resnet", "build_fast", sizes, args.batch_size, device)
+        torch.manual_seed(0)
+        root = Path(tmp)
+        write_jpeg_imagefolder(root, sizes, loader_batches_needed(workers, batches) + 1, args.batch_size)
+        for kind in RESNET_LOADERS:
+            timed = kind != "dali" or dali_installed()
+            loader = resnet_loader(kind, sizes, root, args.batch_size, workers, device) if timed else None
+            img_s = time_loader(loader, batches, device, step=step, workers=workers) if timed else None
+            rows.append(
+                {
+                    "loader": kind,
+                    "decoding": decoding[kind] if timed else None,
+                    "img_per_s": img_s,
+                    "vs_step_only": img_s / step_only_img_s if timed else None,
+                    "note": None if timed else "DALI not installed",
+                }
+            )
+    del step
     reset_memory(device)
     return {"workers": workers, "batches": batches, "step_only_img_per_s": step_only_img_s, "rows": rows}
 
@@ -817,18 +693,12 @@ def format_resnet_loaders(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------------ parity
 
 
-def check_parity(track: str, sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
-    """The track's parity check (``projector_kd.engine.parity``) on one batch of the timed size, so that Inductor's
-    cache serves the graphs compiled for timing."""
-    if track == "deit":
-        from deit.benchmark import deit_parity_check, deit_parity_pair
-
-        pair = deit_parity_pair(batch_size, device, **deit_kwargs(sizes))
-        return deit_parity_check(*pair, batch_size, device)
-    from imagenet.benchmark import resnet_parity_check, resnet_parity_pair
-
-    pair = resnet_parity_pair(**resnet_kwargs(sizes, batch_size, device))
-    return resnet_parity_check(*pair, batch_size, sizes.resnet_img_size, sizes.num_classes, device)
+def run_parity(track: str, sizes: Sizes, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The track's parity check (:func:`projector_kd.engine.parity.check_parity` of its ``parity_pair``) on one batch
+    of the timed size, so that Inductor's cache serves the graphs compiled for timing."""
+    module = importlib.import_module(TRACK_MODULES[track])
+    reference, fast = module.parity_pair(device, **track_models(track, sizes, batch_size))
+    return check_parity(reference, fast, batch_size, image_size(track, sizes), sizes.num_classes, device)
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -1002,44 +872,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
 
-    for track in tracks:
-        fast_deit, fast_img_s = None, None
-        if not args.data_only:
-            print(f"[{track}] timing release, fast, teacher ...", flush=True)
-            started = time.perf_counter()
-            if track == "deit":
-                track_rows, fast_deit = bench_deit(sizes, args, device, peak)
-            else:
-                track_rows = bench_resnet(sizes, args, device, peak)
-            release_img_s = track_rows[0].img_per_s
-            for row in track_rows[1:]:
-                row.vs_release = row.img_per_s / release_img_s
-            rows += track_rows
-            fast_img_s = track_rows[1].img_per_s
-            print(format_rows(track_rows), flush=True)
-            seconds[track] = time.perf_counter() - started
-        if not args.no_data:
-            print(
-                f"[{track}] data: train transforms per core, loader ceilings"
-                f"{', end-to-end' * (not args.data_only)} ...",
-                flush=True,
-            )
-            started = time.perf_counter()
-            data.update(bench_data(sizes, args, device, [track], fast_deit, fast_img_s))
-            print(format_data(track, data[track], env["cpu_cores"], fast_img_s), flush=True)
-            if track == "resnet" and not args.data_only:
-                loaders = data["resnet"]["end_to_end_loaders"] = bench_resnet_loaders(sizes, args, device, fast_img_s)
-                print(format_resnet_loaders(loaders), flush=True)
-            seconds[f"{track}_data"] = time.perf_counter() - started
-        del fast_deit
+    @contextlib.contextmanager
+    def phase(track: str, suffix: str, what: str) -> Iterator[None]:
+        """Announce a phase of ``track``, record its seconds under ``track + suffix`` and free the device memory it
+        held."""
+        print(f"[{track}] {what} ...", flush=True)
+        started = time.perf_counter()
+        yield
+        seconds[track + suffix] = time.perf_counter() - started
         reset_memory(device)
+
+    for track in tracks:
+        fast_img_s = None
+        if not args.data_only:
+            with phase(track, "", "timing release, fast, teacher"):
+                track_rows = bench_rows(track, sizes, args, device, peak)
+                rows += track_rows
+                fast_img_s = next(row.img_per_s for row in track_rows if row.case == "fast")
+                print(format_rows(track_rows), flush=True)
+        if not args.no_data:
+            with phase(
+                track,
+                "_data",
+                f"data: train transforms per core, loader ceilings{', end-to-end' * (not args.data_only)}",
+            ):
+                data[track] = bench_data(track, sizes, args, device, fast_img_s)
+                print(format_data(track, data[track], env["cpu_cores"], fast_img_s), flush=True)
+                if track == "resnet" and not args.data_only:
+                    loaders = data[track]["end_to_end_loaders"] = bench_resnet_loaders(sizes, args, device, fast_img_s)
+                    print(format_resnet_loaders(loaders), flush=True)
         if not args.no_parity and not args.data_only:
-            print(f"[{track}] parity ...", flush=True)
-            started = time.perf_counter()
-            parity[track] = check_parity(track, sizes, args.batch_size, device)
-            seconds[f"{track}_parity"] = time.perf_counter() - started
+            with phase(track, "_parity", "parity"):
+                parity[track] = run_parity(track, sizes, args.batch_size, device)
             print(format_parity(track, parity[track]), flush=True)
-            reset_memory(device)
         if args.json is not None:
             write_report(complete=False)
     print()

@@ -9,14 +9,17 @@ Two checks on one batch with identical weights, against the reference recipe com
   low-precision autocast alone moves the reference (the loss also by two bf16 units in the last place), plus the
   float32 tolerance.
 
-Each track computes the four results (reference, reference under the fast path's autocast, fast path, fast path in
-float32) with its own builders (``deit.benchmark``, ``imagenet.benchmark``) and passes them to :func:`judge_parity`.
+Each track's ``parity_pair`` (``deit.benchmark``, ``imagenet.benchmark``) gives both set-ups as :class:`ParitySide`;
+:func:`check_parity` computes the four results (reference, reference under the fast path's autocast, fast path, fast
+path in float32) and :func:`judge_parity` judges them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +28,17 @@ FP32_LOSS_RTOL, FP32_LOSS_ATOL, FP32_GRAD_RTOL = 1e-4, 1e-5, 5e-3
 ROUNDING_FACTOR = 2.0
 LOW_PRECISION_LOSS_RTOL = 2**-7  # two bf16 units in the last place: one sample's rounding shift can be near 0
 Result = tuple[float, dict[str, torch.Tensor]]  # loss, gradients by parameter name
+
+
+@dataclass
+class ParitySide:
+    """One set-up of a parity check. ``gradients(images, labels, autocast_dtype)``: loss and gradients of one
+    forward/backward on the batch, no update (``autocast_dtype`` None: float32); ``model``: what holds its weights (a
+    track or a box); ``autocast_dtype``: the dtype it trains in (None: float32)."""
+
+    model: Any
+    gradients: Callable[[torch.Tensor, torch.Tensor, torch.dtype | None], Result]
+    autocast_dtype: torch.dtype | None = None
 
 
 def synthetic_batch(
@@ -111,3 +125,19 @@ def judge_parity(
             "reference_rounded": {"loss_abs_diff": abs(rounded[0] - loss_ref), **rounding},
         },
     }
+
+
+def check_parity(
+    reference: ParitySide, fast: ParitySide, batch_size: int, image_size: int, num_classes: int, device: torch.device
+) -> dict[str, Any]:
+    """Verdict of :func:`judge_parity` for ``fast`` against ``reference`` on one synthetic batch (seed 1). The fast
+    set-up runs first as it trains (compiled, in its autocast dtype), so that a compile failure falls back to eager
+    there; then both eagerly in strict float32, and the reference in the fast set-up's dtype."""
+    images, labels = synthetic_batch(batch_size, image_size, num_classes, device, seed=1)
+    low = fast.autocast_dtype
+    fast_run = fast.gradients(images, labels, low)
+    with strict_fp32(), torch.compiler.set_stance("force_eager"):
+        result = reference.gradients(images, labels, None)
+        fast_fp32 = fast.gradients(images, labels, None)
+    rounded = reference.gradients(images, labels, low) if low else result
+    return judge_parity(result, rounded, fast_run, fast_fp32, low)

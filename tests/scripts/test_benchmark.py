@@ -3,6 +3,7 @@ from."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -192,6 +193,18 @@ def test_without_dali_the_dali_row_says_so_and_the_rest_runs(bench, monkeypatch)
     assert bench.format_resnet_loaders(result).splitlines()[2] == (
         "end-to-end resnet: dali loader (-) feeding the fast step: DALI not installed"
     )
+
+
+def test_row_table_is_release_fast_teacher_per_track_with_each_module_builders(bench):
+    """One row per track and case, each built by a builder of its track's module, compared to the release row."""
+    assert [(c.track, c.case) for c in bench.CASES] == [
+        (t, c) for t in bench.TRACKS for c in ("release", "fast", "teacher")
+    ]
+    for case in bench.CASES:
+        module = importlib.import_module(bench.TRACK_MODULES[case.track])
+        assert callable(getattr(module, case.builder)) and callable(module.parity_pair)
+        assert case.compared_to == (None if case.case == "release" else "release")
+        assert "{" not in case.description.format(s=bench.FULL)
 
 
 def test_time_steps_warms_up_then_times_each_step(bench):

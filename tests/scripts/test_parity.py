@@ -1,13 +1,13 @@
 """The fast path computes the same loss and gradients as the reference recipe, for both tracks, and the parity check
 fails where it should: a changed method, unsynchronised weights, gradients or losses outside their budgets.
 
-Built with the tracks' own step builders (``deit.benchmark``, ``imagenet.benchmark``) and judged by
-``projector_kd.engine.parity`` as ``scripts/benchmark.py`` does, on the CPU with tiny models. With autocast and compile
-off, both fast paths must match their reference to float32 tolerance. As they run: the DeiT fast path is float32 on the
-CPU (so float32 tolerance again), the ResNet fast path autocasts to bf16 (so it may deviate only about as much as bf16
-rounding moves torchdistill's SRD box). torch.compile runs with the ``aot_eager`` backend: it captures the same graphs
-(dynamo + AOT autograd) as Inductor but skips Inductor's C++ code generation, which takes about 90 s per model on two
-cores.
+Built with the tracks' own parity pairs (``deit.benchmark``, ``imagenet.benchmark``) and checked by
+``projector_kd.engine.parity.check_parity`` as ``scripts/benchmark.py`` does, on the CPU with tiny models. With
+autocast and compile off, both fast paths must match their reference to float32 tolerance. As they run: the DeiT fast
+path is float32 on the CPU (so float32 tolerance again), the ResNet fast path autocasts to bf16 (so it may deviate only
+about as much as bf16 rounding moves torchdistill's SRD box). torch.compile runs with the ``aot_eager`` backend: it
+captures the same graphs (dynamo + AOT autograd) as Inductor but skips Inductor's C++ code generation, which takes
+about 90 s per model on two cores.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from deit.benchmark import deit_parity_check, deit_parity_pair
-from imagenet.benchmark import resnet_parity_check, resnet_parity_pair
-from projector_kd.engine.parity import FP32_GRAD_RTOL, judge_parity
+from deit import benchmark as deit_benchmark
+from imagenet import benchmark as resnet_benchmark
+from projector_kd.engine.parity import FP32_GRAD_RTOL, check_parity, judge_parity
 
 
 @pytest.fixture
@@ -46,12 +46,13 @@ BATCH = 8
 DEIT_TINY = dict(
     model="tiny", img_size=16, teacher="regnety_002", num_classes=10, embed_dim=48, depth=2, num_heads=2, patch_size=4
 )
-RESNET_TINY = dict(teacher_arch="resnet34", student_arch="resnet18", image_size=32, num_classes=10)
+RESNET_TINY = dict(teacher_arch="resnet34", student_arch="resnet18", num_classes=10)
+RESNET_IMAGE_SIZE = 32
 
 
 def test_deit_fast_path_matches_release_recipe(aot_eager_compile):
-    release, fast = deit_parity_pair(BATCH, CPU, **DEIT_TINY)
-    result = deit_parity_check(release, fast, BATCH, CPU)
+    release, fast = deit_benchmark.parity_pair(CPU, batch_size=BATCH, **DEIT_TINY)
+    result = check_parity(release, fast, BATCH, DEIT_TINY["img_size"], DEIT_TINY["num_classes"], CPU)
     assert aot_eager_compile() >= 2  # teacher and student objective were really compiled
     assert result["ok"], result
     assert result["fast_dtype"] == "float32"  # no autocast on the CPU in the DeiT track
@@ -64,10 +65,8 @@ def test_deit_fast_path_matches_release_recipe(aot_eager_compile):
 
 
 def test_resnet_fast_path_matches_torchdistill_srd_box(aot_eager_compile):
-    reference_box, fast_box = resnet_parity_pair(batch_size=BATCH, device=CPU, **RESNET_TINY)
-    result = resnet_parity_check(
-        reference_box, fast_box, BATCH, RESNET_TINY["image_size"], RESNET_TINY["num_classes"], CPU
-    )
+    reference_box, fast_box = resnet_benchmark.parity_pair(CPU, **RESNET_TINY)
+    result = check_parity(reference_box, fast_box, BATCH, RESNET_IMAGE_SIZE, RESNET_TINY["num_classes"], CPU)
     assert aot_eager_compile() == 3  # teacher, student network and projector loss were really compiled
     assert result["ok"], result
     assert result["fast_dtype"] == "bfloat16"
@@ -83,9 +82,9 @@ def test_resnet_fast_path_matches_torchdistill_srd_box(aot_eager_compile):
 
 def test_parity_check_catches_a_changed_method(no_compile):
     """A fast path whose loss differs from the reference (soft-maximum exponent 2 instead of 4) fails both checks."""
-    release, fast = deit_parity_pair(BATCH, CPU, **DEIT_TINY)
-    fast.projector_loss.exponent = 2.0
-    result = deit_parity_check(release, fast, BATCH, CPU)
+    release, fast = deit_benchmark.parity_pair(CPU, batch_size=BATCH, **DEIT_TINY)
+    fast.model.projector_loss.exponent = 2.0
+    result = check_parity(release, fast, BATCH, DEIT_TINY["img_size"], DEIT_TINY["num_classes"], CPU)
     assert not result["ok"] and not result["math"]["ok"]
     assert result["math"]["loss_abs_diff"] > 100 * result["math"]["loss_tolerance"]
 
@@ -93,13 +92,11 @@ def test_parity_check_catches_a_changed_method(no_compile):
 def test_parity_check_catches_unsynchronised_weights(no_compile):
     """Different projector weights in the fast box than in torchdistill's SRD box fail the check. (A pure rescaling of
     the projector would not: the whitening after it removes scale and bias.)"""
-    reference_box, fast_box = resnet_parity_pair(batch_size=BATCH, device=CPU, **RESNET_TINY)
-    weight = fast_box.student_model.distill_loss.embed.weight
+    reference_box, fast_box = resnet_benchmark.parity_pair(CPU, **RESNET_TINY)
+    weight = fast_box.model.student_model.distill_loss.embed.weight
     with torch.no_grad():
         weight.add_(0.05 * weight.abs().mean() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
-    result = resnet_parity_check(
-        reference_box, fast_box, BATCH, RESNET_TINY["image_size"], RESNET_TINY["num_classes"], CPU
-    )
+    result = check_parity(reference_box, fast_box, BATCH, RESNET_IMAGE_SIZE, RESNET_TINY["num_classes"], CPU)
     assert not result["math"]["ok"]
     assert result["math"]["grad_rel_diff"] > FP32_GRAD_RTOL
 
