@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+pytest_plugins = ("tracks",)
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 

@@ -1,0 +1,238 @@
+"""The two training tracks as the tests drive them, and their tiny data, configs and teachers.
+
+The ``track`` fixture runs a test once through the DeiT entry point (``deit/main.py``) and once through the ResNet one
+(``imagenet/image_classification.py``), both on the shared training loop. Each :class:`Track` knows its command line,
+its run folder's files and the size of its epochs."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from resnet_recipe import tiny_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+DEIT_TEACHER = "resnet10t"
+
+
+def write_image_folder(
+    root: Path,
+    train_per_class: int,
+    val_per_class: int,
+    size: int = 16,
+    high: int = 200,
+    low: int = 40,
+    spread: int = 40,
+    digits: int = 1,
+) -> Path:
+    """``train/`` and ``val/`` of :data:`NUM_CLASSES` classes of ``size`` px PNGs: class c is noise (standard
+    deviation ``spread``) around a colour whose channel c is ``high`` and the others ``low``, so a few steps can learn
+    them. Files are named by their index with at least ``digits`` digits."""
+    rng = np.random.default_rng(0)
+    colours = np.full((NUM_CLASSES, 3), low) + np.eye(NUM_CLASSES, 3, dtype=int) * (high - low)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(NUM_CLASSES):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = np.clip(colours[label] + rng.normal(0, spread, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:0{digits}d}.png")
+    return root
+
+
+def write_deit_images(root: Path) -> Path:
+    """The DeiT track's tiny ImageFolder: 36 training and 12 validation images."""
+    return write_image_folder(root, 12, 4)
+
+
+def write_resnet_images(root: Path) -> Path:
+    """The ResNet track's tiny ImageFolder: 30 training images (batch 8, drop_last: 3 steps per epoch) and 21
+    validation images (odd, so a 2-rank sampler that pads would count one image twice)."""
+    return write_image_folder(root, 10, 7, high=150, low=100, spread=80, digits=2)
+
+
+DEIT_RECIPE = {
+    "model": {
+        "num_classes": NUM_CLASSES,
+        "img_size": 16,
+        "embed_dim": 16,
+        "depth": 2,
+        "num_heads": 2,
+        "stem_channels": 8,
+        "stem_stride": 2,
+        "patch_size": 2,
+        "drop_path": 0.1,
+    },
+    "teacher": {"name": DEIT_TEACHER},
+    "data": {"batch_size": 4, "eval_batch_size": 8, "num_workers": 0},
+    "aug": {
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "rand_augment": "rand-m9-mstd0.5-inc1",
+        "color_jitter": 0.4,
+        "reprob": 0.25,
+        "hflip": 0.5,
+    },
+    "train": {"epochs": 2, "warmup_epochs": 1, "base_lr": 1.0e-3, "lr_scale_batch": 4, "save_freq": 1, "log_freq": 1},
+}
+
+
+def write_deit_config(path: Path) -> Path:
+    """:data:`DEIT_RECIPE` (a recipe overlay over configs/deit/demo.yaml: 16 px, dim 16, depth 2, batch 4, 2 epochs,
+    full augmentation) written at ``path``."""
+    path.write_text(yaml.safe_dump(DEIT_RECIPE))
+    return path
+
+
+def save_deit_teacher(path: Path) -> Path:
+    """A randomly initialised (seeded) ``resnet10t`` teacher for :data:`DEIT_RECIPE`, saved at ``path``."""
+    torch.manual_seed(0)
+    teacher = timm.create_model(DEIT_TEACHER, num_classes=NUM_CLASSES)
+    torch.save({"model": teacher.state_dict(), "epoch": 3}, path)
+    return path
+
+
+def deit_train_argv(config: Path, data: Path, teacher: Path, output: Path, *extra: str) -> list[str]:
+    """``deit/main.py`` arguments training the tiny recipe ``config`` on ``data`` with ``teacher`` into ``output``."""
+    return [
+        *("--model", "demo", "--train_student", "--config", str(config), "--data-path", str(data)),
+        *("--output", str(output), "--teacher-ckpt", str(teacher), "--device", "cpu", *extra),
+    ]
+
+
+def build_resnet(width: int, num_classes: int = NUM_CLASSES, seed: int = 0) -> torch.nn.Module:
+    """The ResNet recipes' WRN-10-``width`` (torchdistill's CIFAR wide_resnet), seeded."""
+    from torchdistill.models.registry import get_model
+
+    torch.manual_seed(seed)
+    return get_model(
+        "wide_resnet", depth=10, k=width, dropout_p=0.0, num_classes=num_classes, pretrained=False, progress=False
+    )
+
+
+def save_resnet_teacher(path: Path) -> Path:
+    """A (randomly initialised, seeded) WRN-10-2 teacher saved at ``path`` as ``{'model': state_dict}``."""
+    torch.save({"model": build_resnet(2).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def deit_images(tmp_path_factory) -> Path:
+    """:func:`write_deit_images` (shared, read-only)."""
+    return write_deit_images(tmp_path_factory.mktemp("deit-imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def deit_config(tmp_path_factory) -> Path:
+    """:func:`write_deit_config` (shared, read-only)."""
+    return write_deit_config(tmp_path_factory.mktemp("deit-config") / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def deit_teacher(tmp_path_factory) -> Path:
+    """:func:`save_deit_teacher` (shared, read-only)."""
+    return save_deit_teacher(tmp_path_factory.mktemp("deit-teacher") / "teacher.pth")
+
+
+@pytest.fixture(scope="session")
+def resnet_images(tmp_path_factory) -> Path:
+    """:func:`write_resnet_images` (shared, read-only)."""
+    return write_resnet_images(tmp_path_factory.mktemp("resnet-imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def resnet_teacher(tmp_path_factory) -> Path:
+    """:func:`save_resnet_teacher` (shared, read-only)."""
+    return save_resnet_teacher(tmp_path_factory.mktemp("resnet-teacher") / "teacher.pth")
+
+
+class Track:
+    """One entry point as a shared test drives it: :meth:`argv` trains the track's tiny config into a run folder,
+    :meth:`run` runs the entry point in this process exactly as its script does."""
+
+    name: str
+    script: Path
+    steps_per_epoch: int
+    run_files: tuple[str, ...]  # what a finished 1-epoch run writes besides config.yaml, metrics.json and log.txt
+
+    def __init__(self, run_main: Callable[..., subprocess.CompletedProcess]) -> None:
+        self._run_main = run_main
+
+    def argv(self, output: Path, *, epochs: int = 1, workers: int = 0) -> list[str]:
+        raise NotImplementedError
+
+    def main(self) -> Callable:
+        raise NotImplementedError
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess:
+        return self._run_main(self.main(), argv)
+
+
+class DeiTTrack(Track):
+    name = "deit"
+    script = REPO / "deit" / "main.py"
+    steps_per_epoch = 9  # 36 images, batch 4
+    run_files = ("checkpoint.pth", "ckpt_epoch_0.pth")
+
+    def __init__(self, run_main, config: Path, data: Path, teacher: Path) -> None:
+        super().__init__(run_main)
+        self._config, self._data, self._teacher = config, data, teacher
+
+    def argv(self, output, *, epochs=1, workers=0):
+        extra = ("--epochs", str(epochs), "--opts", "data.num_workers", str(workers))
+        return deit_train_argv(self._config, self._data, self._teacher, output, *extra)
+
+    def main(self):
+        from deit.main import main
+
+        return main
+
+
+class ResNetTrack(Track):
+    name = "resnet"
+    script = REPO / "imagenet" / "image_classification.py"
+    steps_per_epoch = 3  # 30 images, batch 8, drop_last
+    run_files = ("checkpoint.pth", "best.pth")
+
+    def __init__(self, run_main, tmp_path: Path, data: Path, teacher: Path) -> None:
+        super().__init__(run_main)
+        self._tmp_path, self._data, self._teacher = tmp_path, data, teacher
+
+    def argv(self, output, *, epochs=1, workers=0):
+        recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers.yaml"
+        # dropout: the student's forward draws random numbers, so a resume must restore the generators, not replay them
+        recipe.write_text(
+            tiny_recipe(
+                Path(output) / "best.pth",
+                teacher_ckpt=self._teacher,
+                data_root=self._data,
+                epochs=epochs,
+                num_workers=workers,
+                student_dropout=0.2,
+            )
+        )
+        return ["--device", "cpu", "--config", str(recipe), "--seed", "0", "--output_dir", str(output)]
+
+    def main(self):
+        from imagenet.image_classification import main
+
+        return main
+
+
+@pytest.fixture(params=["deit", "resnet"])
+def track(request, run_main, tmp_path) -> Track:
+    """Each training track in turn, on its tiny data, config and teacher."""
+    if request.param == "deit":
+        fixtures = ("deit_config", "deit_images", "deit_teacher")
+        return DeiTTrack(run_main, *map(request.getfixturevalue, fixtures))
+    return ResNetTrack(
+        run_main, tmp_path, request.getfixturevalue("resnet_images"), request.getfixturevalue("resnet_teacher")
+    )
