@@ -308,6 +308,15 @@ def sigterm_progress() -> Callable[..., Callable]:
     return sigterm_before_step
 
 
+@pytest.fixture
+def sigterm_before(sigterm_progress) -> Callable[[pytest.MonkeyPatch, int, int], None]:
+    """``sigterm_before(monkeypatch, epoch, step)``: an in-process run receives SIGTERM just before training step
+    ``step`` (1-based) of ``epoch`` starts, as a scheduler's stop would arrive."""
+    from projector_kd.engine import loop
+
+    return lambda monkeypatch, epoch, step: monkeypatch.setattr(loop, "progress", sigterm_progress(loop, epoch, step))
+
+
 _SIGTERM_ON_ONE_RANK = """
 import importlib, importlib.util, sys
 from projector_kd.engine.cli import run_cli

@@ -161,12 +161,15 @@ class Track:
     name: str
     script: Path
     steps_per_epoch: int
+    optimizer_counts_steps: bool  # whether the optimizer's state holds a step counter per parameter
     run_files: tuple[str, ...]  # what a finished 1-epoch run writes besides config.yaml, metrics.json and log.txt
 
-    def __init__(self, run_main: Callable[..., subprocess.CompletedProcess]) -> None:
-        self._run_main = run_main
+    def __init__(self, run_main: Callable[..., subprocess.CompletedProcess], sigterm_before: Callable) -> None:
+        self._run_main, self._sigterm_before = run_main, sigterm_before
 
-    def argv(self, output: Path, *, epochs: int = 1, workers: int = 0) -> list[str]:
+    def argv(self, output: Path, *, epochs: int = 1, workers: int = 0, fast: bool = False) -> list[str]:
+        """Arguments training the tiny config for ``epochs`` with ``workers`` loader processes into ``output`` (seed 0;
+        ``fast``: the fast path, with the release's order of updates)."""
         raise NotImplementedError
 
     def main(self) -> Callable:
@@ -175,19 +178,79 @@ class Track:
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
         return self._run_main(self.main(), argv)
 
+    def train(self, output: Path, **settings) -> subprocess.CompletedProcess:
+        """:meth:`run` of :meth:`argv`; asserts it finished."""
+        result = self.run(self.argv(output, **settings))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    def stopped(
+        self, monkeypatch: pytest.MonkeyPatch, epoch: int, step: int, output: Path, **settings
+    ) -> subprocess.CompletedProcess:
+        """:meth:`run` of :meth:`argv` with SIGTERM arriving just before training step ``step`` (1-based) of
+        ``epoch``, as a scheduler's stop would; asserts it stopped resumably."""
+        from projector_kd.engine.signals import EXIT_STATUS_STOPPED
+
+        with monkeypatch.context() as patch:
+            self._sigterm_before(patch, epoch, step)
+            result = self.run(self.argv(output, **settings))
+        assert result.returncode == EXIT_STATUS_STOPPED, result.stderr[-3000:]
+        return result
+
+
+def assert_same_state(expected, actual, where: str = "checkpoint") -> None:
+    """Bit-for-bit equality of two checkpoint structures (tensors: same dtype, shape and values)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and expected.dtype == actual.dtype, where
+        assert torch.equal(expected, actual), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(expected, key=str) == sorted(actual, key=str), where
+        for key in expected:
+            if key == "wall_time_s":  # seconds on the clock, not training state
+                continue
+            assert_same_state(expected[key], actual[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(expected) is type(actual) and len(expected) == len(actual), where
+        for index, (a, b) in enumerate(zip(expected, actual)):
+            assert_same_state(a, b, f"{where}[{index}]")
+    else:
+        assert expected == actual, f"{where}: {expected!r} != {actual!r}"
+
+
+def assert_same_run(expected: Path, actual: Path) -> None:
+    """Two run folders hold the same checkpoints (the same names, equal bit for bit: :func:`assert_same_state`, but for
+    the run folder a recorded config names) and the same validation accuracy for every epoch."""
+    import json
+
+    from projector_kd.engine.checkpoint import load_checkpoint
+
+    names = sorted(path.name for path in expected.glob("*.pth"))
+    assert names == sorted(path.name for path in actual.glob("*.pth")) and "checkpoint.pth" in names
+    for name in names:
+        states = [load_checkpoint(run / name) for run in (expected, actual)]
+        for state, run in zip(states, (expected, actual)):
+            if isinstance(state.get("config"), dict):  # a DeiT checkpoint records its run's config, the folder included
+                assert state["config"].pop("output") == str(run), name
+        assert_same_state(*states, name)
+    accuracy = [json.loads((run / "metrics.json").read_text())["val_top1_per_epoch"] for run in (expected, actual)]
+    assert accuracy[0] == accuracy[1] and len(accuracy[0]) == load_checkpoint(expected / "checkpoint.pth")["epoch"]
+
 
 class DeiTTrack(Track):
     name = "deit"
     script = REPO / "deit" / "main.py"
     steps_per_epoch = 9  # 36 images, batch 4
+    optimizer_counts_steps = True  # AdamW
     run_files = ("checkpoint.pth", "ckpt_epoch_0.pth")
 
-    def __init__(self, run_main, config: Path, data: Path, teacher: Path) -> None:
-        super().__init__(run_main)
+    def __init__(self, run_main, sigterm_before, config: Path, data: Path, teacher: Path) -> None:
+        super().__init__(run_main, sigterm_before)
         self._config, self._data, self._teacher = config, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0):
-        extra = ("--epochs", str(epochs), "--opts", "data.num_workers", str(workers))
+    def argv(self, output, *, epochs=1, workers=0, fast=False):
+        extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]
+        if fast:  # fused AdamW, lr updated after each step
+            extra = ["--fast", *extra, "train.lr_after_step", "true"]
         return deit_train_argv(self._config, self._data, self._teacher, output, *extra)
 
     def main(self):
@@ -200,13 +263,14 @@ class ResNetTrack(Track):
     name = "resnet"
     script = REPO / "imagenet" / "image_classification.py"
     steps_per_epoch = 3  # 30 images, batch 8, drop_last
+    optimizer_counts_steps = False  # SGD
     run_files = ("checkpoint.pth", "best.pth")
 
-    def __init__(self, run_main, tmp_path: Path, data: Path, teacher: Path) -> None:
-        super().__init__(run_main)
+    def __init__(self, run_main, sigterm_before, tmp_path: Path, data: Path, teacher: Path) -> None:
+        super().__init__(run_main, sigterm_before)
         self._tmp_path, self._data, self._teacher = tmp_path, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0):
+    def argv(self, output, *, epochs=1, workers=0, fast=False):
         recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers.yaml"
         # dropout: the student's forward draws random numbers, so a resume must restore the generators, not replay them
         recipe.write_text(
@@ -219,7 +283,8 @@ class ResNetTrack(Track):
                 student_dropout=0.2,
             )
         )
-        return ["--device", "cpu", "--config", str(recipe), "--seed", "0", "--output_dir", str(output)]
+        fast_path = ["--fast"] if fast else []  # fused SGD
+        return ["--device", "cpu", "--config", str(recipe), "--seed", "0", "--output_dir", str(output), *fast_path]
 
     def main(self):
         from imagenet.image_classification import main
@@ -228,11 +293,10 @@ class ResNetTrack(Track):
 
 
 @pytest.fixture(params=["deit", "resnet"])
-def track(request, run_main, tmp_path) -> Track:
+def track(request, run_main, sigterm_before, tmp_path) -> Track:
     """Each training track in turn, on its tiny data, config and teacher."""
     if request.param == "deit":
         fixtures = ("deit_config", "deit_images", "deit_teacher")
-        return DeiTTrack(run_main, *map(request.getfixturevalue, fixtures))
-    return ResNetTrack(
-        run_main, tmp_path, request.getfixturevalue("resnet_images"), request.getfixturevalue("resnet_teacher")
-    )
+        return DeiTTrack(run_main, sigterm_before, *map(request.getfixturevalue, fixtures))
+    fixtures = ("resnet_images", "resnet_teacher")
+    return ResNetTrack(run_main, sigterm_before, tmp_path, *map(request.getfixturevalue, fixtures))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from resnet_recipe import tiny_recipe
-from tracks import build_resnet
+from tracks import assert_same_run, assert_same_state, build_resnet
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "imagenet" / "image_classification.py"
@@ -207,25 +207,6 @@ def accuracy_of() -> Callable[[torch.nn.Module, Path], tuple[float, float]]:
     return reference_accuracy
 
 
-def assert_same_state(expected, actual, where: str = "checkpoint") -> None:
-    """Bit-for-bit equality of two checkpoint structures (tensors: same dtype, shape and values)."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and expected.dtype == actual.dtype, where
-        assert torch.equal(expected, actual), f"{where} differs"
-    elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and sorted(expected, key=str) == sorted(actual, key=str), where
-        for key in expected:
-            if key == "wall_time_s":  # seconds on the clock, not training state
-                continue
-            assert_same_state(expected[key], actual[key], f"{where}.{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert type(expected) is type(actual) and len(expected) == len(actual), where
-        for index, (a, b) in enumerate(zip(expected, actual)):
-            assert_same_state(a, b, f"{where}[{index}]")
-    else:
-        assert expected == actual, f"{where}: {expected!r} != {actual!r}"
-
-
 @pytest.fixture(scope="session")
 def same_state() -> Callable[..., None]:
     """:func:`assert_same_state`."""
@@ -247,15 +228,6 @@ def train_image_in_batch() -> Callable[..., Path]:
         return Path(files[order[batch * batch_size]][0])
 
     return find
-
-
-@pytest.fixture
-def sigterm_before(sigterm_progress) -> Callable[[pytest.MonkeyPatch, int, int], None]:
-    """``sigterm_before(monkeypatch, epoch, step)``: an in-process run receives SIGTERM just before training step
-    ``step`` (1-based) of ``epoch`` starts, as a scheduler's stop would arrive."""
-    from projector_kd.engine import loop
-
-    return lambda monkeypatch, epoch, step: monkeypatch.setattr(loop, "progress", sigterm_progress(loop, epoch, step))
 
 
 @pytest.fixture
@@ -291,15 +263,8 @@ def straight_and_stopped(cli, tmp_path, stopped_run) -> Callable[..., tuple[dict
 
 @pytest.fixture(scope="session")
 def same_run() -> Callable[[Path, Path], None]:
-    """``same_run(expected, actual)``: the ``checkpoint.pth`` and ``best.pth`` of two run folders are equal bit for
-    bit (:func:`assert_same_state`)."""
-    from projector_kd.engine.checkpoint import load_checkpoint
-
-    def compare(expected: Path, actual: Path) -> None:
-        for name in ("checkpoint.pth", "best.pth"):
-            assert_same_state(load_checkpoint(expected / name), load_checkpoint(actual / name), name)
-
-    return compare
+    """:func:`tracks.assert_same_run`."""
+    return assert_same_run
 
 
 @pytest.fixture(scope="session")
