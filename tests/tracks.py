@@ -160,6 +160,7 @@ class Track:
 
     name: str
     script: Path
+    module: str  # the entry point's module, whose ``main`` the script runs
     steps_per_epoch: int
     optimizer_counts_steps: bool  # whether the optimizer's state holds a step counter per parameter
     run_files: tuple[str, ...]  # what a finished 1-epoch run writes besides config.yaml, metrics.json and log.txt
@@ -167,9 +168,12 @@ class Track:
     def __init__(self, run_main: Callable[..., subprocess.CompletedProcess], sigterm_before: Callable) -> None:
         self._run_main, self._sigterm_before = run_main, sigterm_before
 
-    def argv(self, output: Path, *, epochs: int = 1, workers: int = 0, fast: bool = False) -> list[str]:
+    def argv(
+        self, output: Path, *, epochs: int = 1, workers: int = 0, fast: bool = False, slow: bool = False
+    ) -> list[str]:
         """Arguments training the tiny config for ``epochs`` with ``workers`` loader processes into ``output`` (seed 0;
-        ``fast``: the fast path, with the release's order of updates)."""
+        ``fast``: the fast path, with the release's order of updates; ``slow``: steps long enough for a signal sent
+        from outside to arrive in the middle of an epoch)."""
         raise NotImplementedError
 
     def main(self) -> Callable:
@@ -239,6 +243,7 @@ def assert_same_run(expected: Path, actual: Path) -> None:
 class DeiTTrack(Track):
     name = "deit"
     script = REPO / "deit" / "main.py"
+    module = "deit.main"
     steps_per_epoch = 9  # 36 images, batch 4
     optimizer_counts_steps = True  # AdamW
     run_files = ("checkpoint.pth", "ckpt_epoch_0.pth")
@@ -247,10 +252,12 @@ class DeiTTrack(Track):
         super().__init__(run_main, sigterm_before)
         self._config, self._data, self._teacher = config, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False):
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False):
         extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]
         if fast:  # fused AdamW, lr updated after each step
             extra = ["--fast", *extra, "train.lr_after_step", "true"]
+        if slow:
+            extra += ["model.img_size", "48", "model.embed_dim", "32"]
         return deit_train_argv(self._config, self._data, self._teacher, output, *extra)
 
     def main(self):
@@ -262,6 +269,7 @@ class DeiTTrack(Track):
 class ResNetTrack(Track):
     name = "resnet"
     script = REPO / "imagenet" / "image_classification.py"
+    module = "imagenet.image_classification"
     steps_per_epoch = 3  # 30 images, batch 8, drop_last
     optimizer_counts_steps = False  # SGD
     run_files = ("checkpoint.pth", "best.pth")
@@ -270,7 +278,7 @@ class ResNetTrack(Track):
         super().__init__(run_main, sigterm_before)
         self._tmp_path, self._data, self._teacher = tmp_path, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False):
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False):  # 3 steps of batch 8 take long enough
         recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers.yaml"
         # dropout: the student's forward draws random numbers, so a resume must restore the generators, not replay them
         recipe.write_text(
