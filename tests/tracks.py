@@ -162,6 +162,7 @@ class Track:
     script: Path
     module: str  # the entry point's module, whose ``main`` the script runs
     steps_per_epoch: int
+    two_rank_steps_per_epoch: int
     optimizer_counts_steps: bool  # whether the optimizer's state holds a step counter per parameter
     run_files: tuple[str, ...]  # what a finished 1-epoch run writes besides config.yaml, metrics.json and log.txt
 
@@ -169,11 +170,12 @@ class Track:
         self._run_main, self._sigterm_before = run_main, sigterm_before
 
     def argv(
-        self, output: Path, *, epochs: int = 1, workers: int = 0, fast: bool = False, slow: bool = False
+        self, output: Path, *, epochs: int = 1, workers: int = 0, fast: bool = False, slow: bool = False, ranks: int = 1
     ) -> list[str]:
         """Arguments training the tiny config for ``epochs`` with ``workers`` loader processes into ``output`` (seed 0;
         ``fast``: the fast path, with the release's order of updates; ``slow``: steps long enough for a signal sent
-        from outside to arrive in the middle of an epoch)."""
+        from outside to arrive in the middle of an epoch; ``ranks``: the number of torchrun processes the run will have,
+        :attr:`two_rank_steps_per_epoch` steps per epoch with 2)."""
         raise NotImplementedError
 
     def main(self) -> Callable:
@@ -245,6 +247,7 @@ class DeiTTrack(Track):
     script = REPO / "deit" / "main.py"
     module = "deit.main"
     steps_per_epoch = 9  # 36 images, batch 4
+    two_rank_steps_per_epoch = 4
     optimizer_counts_steps = True  # AdamW
     run_files = ("checkpoint.pth", "ckpt_epoch_0.pth")
 
@@ -252,7 +255,7 @@ class DeiTTrack(Track):
         super().__init__(run_main, sigterm_before)
         self._config, self._data, self._teacher = config, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False):
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1):  # batch 4 on every rank
         extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]
         if fast:  # fused AdamW, lr updated after each step
             extra = ["--fast", *extra, "train.lr_after_step", "true"]
@@ -271,6 +274,7 @@ class ResNetTrack(Track):
     script = REPO / "imagenet" / "image_classification.py"
     module = "imagenet.image_classification"
     steps_per_epoch = 3  # 30 images, batch 8, drop_last
+    two_rank_steps_per_epoch = 3
     optimizer_counts_steps = False  # SGD
     run_files = ("checkpoint.pth", "best.pth")
 
@@ -278,8 +282,8 @@ class ResNetTrack(Track):
         super().__init__(run_main, sigterm_before)
         self._tmp_path, self._data, self._teacher = tmp_path, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False):  # 3 steps of batch 8 take long enough
-        recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers.yaml"
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1):  # 3 steps take long enough
+        recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers-{ranks}-ranks.yaml"
         # dropout: the student's forward draws random numbers, so a resume must restore the generators, not replay them
         recipe.write_text(
             tiny_recipe(
@@ -289,6 +293,7 @@ class ResNetTrack(Track):
                 epochs=epochs,
                 num_workers=workers,
                 student_dropout=0.2,
+                batch_size=8 // ranks,  # a global batch of 8 on any number of ranks
             )
         )
         fast_path = ["--fast"] if fast else []  # fused SGD

@@ -1,5 +1,6 @@
 """Under torchrun: an error on one rank ends every rank with that one line (exit 2 for each worker), not with a
-backend traceback from the ranks that were waiting for it; a stop on one rank stops all and resumes exactly."""
+backend traceback from the ranks that were waiting for it; a stop on one rank inside a gradient accumulation window
+stops all and resumes exactly (outside one, for both tracks: tests/projector_kd/both_tracks/test_torchrun.py)."""
 
 from __future__ import annotations
 
