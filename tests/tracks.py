@@ -161,6 +161,7 @@ class Track:
     name: str
     script: Path
     module: str  # the entry point's module, whose ``main`` the script runs
+    out_of_memory_advice: str  # what its out-of-GPU-memory line tells the user to lower
     steps_per_epoch: int
     two_rank_steps_per_epoch: int
     optimizer_counts_steps: bool  # whether the optimizer's state holds a step counter per parameter
@@ -179,6 +180,10 @@ class Track:
         raise NotImplementedError
 
     def main(self) -> Callable:
+        raise NotImplementedError
+
+    def engine(self) -> type:
+        """The track's adapter to the shared training loop."""
         raise NotImplementedError
 
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
@@ -246,6 +251,9 @@ class DeiTTrack(Track):
     name = "deit"
     script = REPO / "deit" / "main.py"
     module = "deit.main"
+    out_of_memory_advice = (
+        "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay)"
+    )
     steps_per_epoch = 9  # 36 images, batch 4
     two_rank_steps_per_epoch = 4
     optimizer_counts_steps = True  # AdamW
@@ -268,11 +276,20 @@ class DeiTTrack(Track):
 
         return main
 
+    def engine(self):
+        from deit.engine import DeiTTrack
+
+        return DeiTTrack
+
 
 class ResNetTrack(Track):
     name = "resnet"
     script = REPO / "imagenet" / "image_classification.py"
     module = "imagenet.image_classification"
+    out_of_memory_advice = (
+        "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
+        "same factor (the global batch stays)"
+    )
     steps_per_epoch = 3  # 30 images, batch 8, drop_last
     two_rank_steps_per_epoch = 3
     optimizer_counts_steps = False  # SGD
@@ -303,6 +320,11 @@ class ResNetTrack(Track):
         from imagenet.image_classification import main
 
         return main
+
+    def engine(self):
+        from imagenet.engine import BoxTrack
+
+        return BoxTrack
 
 
 @pytest.fixture(params=["deit", "resnet"])
