@@ -161,6 +161,9 @@ class Track:
     name: str
     script: Path
     module: str  # the entry point's module, whose ``main`` the script runs
+    output_flag: str  # the flag naming the run folder
+    images: Path  # the track's tiny ImageFolder (shared, read-only)
+    val_images: int  # how many validation images it holds
     out_of_memory_advice: str  # what its out-of-GPU-memory line tells the user to lower
     steps_per_epoch: int
     two_rank_steps_per_epoch: int
@@ -171,12 +174,21 @@ class Track:
         self._run_main, self._sigterm_before = run_main, sigterm_before
 
     def argv(
-        self, output: Path, *, epochs: int = 1, workers: int = 0, fast: bool = False, slow: bool = False, ranks: int = 1
+        self,
+        output: Path,
+        *,
+        epochs: int = 1,
+        workers: int = 0,
+        fast: bool = False,
+        slow: bool = False,
+        ranks: int = 1,
+        data: Path | None = None,
     ) -> list[str]:
-        """Arguments training the tiny config for ``epochs`` with ``workers`` loader processes into ``output`` (seed 0;
-        ``fast``: the fast path, with the release's order of updates; ``slow``: steps long enough for a signal sent
-        from outside to arrive in the middle of an epoch; ``ranks``: the number of torchrun processes the run will have,
-        :attr:`two_rank_steps_per_epoch` steps per epoch with 2)."""
+        """Arguments training the tiny config for ``epochs`` with ``workers`` loader processes into ``output`` (seed 0).
+        ``fast``: the fast path, with the release's order of updates; ``slow``: steps long enough for a signal sent from
+        outside to arrive in the middle of an epoch; ``ranks``: the number of torchrun processes the run will have
+        (:attr:`two_rank_steps_per_epoch` steps per epoch with 2); ``data``: an ImageFolder in place of
+        :attr:`images`."""
         raise NotImplementedError
 
     def main(self) -> Callable:
@@ -251,6 +263,8 @@ class DeiTTrack(Track):
     name = "deit"
     script = REPO / "deit" / "main.py"
     module = "deit.main"
+    output_flag = "--output"
+    val_images = 12
     out_of_memory_advice = (
         "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay)"
     )
@@ -261,15 +275,15 @@ class DeiTTrack(Track):
 
     def __init__(self, run_main, sigterm_before, config: Path, data: Path, teacher: Path) -> None:
         super().__init__(run_main, sigterm_before)
-        self._config, self._data, self._teacher = config, data, teacher
+        self._config, self.images, self._teacher = config, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1):  # batch 4 on every rank
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # batch 4 a rank
         extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]
         if fast:  # fused AdamW, lr updated after each step
             extra = ["--fast", *extra, "train.lr_after_step", "true"]
         if slow:
             extra += ["model.img_size", "48", "model.embed_dim", "32"]
-        return deit_train_argv(self._config, self._data, self._teacher, output, *extra)
+        return deit_train_argv(self._config, data or self.images, self._teacher, output, *extra)
 
     def main(self):
         from deit.main import main
@@ -286,6 +300,8 @@ class ResNetTrack(Track):
     name = "resnet"
     script = REPO / "imagenet" / "image_classification.py"
     module = "imagenet.image_classification"
+    output_flag = "--output_dir"
+    val_images = 21
     out_of_memory_advice = (
         "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
         "same factor (the global batch stays)"
@@ -297,16 +313,16 @@ class ResNetTrack(Track):
 
     def __init__(self, run_main, sigterm_before, tmp_path: Path, data: Path, teacher: Path) -> None:
         super().__init__(run_main, sigterm_before)
-        self._tmp_path, self._data, self._teacher = tmp_path, data, teacher
+        self._tmp_path, self.images, self._teacher = tmp_path, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1):  # 3 steps take long enough
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # 3 steps: slow enough
         recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers-{ranks}-ranks.yaml"
         # dropout: the student's forward draws random numbers, so a resume must restore the generators, not replay them
         recipe.write_text(
             tiny_recipe(
                 Path(output) / "best.pth",
                 teacher_ckpt=self._teacher,
-                data_root=self._data,
+                data_root=data or self.images,
                 epochs=epochs,
                 num_workers=workers,
                 student_dropout=0.2,
