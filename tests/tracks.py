@@ -163,6 +163,7 @@ class Track:
     module: str  # the entry point's module, whose ``main`` the script runs
     output_flag: str  # the flag naming the run folder
     images: Path  # the track's tiny ImageFolder (shared, read-only)
+    batch_size: int  # images per training step (one process)
     val_images: int  # how many validation images it holds
     out_of_memory_advice: str  # what its out-of-GPU-memory line tells the user to lower
     steps_per_epoch: int
@@ -264,6 +265,7 @@ class DeiTTrack(Track):
     script = REPO / "deit" / "main.py"
     module = "deit.main"
     output_flag = "--output"
+    batch_size = 4
     val_images = 12
     out_of_memory_advice = (
         "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay)"
@@ -301,6 +303,7 @@ class ResNetTrack(Track):
     script = REPO / "imagenet" / "image_classification.py"
     module = "imagenet.image_classification"
     output_flag = "--output_dir"
+    batch_size = 8
     val_images = 21
     out_of_memory_advice = (
         "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
