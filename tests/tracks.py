@@ -6,6 +6,7 @@ its run folder's files and the size of its epochs."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -124,34 +125,53 @@ def save_resnet_teacher(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def deit_images(tmp_path_factory) -> Path:
-    """:func:`write_deit_images` (shared, read-only)."""
-    return write_deit_images(tmp_path_factory.mktemp("deit-imagefolder"))
+def _built_once(build: Callable[[Path], Path], folder: str, name: str = "") -> Callable:
+    """A session fixture: ``build`` of a fresh folder ``folder`` (or of the file ``name`` in it), shared, read-only."""
+
+    def fixture(tmp_path_factory) -> Path:
+        made = tmp_path_factory.mktemp(folder)
+        return build(made / name if name else made)
+
+    fixture.__doc__ = f":func:`{build.__name__}` (shared, read-only)."
+    return pytest.fixture(scope="session", name=folder.replace("-", "_"))(fixture)
 
 
-@pytest.fixture(scope="session")
-def deit_config(tmp_path_factory) -> Path:
-    """:func:`write_deit_config` (shared, read-only)."""
-    return write_deit_config(tmp_path_factory.mktemp("deit-config") / "tiny.yaml")
+deit_images = _built_once(write_deit_images, "deit-images")
+deit_config = _built_once(write_deit_config, "deit-config", "tiny.yaml")
+deit_teacher = _built_once(save_deit_teacher, "deit-teacher", "teacher.pth")
+resnet_images = _built_once(write_resnet_images, "resnet-images")
+resnet_teacher = _built_once(save_resnet_teacher, "resnet-teacher", "teacher.pth")
 
 
-@pytest.fixture(scope="session")
-def deit_teacher(tmp_path_factory) -> Path:
-    """:func:`save_deit_teacher` (shared, read-only)."""
-    return save_deit_teacher(tmp_path_factory.mktemp("deit-teacher") / "teacher.pth")
+def write_class_tree(root: Path, classes=("a", "b"), splits=("train", "val"), per_class: int = 2) -> Path:
+    """``per_class`` 4 px PNGs in each of ``classes`` in each of ``splits`` under ``root``."""
+    for split in splits:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                Image.new("RGB", (4, 4), (index * 40, 0, 0)).save(folder / f"{index}.png")
+    return root
 
 
-@pytest.fixture(scope="session")
-def resnet_images(tmp_path_factory) -> Path:
-    """:func:`write_resnet_images` (shared, read-only)."""
-    return write_resnet_images(tmp_path_factory.mktemp("resnet-imagefolder"))
+def stopped_on_two_ranks(result: subprocess.CompletedProcess, checkpoint: Path) -> dict:
+    """Asserts a 2-rank torchrun run that one rank's SIGTERM stopped ended as a stop on both ranks, with one message
+    printed by rank 0 (which did not receive the signal itself), both ranks' random streams in ``checkpoint``; returns
+    that checkpoint."""
+    from projector_kd.engine.checkpoint import load_checkpoint
+    from projector_kd.engine.signals import EXIT_STATUS_STOPPED
 
-
-@pytest.fixture(scope="session")
-def resnet_teacher(tmp_path_factory) -> Path:
-    """:func:`save_resnet_teacher` (shared, read-only)."""
-    return save_resnet_teacher(tmp_path_factory.mktemp("resnet-teacher") / "teacher.pth")
+    assert result.returncode == 1, result.stderr[-3000:]  # torchrun's status when a worker exits non-zero
+    # each worker exits 3 (stopped), unless torchrun's SIGTERM after the first one's exit reaches it first
+    codes = re.findall(r"exitcode  : (-?\d+)", result.stderr)
+    assert str(EXIT_STATUS_STOPPED) in codes and set(codes) <= {str(EXIT_STATUS_STOPPED), "-15"}, result.stderr[-3000:]
+    state = load_checkpoint(checkpoint)
+    assert [line for line in result.stderr.splitlines() if line.startswith("stopped: ")] == [
+        f"stopped: stopped by a signal to another process of the run at epoch {state['epoch']} step "
+        f"{state['step_in_epoch']}; resumable checkpoint {checkpoint} — rerun the same command to continue"
+    ]
+    assert len(state["rng"]) == 2
+    return state
 
 
 class Track:
