@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_TWO_RANKS = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+pytest_plugins = ("tracks",)
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
@@ -305,6 +306,15 @@ def sigterm_before_step(engine: Any, epoch: int, step: int, only_rank: int | Non
 def sigterm_progress() -> Callable[..., Callable]:
     """:func:`sigterm_before_step`."""
     return sigterm_before_step
+
+
+@pytest.fixture
+def sigterm_before(sigterm_progress) -> Callable[[pytest.MonkeyPatch, int, int], None]:
+    """``sigterm_before(monkeypatch, epoch, step)``: an in-process run receives SIGTERM just before training step
+    ``step`` (1-based) of ``epoch`` starts, as a scheduler's stop would arrive."""
+    from projector_kd.engine import loop
+
+    return lambda monkeypatch, epoch, step: monkeypatch.setattr(loop, "progress", sigterm_progress(loop, epoch, step))
 
 
 _SIGTERM_ON_ONE_RANK = """

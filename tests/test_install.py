@@ -19,9 +19,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+import tracks
+from resnet_recipe import tiny_recipe
 
 pytestmark = pytest.mark.install
 REPO = Path(__file__).resolve().parents[1]
@@ -31,14 +32,6 @@ SOURCES = ("setup.cfg", "pyproject.toml", "README.md", *PACKAGES, "configs/deit"
 INDIRECT = {"torch.utils.tensorboard": "tensorboard"}
 # namespace packages shared by many distributions: the module path names the distribution (an optional extra here)
 NAMESPACED = {"nvidia.dali": "nvidia-dali-cuda130"}
-
-
-def _fixtures(track: str) -> ModuleType:
-    """A track's test fixtures module (tests/<track>/conftest.py), for its tiny-run helpers."""
-    spec = importlib.util.spec_from_file_location(f"install_{track}_fixtures", REPO / "tests" / track / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _canonical(name: str) -> str:
@@ -150,10 +143,9 @@ def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, ou
         assert Path(location).is_relative_to(installed), location
     assert REPO.resolve() not in {Path(entry or work).resolve() for entry in path.split("\0")}, path
 
-    deit_fixtures = _fixtures("deit")
-    data = deit_fixtures.write_image_folder(tmp_path / "deit-data")
-    teacher = deit_fixtures.save_teacher(tmp_path / "teacher.pth")
-    overlay = deit_fixtures.write_tiny_config(tmp_path / "tiny.yaml")
+    data = tracks.write_deit_images(tmp_path / "deit-data")
+    teacher = tracks.save_deit_teacher(tmp_path / "teacher.pth")
+    overlay = tracks.write_deit_config(tmp_path / "tiny.yaml")
     run = work / "deit-run"
     result = run_python(
         "-m",
@@ -183,15 +175,10 @@ def test_installed_copy_runs_both_tracks_from_outside_the_checkout(installed, ou
     assert metrics["params"]["projector"] == 16 * 512 + 512  # Linear(16, resnet10t's 512)
     assert (run / "checkpoint.pth").is_file() and list((run / "tensorboard").iterdir())
 
-    resnet_fixtures = _fixtures("imagenet")
-    resnet_data = resnet_fixtures.write_image_folder(tmp_path / "resnet-data")
-    resnet_teacher = resnet_fixtures.save_teacher(tmp_path / "wrn_teacher.pth")
+    resnet_data = tracks.write_resnet_images(tmp_path / "resnet-data")
+    resnet_teacher = tracks.save_resnet_teacher(tmp_path / "wrn_teacher.pth")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        resnet_fixtures.tiny_recipe(
-            work / "resnet-run" / "best.pth", teacher_ckpt=resnet_teacher, data_root=resnet_data
-        )
-    )
+    recipe.write_text(tiny_recipe(work / "resnet-run" / "best.pth", teacher_ckpt=resnet_teacher, data_root=resnet_data))
     result = run_python(
         "-m", "imagenet.image_classification", "--config", recipe, "--device", "cpu", cwd=work, env=env, timeout=300
     )

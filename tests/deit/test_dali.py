@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import auto_augment
+from tracks import assert_same_run
 
 from deit.config import load_config
 from deit.datasets import build_transform
 from deit.main import main
 from projector_kd.engine import dali
 from projector_kd.engine.signals import EXIT_STATUS_STOPPED
-
-from .test_fault_resume import StopAfter, _assert_same_state
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed: pip install -r requirements-dali.txt")
 
@@ -132,19 +131,20 @@ def dali_argv(train_argv, image_folder):
     )
 
 
-def test_one_epoch_stopped_and_resumed_is_bit_identical_and_evaluates(tmp_path, dali_argv, eval_argv, run_main):
+def test_one_epoch_stopped_and_resumed_is_bit_identical_and_evaluates(
+    tmp_path, dali_argv, eval_argv, run_main, monkeypatch, sigterm_before
+):
     straight = tmp_path / "straight"
     assert main(dali_argv(straight, "aug.reprob", "1.0")) == 0
     log = (straight / "log.txt").read_text()
     assert "train: DALI loader, CPU decoding, 1 threads, 9 batches of 4" in log and "val: DALI loader" in log
     interrupted = tmp_path / "interrupted"
-    assert main(dali_argv(interrupted, "aug.reprob", "1.0"), stop=StopAfter(4)) == EXIT_STATUS_STOPPED
+    with monkeypatch.context() as patch:
+        sigterm_before(patch, 0, 4)
+        assert main(dali_argv(interrupted, "aug.reprob", "1.0")) == EXIT_STATUS_STOPPED
     assert torch.load(interrupted / "checkpoint.pth", weights_only=True)["step_in_epoch"] == 4
     assert main(dali_argv(interrupted, "aug.reprob", "1.0")) == 0
-    a = torch.load(straight / "checkpoint.pth", weights_only=True)
-    b = torch.load(interrupted / "checkpoint.pth", weights_only=True)
-    _assert_same_state(a, b)
-    assert a["epoch_sums"] == b["epoch_sums"]
+    assert_same_run(straight, interrupted)
     metrics = json.loads((straight / "metrics.json").read_text())
     results = {}
     for loader in ("torchvision", "dali"):

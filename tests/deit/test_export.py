@@ -10,6 +10,7 @@ import safetensors.torch
 import timm
 import torch
 from timm.models import save_for_hf
+from tracks import DEIT_RECIPE
 
 from deit.checkpoint import load_student_checkpoint
 from deit.config import load_config
@@ -85,16 +86,7 @@ def test_training_checkpoint_exports_with_its_run_config_and_evaluates_as_folder
     run = tmp_path / "run"
     assert main(train_argv(run, "--epochs", "1")) == 0
     source = read_student(run / "checkpoint.pth")
-    assert source.arch == {
-        "embed_dim": 16,
-        "depth": 2,
-        "num_heads": 2,
-        "stem_channels": 8,
-        "stem_stride": 2,
-        "patch_size": 2,
-        "img_size": 16,
-        "num_classes": 3,
-    }
+    assert source.arch == {key: value for key, value in DEIT_RECIPE["model"].items() if key != "drop_path"}
     assert (source.transform.img_size, source.transform.crop_pct) == (16, 1.0)
     folder = export_student(run / "checkpoint.pth", tmp_path / "export")
     config = json.loads((folder / "config.json").read_text())

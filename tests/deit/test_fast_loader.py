@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tracks import assert_same_run
 
 from deit.main import main
 from projector_kd.engine.signals import EXIT_STATUS_STOPPED
-
-from .test_fault_resume import StopAfter, _assert_same_state
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,9 @@ def jpeg_folder(tmp_path_factory) -> Path:
     return root
 
 
-def test_fast_loader_run_stopped_and_resumed_is_bit_identical(tmp_path, train_argv, jpeg_folder, monkeypatch):
+def test_fast_loader_run_stopped_and_resumed_is_bit_identical(
+    tmp_path, train_argv, jpeg_folder, monkeypatch, sigterm_before
+):
     monkeypatch.setattr(torch, "compile", lambda module: module)  # compiling costs a minute on 2 CPU cores
     extra = ["--fast", "--opts", "train.epochs", "1", "aug.reprob", "1.0"]
     straight = tmp_path / "straight"
@@ -42,13 +43,13 @@ def test_fast_loader_run_stopped_and_resumed_is_bit_identical(tmp_path, train_ar
         in (straight / "log.txt").read_text()
     )
     interrupted = tmp_path / "interrupted"
-    assert main(train_argv(interrupted, *extra, data=jpeg_folder), stop=StopAfter(5)) == EXIT_STATUS_STOPPED
+    with monkeypatch.context() as patch:
+        sigterm_before(patch, 0, 5)
+        assert main(train_argv(interrupted, *extra, data=jpeg_folder)) == EXIT_STATUS_STOPPED
     assert torch.load(interrupted / "checkpoint.pth", weights_only=True)["step_in_epoch"] == 5
     assert main(train_argv(interrupted, *extra, data=jpeg_folder)) == 0
-    a = torch.load(straight / "checkpoint.pth", weights_only=True)
-    b = torch.load(interrupted / "checkpoint.pth", weights_only=True)
-    _assert_same_state(a, b)
-    assert a["history"]["train_loss"] == b["history"]["train_loss"] and len(a["history"]["train_loss"]) == 1
+    assert_same_run(straight, interrupted)
+    assert len(torch.load(straight / "checkpoint.pth", weights_only=True)["history"]["train_loss"]) == 1
 
 
 def test_fast_loader_off_keeps_the_recipes_loader(train_argv, jpeg_folder, tmp_path, monkeypatch):

@@ -1,10 +1,7 @@
-"""The number of classes is checked against the class folders before any work; hidden folders (names starting with
-a dot) are never classes."""
+"""The number of classes is checked against the class folders before any work (hidden folders, for both tracks:
+tests/projector_kd/both_tracks/test_data.py)."""
 
 from __future__ import annotations
-
-import json
-import shutil
 
 import pytest
 
@@ -20,12 +17,3 @@ def test_num_classes_differing_from_the_class_folders_is_refused_before_any_work
         f"model.num_classes 3 or point --data-path at the right folder"
     )
     assert not (tmp_path / "run").exists()
-
-
-def test_hidden_folders_are_not_classes(tmp_path, train_argv, data_copy):
-    for split in ("train", "val"):
-        shutil.copytree(data_copy / split / "class0", data_copy / split / ".ipynb_checkpoints")
-    assert main(train_argv(tmp_path / "run", "--epochs", "1", data=data_copy)) == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert len(metrics["val_top1_per_epoch"]) == 1
-    assert "checkpoint.pth" in {p.name for p in (tmp_path / "run").iterdir()}

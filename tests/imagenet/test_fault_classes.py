@@ -1,9 +1,8 @@
-"""The networks' number of classes is checked against the class folders before any work; hidden folders (names
-starting with a dot) are never classes."""
+"""The networks' number of classes is checked against the class folders before any work (hidden folders, for both
+tracks: tests/projector_kd/both_tracks/test_data.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -27,15 +26,3 @@ def test_num_classes_differing_from_the_class_folders_is_refused_before_any_work
         f"the right folder\n"
     )
     assert not (tmp_path / "run").exists()
-
-
-def test_hidden_folders_are_not_classes(make_recipe, cli, tmp_path, data):
-    for split in ("train", "val"):
-        hidden = data / split / ".ipynb_checkpoints"
-        shutil.copytree(data / split / "class0", hidden)
-    status, _, err = cli("--config", make_recipe("run", method="baseline", data_root=data), "--seed", "0")
-    assert status == 0, err
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert len(metrics["val_top1_per_epoch"]) == 1
-    # 21 val images in 3 classes, the 7 hidden copies not counted: accuracy is a multiple of 100/21
-    assert round(metrics["top1"] * 21 / 100, 6) == round(metrics["top1"] * 21 / 100)

@@ -1,6 +1,5 @@
-"""Exact resume: a run stopped by SIGTERM mid-epoch (or at the last step of an epoch) and resumed ends bit-identical to
-an uninterrupted run — student, projector, optimizer, scheduler, position, RNG streams, best accuracy — with
-num_workers 0 and 2."""
+"""Exact resume of the ResNet track's gradient accumulation windows and of what a resumed epoch reads (the stops both
+tracks share: tests/projector_kd/both_tracks/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -10,47 +9,6 @@ import pytest
 
 from projector_kd.engine.checkpoint import atomic_save, load_checkpoint
 from projector_kd.engine.data import CheckedImageFolder
-
-
-@pytest.mark.parametrize(
-    "num_workers, epoch, step",
-    [(0, 0, 2), (0, 0, 3), (2, 1, 1)],
-    ids=["workers0-mid-epoch", "workers0-last-step", "workers2-mid-epoch"],
-)
-def test_stopped_and_resumed_run_is_bit_identical(
-    make_recipe, teacher_ckpt, cli, tmp_path, straight_and_stopped, same_run, num_workers, epoch, step
-):
-    # dropout: the student's forward draws random numbers, so the generators must be restored, not just replayed
-    recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, num_workers=num_workers, student_dropout=0.2)
-    common = ("--config", recipe, "--seed", "0")
-    stopped, err = straight_and_stopped(epoch, step, *common)
-    checkpoint = tmp_path / "interrupted" / "checkpoint.pth"
-    assert err.strip().splitlines()[-1] == (
-        f"stopped: stopped by SIGTERM at epoch {epoch} step {step}; resumable checkpoint {checkpoint} — rerun the "
-        f"same command to continue"
-    )
-    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (epoch, step, 3 * epoch + step)
-    assert not (tmp_path / "interrupted" / "metrics.json").exists()
-
-    status, out, err = cli(*common, "--output_dir", tmp_path / "interrupted")
-    assert status == 0, err
-    assert f"resuming from {checkpoint} at epoch {epoch} step {step}" in out
-    same_run(tmp_path / "straight", tmp_path / "interrupted")
-
-
-def test_fast_path_stopped_and_resumed_is_bit_identical(
-    make_recipe, teacher_ckpt, cli, tmp_path, monkeypatch, straight_and_stopped, same_run
-):
-    """Fused SGD, values read a step late: the stop's checkpoint holds the state after the last applied step."""
-    monkeypatch.setattr("torch.compile", lambda module, *args, **kwargs: module)  # 2 CPU cores: eager
-    recipe = make_recipe("resume", teacher_ckpt=teacher_ckpt, epochs=2, student_dropout=0.2)
-    common = ("--config", recipe, "--seed", "0", "--fast")
-    stopped, _ = straight_and_stopped(1, 2, *common)
-    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (1, 2, 5)
-    assert all(group["fused"] for group in stopped["optimizer"]["param_groups"])
-    status, _, err = cli(*common, "--output_dir", tmp_path / "interrupted")
-    assert status == 0, err
-    same_run(tmp_path / "straight", tmp_path / "interrupted")
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast-path"])

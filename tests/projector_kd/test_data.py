@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
+from tracks import write_class_tree
 
 from projector_kd.engine.data import (
     CheckedImageFolder,
@@ -24,18 +25,8 @@ from projector_kd.engine.data import (
 from projector_kd.engine.errors import UserError
 
 
-def make_tree(root, classes=("a", "b"), splits=("train", "val"), per_class=2):
-    for split in splits:
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for index in range(per_class):
-                Image.new("RGB", (4, 4), (index * 40, 0, 0)).save(folder / f"{index}.png")
-    return root
-
-
 def test_good_tree_passes(tmp_path):
-    check_image_folder(make_tree(tmp_path / "data"))
+    check_image_folder(write_class_tree(tmp_path / "data"))
 
 
 def test_missing_root_names_expected_folders(tmp_path):
@@ -48,27 +39,27 @@ def test_missing_root_names_expected_folders(tmp_path):
 
 
 def test_missing_split(tmp_path):
-    root = make_tree(tmp_path / "data", splits=("train",))
+    root = write_class_tree(tmp_path / "data", splits=("train",))
     with pytest.raises(DataError, match=r"split folder .*data/val is missing"):
         check_image_folder(root)
 
 
 def test_empty_class_folder(tmp_path):
-    root = make_tree(tmp_path / "data")
+    root = write_class_tree(tmp_path / "data")
     (root / "train" / "c").mkdir()
     with pytest.raises(DataError, match=r"class folder .*train/c holds no images"):
         check_image_folder(root)
 
 
 def test_val_classes_differ_from_train(tmp_path):
-    root = make_tree(tmp_path / "data")
+    root = write_class_tree(tmp_path / "data")
     (root / "val" / "b").rename(root / "val" / "z")
     with pytest.raises(DataError, match=r"classes of .*val differ from .*train: missing \['b'\], extra \['z'\]"):
         check_image_folder(root)
 
 
 def test_corrupt_image_fails_naming_the_file(tmp_path):
-    root = make_tree(tmp_path / "data")
+    root = write_class_tree(tmp_path / "data")
     (root / "train" / "a" / "0.png").write_bytes(b"not a png")
     dataset = CheckedImageFolder(root / "train")
     with pytest.raises(DataError, match=r"unreadable image .*train/a/0.png"):
@@ -76,7 +67,7 @@ def test_corrupt_image_fails_naming_the_file(tmp_path):
 
 
 def test_corrupt_image_skipped_with_count(tmp_path):
-    root = make_tree(tmp_path / "data")
+    root = write_class_tree(tmp_path / "data")
     (root / "train" / "a" / "0.png").write_bytes(b"not a png")
     dataset = CheckedImageFolder(root / "train", on_bad_image="skip")
     image, label = dataset[0]
@@ -87,7 +78,7 @@ def test_corrupt_image_skipped_with_count(tmp_path):
 
 def test_bad_policy_is_refused(tmp_path):
     with pytest.raises(Exception, match="on_bad_image='ignore'"):
-        CheckedImageFolder(make_tree(tmp_path / "data") / "train", on_bad_image="ignore")
+        CheckedImageFolder(write_class_tree(tmp_path / "data") / "train", on_bad_image="ignore")
 
 
 def test_digits_imagefolder(tmp_path):

@@ -9,23 +9,14 @@ import os
 import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from tracks import write_class_tree
 
 from projector_kd.engine.data import CheckedImageFolder, DataError, check_image_folder
 
 
-def make_tree(root, classes=("a", "b"), per_class=2):
-    for split in ("train", "val"):
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for index in range(per_class):
-                Image.new("RGB", (4, 4), (index * 40, 0, 0)).save(folder / f"{index}.png")
-    return root
-
-
 def test_links_to_files_nested_folders_and_linked_class_folders_read_as_torchvision_reads_them(tmp_path):
-    elsewhere = make_tree(tmp_path / "elsewhere", classes=("c",))
-    root = make_tree(tmp_path / "data")
+    elsewhere = write_class_tree(tmp_path / "elsewhere", classes=("c",))
+    root = write_class_tree(tmp_path / "data")
     (root / "train" / "a" / "nested" / "deeper").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(root / "train" / "a" / "nested" / "deeper" / "x.png")
     os.symlink(elsewhere / "train" / "c" / "0.png", root / "train" / "a" / "linked.png")  # a link to a file
@@ -46,7 +37,7 @@ def test_links_to_files_nested_folders_and_linked_class_folders_read_as_torchvis
 
 @pytest.mark.parametrize("target", ["..", "../..", "../../b"])
 def test_a_link_to_a_folder_below_a_class_folder_is_refused_by_the_check_and_the_dataset(tmp_path, target):
-    root = make_tree(tmp_path / "data")
+    root = write_class_tree(tmp_path / "data")
     (root / "train" / "a" / "sub").mkdir()
     link = root / "train" / "a" / "sub" / "up"
     os.symlink(target, link)

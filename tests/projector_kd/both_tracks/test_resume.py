@@ -1,0 +1,57 @@
+"""Exact resume through both entry points: a run stopped by SIGTERM mid-epoch (or at the last step of an epoch) and
+resumed ends bit-identical to an uninterrupted run — student, projector, optimizer, scheduler, position, RNG streams,
+best accuracy, every checkpoint and the per-epoch accuracy — with 0 and 2 loader workers, on the reference and the fast
+path."""
+
+from __future__ import annotations
+
+import pytest
+from tracks import assert_same_run
+
+from projector_kd.engine.checkpoint import load_checkpoint
+
+LAST_STEP = -1
+
+
+@pytest.mark.parametrize(
+    "workers, epoch, step",
+    [(0, 0, 2), (0, 0, LAST_STEP), (2, 1, 1)],
+    ids=["workers0-mid-epoch", "workers0-last-step", "workers2-mid-epoch"],
+)
+def test_stopped_and_resumed_run_is_bit_identical(track, tmp_path, monkeypatch, workers, epoch, step):
+    step = track.steps_per_epoch if step == LAST_STEP else step
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    track.train(straight, epochs=2, workers=workers)
+    result = track.stopped(monkeypatch, epoch, step, interrupted, epochs=2, workers=workers)
+    checkpoint = interrupted / "checkpoint.pth"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"stopped: stopped by SIGTERM at epoch {epoch} step {step}; resumable checkpoint {checkpoint} — rerun the "
+        f"same command to continue"
+    )
+    stopped = load_checkpoint(checkpoint)
+    position = (epoch, step, track.steps_per_epoch * epoch + step)
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == position
+    assert stopped["epoch_sums"]["steps"] == step
+    assert not (interrupted / "metrics.json").exists()
+
+    resumed = track.train(interrupted, epochs=2, workers=workers)
+    assert f"resuming from {checkpoint} at epoch {epoch} step {step}" in resumed.stdout
+    assert_same_run(straight, interrupted)
+
+
+def test_fast_path_stopped_and_resumed_is_bit_identical(track, tmp_path, monkeypatch):
+    """Fused optimizer, values read a step late: the stop's checkpoint holds the state after the last applied step (its
+    step counters, epoch sums and learning rate included) and resuming from it is exact."""
+    monkeypatch.setattr("torch.compile", lambda module, *args, **kwargs: module)  # 2 CPU cores: eager
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    track.train(straight, epochs=2, fast=True)
+    track.stopped(monkeypatch, 1, 2, interrupted, epochs=2, fast=True)
+    stopped = load_checkpoint(interrupted / "checkpoint.pth")
+    global_step = track.steps_per_epoch + 2
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (1, 2, global_step)
+    assert stopped["epoch_sums"]["steps"] == 2
+    assert all(group["fused"] for group in stopped["optimizer"]["param_groups"])
+    if track.optimizer_counts_steps:
+        assert {state["step"].item() for state in stopped["optimizer"]["state"].values()} == {float(global_step)}
+    track.train(interrupted, epochs=2, fast=True)
+    assert_same_run(straight, interrupted)
