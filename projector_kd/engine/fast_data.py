@@ -152,6 +152,61 @@ def torch_resize(window: Image.Image, size: tuple[int, int], mode: str) -> torch
     return F.interpolate(batch, size=size, mode=mode, antialias=True)[0].permute(1, 2, 0).contiguous()
 
 
+ROW_MARGIN = 32  # rows decoded past the window: whole iDCT blocks and chroma upsampling context for its last rows
+SOF_HEIGHTS = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman frames: rows can be cut short
+STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # markers without a length field
+
+
+def jpeg_height_offset(data: bytes) -> int | None:
+    """The byte offset of the frame height in ``data`` when it is a well-formed baseline/extended/progressive JPEG
+    (SOI, length-framed segments up to the first SOS, ending with EOI); None otherwise."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+        return None
+    position, offset = 2, None
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in STANDALONE:
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2:
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if offset is not None or marker not in SOF_HEIGHTS or length < 8:
+                return None
+            offset = position + 5
+        elif marker == 0xDA:
+            return offset
+        position += 2 + length
+    return None
+
+
+def rows_cut(data: bytes, rows: int) -> bytes | None:
+    """A copy of JPEG ``data`` whose frame header declares only its first ``rows`` rows (a decoder then stops
+    there, the pixels of those rows as in a full decode save the last few: keep :data:`ROW_MARGIN` spare); None
+    when ``data`` is not a JPEG that can be cut (:func:`jpeg_height_offset`) or is not taller than ``rows``."""
+    offset = jpeg_height_offset(data)
+    if offset is None or int.from_bytes(data[offset : offset + 2], "big") <= rows:
+        return None
+    return b"".join((data[:offset], rows.to_bytes(2, "big"), data[offset + 2 :]))
+
+
+def _load_rgb(image: Image.Image, scale: int, width: int) -> tuple[Image.Image, float]:
+    """(``image`` decoded at DCT scale ``scale`` when it is a JPEG, made RGB; its width over ``width``)."""
+    factor = 1.0
+    if scale > 1 and image.format == "JPEG":
+        drafted = image.draft("RGB", (image.width // scale, image.height // scale))
+        if drafted is not None:
+            factor = drafted[1][2] / width
+    image.load()
+    return (image if image.mode == "RGB" and "transparency" not in image.info else to_rgb(image)), factor
+
+
 def decode_window(
     encoded: EncodedImage, crop: Any, size: tuple[int, int]
 ) -> tuple[Image.Image, tuple[float, float, float, float], T.InterpolationMode]:
@@ -168,16 +223,18 @@ def decode_window(
         if isinstance(interpolation, (list, tuple)):
             interpolation = random.choice(interpolation)
         scale = dct_scale(box[2], box[3], *size)
-        if scale > 1 and image.format == "JPEG":
-            width = image.width
-            drafted = image.draft("RGB", (image.width // scale, image.height // scale))
-            if drafted is not None:
-                box = tuple(value * drafted[1][2] / width for value in box)
-        image.load()
-        rgb = image if image.mode == "RGB" and "transparency" not in image.info else to_rgb(image)
     except UNREADABLE_IMAGE_ERRORS as error:
         raise unreadable_image(encoded.path, error) from None
-    return rgb, box, interpolation
+    cut = rows_cut(encoded.data, box[0] + box[2] + ROW_MARGIN) if image.format == "JPEG" else None
+    if cut is not None:
+        with contextlib.suppress(*UNREADABLE_IMAGE_ERRORS):  # a cut that does not decode: the whole file below
+            rgb, factor = _load_rgb(open_image(io.BytesIO(cut)), scale, image.width)
+            return rgb, tuple(value * factor for value in box), interpolation
+    try:
+        rgb, factor = _load_rgb(image, scale, image.width)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise unreadable_image(encoded.path, error) from None
+    return rgb, tuple(value * factor for value in box), interpolation
 
 
 FLIPS = (T.RandomHorizontalFlip, T.RandomVerticalFlip)
@@ -187,7 +244,7 @@ class FastTrainTransform:
     """The recipe's training transform on an :class:`EncodedImage` as the fast loader runs it, ending in an (H, W,
     3) uint8 tensor (normalisation and erasing follow on the device): :func:`decode_window`, then the window resized
     to the crop size — at DCT scale 1 by :func:`torch_resize`, the recipe's flips that directly follow the crop
-    applied to the window first (flips commute with the symmetric resampling filters; their draws keep their
+    applied to the resized window (flips commute with the symmetric resampling filters; their draws keep their
     order), else by Pillow from the scaled pixels — then the recipe's other PIL stages, unchanged."""
 
     def __init__(self, stages: RecipeStages) -> None:
@@ -202,9 +259,10 @@ class FastTrainTransform:
         mode = TORCH_RESIZE.get(interpolation)
         if mode is not None and all(float(v).is_integer() for v in (top, left, height, width)):
             window = image.crop((int(left), int(top), int(left + width), int(top + height)))
-            for flip in self.flips:
-                window = flip(window)
             pixels = torch_resize(window, size, mode)
+            for flip in self.flips:  # the flip's own draw, its flip applied to the (smaller) resized window
+                if torch.rand(1) < flip.p:
+                    pixels = pixels.flip(1 if isinstance(flip, T.RandomHorizontalFlip) else 0)
             if not self.rest:
                 return pixels
             image = Image.frombuffer("RGB", (size[1], size[0]), pixels.numpy(), "raw", "RGB", 0, 1)

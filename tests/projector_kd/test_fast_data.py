@@ -226,3 +226,51 @@ def test_a_transform_it_cannot_run_keeps_the_recipes_loader(photo_folder, caplog
     assert caplog.messages[-1].startswith(
         "train: the fast CPU loader cannot run this transform (it starts with Resize("
     )
+
+
+CUT_ENCODINGS = [dict(quality=90), dict(quality=75, progressive=True), dict(quality=95, subsampling=0)]
+
+
+@pytest.mark.parametrize("save", CUT_ENCODINGS, ids=["baseline", "progressive", "4:4:4"])
+@pytest.mark.parametrize("scale", [1, 2, 8])
+def test_a_row_cut_jpeg_decodes_the_rows_it_keeps_as_the_whole_file_does(save, scale):
+    noise = np.random.default_rng(0).integers(0, 256, (160, 123, 3), dtype=np.uint8)
+    for pixels in [*sklearn.datasets.load_sample_images().images, noise]:
+        data = io.BytesIO()
+        Image.fromarray(pixels).save(data, "JPEG", **save)
+        data = data.getvalue()
+        for rows in (1, 17, pixels.shape[0] - fast_data.ROW_MARGIN - 1):
+            cut = fast_data.rows_cut(data, rows + fast_data.ROW_MARGIN)
+            assert cut is not None and len(cut) == len(data)
+            decoded = []
+            for encoded in (cut, data):
+                image = Image.open(io.BytesIO(encoded))
+                image.draft("RGB", (image.width // scale, image.height // scale))
+                decoded.append(np.asarray(image.convert("RGB")))
+            kept = -(-rows // scale)
+            assert Image.open(io.BytesIO(cut)).height == rows + fast_data.ROW_MARGIN
+            np.testing.assert_array_equal(decoded[0][:kept], decoded[1][:kept])
+
+
+def test_only_whole_baseline_or_progressive_jpegs_are_cut():
+    data = io.BytesIO()
+    Image.fromarray(sklearn.datasets.load_sample_image("china.jpg")).save(data, "JPEG")
+    data = data.getvalue()
+    assert fast_data.rows_cut(data, 100) is not None
+    assert fast_data.rows_cut(data, 427) is None  # not taller than the rows asked for
+    assert fast_data.rows_cut(data[:-100], 100) is None  # truncated: no EOI
+    assert fast_data.rows_cut(b"\x89PNG\r\n\x1a\n" + data[8:], 100) is None
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")
+    assert fast_data.rows_cut(png.getvalue(), 10) is None
+
+
+def test_a_truncated_jpeg_is_decoded_whole_as_before(tmp_path):
+    data = io.BytesIO()
+    Image.fromarray(sklearn.datasets.load_sample_image("flower.jpg")).save(data, "JPEG")
+    path = tmp_path / "truncated.jpg"
+    path.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    crop = T.RandomResizedCrop(64)
+    torch.manual_seed(0)
+    with pytest.raises(DataError, match="unreadable image .*truncated.jpg"):
+        fast_data.decode_window(fast_data.read_encoded(str(path)), crop, (64, 64))
