@@ -49,7 +49,16 @@ from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolatio
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from torchvision import transforms as T
 
-from .data import UNREADABLE_IMAGE_ERRORS, DataError, innermost_dataset, load_rgb, open_image, unreadable_image
+from .data import (
+    UNREADABLE_IMAGE_ERRORS,
+    DataError,
+    innermost_dataset,
+    is_jpeg_frame,
+    jpeg_segments,
+    load_rgb,
+    open_image,
+    unreadable_image,
+)
 from .errors import UserError
 from .fast_data import DeviceErasing
 from .sampling import ResumableSampler, ShardSampler, batch_seed, epoch_seed
@@ -409,27 +418,15 @@ def dali_rand_augment_ops(plan: RandAugmentPlan) -> list:
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's start-of-frame header, or None when ``data`` is not a JPEG this parser reads."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    position, end = 2, len(data)
-    while position + 4 <= end:
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            position += 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if position + 9 > end:
+    """(height, width) from a JPEG's frame header, or None when ``data`` is not a JPEG whose headers this walk reads
+    (:func:`projector_kd.engine.data.jpeg_segments`)."""
+    for marker, position, _ in jpeg_segments(data):
+        if is_jpeg_frame(marker):
+            if position + 9 > len(data):
                 return None
             height = int.from_bytes(data[position + 5 : position + 7], "big")
             width = int.from_bytes(data[position + 7 : position + 9], "big")
             return (height, width) if height and width else None
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
     return None
 
 

@@ -143,6 +143,41 @@ def open_image(handle: BinaryIO) -> Image.Image:
         return Image.open(handle)
 
 
+JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # markers without a length field (RSTn, TEM)
+JPEG_START_OF_SCAN = 0xDA
+
+
+def is_jpeg_frame(marker: int) -> bool:
+    """Whether ``marker`` starts a JPEG frame header (SOF0-SOF15 save DHT, JPG and DAC)."""
+    return 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
+
+
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, position of its 0xFF, length field) of each length-framed segment of JPEG ``data``, from the first
+    after SOI up to and including the first start of scan; the walk ends early, without a start of scan, where
+    ``data`` is not a JPEG or its headers are not well formed."""
+    if data[:2] != b"\xff\xd8":
+        return
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in JPEG_STANDALONE:
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2:
+            return
+        yield marker, position, length
+        if marker == JPEG_START_OF_SCAN:
+            return
+        position += 2 + length
+
+
 def unreadable_image(path: str, error: BaseException) -> DataError:
     """The one-line error for an image that cannot be read (``error``: why), naming the file and the fixes."""
     fix = "fix or delete the file"

@@ -40,7 +40,16 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from .data import UNREADABLE_IMAGE_ERRORS, innermost_dataset, open_image, to_rgb, unreadable_image
+from .data import (
+    JPEG_START_OF_SCAN,
+    UNREADABLE_IMAGE_ERRORS,
+    innermost_dataset,
+    is_jpeg_frame,
+    jpeg_segments,
+    open_image,
+    to_rgb,
+    unreadable_image,
+)
 from .sampling import SeededSamples, batch_seed, rebuild_loader, training_sampler
 
 logger = logging.getLogger(__name__)
@@ -154,35 +163,21 @@ def torch_resize(window: Image.Image, size: tuple[int, int], mode: str) -> torch
 
 ROW_MARGIN = 32  # rows decoded past the window: whole iDCT blocks and chroma upsampling context for its last rows
 SOF_HEIGHTS = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman frames: rows can be cut short
-STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # markers without a length field
 
 
 def jpeg_height_offset(data: bytes) -> int | None:
     """The byte offset of the frame height in ``data`` when it is a well-formed baseline/extended/progressive JPEG
-    (SOI, length-framed segments up to the first SOS, ending with EOI); None otherwise."""
-    if len(data) < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+    (SOI, length-framed segments up to the first SOS, one frame header, ending with EOI); None otherwise."""
+    if len(data) < 4 or data[-2:] != b"\xff\xd9":
         return None
-    position, offset = 2, None
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in STANDALONE:
-            position += 2
-            continue
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        if length < 2:
-            return None
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+    offset = None
+    for marker, position, length in jpeg_segments(data):
+        if is_jpeg_frame(marker):
             if offset is not None or marker not in SOF_HEIGHTS or length < 8:
                 return None
             offset = position + 5
-        elif marker == 0xDA:
+        elif marker == JPEG_START_OF_SCAN:
             return offset
-        position += 2 + length
     return None
 
 

@@ -1,14 +1,16 @@
 """Dataset layout checks, unreadable images named or skipped, loader workers' failures in one line, and the bundled
 digits ImageFolder."""
 
+import io
 import os
 import signal
 import time
 
 import numpy as np
 import pytest
+import sklearn.datasets
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tracks import write_class_tree
 
 from projector_kd.engine.data import (
@@ -260,3 +262,27 @@ def test_other_errors_pass_through_unchanged():
     with pytest.raises(RuntimeError) as raised:
         list(raise_worker_errors_plainly(_failing(error), "training"))
     assert raised.value is error
+
+
+@pytest.mark.parametrize("save", [dict(quality=90), dict(quality=75, progressive=True), dict(subsampling=0)])
+def test_the_jpeg_header_walk_finds_the_frame_size_and_ends_at_the_scan(save):
+    from projector_kd.engine.dali import jpeg_size
+    from projector_kd.engine.data import JPEG_START_OF_SCAN, is_jpeg_frame, jpeg_segments
+
+    pixels = sklearn.datasets.load_sample_image("flower.jpg")
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, "JPEG", **save)
+    data = data.getvalue()
+    segments = list(jpeg_segments(data))
+    assert segments[-1][0] == JPEG_START_OF_SCAN and sum(is_jpeg_frame(marker) for marker, _, _ in segments) == 1
+    assert all(data[position] == 0xFF and data[position + 1] == marker for marker, position, _ in segments)
+    assert jpeg_size(data) == pixels.shape[:2] == (427, 640)
+    frame = next(position for marker, position, _ in segments if is_jpeg_frame(marker))
+    assert jpeg_size(data[: frame + 6]) is None  # the frame header cut short
+    broken = bytearray(data)
+    broken[frame + 2 : frame + 4] = b"\x00\x01"  # a length field under 2: not well formed, the walk stops there
+    before = [segment for segment in segments if segment[1] < frame]
+    assert list(jpeg_segments(bytes(broken))) == before and jpeg_size(bytes(broken)) is None
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, "PNG")
+    assert list(jpeg_segments(png.getvalue())) == [] and jpeg_size(png.getvalue()) is None
