@@ -182,6 +182,8 @@ class Track:
     script: Path
     module: str  # the entry point's module, whose ``main`` the script runs
     output_flag: str  # the flag naming the run folder
+    teacher_flag: str  # the flag naming the teacher checkpoint
+    teacher: Path  # the track's tiny teacher (shared, read-only)
     images: Path  # the track's tiny ImageFolder (shared, read-only)
     batch_size: int  # images per training step (one process)
     val_images: int  # how many validation images it holds
@@ -213,6 +215,10 @@ class Track:
         raise NotImplementedError
 
     def main(self) -> Callable:
+        raise NotImplementedError
+
+    def recorded_teacher(self, config: dict) -> str:
+        """The teacher checkpoint a run folder's ``config.yaml`` (loaded) records."""
         raise NotImplementedError
 
     def engine(self) -> type:
@@ -285,6 +291,7 @@ class DeiTTrack(Track):
     script = REPO / "deit" / "main.py"
     module = "deit.main"
     output_flag = "--output"
+    teacher_flag = "--teacher-ckpt"
     batch_size = 4
     val_images = 12
     out_of_memory_advice = (
@@ -297,7 +304,7 @@ class DeiTTrack(Track):
 
     def __init__(self, run_main, sigterm_before, config: Path, data: Path, teacher: Path) -> None:
         super().__init__(run_main, sigterm_before)
-        self._config, self.images, self._teacher = config, data, teacher
+        self._config, self.images, self.teacher = config, data, teacher
 
     def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # batch 4 a rank
         extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]
@@ -305,12 +312,15 @@ class DeiTTrack(Track):
             extra = ["--fast", *extra, "train.lr_after_step", "true"]
         if slow:
             extra += ["model.img_size", "48", "model.embed_dim", "32"]
-        return deit_train_argv(self._config, data or self.images, self._teacher, output, *extra)
+        return deit_train_argv(self._config, data or self.images, self.teacher, output, *extra)
 
     def main(self):
         from deit.main import main
 
         return main
+
+    def recorded_teacher(self, config):
+        return config["teacher"]["ckpt"]
 
     def engine(self):
         from deit.engine import DeiTTrack
@@ -323,6 +333,7 @@ class ResNetTrack(Track):
     script = REPO / "imagenet" / "image_classification.py"
     module = "imagenet.image_classification"
     output_flag = "--output_dir"
+    teacher_flag = "--teacher_ckpt"
     batch_size = 8
     val_images = 21
     out_of_memory_advice = (
@@ -336,7 +347,7 @@ class ResNetTrack(Track):
 
     def __init__(self, run_main, sigterm_before, tmp_path: Path, data: Path, teacher: Path) -> None:
         super().__init__(run_main, sigterm_before)
-        self._tmp_path, self.images, self._teacher = tmp_path, data, teacher
+        self._tmp_path, self.images, self.teacher = tmp_path, data, teacher
 
     def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # 3 steps: slow enough
         recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers-{ranks}-ranks.yaml"
@@ -344,7 +355,7 @@ class ResNetTrack(Track):
         recipe.write_text(
             tiny_recipe(
                 Path(output) / "best.pth",
-                teacher_ckpt=self._teacher,
+                teacher_ckpt=self.teacher,
                 data_root=data or self.images,
                 epochs=epochs,
                 num_workers=workers,
@@ -359,6 +370,9 @@ class ResNetTrack(Track):
         from imagenet.image_classification import main
 
         return main
+
+    def recorded_teacher(self, config):
+        return config["recipe"]["models"]["teacher_model"]["src_ckpt"]
 
     def engine(self):
         from imagenet.engine import BoxTrack
