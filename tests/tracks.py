@@ -206,12 +206,13 @@ class Track:
         slow: bool = False,
         ranks: int = 1,
         data: Path | None = None,
+        skip_bad_images: bool = False,
     ) -> list[str]:
         """Arguments training the tiny config for ``epochs`` with ``workers`` loader processes into ``output`` (seed 0).
         ``fast``: the fast path, with the release's order of updates; ``slow``: steps long enough for a signal sent from
         outside to arrive in the middle of an epoch; ``ranks``: the number of torchrun processes the run will have
         (:attr:`two_rank_steps_per_epoch` steps per epoch with 2); ``data``: an ImageFolder in place of
-        :attr:`images`."""
+        :attr:`images`; ``skip_bad_images``: ``on_bad_image: skip`` (unreadable images logged and skipped)."""
         raise NotImplementedError
 
     def main(self) -> Callable:
@@ -306,8 +307,10 @@ class DeiTTrack(Track):
         super().__init__(run_main, sigterm_before)
         self._config, self.images, self.teacher = config, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # batch 4 a rank
-        extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None, skip_bad_images=False):
+        extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]  # batch 4 a rank
+        if skip_bad_images:
+            extra += ["data.on_bad_image", "skip"]
         if fast:  # fused AdamW, lr updated after each step
             extra = ["--fast", *extra, "train.lr_after_step", "true"]
         if slow:
@@ -349,8 +352,9 @@ class ResNetTrack(Track):
         super().__init__(run_main, sigterm_before)
         self._tmp_path, self.images, self.teacher = tmp_path, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # 3 steps: slow enough
-        recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers-{ranks}-ranks.yaml"
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None, skip_bad_images=False):
+        on_bad_image = "skip" if skip_bad_images else "fail"  # slow: its 3 steps are slow enough already
+        recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers-{ranks}-ranks-{on_bad_image}.yaml"
         # dropout: the student's forward draws random numbers, so a resume must restore the generators, not replay them
         recipe.write_text(
             tiny_recipe(
@@ -361,6 +365,7 @@ class ResNetTrack(Track):
                 num_workers=workers,
                 student_dropout=0.2,
                 batch_size=8 // ranks,  # a global batch of 8 on any number of ranks
+                on_bad_image=on_bad_image,
             )
         )
         fast_path = ["--fast"] if fast else []  # fused SGD
