@@ -229,6 +229,18 @@ class Track:
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
         return self._run_main(self.main(), argv)
 
+    def first_image_of_batch(self, data: Path, batch: int) -> Path:
+        """The first file of training batch ``batch`` (0-based) of epoch 0 that a single-process run on ``data`` trains
+        on (the order of :class:`projector_kd.engine.sampling.ResumableSampler` over ImageFolder's sorted files)."""
+        from torchvision.datasets import ImageFolder
+
+        from projector_kd.engine.sampling import ResumableSampler
+
+        files = ImageFolder(str(data / "train")).samples
+        return Path(
+            files[ResumableSampler(len(files), self.batch_size, 0).epoch_indices(0)[batch * self.batch_size]][0]
+        )
+
     def train(self, output: Path, **settings) -> subprocess.CompletedProcess:
         """:meth:`run` of :meth:`argv`; asserts it finished."""
         result = self.run(self.argv(output, **settings))

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from torchvision.datasets import ImageFolder
-
-from projector_kd.engine.sampling import ResumableSampler
 
 LIMIT = 1000  # PIL.Image.MAX_IMAGE_PIXELS for these tests: the 16 px images pass
 
@@ -23,16 +20,10 @@ def data(track, tmp_path, monkeypatch) -> Path:
     return shutil.copytree(track.images, tmp_path / "data")
 
 
-def first_image_of_batch(track, data: Path, batch: int) -> Path:
-    """The first file of training batch ``batch`` (0-based) of epoch 0 of a single-process run with seed 0."""
-    files = ImageFolder(str(data / "train")).samples
-    return Path(files[ResumableSampler(len(files), track.batch_size, 0).epoch_indices(0)[batch * track.batch_size]][0])
-
-
 def test_an_image_over_the_pixel_limit_read_by_a_worker_is_named_after_a_checkpoint(
     track, tmp_path, data, one_error_line
 ):
-    big = first_image_of_batch(track, data, 2)
+    big = track.first_image_of_batch(data, 2)
     Image.new("RGB", (40, 40), (200, 40, 40)).save(big)  # 1600 pixels: over the limit, under twice it (Pillow warns)
     output = tmp_path / "run"
     line = one_error_line(track.run(track.argv(output, workers=1, data=data)))
@@ -47,7 +38,7 @@ def test_an_image_over_the_pixel_limit_read_by_a_worker_is_named_after_a_checkpo
 
 
 def test_an_image_over_the_pixel_limit_is_skipped_and_named_by_a_worker(track, tmp_path, data):
-    big = first_image_of_batch(track, data, 1)
+    big = track.first_image_of_batch(data, 1)
     Image.new("RGB", (64, 64)).save(big)  # 4096 pixels: over twice the limit (Pillow refuses)
     track.train(tmp_path / "run", workers=1, data=data, skip_bad_images=True)
     assert (
