@@ -186,6 +186,7 @@ class Track:
     teacher: Path  # the track's tiny teacher (shared, read-only)
     images: Path  # the track's tiny ImageFolder (shared, read-only)
     batch_size: int  # images per training step (one process)
+    two_rank_batch_size: int  # images per training step and rank on 2 ranks
     val_images: int  # how many validation images it holds
     out_of_memory_advice: str  # what its out-of-GPU-memory line tells the user to lower
     steps_per_epoch: int
@@ -229,17 +230,18 @@ class Track:
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
         return self._run_main(self.main(), argv)
 
-    def first_image_of_batch(self, data: Path, batch: int) -> Path:
-        """The first file of training batch ``batch`` (0-based) of epoch 0 that a single-process run on ``data`` trains
-        on (the order of :class:`projector_kd.engine.sampling.ResumableSampler` over ImageFolder's sorted files)."""
+    def first_image_of_batch(self, data: Path, batch: int, rank: int = 0, ranks: int = 1) -> Path:
+        """The first file of training batch ``batch`` (0-based) of epoch 0 that rank ``rank`` of a run on ``data`` with
+        ``ranks`` processes trains on (the order of :class:`projector_kd.engine.sampling.ResumableSampler` over
+        ImageFolder's sorted files)."""
         from torchvision.datasets import ImageFolder
 
         from projector_kd.engine.sampling import ResumableSampler
 
         files = ImageFolder(str(data / "train")).samples
-        return Path(
-            files[ResumableSampler(len(files), self.batch_size, 0).epoch_indices(0)[batch * self.batch_size]][0]
-        )
+        batch_size = self.batch_size if ranks == 1 else self.two_rank_batch_size
+        order = ResumableSampler(len(files), batch_size, 0, rank=rank, world_size=ranks).epoch_indices(0)
+        return Path(files[order[batch * batch_size]][0])
 
     def train(self, output: Path, **settings) -> subprocess.CompletedProcess:
         """:meth:`run` of :meth:`argv`; asserts it finished."""
@@ -306,6 +308,7 @@ class DeiTTrack(Track):
     output_flag = "--output"
     teacher_flag = "--teacher-ckpt"
     batch_size = 4
+    two_rank_batch_size = 4
     val_images = 12
     out_of_memory_advice = (
         "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay)"
@@ -350,6 +353,7 @@ class ResNetTrack(Track):
     output_flag = "--output_dir"
     teacher_flag = "--teacher_ckpt"
     batch_size = 8
+    two_rank_batch_size = 4  # a global batch of 8
     val_images = 21
     out_of_memory_advice = (
         "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
