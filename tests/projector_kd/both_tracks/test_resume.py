@@ -1,7 +1,7 @@
 """Exact resume through both entry points: a run stopped by SIGTERM mid-epoch (or at the last step of an epoch) and
 resumed ends bit-identical to an uninterrupted run — student, projector, optimizer, scheduler, position, RNG streams,
 best accuracy, every checkpoint and the per-epoch accuracy — with 0 and 2 loader workers, on the reference and the fast
-path."""
+path; a run killed while it validates an epoch keeps that epoch's training and resumes bit-identical too."""
 
 from __future__ import annotations
 
@@ -55,3 +55,36 @@ def test_fast_path_stopped_and_resumed_is_bit_identical(track, tmp_path, monkeyp
         assert {state["step"].item() for state in stopped["optimizer"]["state"].values()} == {float(global_step)}
     track.train(interrupted, epochs=2, fast=True)
     assert_same_run(straight, interrupted)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying (OOM killer, preemption) in the middle of a validation pass."""
+
+
+def test_run_killed_during_validation_keeps_the_trained_epoch_and_resumes_exactly(track, tmp_path, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    track.train(straight, epochs=2)
+    engine = track.engine()
+    real_validate = engine.validate
+    passes = []
+
+    def validate(self, epoch):
+        passes.append(epoch)
+        if len(passes) == 2:  # epoch 1's validation
+            raise _Killed
+        return real_validate(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "validate", validate)
+        with pytest.raises(_Killed):
+            track.run(track.argv(killed, epochs=2))
+    assert passes == [0, 1]
+    pending = load_checkpoint(killed / "checkpoint.pth")
+    steps = track.steps_per_epoch
+    assert (pending["epoch"], pending["step_in_epoch"], pending["global_step"]) == (1, steps, 2 * steps)
+    assert pending["epoch_sums"]["steps"] == steps  # the epoch's loss means survive the restart
+    assert len(pending["history"]["val_top1"]) == len(pending["history"]["train_loss"]) == 1  # epoch 0's only
+    track.train(killed, epochs=2)
+    assert "epoch 1 was trained before the resume: validating it" in (killed / "log.txt").read_text()
+    assert_same_run(straight, killed)
+    assert len(load_checkpoint(killed / "checkpoint.pth")["history"]["train_loss"]) == 2
