@@ -182,8 +182,11 @@ class Track:
     script: Path
     module: str  # the entry point's module, whose ``main`` the script runs
     output_flag: str  # the flag naming the run folder
+    teacher_flag: str  # the flag naming the teacher checkpoint
+    teacher: Path  # the track's tiny teacher (shared, read-only)
     images: Path  # the track's tiny ImageFolder (shared, read-only)
     batch_size: int  # images per training step (one process)
+    two_rank_batch_size: int  # images per training step and rank on 2 ranks
     val_images: int  # how many validation images it holds
     out_of_memory_advice: str  # what its out-of-GPU-memory line tells the user to lower
     steps_per_epoch: int
@@ -204,15 +207,20 @@ class Track:
         slow: bool = False,
         ranks: int = 1,
         data: Path | None = None,
+        skip_bad_images: bool = False,
     ) -> list[str]:
         """Arguments training the tiny config for ``epochs`` with ``workers`` loader processes into ``output`` (seed 0).
         ``fast``: the fast path, with the release's order of updates; ``slow``: steps long enough for a signal sent from
         outside to arrive in the middle of an epoch; ``ranks``: the number of torchrun processes the run will have
         (:attr:`two_rank_steps_per_epoch` steps per epoch with 2); ``data``: an ImageFolder in place of
-        :attr:`images`."""
+        :attr:`images`; ``skip_bad_images``: ``on_bad_image: skip`` (unreadable images logged and skipped)."""
         raise NotImplementedError
 
     def main(self) -> Callable:
+        raise NotImplementedError
+
+    def recorded_teacher(self, config: dict) -> str:
+        """The teacher checkpoint a run folder's ``config.yaml`` (loaded) records."""
         raise NotImplementedError
 
     def engine(self) -> type:
@@ -221,6 +229,19 @@ class Track:
 
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
         return self._run_main(self.main(), argv)
+
+    def first_image_of_batch(self, data: Path, batch: int, rank: int = 0, ranks: int = 1) -> Path:
+        """The first file of training batch ``batch`` (0-based) of epoch 0 that rank ``rank`` of a run on ``data`` with
+        ``ranks`` processes trains on (the order of :class:`projector_kd.engine.sampling.ResumableSampler` over
+        ImageFolder's sorted files)."""
+        from torchvision.datasets import ImageFolder
+
+        from projector_kd.engine.sampling import ResumableSampler
+
+        files = ImageFolder(str(data / "train")).samples
+        batch_size = self.batch_size if ranks == 1 else self.two_rank_batch_size
+        order = ResumableSampler(len(files), batch_size, 0, rank=rank, world_size=ranks).epoch_indices(0)
+        return Path(files[order[batch * batch_size]][0])
 
     def train(self, output: Path, **settings) -> subprocess.CompletedProcess:
         """:meth:`run` of :meth:`argv`; asserts it finished."""
@@ -285,7 +306,9 @@ class DeiTTrack(Track):
     script = REPO / "deit" / "main.py"
     module = "deit.main"
     output_flag = "--output"
+    teacher_flag = "--teacher-ckpt"
     batch_size = 4
+    two_rank_batch_size = 4
     val_images = 12
     out_of_memory_advice = (
         "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay)"
@@ -297,20 +320,25 @@ class DeiTTrack(Track):
 
     def __init__(self, run_main, sigterm_before, config: Path, data: Path, teacher: Path) -> None:
         super().__init__(run_main, sigterm_before)
-        self._config, self.images, self._teacher = config, data, teacher
+        self._config, self.images, self.teacher = config, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # batch 4 a rank
-        extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None, skip_bad_images=False):
+        extra = ["--epochs", str(epochs), "--opts", "data.num_workers", str(workers)]  # batch 4 a rank
+        if skip_bad_images:
+            extra += ["data.on_bad_image", "skip"]
         if fast:  # fused AdamW, lr updated after each step
             extra = ["--fast", *extra, "train.lr_after_step", "true"]
         if slow:
             extra += ["model.img_size", "48", "model.embed_dim", "32"]
-        return deit_train_argv(self._config, data or self.images, self._teacher, output, *extra)
+        return deit_train_argv(self._config, data or self.images, self.teacher, output, *extra)
 
     def main(self):
         from deit.main import main
 
         return main
+
+    def recorded_teacher(self, config):
+        return config["teacher"]["ckpt"]
 
     def engine(self):
         from deit.engine import DeiTTrack
@@ -323,7 +351,9 @@ class ResNetTrack(Track):
     script = REPO / "imagenet" / "image_classification.py"
     module = "imagenet.image_classification"
     output_flag = "--output_dir"
+    teacher_flag = "--teacher_ckpt"
     batch_size = 8
+    two_rank_batch_size = 4  # a global batch of 8
     val_images = 21
     out_of_memory_advice = (
         "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
@@ -336,20 +366,22 @@ class ResNetTrack(Track):
 
     def __init__(self, run_main, sigterm_before, tmp_path: Path, data: Path, teacher: Path) -> None:
         super().__init__(run_main, sigterm_before)
-        self._tmp_path, self.images, self._teacher = tmp_path, data, teacher
+        self._tmp_path, self.images, self.teacher = tmp_path, data, teacher
 
-    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None):  # 3 steps: slow enough
-        recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers-{ranks}-ranks.yaml"
+    def argv(self, output, *, epochs=1, workers=0, fast=False, slow=False, ranks=1, data=None, skip_bad_images=False):
+        on_bad_image = "skip" if skip_bad_images else "fail"  # slow: its 3 steps are slow enough already
+        recipe = self._tmp_path / f"recipe-{epochs}-epochs-{workers}-workers-{ranks}-ranks-{on_bad_image}.yaml"
         # dropout: the student's forward draws random numbers, so a resume must restore the generators, not replay them
         recipe.write_text(
             tiny_recipe(
                 Path(output) / "best.pth",
-                teacher_ckpt=self._teacher,
+                teacher_ckpt=self.teacher,
                 data_root=data or self.images,
                 epochs=epochs,
                 num_workers=workers,
                 student_dropout=0.2,
                 batch_size=8 // ranks,  # a global batch of 8 on any number of ranks
+                on_bad_image=on_bad_image,
             )
         )
         fast_path = ["--fast"] if fast else []  # fused SGD
@@ -359,6 +391,9 @@ class ResNetTrack(Track):
         from imagenet.image_classification import main
 
         return main
+
+    def recorded_teacher(self, config):
+        return config["recipe"]["models"]["teacher_model"]["src_ckpt"]
 
     def engine(self):
         from imagenet.engine import BoxTrack

@@ -1,10 +1,8 @@
-"""An image over Pillow's pixel limit (a possible decompression bomb) is an unreadable image on the ResNet track:
-skipped and named with ``on_bad_image: skip`` (read by a loader worker), and named or skipped by the DALI loader, which
-reads JPEG sizes from their headers."""
+"""An image over Pillow's pixel limit (a possible decompression bomb) is an unreadable image to the ResNet track's DALI
+loader, which reads JPEG sizes from their headers: named, or skipped with ``on_bad_image: skip`` (one read by a loader
+worker, through both entry points: tests/projector_kd/both_tracks/test_bombs.py)."""
 
 from __future__ import annotations
-
-import shutil
 
 import numpy as np
 import pytest
@@ -23,21 +21,6 @@ LIMIT = 1000  # PIL.Image.MAX_IMAGE_PIXELS for these tests: the 16 px images pas
 @pytest.fixture
 def pixel_limit(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", LIMIT)
-
-
-def test_an_image_over_the_pixel_limit_is_skipped_and_named_by_a_worker(
-    make_recipe, tiny_data, tmp_path, cli, pixel_limit, train_image_in_batch
-):
-    data = shutil.copytree(tiny_data, tmp_path / "data")
-    big = train_image_in_batch(data, 1)
-    Image.new("RGB", (64, 64)).save(big)
-    recipe = make_recipe("run", method="baseline", data_root=data, on_bad_image="skip", num_workers=1)
-    status, _, err = cli("--config", recipe, "--seed", "0")
-    assert status == 0, err
-    assert (
-        f"skipping unreadable image {big} (DecompressionBombError: Image size (4096 pixels) exceeds limit of "
-        in (tmp_path / "run" / "log.txt").read_text()
-    )
 
 
 def dali_train_loader(root, on_bad_image: str):

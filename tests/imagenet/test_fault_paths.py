@@ -1,4 +1,6 @@
-"""A path the user names is used or refused, never silently replaced; evaluating weights writes nothing beside them."""
+"""A path the user names is used or refused, never silently replaced; evaluating weights writes nothing beside them;
+relative paths in the recipe (no ``--output_dir``) and ``--log`` go against the repository root inside imagenet/ (a
+relative run folder, for both tracks: tests/projector_kd/both_tracks/test_paths.py)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
 """Exact resume through both entry points: a run stopped by SIGTERM mid-epoch (or at the last step of an epoch) and
 resumed ends bit-identical to an uninterrupted run — student, projector, optimizer, scheduler, position, RNG streams,
 best accuracy, every checkpoint and the per-epoch accuracy — with 0 and 2 loader workers, on the reference and the fast
-path."""
+path; a run killed while it validates an epoch keeps that epoch's training and resumes bit-identical too; a resumed
+epoch reads only the batches it trains."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from tracks import assert_same_run
 
 from projector_kd.engine.checkpoint import load_checkpoint
+from projector_kd.engine.data import CheckedImageFolder
 
 LAST_STEP = -1
 
@@ -55,3 +59,57 @@ def test_fast_path_stopped_and_resumed_is_bit_identical(track, tmp_path, monkeyp
         assert {state["step"].item() for state in stopped["optimizer"]["state"].values()} == {float(global_step)}
     track.train(interrupted, epochs=2, fast=True)
     assert_same_run(straight, interrupted)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying (OOM killer, preemption) in the middle of a validation pass."""
+
+
+def test_run_killed_during_validation_keeps_the_trained_epoch_and_resumes_exactly(track, tmp_path, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    track.train(straight, epochs=2)
+    engine = track.engine()
+    real_validate = engine.validate
+    passes = []
+
+    def validate(self, epoch):
+        passes.append(epoch)
+        if len(passes) == 2:  # epoch 1's validation
+            raise _Killed
+        return real_validate(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "validate", validate)
+        with pytest.raises(_Killed):
+            track.run(track.argv(killed, epochs=2))
+    assert passes == [0, 1]
+    pending = load_checkpoint(killed / "checkpoint.pth")
+    steps = track.steps_per_epoch
+    assert (pending["epoch"], pending["step_in_epoch"], pending["global_step"]) == (1, steps, 2 * steps)
+    assert pending["epoch_sums"]["steps"] == steps  # the epoch's loss means survive the restart
+    assert len(pending["history"]["val_top1"]) == len(pending["history"]["train_loss"]) == 1  # epoch 0's only
+    track.train(killed, epochs=2)
+    assert "epoch 1 was trained before the resume: validating it" in (killed / "log.txt").read_text()
+    assert_same_run(straight, killed)
+    assert len(load_checkpoint(killed / "checkpoint.pth")["history"]["train_loss"]) == 2
+
+
+def test_resumed_epoch_reads_only_the_batches_it_trains(track, tmp_path, monkeypatch):
+    """Resuming at step 2 of epoch 1 reads the images of the batches left only (no decoding to skip)."""
+    run = tmp_path / "run"
+    track.stopped(monkeypatch, 1, 2, run, epochs=2)
+    assert "epoch_rng" not in load_checkpoint(run / "checkpoint.pth")
+
+    reads = []
+    real_getitem = CheckedImageFolder.__getitem__
+
+    def getitem(self, index):
+        reads.append(Path(self.root).name)
+        return real_getitem(self, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CheckedImageFolder, "__getitem__", getitem)
+        resumed = track.train(run, epochs=2)
+    assert "at epoch 1 step 2" in resumed.stdout
+    assert reads.count("train") == (track.steps_per_epoch - 2) * track.batch_size  # the trained batches not read again
+    assert "earlier version" not in resumed.stdout + resumed.stderr
