@@ -5,7 +5,8 @@ PyTorch picks its CPU kernels by the processor it runs on, and each choice round
 - ATen's vectorised kernels (elementwise ops, reductions, softmax, normalisation, attention, and the random fills that
   initialise weights) dispatch by instruction set (``default``/``avx2``/``avx512``); ``ATEN_CPU_CAPABILITY=avx2``
   runs the AVX2 build on every CPU that has AVX2 and FMA, AVX-512 ones included.
-- MKL's BLAS (every matrix product, and the convolutions below) dispatches by instruction set and vendor;
+- MKL's BLAS (every matrix product, and the convolutions below) and its vector math, which ATen calls for some
+  unary functions (``erfinv``: the truncated normal that initialises weights), dispatch by instruction set and vendor;
   ``MKL_CBWR=COMPATIBLE`` is its one code branch documented to give the same results on Intel and non-Intel CPUs
   (conditional numerical reproducibility, with a fixed number of threads and ``MKL_DYNAMIC=FALSE``).
 - oneDNN (convolutions) and NNPACK (convolutions of batches of 16 or more) choose kernels and their blocking by

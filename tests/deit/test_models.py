@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -12,6 +17,9 @@ from deit.models import ConvStemDeiT, build_student, create_student, create_teac
 from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.errors import UserError
 from projector_kd.engine.models import count_parameters
+from projector_kd.engine.portable import PORTABLE_CONDITION, portable_environment, supports_portable_kernels
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_token_layout_and_heads():
@@ -58,19 +66,35 @@ def test_parameter_counts_match_the_release():
     assert count_parameters(create_student("tiny"))["projector"] == 0  # the timm model holds no projector
 
 
+BUILD_DEMO_STUDENT = """
+import torch
+from deit.config import load_config
+from deit.models import build_student
+
+torch.manual_seed(0)
+student, projector = build_student(load_config("demo"), 512)
+print(repr(projector.embed.weight.detach().double().sum().item()))
+print(repr(student.head.weight.detach().double().sum().item()))
+print(repr(torch.rand(1).item()))
+"""
+
+
+@pytest.mark.skipif(not supports_portable_kernels(), reason=f"the portable kernels need {PORTABLE_CONDITION}")
 def test_student_and_projector_draw_the_weights_of_the_builder_with_the_projector_inside():
-    """Seed 0, the demo recipe, a 512-wide projector: the float64 sums of the projector's and the cls head's weights
-    that the earlier builder drew, which held the projector inside the student (built after the student's layers,
-    before their initialisation) — so runs started with a seed before and after the change begin equal. The
-    projector's uniform draws are exact on every CPU; the head's truncated normal (``erfinv`` of uniform draws) differs
-    in its last bits between processors (its sum by 5e-9 between an AMD EPYC and an Intel Xeon, same packages), where
-    drawing in another order moves the sum by about its standard deviation, 0.5; the generator's next draw pins how
-    many numbers were used."""
-    torch.manual_seed(0)
-    student, projector = build_student(load_config("demo"), 512)
-    assert projector.embed.weight.detach().double().sum().item() == -28.340418502688408
-    assert student.head.weight.detach().double().sum().item() == pytest.approx(-0.48727029772271635, abs=1e-7)
-    assert torch.rand(1).item() == 0.026265859603881836
+    """Seed 0, the demo recipe, a 512-wide projector, built with the portable kernels: the float64 sums of the
+    projector's and the cls head's weights that the earlier builder drew, which held the projector inside the student
+    (built after the student's layers, before their initialisation) — so runs started with a seed before and after
+    the change begin equal — and the generator's next draw (how many numbers were used). The head's truncated normal
+    goes through MKL's vector ``erfinv``, whose last bits follow the CPU unless ``MKL_CBWR=COMPATIBLE``."""
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_DEMO_STUDENT],
+        env=portable_environment(os.environ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == ["-28.340418502688408", "-0.48727029772271635", "0.026265859603881836"]
 
 
 def test_registered_with_timm_and_configurable():
