@@ -7,7 +7,8 @@ track's real entry point with a config from ``configs/demo/``; its output folder
 (``report.md``, ``curves.png``, ``summary.json``) is written to the output folder and the table printed.
 
 Every stage runs with the portable CPU kernels (:mod:`projector_kd.engine.portable`: one thread, fixed kernels), so
-the table is the same, bit for bit, on every x86-64 CPU with AVX2 and FMA, whatever the number of cores or ``--jobs``;
+the table repeats itself bit for bit on the AMD EPYC machines checked, whatever the number of cores or ``--jobs``
+(an Intel Xeon gave the same teacher and other figures for half the students, by up to about a point);
 ``--native-kernels`` (or a CPU without AVX2 and FMA) runs with this CPU's own kernels instead: faster, and figures that
 depend on the CPU.
 """
@@ -308,13 +309,14 @@ def kernels_sentence(portable: bool, cpu: str) -> str:
     if portable:
         return (
             f"CPU kernels: portable (ATen's AVX2 build, MKL's COMPATIBLE branch, oneDNN and NNPACK off, one thread per "
-            f"run), so these figures are the same, bit for bit, on {PORTABLE_CONDITION} with this repository's pinned "
-            f"packages; measured on {cpu}."
+            f"run): with this repository's pinned packages these figures repeat bit for bit on the AMD EPYC machines "
+            f"checked, each {PORTABLE_CONDITION}; an Intel Xeon gave the same teacher but other figures for half the "
+            f"students, by up to about a point; measured on {cpu}."
         )
     return (
         f"CPU kernels: this machine's own ({cpu}), so these figures hold on this machine only: another CPU rounds "
-        "differently and gives other figures (the demo's default, the portable kernels, gives the same figures on "
-        f"{PORTABLE_CONDITION})."
+        "differently and gives other figures (the demo's default, the portable kernels, repeats its figures on "
+        f"the AMD EPYC machines checked, each {PORTABLE_CONDITION})."
     )
 
 
@@ -412,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         "--native-kernels",
         action="store_true",
         help="run with this CPU's own kernels and threads instead of the portable ones: about twice as fast, and "
-        f"figures that depend on the CPU (the portable kernels give the same figures on {PORTABLE_CONDITION})",
+        f"figures that depend on the CPU (the portable kernels repeat their figures on the AMD EPYC machines "
+        f"checked, each {PORTABLE_CONDITION}, though not all on an Intel Xeon)",
     )
     parser.add_argument(
         "--methods",

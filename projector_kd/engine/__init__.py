@@ -5,6 +5,6 @@ saves, safe loads, exact state-dict loading), ``config``, ``data`` (ImageFolder 
 (the fast CPU training loader), ``dali`` (GPU decoding with NVIDIA DALI), ``sampling`` (resumable sharded sampling),
 ``distributed`` (torchrun), ``signals`` (graceful stop), ``evaluation`` (top-1/top-5), ``fast`` (compile fallback,
 CUDA flags), ``runs`` (run folders, logs), ``export`` (timm / Hugging Face folders), ``models`` (parameter counts),
-``parity`` (fast path vs reference checks), ``portable`` (CPU kernels that give the same bits on every x86-64 CPU with
-AVX2 and FMA), ``errors`` (one-line user errors) and ``cli`` (the entry points' ``main`` wrapper).
+``parity`` (fast path vs reference checks), ``portable`` (fixed CPU kernels and one thread, for figures that do not
+depend on the x86-64 CPU), ``errors`` (one-line user errors) and ``cli`` (the entry points' ``main`` wrapper).
 """

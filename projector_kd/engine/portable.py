@@ -1,4 +1,4 @@
-"""Portable CPU kernels: a float32 CPU run that computes the same bits on every x86-64 CPU with AVX2 and FMA.
+"""Portable CPU kernels: a float32 CPU run with every kernel choice PyTorch lets one fix, fixed, across x86-64 CPUs.
 
 PyTorch picks its CPU kernels by the processor it runs on, and each choice rounds differently:
 
@@ -13,6 +13,9 @@ PyTorch picks its CPU kernels by the processor it runs on, and each choice round
   instruction set and cache sizes and have no such mode: both are switched off, so convolutions run as ATen's
   im2col + MKL matrix products.
 - One thread: ATen's parallel reductions and MKL's blocking depend on the thread count.
+
+Checked: the demo's runs give the same bits on AMD EPYC machines; an Intel Xeon (AVX-512) gives the same teacher and
+other bits for some students (docs/demo.md, Figures across machines).
 
 ``python -m projector_kd.engine.portable SCRIPT ARGS...`` runs an entry point so, under the environment of
 :func:`portable_environment` (which must reach the process before it starts: the libraries read it once, at load).

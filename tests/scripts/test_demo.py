@@ -89,8 +89,9 @@ def test_summary_report_and_plot_from_both_tracks(tmp_path):
     )
     assert (
         "CPU kernels: portable (ATen's AVX2 build, MKL's COMPATIBLE branch, oneDNN and NNPACK off, one thread per "
-        "run), so these figures are the same, bit for bit, on an x86-64 CPU with AVX2 and FMA under Linux with this "
-        "repository's pinned packages; measured on AMD EPYC." in report
+        "run): with this repository's pinned packages these figures repeat bit for bit on the AMD EPYC machines "
+        "checked, each an x86-64 CPU with AVX2 and FMA under Linux; an Intel Xeon gave the same teacher but other "
+        "figures for half the students, by up to about a point; measured on AMD EPYC." in report
     )
     assert "students on 50 of its images per class" in report and "less 30 held-out images per class" in report
     assert "The runs took 300s of wall time in all (2 at a time)" in report
