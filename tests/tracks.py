@@ -186,7 +186,6 @@ class Track:
     teacher: Path  # the track's tiny teacher (shared, read-only)
     images: Path  # the track's tiny ImageFolder (shared, read-only)
     batch_size: int  # images per training step (one process)
-    two_rank_batch_size: int  # images per training step and rank on 2 ranks
     val_images: int  # how many validation images it holds
     out_of_memory_advice: str  # what its out-of-GPU-memory line tells the user to lower
     steps_per_epoch: int
@@ -219,6 +218,10 @@ class Track:
     def main(self) -> Callable:
         raise NotImplementedError
 
+    def rank_batch_size(self, ranks: int) -> int:
+        """Images per training step and rank on ``ranks`` processes."""
+        raise NotImplementedError
+
     def recorded_teacher(self, config: dict) -> str:
         """The teacher checkpoint a run folder's ``config.yaml`` (loaded) records."""
         raise NotImplementedError
@@ -239,7 +242,7 @@ class Track:
         from projector_kd.engine.sampling import ResumableSampler
 
         files = ImageFolder(str(data / "train")).samples
-        batch_size = self.batch_size if ranks == 1 else self.two_rank_batch_size
+        batch_size = self.rank_batch_size(ranks)
         order = ResumableSampler(len(files), batch_size, 0, rank=rank, world_size=ranks).epoch_indices(0)
         return Path(files[order[batch * batch_size]][0])
 
@@ -308,7 +311,6 @@ class DeiTTrack(Track):
     output_flag = "--output"
     teacher_flag = "--teacher-ckpt"
     batch_size = 4
-    two_rank_batch_size = 4
     val_images = 12
     out_of_memory_advice = (
         "lower --batch-size and raise --accum-iter by the same factor (the global batch and the learning rate stay)"
@@ -337,6 +339,9 @@ class DeiTTrack(Track):
 
         return main
 
+    def rank_batch_size(self, ranks):
+        return self.batch_size  # the config's batch is per rank
+
     def recorded_teacher(self, config):
         return config["teacher"]["ckpt"]
 
@@ -353,7 +358,6 @@ class ResNetTrack(Track):
     output_flag = "--output_dir"
     teacher_flag = "--teacher_ckpt"
     batch_size = 8
-    two_rank_batch_size = 4  # a global batch of 8
     val_images = 21
     out_of_memory_advice = (
         "lower train.train_data_loader.kwargs.batch_size with --opts and raise train.optimizer.grad_accum_step by the "
@@ -380,7 +384,7 @@ class ResNetTrack(Track):
                 epochs=epochs,
                 num_workers=workers,
                 student_dropout=0.2,
-                batch_size=8 // ranks,  # a global batch of 8 on any number of ranks
+                batch_size=self.rank_batch_size(ranks),
                 on_bad_image=on_bad_image,
             )
         )
@@ -391,6 +395,9 @@ class ResNetTrack(Track):
         from imagenet.image_classification import main
 
         return main
+
+    def rank_batch_size(self, ranks):
+        return self.batch_size // ranks  # a global batch of 8 on any number of ranks
 
     def recorded_teacher(self, config):
         return config["recipe"]["models"]["teacher_model"]["src_ckpt"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
+from tracks import REPO
 
 from deit.config import load_config
 from deit.models import ConvStemDeiT, build_student, create_student, create_teacher
@@ -18,8 +18,6 @@ from projector_kd import ProjectorDistillLoss
 from projector_kd.engine.errors import UserError
 from projector_kd.engine.models import count_parameters
 from projector_kd.engine.portable import PORTABLE_CONDITION, portable_environment, supports_portable_kernels
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_token_layout_and_heads():
